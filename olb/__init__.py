@@ -1,0 +1,18 @@
+"""olb: a load balancer for Ollama and other LLM inference servers.
+
+Where a request goes (read in this order):
+
+    olb/__main__.py   the `olb-fast` command: configuration, workers
+    olb/config.py     OLB_* variables and flags -> Config
+    olb/server.py     one worker: listening socket, balancer, background tasks
+    olb/proxy.py      the IO shell: ClientSideProtocol <-> BackendSideProtocol
+    olb/http.py       sans-IO HTTP over h11: request heads in, bytes out
+    olb/flow.py       flow control between the two sides of a proxied request
+    olb/balancer.py   backend choice (olb/_core.pyx), FIFO admission queue
+    olb/pool.py       keep-alive backend connections
+    olb/_core.pyx     compiled: the backend table and the body-end scanner
+    olb/gpu.py        NVML polling -> GPU loads pushed into the core
+    olb/sim/          the simulated Ollama used by tests, demo and benchmarks
+"""
+
+__version__ = "0.1.0"
