@@ -1,0 +1,164 @@
+"""Micro-benchmarks for olb._core, each against a baseline in its group.
+
+    .venv/bin/pytest bench/test_bench_core.py --benchmark-only
+
+Groups:
+    acquire+release n=4|64|1024   BackendTable vs a pure-Python selector with
+                                  the same policy; one round = PAIRS pairs.
+    scan NDJSON ...               BodyScanner.feed vs h11 on a streamed
+                                  /api/generate body (200 chunks of ~120 B),
+                                  whole in one buffer and one chunk per feed.
+
+Per-operation figures: divide the acquire+release means by PAIRS.  Pin the
+process to one CPU (taskset -c N ...) for numbers worth quoting.
+"""
+
+import random
+
+import h11
+import pytest
+
+from olb._core import NO_BACKEND, BackendTable, BodyScanner
+
+PAIRS = 100  # acquire+release pairs per timed call: amortises the call overhead
+SIZES = [4, 64, 1024]
+
+
+class PyTable:
+    """The least_loaded policy in plain Python (the baseline to beat)."""
+
+    def __init__(self, capacities, seed):
+        self.capacity = list(capacities)
+        self.denom = [float(c) for c in capacities]
+        self.inflight = [0] * len(capacities)
+        self.healthy = [True] * len(capacities)
+        self.random = random.Random(seed).random
+
+    def set_gpu_load(self, index, util):
+        self.denom[index] = self.capacity[index] * max(0.05, 1.0 - util)
+
+    def acquire(self):
+        best, best_score, ties = NO_BACKEND, 0.0, 0
+        inflight, capacity, denom, healthy = self.inflight, self.capacity, self.denom, self.healthy
+        for i in range(len(capacity)):
+            count = inflight[i]
+            if not healthy[i] or count >= capacity[i]:
+                continue
+            score = (count + 1) / denom[i]
+            if best < 0 or score < best_score:
+                best, best_score, ties = i, score, 1
+            elif score == best_score:
+                ties += 1
+                if self.random() * ties < 1.0:
+                    best = i
+        if best >= 0:
+            inflight[best] += 1
+        return best
+
+    def release(self, index):
+        if self.inflight[index] <= 0:
+            raise ValueError(index)
+        self.inflight[index] -= 1
+
+
+def loaded_table(cls, n):
+    """A fleet mid-flight: mixed capacities, half the slots busy, a quarter of
+    the backends with a GPU reading, one in sixteen down."""
+    rng = random.Random(n)
+    caps = [rng.randint(2, 8) for _ in range(n)]
+    table = cls(caps, seed=n)
+    for i in range(n):
+        if i % 4 == 1:
+            if cls is PyTable:
+                table.set_gpu_load(i, rng.random())
+            else:
+                table.set_gpu_load(i, rng.random(), rng.random())
+        if i % 16 == 5:
+            if cls is PyTable:
+                table.healthy[i] = False
+            else:
+                table.set_health(i, False)
+    for _ in range(sum(caps) // 2):
+        table.acquire()
+    return table
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("impl", ["olb._core", "python"])
+def test_acquire_release(benchmark, n, impl):
+    table = loaded_table(BackendTable if impl == "olb._core" else PyTable, n)
+    acquire, release = table.acquire, table.release
+
+    def pairs():
+        for _ in range(PAIRS):
+            release(acquire())
+
+    benchmark.group = f"acquire+release n={n}"
+    benchmark.extra_info.update(impl=impl, backends=n, pairs_per_round=PAIRS)
+    benchmark(pairs)
+
+
+# -- the body scanner ----------------------------------------------------------
+
+
+def ndjson_stream(n_chunks=200):
+    """What Ollama streams for /api/generate: one JSON object per chunk."""
+    chunks = []
+    for i in range(n_chunks):
+        line = (b'{"model":"llama3.2","created_at":"2024-06-01T12:00:%02d.%06dZ",'
+                b'"response":" tok%d","done":false}\n' % (i % 60, i, i))
+        chunks.append(b"%x\r\n%s\r\n" % (len(line), line))
+    chunks.append(b"0\r\n\r\n")
+    return chunks
+
+
+CHUNKS = ndjson_stream()
+BODY = b"".join(CHUNKS)
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def h11_after_head():
+    """An h11 client connection that has already parsed the response head."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/api/generate",
+                          headers=[("Host", "ollama"), ("Content-Length", "0")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(HEAD)
+    assert type(conn.next_event()) is h11.Response
+    return conn
+
+
+def h11_to_end(conn, pieces):
+    next_event, EndOfMessage, NEED_DATA = conn.next_event, h11.EndOfMessage, h11.NEED_DATA
+    for piece in pieces:
+        conn.receive_data(piece)
+        while True:
+            event = next_event()
+            if event is NEED_DATA:
+                break
+            if type(event) is EndOfMessage:
+                return
+    raise AssertionError("h11 did not find the end")
+
+
+@pytest.mark.parametrize("shape", ["one buffer", "chunk per feed"])
+@pytest.mark.parametrize("impl", ["olb._core", "h11"])
+def test_scan_ndjson(benchmark, impl, shape):
+    pieces = [BODY] if shape == "one buffer" else CHUNKS
+    benchmark.group = f"scan NDJSON 200x~120 B, {shape}"
+    benchmark.extra_info.update(impl=impl, body_bytes=len(BODY), feeds=len(pieces))
+    if impl == "olb._core":
+        scanner = BodyScanner()
+        expect, feed = scanner.expect_chunked, scanner.feed
+
+        def scan():
+            expect()
+            for piece in pieces:
+                end = feed(piece)
+            return end
+
+        assert benchmark(scan) == len(pieces[-1])
+    else:
+        # The head parse is setup, not timed: only the body is compared.
+        benchmark.pedantic(h11_to_end, setup=lambda: ((h11_after_head(), pieces), {}),
+                           rounds=300, warmup_rounds=10)

@@ -1,0 +1,99 @@
+"""Type stubs for olb._core (the compiled backend table and body scanner).
+
+The docstrings in _core.pyx are the reference; these stubs carry the
+signatures and a one-line summary each.
+"""
+
+from collections.abc import Sequence
+from typing import Final, TypedDict
+
+from typing_extensions import Buffer
+
+NO_BACKEND: Final[int]  # == -1: acquire() found no eligible backend
+
+def shared_size(n_backends: int, n_workers: int) -> int:
+    """Bytes of the shared counter buffer: 8 * n_backends * (2 + n_workers)."""
+
+class BackendSnapshot(TypedDict):
+    inflight: int
+    local_inflight: int
+    capacity: int
+    weight: float
+    healthy: bool
+    gpu_util: float | None
+    gpu_mem_free: float | None
+    served: int
+
+class BackendTable:
+    """Backends, their health and GPU load, and the shared in-flight counters."""
+
+    @property
+    def n(self) -> int:
+        """Number of backends."""
+
+    def __init__(
+        self,
+        capacities: Sequence[int],
+        weights: Sequence[float] | None = None,
+        *,
+        shared: Buffer | None = None,
+        worker: int = 0,
+        workers: int = 1,
+        seed: int | None = None,
+        policy: str = "least_loaded",
+    ) -> None:
+        """Raises ValueError on a bad capacity/weight/buffer/worker/policy."""
+
+    def acquire(self, allowed: Buffer | None = None) -> int:
+        """Pick a backend and count one request on it; NO_BACKEND if none fits."""
+
+    def release(self, index: int) -> None:
+        """Count one request as finished; ValueError if this worker holds none there."""
+
+    def set_health(self, index: int, healthy: bool) -> None: ...
+    def is_healthy(self, index: int) -> bool: ...
+    def set_gpu_load(self, index: int, util: float, mem_free: float) -> None:
+        """Record a GPU reading; util and mem_free in [0, 1], else ValueError."""
+
+    def clear_gpu_load(self, index: int) -> None:
+        """Forget the GPU reading: scored as an idle GPU again."""
+
+    def inflight(self, index: int) -> int:
+        """Requests in flight on the backend, all workers."""
+
+    def served(self, index: int) -> int:
+        """Requests completed on the backend, all workers."""
+
+    def reclaim_worker(self, worker: int) -> int:
+        """Zero a dead worker's shares, subtract them from the totals; returns the sum."""
+
+    def snapshot(self) -> list[BackendSnapshot]:
+        """One dict per backend, for the admin status endpoint."""
+
+class BodyScanner:
+    """Finds where one HTTP/1.1 response body ends, without copying it."""
+
+    def __init__(self) -> None: ...
+    def expect_chunked(self) -> None: ...
+    def expect_length(self, n: int) -> None:
+        """Content-Length body; n == 0 is done at once; ValueError if n < 0."""
+
+    def expect_close(self) -> None:
+        """Body runs until the backend closes the connection."""
+
+    def feed(self, data: Buffer) -> int:
+        """-1 if the body goes on, else the offset just past its last byte.
+
+        Raises ValueError on malformed chunked framing, RuntimeError before
+        any expect_*().
+        """
+
+    @property
+    def done(self) -> bool: ...
+    @property
+    def at_chunk_boundary(self) -> bool:
+        """A chunked body is between chunks (a whole chunk may be injected)."""
+
+    @property
+    def bytes_seen(self) -> int:
+        """Body bytes consumed so far, chunk framing included."""

@@ -1,0 +1,300 @@
+"""olb.gpu: NVML readings reach the table; every NVML failure degrades to
+"load unknown" with one warning.  A fake pynvml stands in for the driver;
+one test marked `gpu` uses the real one."""
+
+import logging
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from olb._core import BackendTable
+from olb.gpu import GpuMonitor
+
+GiB = 1 << 30
+
+
+class FakeNVMLError(Exception):
+    """Like pynvml.NVMLError: constructed from an NVML return code."""
+
+    def __init__(self, value):
+        super().__init__(f"NVML error {value}")
+        self.value = value
+
+
+class FakeNvml:
+    """The slice of pynvml's API that olb.gpu uses, with failure switches.
+
+    gpus: per GPU, {"util": percent, "total": bytes, "free": bytes}.
+    """
+
+    NVMLError = FakeNVMLError
+
+    def __init__(self, gpus=(), init_error=None):
+        self.gpus = [dict(g) for g in gpus]
+        self.init_error = init_error
+        self.failing = set()     # GPU indices whose reads raise NVMLError
+        self.crashing = False    # reads raise a non-NVML exception
+        self.init_calls = 0
+        self.shutdown_calls = 0
+        self.reads = 0
+        self.read_event = threading.Event()  # set after each memory read
+        self.reads_wanted = 1
+        self.crashes = 0
+        self.crash_event = threading.Event()  # set after the 2nd crash
+
+    def nvmlInit(self):
+        self.init_calls += 1
+        if self.init_error is not None:
+            raise self.init_error
+
+    def nvmlShutdown(self):
+        self.shutdown_calls += 1
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        if index >= len(self.gpus):
+            raise FakeNVMLError(2)  # NVML_ERROR_INVALID_ARGUMENT
+        return ("handle", index)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        index = handle[1]
+        if self.crashing:
+            self.crashes += 1
+            if self.crashes >= 2:
+                self.crash_event.set()
+            raise RuntimeError("driver went sideways")
+        if index in self.failing:
+            raise FakeNVMLError(15)  # NVML_ERROR_GPU_IS_LOST
+        return SimpleNamespace(gpu=self.gpus[index]["util"], memory=0)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        gpu = self.gpus[handle[1]]
+        self.reads += 1
+        if self.reads >= self.reads_wanted:
+            self.read_event.set()
+        return SimpleNamespace(total=gpu["total"], free=gpu["free"], used=gpu["total"] - gpu["free"])
+
+
+def gpu(util, free_gib=40, total_gib=80):
+    return {"util": util, "total": total_gib * GiB, "free": free_gib * GiB}
+
+
+def warnings_of(caplog):
+    return [r for r in caplog.records if r.name == "olb.gpu" and r.levelno >= logging.WARNING]
+
+
+@pytest.fixture
+def monitors():
+    started = []
+
+    def make(*args, **kwargs):
+        monitor = GpuMonitor(*args, **kwargs)
+        started.append(monitor)
+        return monitor
+
+    yield make
+    for monitor in started:
+        monitor.stop()
+
+
+# -- readings reach the table ---------------------------------------------------
+
+
+def test_busy_gpu_backend_is_avoided(monitors):
+    table = BackendTable([4, 4], seed=1)
+    fake = FakeNvml([gpu(90), gpu(0)])
+    monitor = monitors(table, [[0], [1]], nvml=fake)
+    readings = monitor.poll_once()
+    assert readings[0]["util"] == pytest.approx(0.9)
+    assert readings[1]["mem_free"] == pytest.approx(0.5)
+    assert monitor.readings == readings
+    assert monitor.available
+    assert [table.acquire() for _ in range(4)] == [1, 1, 1, 1]
+    rows = table.snapshot()
+    assert rows[0]["gpu_util"] == pytest.approx(0.9)
+    assert rows[1]["gpu_util"] == 0.0
+
+
+def test_backend_over_several_gpus_averages_util_and_pools_memory(monitors):
+    table = BackendTable([1, 1])
+    fake = FakeNvml([gpu(20, free_gib=10, total_gib=40), gpu(60, free_gib=30, total_gib=40)])
+    monitors(table, [[0, 1], []], nvml=fake).poll_once()
+    rows = table.snapshot()
+    assert rows[0]["gpu_util"] == pytest.approx(0.4)
+    assert rows[0]["gpu_mem_free"] == pytest.approx(0.5)
+    assert rows[1]["gpu_util"] is None  # no GPUs named: left unknown
+
+
+def test_readings_are_clamped_to_the_tables_range(monitors):
+    table = BackendTable([1])
+    fake = FakeNvml([{"util": 130, "total": 0, "free": 5}])
+    monitors(table, [[0]], nvml=fake).poll_once()
+    assert table.snapshot()[0]["gpu_util"] == 1.0
+    assert table.snapshot()[0]["gpu_mem_free"] == 0.0
+
+
+# -- no GPUs, no driver -----------------------------------------------------------
+
+
+def test_no_gpus_configured_does_nothing_at_all(monitors, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # any import would fail loudly
+    table = BackendTable([1, 1])
+    monitor = monitors(table, [[], []])
+    monitor.start()
+    assert monitor.poll_once() == {}
+    monitor.stop()
+    assert monitor._thread is None
+    assert not monitor.available
+    assert warnings_of(caplog) == []
+
+
+def test_pynvml_missing_warns_once(monitors, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    table = BackendTable([1])
+    monitor = monitors(table, [[0]])
+    assert monitor.poll_once() == {}
+    assert monitor.poll_once() == {}
+    [warning] = warnings_of(caplog)
+    assert "pynvml" in warning.getMessage()
+    assert not monitor.available
+    assert table.snapshot()[0]["gpu_util"] is None
+
+
+def test_no_driver_warns_once_and_leaves_weights_neutral(monitors, caplog):
+    table = BackendTable([2, 2], seed=3)
+    fake = FakeNvml([gpu(50)], init_error=FakeNVMLError(12))  # LIBRARY_NOT_FOUND
+    monitor = monitors(table, [[0], [0]], nvml=fake)
+    assert monitor.poll_once() == {}
+    monitor.start()
+    monitor._thread.join(5)  # ends on its own after the failed init
+    assert not monitor._thread.is_alive()
+    assert monitor.poll_once() == {}
+    [warning] = warnings_of(caplog)
+    assert "NVML unavailable" in warning.getMessage()
+    assert fake.init_calls == 1
+    assert not monitor.available
+    assert all(row["gpu_util"] is None for row in table.snapshot())
+    assert sorted(table.acquire() for _ in range(4)) == [0, 0, 1, 1]
+    monitor.stop()
+    assert fake.shutdown_calls == 0  # never initialised
+
+
+def test_missing_gpu_index_warns_once_and_is_ignored(monitors, caplog):
+    table = BackendTable([1, 1, 1])
+    fake = FakeNvml([gpu(10), gpu(30)])
+    monitor = monitors(table, [[0], [7], [1, 9]], nvml=fake)
+    monitor.poll_once()
+    monitor.poll_once()
+    messages = sorted(w.getMessage() for w in warnings_of(caplog))
+    assert len(messages) == 2
+    assert "GPU 7" in messages[0] and "GPU 9" in messages[1]
+    rows = table.snapshot()
+    assert rows[0]["gpu_util"] == pytest.approx(0.1)
+    assert rows[1]["gpu_util"] is None
+    assert rows[2]["gpu_util"] == pytest.approx(0.3)  # GPU 9 ignored
+
+
+# -- failures after a good start ------------------------------------------------
+
+
+def test_failing_poll_clears_loads_and_warns_once_per_streak(monitors, caplog):
+    table = BackendTable([1, 1])
+    fake = FakeNvml([gpu(80), gpu(20)])
+    monitor = monitors(table, [[0], [1]], nvml=fake)
+    monitor.poll_once()
+    assert table.snapshot()[0]["gpu_util"] == pytest.approx(0.8)
+
+    fake.failing = {0}
+    readings = monitor.poll_once()
+    assert 0 not in readings and 1 in readings
+    assert table.snapshot()[0]["gpu_util"] is None       # stale -> unknown
+    assert table.snapshot()[1]["gpu_util"] == pytest.approx(0.2)
+    monitor.poll_once()
+    assert len(warnings_of(caplog)) == 1                  # one per streak
+
+    fake.failing = set()
+    monitor.poll_once()
+    assert table.snapshot()[0]["gpu_util"] == pytest.approx(0.8)
+    fake.failing = {0}
+    monitor.poll_once()
+    assert len(warnings_of(caplog)) == 2                  # a new streak
+
+
+# -- the thread ------------------------------------------------------------------
+
+
+def test_thread_polls_until_stopped(monitors):
+    table = BackendTable([1])
+    fake = FakeNvml([gpu(70)])
+    fake.reads_wanted = 3  # more than one poll: the loop really loops
+    monitor = monitors(table, [[0]], interval=0.001, nvml=fake)
+    monitor.start()
+    assert fake.read_event.wait(10)
+    assert table.snapshot()[0]["gpu_util"] == pytest.approx(0.7)
+    thread = monitor._thread
+    monitor.stop()
+    assert not thread.is_alive()
+    assert fake.init_calls == 1 and fake.shutdown_calls == 1
+    assert not monitor.available
+
+
+def test_unexpected_exception_in_thread_is_logged_once_and_polling_goes_on(monitors, caplog):
+    table = BackendTable([1])
+    fake = FakeNvml([gpu(70)])
+    monitor = monitors(table, [[0]], interval=0.001, nvml=fake)
+    monitor.poll_once()
+    fake.crashing = True
+    fake.read_event.clear()
+    monitor.start()
+    # The second crash means the first one was fully handled: logged,
+    # loads cleared, and the loop went round again.
+    assert fake.crash_event.wait(10)
+    assert table.snapshot()[0]["gpu_util"] is None
+    fake.crashing = False
+    assert fake.read_event.wait(10)  # it kept polling and recovered
+    monitor.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "GPU poll failed unexpectedly" in errors[0].getMessage()
+
+
+def test_constructor_validates():
+    table = BackendTable([1, 1])
+    with pytest.raises(ValueError, match="2 backends"):
+        GpuMonitor(table, [[0]])
+    with pytest.raises(ValueError, match="interval"):
+        GpuMonitor(table, [[0], []], interval=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        GpuMonitor(table, [[-1], []])
+
+
+# -- the real driver -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_real_nvml_reading_reaches_the_table():
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        pytest.skip(f"no NVIDIA driver: {exc}")
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    if count == 0:
+        pytest.skip("NVML sees no GPU")
+    table = BackendTable([1])
+    monitor = GpuMonitor(table, [[0]])  # nvml=None: the lazy import path
+    try:
+        readings = monitor.poll_once()
+        assert monitor.available
+        assert 0.0 <= readings[0]["util"] <= 1.0
+        assert 0.0 < readings[0]["mem_free"] <= 1.0
+        assert readings[0]["mem_total"] > 0
+        assert table.snapshot()[0]["gpu_util"] == readings[0]["util"]
+    finally:
+        monitor.stop()
