@@ -1,0 +1,267 @@
+"""`olb-fast`: configuration, the demo cluster, and the worker processes.
+
+With OLB_WORKERS=1 (the default) the proxy runs in this process. With more,
+this process becomes a supervisor: it reserves the port, creates the shared
+in-flight counters (an anonymous shared mmap, inherited across fork), forks
+the workers — each binds the port with SO_REUSEPORT and runs its own uvloop
+— and restarts any worker that dies after reclaiming the requests it still
+held in the shared counts, so capacity is not leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import mmap
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import config as config_mod
+from .errors import ConfigError
+
+log = logging.getLogger("olb")
+
+#: A worker that dies sooner than this after its start is restarted only
+#: after a pause, so a crash loop does not spin the CPU.
+RESTART_BACKOFF = 1.0
+#: Seconds a stopping worker waits for running streams to finish.
+DRAIN_TIMEOUT = 10.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = config_mod.load(argv)
+    except ConfigError as exc:
+        print(f"olb-fast: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_status)
+    logging.basicConfig(
+        level=config_mod.log_level_number(cfg.log_level),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    sim_pid = None
+    if cfg.demo:
+        sim_pid, urls = start_demo_cluster(cfg.demo)
+        backends = config_mod.parse_backends(",".join(urls), cfg.max_inflight, var="--demo")
+        cfg = dataclasses.replace(cfg, backends=cfg.backends + backends)
+    try:
+        if cfg.workers == 1:
+            sock = _bind_or_exit(cfg, reuse_port=False)
+            _announce(cfg, sock.getsockname()[1])
+            run_worker(cfg, sock, None, 0)
+        else:
+            supervise(cfg)
+    finally:
+        if sim_pid is not None:
+            _kill(sim_pid)
+
+
+def _bind_or_exit(cfg, reuse_port: bool) -> socket.socket:
+    from .server import bind_socket
+
+    try:
+        return bind_socket(cfg.listen_host, cfg.listen_port, reuse_port=reuse_port)
+    except OSError as exc:
+        print(f"olb-fast: OLB_LISTEN: cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _announce(cfg, port: int) -> None:
+    url = f"http://{cfg.listen_host}:{port}"
+    backends = ", ".join(b.url for b in cfg.backends)
+    print(f"olb-fast listening on {url} ({cfg.workers} worker{'s' if cfg.workers > 1 else ''}) "
+          f"in front of {backends}", flush=True)
+    if cfg.demo:
+        host = f"{cfg.listen_host}:{port}"
+        print(f"""
+Demo: {cfg.demo} simulated Ollama instances (olb-sim) stand behind olb. Try, in another shell:
+
+  curl {url}/api/tags
+  curl {url}/api/generate -d '{{"model": "llama3.2", "prompt": "Why is the sky blue?"}}'
+  curl {url}/api/chat -d '{{"model": "llama3.2", "messages": [{{"role": "user", "content": "hi"}}], "stream": false}}'
+  curl -N {url}/v1/chat/completions -d '{{"model": "llama3.2", "stream": true, "messages": [{{"role": "user", "content": "hi"}}]}}'
+  curl {url}/olb/status
+  OLLAMA_HOST={host} ollama run llama3.2        # the real CLI works too
+
+Ctrl-C stops olb and the simulated cluster.
+""", flush=True)
+
+
+# --- workers ----------------------------------------------------------------------------------
+
+
+def run_worker(cfg, sock: socket.socket, shared, worker: int) -> None:
+    import uvloop
+
+    uvloop.run(_serve(cfg, sock, shared, worker))
+
+
+async def _serve(cfg, sock, shared, worker: int) -> None:
+    from ._core import BackendTable
+    from .server import start_proxy
+
+    table = None
+    if shared is not None:
+        table = BackendTable([b.max_inflight for b in cfg.backends], [b.weight for b in cfg.backends],
+                             shared=shared, worker=worker, workers=cfg.workers)
+    server = await start_proxy(cfg, sock=sock, table=table, worker=worker)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await _drain(server)
+    await server.close()
+
+
+async def _drain(server) -> None:
+    """Stop accepting, then give running streams a little time to finish."""
+    server._server.close()
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline and any(c.exchange is not None for c in server.ctx.clients):
+        await asyncio.sleep(0.05)
+
+
+def supervise(cfg) -> None:
+    from ._core import BackendTable, shared_size
+
+    n = len(cfg.backends)
+    shared = mmap.mmap(-1, shared_size(n, cfg.workers))  # MAP_SHARED | MAP_ANONYMOUS
+    table = BackendTable([b.max_inflight for b in cfg.backends], [b.weight for b in cfg.backends],
+                         shared=shared, worker=0, workers=cfg.workers)
+    # Resolve the port (OLB_LISTEN may say :0) and hold it while workers come
+    # and go: a bound socket that never listens takes no connections from the
+    # SO_REUSEPORT group.
+    reserve = socket.socket(socket.AF_INET6 if ":" in cfg.listen_host else socket.AF_INET)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reserve.bind((cfg.listen_host, cfg.listen_port))
+    except OSError as exc:
+        print(f"olb-fast: OLB_LISTEN: cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
+    cfg = dataclasses.replace(cfg, listen_port=reserve.getsockname()[1])
+
+    stopping = False
+    children: dict[int, tuple[int, float]] = {}
+
+    def spawn(worker: int) -> None:
+        sock = _bind_or_exit(cfg, reuse_port=True)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                reserve.close()
+                run_worker(cfg, sock, shared, worker)
+            except BaseException:
+                logging.getLogger("olb").exception("worker %d crashed", worker)
+                code = 1
+            finally:
+                os._exit(code)
+        sock.close()
+        children[pid] = (worker, time.monotonic())
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            _kill(pid, wait=False)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for w in range(cfg.workers):
+        spawn(w)
+    _announce(cfg, cfg.listen_port)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        worker, started = children.pop(pid)
+        if stopping:
+            continue
+        reclaimed = table.reclaim_worker(worker)
+        log.error("worker %d (pid %d) died (%s); reclaimed %d in-flight request(s); restarting",
+                  worker, pid, _describe_status(status), reclaimed)
+        if time.monotonic() - started < RESTART_BACKOFF:
+            time.sleep(RESTART_BACKOFF)
+        spawn(worker)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def _kill(pid: int, wait: bool = True) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if wait:
+            os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+# --- demo ---------------------------------------------------------------------------------------
+
+
+def start_demo_cluster(count: int) -> tuple[int, list[str]]:
+    """Fork a process serving `count` simulated Ollama instances on free ports.
+
+    Returns its pid and the instances' URLs. The child exits when its parent
+    does (it checks every second), so a killed olb leaves nothing behind.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 0
+        try:
+            import uvloop
+
+            uvloop.run(_demo_child(count, write_fd, os.getppid()))
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        urls = [line.strip() for line in pipe]
+    if len(urls) != count:
+        print("olb-fast: --demo: the simulated cluster did not start", file=sys.stderr)
+        sys.exit(1)
+    return pid, urls
+
+
+async def _demo_child(count: int, write_fd: int, parent: int) -> None:
+    from .sim import SimConfig, start_cluster
+
+    servers = await start_cluster(count, SimConfig(num_parallel=4, seed=42))
+    with os.fdopen(write_fd, "w") as pipe:
+        for server in servers:
+            pipe.write(server.url + "\n")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set() and os.getppid() == parent:
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+    for server in servers:
+        await server.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""olb's own endpoints under /olb/: status and health.
+
+These never touch a backend. /olb/health is what an outer load balancer or
+a systemd/Kubernetes probe asks: 200 while at least one backend is usable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import orjson
+
+from . import __version__
+from .http import error_response, simple_response
+
+
+def status(ctx) -> dict:
+    balancer = ctx.balancer
+    gpu = ctx.gpu
+    doc = balancer.status()
+    doc.update({
+        "version": __version__,
+        "pid": os.getpid(),
+        "worker": ctx.worker,
+        "workers": ctx.config.workers,
+        "uptime_s": round(time.monotonic() - ctx.started, 3),
+        "clients": len(ctx.clients),
+        "gpu": ({"available": gpu.available, "readings": gpu.readings} if gpu is not None else None),
+    })
+    return doc
+
+
+def handle(req, ctx) -> tuple[int, bytes]:
+    """Answer a request under /olb/; returns (status, full response bytes)."""
+    closing = not req.keep_alive
+    head_only = req.method == b"HEAD"
+    path = req.path
+    if path not in (b"/olb/status", b"/olb/health"):
+        return 404, error_response(req.target, 404, f"no such olb endpoint: {path.decode('latin-1')}",
+                                   closing=closing, head_only=head_only)
+    if req.method not in (b"GET", b"HEAD"):
+        return 405, error_response(req.target, 405, "method not allowed", closing=closing,
+                                   head_only=head_only)
+    if path == b"/olb/status":
+        body = orjson.dumps(status(ctx), option=orjson.OPT_INDENT_2)
+        return 200, simple_response(200, body, closing=closing, head_only=head_only)
+    balancer = ctx.balancer
+    usable = sum(1 for i in range(balancer.table.n) if balancer.table.is_healthy(i))
+    code = 200 if usable else 503
+    body = orjson.dumps({"status": "ok" if usable else "unavailable", "usable_backends": usable,
+                         "backends": balancer.table.n})
+    return code, simple_response(code, body, closing=closing, head_only=head_only)

@@ -1,0 +1,260 @@
+"""Backend choice, admission queue and backend health for one worker.
+
+Rules for this module: decisions are made by the compiled BackendTable
+(olb/_core.pyx); this module only feeds it (health, releases) and keeps the
+FIFO queue of requests that found every backend at capacity.
+
+Theory of operation
+-------------------
+`acquire(allowed)` returns a backend index already counted as in flight, or
+NO_BACKEND. On NO_BACKEND the request is either queued (some usable backend
+exists but all are full) or refused with 502 (none is usable). Every release
+wakes the queue: the head is admitted while the table has room for it
+(strict FIFO: a request never overtakes an earlier one that the same free
+slot could serve). With several workers the in-flight counts are shared but
+the queues are not: a slot freed by another worker is seen by polling the
+table every QUEUE_POLL seconds while this worker's queue is non-empty.
+
+Health: a backend that refuses a connection is marked down at once
+(passive check) and probed with exponential back-off until it answers; the
+active check probes every backend every OLB_HEALTH_INTERVAL. A probe is a
+`GET /`, which Ollama answers with 200 "Ollama is running" without touching
+a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+from ._core import NO_BACKEND, BackendTable
+from .config import Config
+from .pool import BackendPool
+
+log = logging.getLogger("olb.balancer")
+
+#: Seconds between queue re-checks when other workers may free slots.
+QUEUE_POLL = 0.02
+#: Back-off for probing a backend marked down: first retry, cap (seconds).
+PROBE_FIRST = 0.5
+PROBE_MAX = 30.0
+
+
+class Backend:
+    """What a worker knows of one backend besides the table's counters."""
+
+    __slots__ = ("index", "spec", "url", "pool", "down_since", "last_error", "probe_delay", "probing")
+
+    def __init__(self, index, spec, pool):
+        self.index = index
+        self.spec = spec
+        self.url = spec.url
+        self.pool = pool
+        self.down_since: float | None = None
+        self.last_error = ""
+        self.probe_delay = PROBE_FIRST
+        self.probing = False
+
+
+class Balancer:
+    def __init__(self, config: Config, loop, protocol_factory, table: BackendTable | None = None):
+        self.config = config
+        self.loop = loop
+        specs = config.backends
+        self.table = table if table is not None else BackendTable(
+            [s.max_inflight for s in specs], [s.weight for s in specs])
+        self.backends = [
+            Backend(i, s, BackendPool(loop, i, s.host, s.port, s.hostport.encode(),
+                                      config.connect_timeout, protocol_factory))
+            for i, s in enumerate(specs)
+        ]
+        self.queue: collections.deque = collections.deque()
+        self._poll_handle = None
+        self._poll_queue = config.workers > 1
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self.rejected = 0
+
+    # --- admission -------------------------------------------------------------------
+
+    def acquire(self, allowed=None) -> int:
+        return self.table.acquire(allowed)
+
+    def release(self, index: int) -> None:
+        self.table.release(index)
+        if self.queue:
+            self._drain_queue()
+
+    def usable(self, allowed=None) -> bool:
+        """Is any allowed backend healthy (full or not)?"""
+        table = self.table
+        for i in range(table.n):
+            if (allowed is None or allowed[i]) and table.is_healthy(i):
+                return True
+        return False
+
+    def enqueue(self, waiter) -> bool:
+        """Queue a request until a slot frees; False when the queue is full.
+
+        The waiter has `allowed` and `admit(index)`, `queue_expired()` methods.
+        """
+        if len(self.queue) >= self.config.queue_size:
+            self.rejected += 1
+            return False
+        waiter.queue_timer = self.loop.call_later(self.config.queue_timeout, self._expire, waiter)
+        self.queue.append(waiter)
+        if self._poll_queue and self._poll_handle is None:
+            self._poll_handle = self.loop.call_later(QUEUE_POLL, self._poll)
+        return True
+
+    def dequeue(self, waiter) -> None:
+        """Remove a waiter whose client went away."""
+        try:
+            self.queue.remove(waiter)
+        except ValueError:
+            return
+        waiter.queue_timer.cancel()
+
+    def _expire(self, waiter) -> None:
+        try:
+            self.queue.remove(waiter)
+        except ValueError:
+            return
+        self.rejected += 1
+        waiter.queue_expired()
+
+    def _drain_queue(self) -> None:
+        queue = self.queue
+        while queue:
+            waiter = queue[0]
+            index = self.table.acquire(waiter.allowed)
+            if index == NO_BACKEND:
+                if not self.usable(waiter.allowed):
+                    # Everything it may use went down while it waited.
+                    queue.popleft()
+                    waiter.queue_timer.cancel()
+                    waiter.queue_unusable()
+                    continue
+                return
+            queue.popleft()
+            waiter.queue_timer.cancel()
+            waiter.admit(index)
+
+    def _poll(self) -> None:
+        self._poll_handle = None
+        self._drain_queue()
+        if self.queue and not self._closed:
+            self._poll_handle = self.loop.call_later(QUEUE_POLL, self._poll)
+
+    # --- health ----------------------------------------------------------------------
+
+    def mark_down(self, index: int, reason: str) -> None:
+        backend = self.backends[index]
+        backend.last_error = reason
+        if self.table.is_healthy(index):
+            log.warning("backend %s marked down: %s", backend.url, reason)
+            self.table.set_health(index, False)
+            backend.down_since = time.time()
+            backend.probe_delay = PROBE_FIRST
+        if not backend.probing and not self._closed:
+            backend.probing = True
+            self._spawn(self._probe_until_up(backend))
+
+    def mark_up(self, index: int) -> None:
+        backend = self.backends[index]
+        if not self.table.is_healthy(index):
+            log.warning("backend %s is back", backend.url)
+            self.table.set_health(index, True)
+            backend.down_since = None
+            if self.queue:
+                self._drain_queue()
+
+    async def probe(self, backend: Backend) -> str | None:
+        """GET / on the backend; None when healthy, else what went wrong."""
+        spec = backend.spec
+        writer = None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                reader, writer = await asyncio.open_connection(spec.host, spec.port)
+                writer.write(b"GET / HTTP/1.1\r\nhost: %s\r\nconnection: close\r\n\r\n" % spec.hostport.encode())
+                line = await reader.readline()
+        except (OSError, asyncio.TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}".rstrip(": ")
+        finally:
+            if writer is not None:
+                writer.close()
+        if not line.startswith(b"HTTP/1.") or line[9:12] != b"200":
+            return f"GET / answered {line.strip()[:64]!r}"
+        return None
+
+    async def _probe_until_up(self, backend: Backend) -> None:
+        try:
+            while not self._closed:
+                await asyncio.sleep(backend.probe_delay)
+                error = await self.probe(backend)
+                if error is None:
+                    self.mark_up(backend.index)
+                    return
+                backend.last_error = error
+                backend.probe_delay = min(backend.probe_delay * 2, PROBE_MAX)
+        finally:
+            backend.probing = False
+
+    async def _active_health(self) -> None:
+        interval = self.config.health_interval
+        while not self._closed:
+            await asyncio.sleep(interval)
+            results = await asyncio.gather(*(self.probe(b) for b in self.backends))
+            for backend, error in zip(self.backends, results):
+                if error is None:
+                    self.mark_up(backend.index)
+                elif self.table.is_healthy(backend.index):
+                    self.mark_down(backend.index, error)
+
+    def start(self) -> None:
+        if self.config.health_interval > 0:
+            self._spawn(self._active_health())
+
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for backend in self.backends:
+            backend.pool.close()
+
+    # --- admin -------------------------------------------------------------------------
+
+    def status(self, gpu_readings=None) -> dict:
+        snap = self.table.snapshot()
+        backends = []
+        for backend, row in zip(self.backends, snap):
+            backends.append({
+                "url": backend.url,
+                "healthy": row["healthy"],
+                "inflight": row["inflight"],
+                "local_inflight": row["local_inflight"],
+                "capacity": row["capacity"],
+                "weight": row["weight"],
+                "gpus": list(backend.spec.gpus),
+                "gpu_util": row["gpu_util"],
+                "gpu_mem_free": row["gpu_mem_free"],
+                "served": row["served"],
+                "idle_connections": backend.pool.idle_count,
+                "last_error": backend.last_error or None,
+            })
+        return {
+            "backends": backends,
+            "queue": len(self.queue),
+            "queue_size": self.config.queue_size,
+            "rejected": self.rejected,
+        }

@@ -1,0 +1,325 @@
+"""Configuration: OLB_* environment variables, with command-line flags that mirror them.
+
+One table (`SETTINGS`) is the single source of truth: it drives the
+environment parser, the argparse flags and the README's table. A flag wins
+over its variable, a variable over the default. Any bad value raises
+ConfigError naming the variable and what it expected; `olb-fast` turns that
+into exit status 2.
+
+Backends (OLB_BACKENDS) are comma-separated URLs; per-backend settings follow
+the URL after `;`, so the whole cluster fits in one variable:
+
+    http://127.0.0.1:11435;max=4;weight=2;gpus=0+1, http://10.0.0.7:11434;max=2
+
+    max=N      concurrent requests this backend takes (default OLB_MAX_INFLIGHT)
+    weight=W   relative share of traffic, W > 0 (default 1)
+    gpus=I+J   NVML indices of the GPUs behind it, joined by '+' (default none)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+from typing import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEMO_HINT = (
+    "no backends: set OLB_BACKENDS (or --backends) to your Ollama URLs, e.g. "
+    "OLB_BACKENDS=http://127.0.0.1:11435,http://127.0.0.1:11436 olb-fast; "
+    "or try `olb-fast --demo` to run in front of a simulated cluster"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    url: str
+    host: str
+    port: int
+    max_inflight: int
+    weight: float = 1.0
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def hostport(self) -> str:
+        # The Host header we send: Ollama bound to 127.0.0.1 answers 403 to a
+        # non-local Host, so a request must carry the backend's own address.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 11434
+    backends: tuple[BackendSpec, ...] = ()
+    max_inflight: int = 8
+    connect_timeout: float = 3.0
+    first_byte_timeout: float = 300.0
+    idle_timeout: float = 300.0
+    keepalive_timeout: float = 75.0
+    max_body: int = 64 * 1024 * 1024
+    queue_size: int = 1024
+    queue_timeout: float = 30.0
+    retries: int = 2
+    workers: int = 1
+    health_interval: float = 5.0
+    gpu_poll: float = 1.0
+    log_level: str = "info"
+    demo: int = 0
+
+
+# --- value parsers: each takes the raw string and returns the value or raises
+# ValueError with what it expected (the caller adds the variable's name).
+
+
+def _listen(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        raise ValueError("HOST:PORT, e.g. 127.0.0.1:11434")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, _port(port)
+
+
+def _port(raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"a port number 0-65535, got {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"a port number 0-65535, got {raw!r}")
+    return port
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"a number of seconds > 0, got {raw!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"a number of seconds >= 0 (0 = off), got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"a number of seconds >= 0 (0 = off), got {raw!r}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"an integer >= {low}, got {raw!r}") from None
+        if value < low:
+            raise ValueError(f"an integer >= {low}, got {raw!r}")
+        return value
+
+    return parse
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size(raw: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", raw)
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(f"a size in bytes > 0, optionally with K, M or G (e.g. 64M), got {raw!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in _LOG_LEVELS:
+        raise ValueError(f"one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
+    return value
+
+
+def _raw(raw: str) -> str:
+    return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    env: str
+    field: str
+    default: str
+    parse: Callable[[str], object]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env[4:].lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("OLB_LISTEN", "listen", "127.0.0.1:11434", _listen,
+            "Address to listen on, HOST:PORT (Ollama's own default port)."),
+    Setting("OLB_BACKENDS", "backends", "", _raw,
+            "Comma-separated backend URLs, each optionally followed by ;max=N;weight=W;gpus=I+J."),
+    Setting("OLB_MAX_INFLIGHT", "max_inflight", "8", _int_at_least(1),
+            "Default concurrent requests per backend (a backend's `max=` overrides it); "
+            "beyond it requests wait in olb's queue."),
+    Setting("OLB_CONNECT_TIMEOUT", "connect_timeout", "3", _positive_float,
+            "Seconds to open a TCP connection to a backend before trying another."),
+    Setting("OLB_FIRST_BYTE_TIMEOUT", "first_byte_timeout", "300", _positive_float,
+            "Seconds a backend may take before its first response byte (a 70B model load takes minutes)."),
+    Setting("OLB_IDLE_TIMEOUT", "idle_timeout", "300", _positive_float,
+            "Seconds a backend may stay silent in the middle of a response."),
+    Setting("OLB_KEEPALIVE_TIMEOUT", "keepalive_timeout", "75", _positive_float,
+            "Seconds an idle client connection is kept open."),
+    Setting("OLB_MAX_BODY", "max_body", "64M", _size,
+            "Largest request body (images in chat make them megabytes); 413 beyond it."),
+    Setting("OLB_QUEUE_SIZE", "queue_size", "1024", _int_at_least(0),
+            "Requests that may wait when every backend is at capacity; 503 beyond it."),
+    Setting("OLB_QUEUE_TIMEOUT", "queue_timeout", "30", _positive_float,
+            "Seconds a request may wait in the queue; 503 with Retry-After after it."),
+    Setting("OLB_RETRIES", "retries", "2", _int_at_least(0),
+            "Extra attempts on other backends when one fails before its first response byte."),
+    Setting("OLB_WORKERS", "workers", "1", _int_at_least(1),
+            "Worker processes sharing the port (SO_REUSEPORT) and the in-flight counts."),
+    Setting("OLB_HEALTH_INTERVAL", "health_interval", "5", _non_negative_float,
+            "Seconds between active health checks (GET /) of each backend; 0 = off."),
+    Setting("OLB_GPU_POLL", "gpu_poll", "1", _non_negative_float,
+            "Seconds between NVML polls of the GPUs named by `gpus=`; 0 = off."),
+    Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
+            "debug, info, warning or error."),
+    Setting("OLB_DEMO", "demo", "0", _int_at_least(0),
+            "Start this many simulated Ollama instances and balance over them (`--demo` = 3)."),
+)
+
+
+def parse_backends(raw: str, default_max: int, var: str = "OLB_BACKENDS") -> tuple[BackendSpec, ...]:
+    """Parse the OLB_BACKENDS syntax (see the module docstring).
+
+    Raises:
+        ConfigError: naming `var` and the entry that is wrong.
+    """
+    specs = []
+    seen = set()
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        url, *opts = (p.strip() for p in entry.split(";"))
+        if "://" not in url:
+            url = "http://" + url
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"{var}: expected backend URLs like http://127.0.0.1:11435, got {entry!r}"
+                + (" (https backends are not supported)" if parts.scheme == "https" else "")
+            )
+        port = 11434 if port is None else port
+        fields: dict[str, object] = {"max_inflight": default_max}
+        for opt in opts:
+            key, sep, value = opt.partition("=")
+            key = key.strip().lower()
+            try:
+                if not sep:
+                    raise ValueError("key=value")
+                if key == "max":
+                    fields["max_inflight"] = _int_at_least(1)(value)
+                elif key == "weight":
+                    weight = float(value)
+                    if not 0 < weight < float("inf"):
+                        raise ValueError(f"a weight > 0, got {value!r}")
+                    fields["weight"] = weight
+                elif key == "gpus":
+                    fields["gpus"] = tuple(_int_at_least(0)(g) for g in value.split("+"))
+                else:
+                    raise ValueError("one of max=, weight=, gpus=")
+            except ValueError as exc:
+                raise ConfigError(f"{var}: bad option {opt!r} for {url}: expected {exc}") from None
+        key = (parts.hostname, port)
+        if key in seen:
+            raise ConfigError(f"{var}: backend {parts.hostname}:{port} is listed twice")
+        seen.add(key)
+        specs.append(BackendSpec(url=f"http://{parts.netloc}", host=parts.hostname, port=port, **fields))
+    return tuple(specs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="olb-fast",
+        description="Load balancer for Ollama: one endpoint in front of several `ollama serve` instances.",
+        epilog="Every flag mirrors an OLB_* environment variable; a flag wins over its variable.",
+    )
+    for s in SETTINGS:
+        if s.env == "OLB_DEMO":
+            parser.add_argument("--demo", nargs="?", const="3", default=None, metavar="N",
+                                help=f"{s.help} [{s.env}]")
+            continue
+        parser.add_argument(s.flag, dest=s.field, default=None, metavar="VALUE",
+                            help=f"{s.help} [{s.env}, default {s.default or 'none'}]")
+    return parser
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from flags and environment.
+
+    Raises:
+        ConfigError: a value is malformed, or there is no backend and no demo.
+    """
+    import os
+    import sys
+
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    # argparse exits with status 2 on unknown flags itself, which is what we want.
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    values: dict[str, object] = {}
+    for s in SETTINGS:
+        flag_value = getattr(args, s.field)
+        if flag_value is not None:
+            raw, source = flag_value, s.flag
+        elif s.env in environ:
+            raw, source = environ[s.env], s.env
+        else:
+            raw, source = s.default, s.env
+        try:
+            values[s.field] = s.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: expected {exc}") from None
+        values[s.field + "__source"] = source
+
+    host, port = values["listen"]  # type: ignore[misc]
+    backends = parse_backends(values["backends"], values["max_inflight"],  # type: ignore[arg-type]
+                              var=values["backends__source"])  # type: ignore[arg-type]
+    if not backends and not values["demo"]:
+        raise ConfigError(f"{values['backends__source']}: {DEMO_HINT}")
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        backends=backends,
+        **{s.field: values[s.field] for s in SETTINGS if s.field not in ("listen", "backends")},
+    )
+
+
+def log_level_number(name: str) -> int:
+    return getattr(logging, name.upper())
+
+
+def settings_markdown() -> str:
+    """The README's configuration table, generated from SETTINGS."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        flag = "--demo [N]" if s.env == "OLB_DEMO" else f"{s.flag} VALUE"
+        default = f"`{s.default}`" if s.default else "none"
+        rows.append(f"| `{s.env}` | `{flag}` | {default} | {s.help} |")
+    return "\n".join(rows)

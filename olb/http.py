@@ -1,0 +1,429 @@
+"""Sans-IO HTTP for the proxy: bytes in, requests and response heads out.
+
+Rules for this module: no sockets, no transports, no event loop. The IO shell
+(proxy.py) feeds bytes in and writes the bytes that come out.
+
+Theory of operation
+-------------------
+Client side: h11 parses every request (head and body) in a server-role
+`h11.Connection`. The body is read whole before a backend is chosen: Ollama
+request bodies are small JSON (megabytes with images), and a complete body
+is what lets us retry on another backend before the first response byte.
+
+Response side: h11 is the framing *oracle*, not the data path. olb is not the
+origin of proxied responses; it forwards the backend's bytes unchanged, so it
+never calls h11 to frame them (h11's Data payloads are copies, and re-framing
+would cost CPU per streamed token). To keep the client connection's h11
+state machine in step (keep-alive, pipelining), `finish_response` replays a
+*shadow* response through h11 once the real one has been forwarded and
+discards the bytes h11 produces.
+
+Backend side: the upstream request head is assembled here (one join), and
+the backend's response head is parsed by `parse_response_head`, a strict,
+small parser for the one thing we need from a trusted peer: status, headers
+and framing. The body's end is found by `olb._core.BodyScanner` without
+copying.
+
+Hop-by-hop headers (RFC 9110 §7.6.1) are dropped in both directions; the
+Host header sent upstream is the backend's own address, because Ollama bound
+to 127.0.0.1 answers 403 to a non-local Host.
+"""
+
+from __future__ import annotations
+
+import h11
+import orjson
+
+from .errors import BackendProtocolError, BadRequest, PayloadTooLarge
+
+#: Largest request or response head. h11's default is 16 KiB, chosen after
+#: node (80 KiB), tomcat (8 KiB) and IIS (16 KiB); we keep it.
+MAX_HEAD = 16 * 1024
+
+NEED_DATA = h11.NEED_DATA
+PAUSED = h11.PAUSED
+
+
+class _Closed:
+    """Sentinel: the client closed its side and no request is pending."""
+
+    def __repr__(self) -> str:
+        return "CLOSED"
+
+
+CLOSED = _Closed()
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus Proxy-Connection (sent by old clients).
+# Host and Content-Length are rewritten, Expect is answered by olb itself
+# (the body is already complete when the request goes upstream).
+_DROP_UPSTREAM = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
+    b"proxy-authorization",
+})
+_DROP_DOWNSTREAM = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"trailer", b"upgrade"})
+
+_REASONS = {
+    400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+    200: b"OK",
+}
+
+
+def _connection_tokens(headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+class ProxyRequest:
+    """A complete client request, as read by RequestReader."""
+
+    __slots__ = ("method", "target", "http_version", "headers", "body", "keep_alive", "has_body_framing")
+
+    def __init__(self, method: bytes, target: bytes, http_version: bytes, headers: list,
+                 body: bytes, keep_alive: bool, has_body_framing: bool):
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.headers = headers  # [(lower-case name, value)] as h11 gives them
+        self.body = body
+        self.keep_alive = keep_alive
+        self.has_body_framing = has_body_framing
+
+    @property
+    def path(self) -> bytes:
+        return self.target.partition(b"?")[0]
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class RequestReader:
+    """The client side of one connection: h11 in the server role.
+
+    Call `receive(data)` with what the socket read (b"" at EOF), then
+    `next_request()` until it returns NEED_DATA, PAUSED or CLOSED. After each
+    call, `take_output()` has bytes to write, if any (only an interim
+    `100 Continue` today).
+    """
+
+    __slots__ = ("_conn", "_max_body", "_head", "_chunks", "_size", "_output")
+
+    def __init__(self, max_body: int, max_head: int = MAX_HEAD):
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self._max_body = max_body
+        self._head: h11.Request | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._output = b""
+
+    def receive(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+
+    def take_output(self) -> bytes:
+        out, self._output = self._output, b""
+        return out
+
+    def next_request(self):
+        """Advance the parser.
+
+        Returns:
+            a ProxyRequest when one is complete; NEED_DATA; PAUSED (a pipelined
+            request waits until the current response is finished); or CLOSED.
+
+        Raises:
+            BadRequest: malformed HTTP (status 400, or 431 for an oversized head).
+            PayloadTooLarge: the body is over the limit (announced or counted).
+        """
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadRequest(str(exc) or "malformed request", exc.error_status_hint) from None
+            cls = type(event)
+            if cls is h11.Data:
+                self._size += len(event.data)
+                if self._size > self._max_body:
+                    raise PayloadTooLarge(self._too_large())
+                self._chunks.append(event.data)
+            elif cls is h11.Request:
+                self._head = event
+                self._chunks = []
+                self._size = 0
+                length = _content_length(event.headers)
+                if length is not None and length > self._max_body:
+                    raise PayloadTooLarge(self._too_large())
+                if conn.client_is_waiting_for_100_continue:
+                    # curl sends Expect: 100-continue for bodies over 1 MiB and waits
+                    # for this before sending the body (RFC 9110 §10.1.1).
+                    self._output += conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            elif cls is h11.EndOfMessage:
+                head = self._head
+                body = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+                self._chunks = []
+                headers = head.headers
+                keep_alive = head.http_version == b"1.1" and b"close" not in _connection_tokens(headers)
+                framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
+                return ProxyRequest(head.method, head.target, head.http_version, list(headers),
+                                    body, keep_alive, framing)
+            elif event is h11.NEED_DATA or event is h11.PAUSED:
+                return event
+            elif cls is h11.ConnectionClosed:
+                return CLOSED
+            # h11 yields nothing else to a server.
+
+    def _too_large(self) -> str:
+        return f"request body is larger than the limit of {self._max_body} bytes (OLB_MAX_BODY)"
+
+    def finish_response(self, status: int, closing: bool) -> bool:
+        """Tell h11 a response has been written in full (the shadow send).
+
+        Args:
+            status: the final status code that was forwarded.
+            closing: the response carried Connection: close, or must end the connection.
+
+        Returns:
+            True when the connection may carry another request (h11 has started
+            its next cycle); False when it must be closed.
+        """
+        conn = self._conn
+        if conn.our_state is not h11.SEND_RESPONSE:
+            return False
+        try:
+            conn.send(h11.Response(status_code=status, headers=[(b"connection", b"close")] if closing else []))
+            conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return False
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        return True
+
+
+def _content_length(headers) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)  # h11 has validated it
+    return None
+
+
+# --- upstream request ---------------------------------------------------------
+
+
+def upstream_head(req: ProxyRequest, hostport: bytes, client_ip: bytes) -> bytes:
+    """The request head olb sends to a backend (the body follows unchanged).
+
+    HTTP/1.0 clients are forwarded as HTTP/1.0, so the backend answers
+    without chunked framing (which such a client cannot read) and closes.
+    """
+    drop = _DROP_UPSTREAM
+    tokens = None
+    parts = [req.method, b" ", req.target,
+             b" HTTP/1.0\r\nhost: " if req.http_version == b"1.0" else b" HTTP/1.1\r\nhost: ",
+             hostport, b"\r\n"]
+    forwarded_for = None
+    orig_host = None
+    for name, value in req.headers:
+        if name in drop:
+            if name == b"connection":
+                tokens = _connection_tokens(req.headers)
+            elif name == b"host":
+                orig_host = value
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for = value
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if tokens:
+        # Fields named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        parts = _drop_named(parts, tokens)
+    parts += (b"x-forwarded-for: ",
+              forwarded_for + b", " + client_ip if forwarded_for else client_ip, b"\r\n")
+    if orig_host is not None:
+        parts += (b"x-forwarded-host: ", orig_host, b"\r\n")
+    if req.body or req.has_body_framing:
+        parts += (b"content-length: ", b"%d" % len(req.body), b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _drop_named(parts: list, tokens: set) -> list:
+    # parts after the first six items are (name, ": ", value, CRLF) quads.
+    out = parts[:6]
+    for i in range(6, len(parts), 4):
+        if parts[i] not in tokens:
+            out += parts[i:i + 4]
+    return out
+
+
+# --- backend response head ------------------------------------------------------
+
+#: Body framing of a response, from RFC 9112 §6.3.
+NO_BODY = 0
+CHUNKED = 1
+LENGTH = 2
+UNTIL_CLOSE = 3
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "headers", "framing", "length", "keep_alive", "hop_by_hop", "content_type")
+
+    def __init__(self, status, reason, headers, framing, length, keep_alive, hop_by_hop, content_type):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.framing = framing
+        self.length = length
+        self.keep_alive = keep_alive
+        self.hop_by_hop = hop_by_hop
+        self.content_type = content_type
+
+
+def parse_response_head(buf: bytes, head_request: bool):
+    """Parse a backend's response head from the start of `buf`.
+
+    Args:
+        buf: bytes read so far from the backend for this response.
+        head_request: the request was HEAD (the response has no body whatever it says).
+
+    Returns:
+        (ResponseHead, head_length) or None when the head is not complete yet.
+
+    Raises:
+        BackendProtocolError: the bytes are not an HTTP/1.x response head.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise BackendProtocolError("backend sent a response head larger than 16 KiB")
+        return None
+    lines = buf[:end].split(b"\r\n")
+    status_line = lines[0]
+    if status_line[:7] != b"HTTP/1." or len(status_line) < 12 or status_line[8:9] != b" ":
+        raise BackendProtocolError(f"backend sent a malformed status line: {status_line[:64]!r}")
+    code = status_line[9:12]
+    if not code.isdigit():
+        raise BackendProtocolError(f"backend sent a malformed status line: {status_line[:64]!r}")
+    status = int(code)
+    http11 = status_line[7:8] == b"1"
+    headers = []
+    chunked = False
+    length = -1
+    close = not http11
+    hop = False
+    content_type = b""
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[-1:] in (b" ", b"\t"):
+            raise BackendProtocolError(f"backend sent a malformed header line: {line[:64]!r}")
+        name = name.lower()
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        if name == b"content-length":
+            if not value.isdigit() or (length >= 0 and int(value) != length):
+                raise BackendProtocolError(f"backend sent a bad Content-Length: {value[:32]!r}")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+            if not chunked:
+                raise BackendProtocolError(f"backend sent an unsupported Transfer-Encoding: {value[:32]!r}")
+        elif name == b"content-type":
+            content_type = value
+        if name in _DROP_DOWNSTREAM:
+            hop = True
+            if name == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                if b"close" in tokens:
+                    close = True
+                elif b"keep-alive" in tokens and not http11:
+                    close = False
+    if status < 200 or status in (204, 304) or head_request:
+        framing = NO_BODY
+    elif chunked:
+        framing = CHUNKED
+    elif length >= 0:
+        framing = LENGTH
+    else:
+        framing = UNTIL_CLOSE
+        close = True
+    return ResponseHead(status, status_line[13:], headers, framing, length, not close, hop, content_type), end + 4
+
+
+def downstream_head(head: ResponseHead, raw: bytes, closing: bool) -> bytes:
+    """The response head olb sends to its client.
+
+    `raw` is the head exactly as the backend sent it; when it carries no
+    hop-by-hop field and the connection stays open it is forwarded as is.
+    """
+    if not head.hop_by_hop and not closing and raw[7:8] == b"1":
+        return raw
+    parts = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
+    for name, value in head.headers:
+        if name not in _DROP_DOWNSTREAM:
+            parts += (name, b": ", value, b"\r\n")
+    if closing:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+# --- responses olb originates ----------------------------------------------------
+
+
+def is_openai_path(target: bytes) -> bool:
+    return target.startswith(b"/v1/")
+
+
+def error_body(target: bytes, message: str, status: int) -> bytes:
+    """Ollama's error shape, or the OpenAI shape Ollama itself uses under /v1/."""
+    if is_openai_path(target):
+        kind = "invalid_request_error" if status == 400 else ("not_found_error" if status == 404 else "api_error")
+        return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+    return orjson.dumps({"error": message})
+
+
+def simple_response(status: int, body: bytes, *, content_type: bytes = b"application/json; charset=utf-8",
+                    closing: bool = False, extra: list[tuple[bytes, bytes]] | None = None,
+                    head_only: bool = False) -> bytes:
+    parts = [b"HTTP/1.1 %d " % status, _REASONS.get(status, b"Unknown"), b"\r\n",
+             b"content-type: ", content_type, b"\r\n",
+             b"content-length: %d\r\n" % len(body)]
+    for name, value in extra or ():
+        parts += (name, b": ", value, b"\r\n")
+    if closing:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def error_response(target: bytes, status: int, message: str, *, closing: bool = False,
+                   retry_after: int | None = None, head_only: bool = False) -> bytes:
+    extra = [(b"retry-after", b"%d" % retry_after)] if retry_after is not None else None
+    return simple_response(status, error_body(target, message, status), closing=closing,
+                           extra=extra, head_only=head_only)
+
+
+def stream_error_tail(head: ResponseHead, message: str) -> bytes:
+    """The last chunks of a chunked stream that failed mid-way.
+
+    Ollama's own mid-stream failure is a final `{"error": "..."}` line with the
+    status left at 200 (routes.go streamResponse); in SSE the OpenAI client
+    raises APIError on an event whose JSON has an `error` key.
+    """
+    if head.content_type.startswith(b"text/event-stream"):
+        line = b"data: " + orjson.dumps({"error": {"message": message, "type": "api_error",
+                                                   "param": None, "code": None}}) + b"\n\n"
+    else:
+        line = orjson.dumps({"error": message}) + b"\n"
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(line), line)

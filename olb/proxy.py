@@ -1,0 +1,632 @@
+"""The IO shell: asyncio Protocols that move bytes between clients and backends.
+
+Rules for this module: Protocol classes and the Exchange that glues one
+client request to one backend attempt at a time. No HTTP parsing here (that
+is http.py), no selection (balancer.py / _core), no pause/resume outside
+flow.py's ReadGate.
+
+Where a request goes
+--------------------
+    ClientSideProtocol.data_received      h11 parses the request (http.RequestReader)
+      -> Exchange.start                   _core picks a backend and counts it, or the queue holds it
+      -> Exchange.admit                   a pooled keep-alive connection, or a new one
+      -> BackendSideProtocol.attach       request head + body written upstream
+      -> BackendSideProtocol.data_received
+           head: http.parse_response_head -> Exchange.on_head -> client
+           body: _core.BodyScanner finds the end; the bytes go to the client as read
+      -> Exchange.on_end                  release, park the connection, next request
+
+Exchange states (one request's life; each arrow is the only way in):
+
+    QUEUED ----admit----> CONNECTING --connected--> WAITING --first byte--> STREAMING --end--> DONE
+      |  ^                    |                        |                       |
+      |  +------retry---------+------------------------+  (before the first    |
+      |     (same request, another backend, bounded    |   byte only)          |
+      |      by OLB_RETRIES)                           |                       |
+      +--expired / full--> error response            timeout -> 504      backend lost -> error
+                                                                         line (chunked) or close
+
+Invariants: the backend index is acquired at admit and released exactly
+once (_release clears it); a client that goes away aborts the backend
+connection at once, because closing that socket is what makes Ollama stop
+generating; after the first response byte there is no retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import admin
+from ._core import NO_BACKEND, BodyScanner
+from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
+                     OlbError)
+from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
+from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
+                   RequestReader, downstream_head, error_response, parse_response_head,
+                   stream_error_tail, upstream_head)
+
+log = logging.getLogger("olb.proxy")
+
+QUEUED, CONNECTING, WAITING, STREAMING, DONE = range(5)
+
+#: Ollama's own queue-full text (server/sched.go ErrMaxQueue, two spaces and
+#: all): clients that special-case it keep working behind olb.
+QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
+
+
+class ProxyContext:
+    """What every connection of one worker shares."""
+
+    __slots__ = ("config", "loop", "balancer", "clients", "gpu", "started", "worker")
+
+    def __init__(self, config, loop, balancer=None, worker=0):
+        self.config = config
+        self.loop = loop
+        self.balancer = balancer
+        self.clients: set = set()
+        self.gpu = None
+        self.started = 0.0
+        self.worker = worker
+
+
+class ClientSideProtocol(asyncio.Protocol):
+    """One client connection: requests in order, one exchange at a time."""
+
+    __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
+                 "_timer", "_last_active", "_closed")
+
+    def __init__(self, ctx: ProxyContext):
+        self.ctx = ctx
+        self.transport = None
+        self.exchange: Exchange | None = None
+        self.write_paused = False
+        self._timer = None
+        self._closed = False
+
+    def connection_made(self, transport) -> None:
+        """Called by the loop when a client connects."""
+        self.transport = transport
+        set_write_limits(transport)
+        self.gate = ReadGate(transport)
+        self.reader = RequestReader(self.ctx.config.max_body)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0].encode() if peer else b"unknown"
+        self.ctx.clients.add(self)
+        self._last_active = self.ctx.loop.time()
+        self._timer = self.ctx.loop.call_later(self.ctx.config.keepalive_timeout, self._on_timer)
+
+    def data_received(self, data: bytes) -> None:
+        """Called by the transport with bytes the client sent."""
+        self.reader.receive(data)
+        if self.exchange is None:
+            self._last_active = self.ctx.loop.time()
+            self._process()
+        else:
+            # A pipelined request arrived while a response is in progress. h11
+            # keeps it (it answers PAUSED until the cycle ends); stop reading so
+            # what it keeps stays bounded.
+            self.gate.pause(PIPELINE)
+
+    def eof_received(self) -> bool:
+        """Called by the transport when the client shut its sending side."""
+        if self.exchange is not None:
+            # A client that closes while its response is pending has gone away
+            # (HTTP clients do not half-close); stop the backend's work now,
+            # as nginx does unless proxy_ignore_client_abort is set.
+            ex, self.exchange = self.exchange, None
+            ex.client_gone()
+            return False
+        self.reader.receive(b"")
+        self._process()
+        return True  # answer what was sent before the EOF; _process closes
+
+    def connection_lost(self, exc) -> None:
+        """Called by the transport when the connection is closed or broken."""
+        self._closed = True
+        self.ctx.clients.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            ex.client_gone()
+
+    def pause_writing(self) -> None:
+        """Called by the transport when its write buffer goes over the high-water mark."""
+        self.write_paused = True
+        ex = self.exchange
+        if ex is not None and ex.conn is not None:
+            ex.conn.gate.pause(PEER_SLOW)
+
+    def resume_writing(self) -> None:
+        """Called by the transport when its write buffer drains below the low-water mark."""
+        self.write_paused = False
+        ex = self.exchange
+        if ex is not None and ex.conn is not None:
+            ex.conn.gate.resume(PEER_SLOW)
+
+    # --- request cycle --------------------------------------------------------------------
+
+    def _process(self) -> None:
+        reader = self.reader
+        while self.exchange is None and not self._closed:
+            try:
+                req = reader.next_request()
+            except OlbError as exc:
+                # Malformed or oversized: answer, then close — the rest of what
+                # the client sends can no longer be framed.
+                self._write_pending(reader)
+                self._reply(error_response(b"/", exc.status_hint, exc.message, closing=True), 0, True)
+                return
+            self._write_pending(reader)
+            if type(req) is ProxyRequest:
+                if req.target.startswith(b"/olb/"):
+                    status, body = admin.handle(req, self.ctx)
+                    self._reply(body, status, not req.keep_alive)
+                    continue
+                self.exchange = ex = Exchange(self, req)
+                ex.start()
+                return
+            if req is NEED_DATA:
+                self.gate.resume(PIPELINE)
+            elif req is CLOSED:
+                self.transport.close()
+            return
+
+    def _write_pending(self, reader) -> None:
+        out = reader.take_output()
+        if out:
+            self.transport.write(out)
+
+    def _reply(self, data: bytes, status: int, closing: bool) -> None:
+        """Write a response olb made itself and finish the cycle."""
+        self.transport.write(data)
+        if closing or not status or not self.reader.finish_response(status, closing):
+            self._closed = True
+            self.transport.close()
+
+    def response_done(self, status: int, closing: bool) -> None:
+        """Called by the exchange once its response has been written in full."""
+        self.exchange = None
+        self._last_active = self.ctx.loop.time()
+        if self._closed:
+            return
+        if closing or not self.reader.finish_response(status, closing):
+            self._closed = True
+            self.transport.close()
+            return
+        # Re-parse what is buffered *before* resuming reading, so a pipelined
+        # request does not flap the transport (aiohttp web_protocol does the same).
+        self._process()
+
+    def abort(self) -> None:
+        """End the connection without a clean response end (mid-body failure)."""
+        self.exchange = None
+        self._closed = True
+        self.transport.abort()
+
+    def _on_timer(self) -> None:
+        # One lazily re-armed timer per connection: the deadline moves with
+        # activity without rescheduling on every request (aiohttp's keep-alive).
+        timeout = self.ctx.config.keepalive_timeout
+        if self.exchange is None:
+            idle = self.ctx.loop.time() - self._last_active
+            if idle >= timeout:
+                self._timer = None
+                self._closed = True
+                self.transport.close()
+                return
+            timeout -= idle
+        self._timer = self.ctx.loop.call_later(timeout, self._on_timer)
+
+
+class Exchange:
+    """One client request on its way through olb (see the state diagram above)."""
+
+    __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
+                 "closing", "queue_timer", "connect_task", "reused_retry", "__weakref__")
+
+    def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
+        self.client = client
+        self.ctx = client.ctx
+        self.req = req
+        self.index = NO_BACKEND
+        self.conn: BackendSideProtocol | None = None
+        self.allowed = None
+        self.attempts = 0
+        self.state = QUEUED
+        self.head = None
+        self.closing = not req.keep_alive
+        self.queue_timer = None
+        self.connect_task = None
+        self.reused_retry = False
+
+    def start(self) -> None:
+        balancer = self.ctx.balancer
+        index = balancer.acquire(self.allowed)
+        if index != NO_BACKEND:
+            self.admit(index)
+        elif not balancer.usable(self.allowed):
+            self.queue_unusable()
+        elif balancer.enqueue(self):
+            self.state = QUEUED
+        else:
+            self._fail(NoBackendAvailable(QUEUE_FULL))
+
+    # --- called by the balancer's queue --------------------------------------------------------
+
+    def admit(self, index: int) -> None:
+        """A backend slot is ours (already counted in the table)."""
+        self.index = index
+        self.state = CONNECTING
+        conn = self.ctx.balancer.backends[index].pool.take()
+        if conn is not None:
+            self._send(conn, reused=True)
+        else:
+            self.connect_task = self.ctx.loop.create_task(self._connect(index))
+
+    def queue_expired(self) -> None:
+        self._fail(NoBackendAvailable(
+            f"server busy, please try again.  no backend became free within "
+            f"{self.ctx.config.queue_timeout:g}s (OLB_QUEUE_TIMEOUT)"))
+
+    def queue_unusable(self) -> None:
+        balancer = self.ctx.balancer
+        errors = [b.last_error for b in balancer.backends if b.last_error]
+        detail = f": {errors[-1]}" if errors else ""
+        self._fail(BackendConnectError(f"no backend reachable ({len(balancer.backends)} configured){detail}"))
+
+    # --- backend side ------------------------------------------------------------------
+
+    async def _connect(self, index: int) -> None:
+        pool = self.ctx.balancer.backends[index].pool
+        try:
+            conn = await pool.connect()
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.connect_task = None
+            if self.state != CONNECTING:
+                return
+            reason = f"connect to {pool.host}:{pool.port} failed: " + (
+                "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc)))
+            self._backend_failed(BackendConnectError(reason), retry=True, mark_down=True)
+            return
+        self.connect_task = None
+        if self.state != CONNECTING:  # the client left while we connected
+            pool.put(conn)
+            return
+        self._send(conn, reused=False)
+
+    def _send(self, conn, reused: bool) -> None:
+        self.conn = conn
+        self.state = WAITING
+        conn.attach(self, reused)
+        req = self.req
+        head = upstream_head(req, conn.pool.hostport, self.client.peer_ip)
+        if req.body:
+            conn.transport.writelines((head, req.body))
+        else:
+            conn.transport.write(head)
+
+    def on_head(self, head, raw: bytes) -> None:
+        """The backend's response head arrived: forward it (the first byte to the client)."""
+        self.state = STREAMING
+        self.head = head
+        if head.framing == UNTIL_CLOSE:
+            self.closing = True
+        self.client.transport.write(downstream_head(head, raw, self.closing))
+
+    def on_end(self, reusable: bool) -> None:
+        """The backend's response has been forwarded in full."""
+        conn, self.conn = self.conn, None
+        conn.detach()
+        pool = conn.pool
+        self._release()
+        if reusable:
+            pool.put(conn)
+        else:
+            conn.close()
+        self.state = DONE
+        self.client.response_done(self.head.status, self.closing)
+
+    def backend_lost(self, error: OlbError, *, got_bytes: bool, reused: bool, at_boundary: bool) -> None:
+        """The backend connection closed or broke before the response ended."""
+        self.conn = None
+        if self.state == WAITING and not got_bytes and reused and not self.reused_retry:
+            # A parked connection the backend closed just as we reused it: the
+            # request never reached it. Try once more on a fresh connection to
+            # the same backend, without counting an attempt.
+            self.reused_retry = True
+            self.state = CONNECTING
+            self.connect_task = self.ctx.loop.create_task(self._connect(self.index))
+            return
+        self._backend_failed(error, retry=not got_bytes, mark_down=False, at_boundary=at_boundary)
+
+    def backend_timeout(self, at_boundary: bool) -> None:
+        conn, self.conn = self.conn, None
+        conn.detach()
+        conn.abort()
+        cfg = self.ctx.config
+        url = self.ctx.balancer.backends[self.index].url
+        if self.state == STREAMING:
+            msg = f"backend {url} sent nothing for {cfg.idle_timeout:g}s (OLB_IDLE_TIMEOUT)"
+        else:
+            msg = f"backend {url} did not answer within {cfg.first_byte_timeout:g}s (OLB_FIRST_BYTE_TIMEOUT)"
+        self._backend_failed(BackendTimeout(msg), retry=False, mark_down=False, at_boundary=at_boundary)
+
+    def backend_protocol_error(self, error: BackendProtocolError, at_boundary: bool) -> None:
+        conn, self.conn = self.conn, None
+        conn.detach()
+        conn.abort()
+        self._backend_failed(error, retry=False, mark_down=False, at_boundary=at_boundary)
+
+    def _backend_failed(self, error: OlbError, *, retry: bool, mark_down: bool,
+                        at_boundary: bool = False) -> None:
+        index = self.index
+        self._release()
+        balancer = self.ctx.balancer
+        if mark_down:
+            balancer.mark_down(index, error.message)
+        if self.state == STREAMING:
+            self._fail_mid_stream(error, at_boundary)
+            return
+        if retry and self.attempts < self.ctx.config.retries:
+            self.attempts += 1
+            if self.allowed is None:
+                self.allowed = bytearray(b"\x01" * balancer.table.n)
+            self.allowed[index] = 0
+            log.info("retrying %s on another backend after: %s", self.req.target.decode("latin-1"),
+                     error.message)
+            self.start()
+            return
+        self._fail(error)
+
+    # --- endings ---------------------------------------------------------------------
+
+    def _release(self) -> None:
+        index, self.index = self.index, NO_BACKEND
+        if index != NO_BACKEND:
+            self.ctx.balancer.release(index)
+
+    def _fail(self, error: OlbError) -> None:
+        """Answer with an error before any response byte was forwarded."""
+        self.state = DONE
+        req = self.req
+        client = self.client
+        if client.exchange is not self:
+            return
+        client.transport.write(error_response(
+            req.target, error.status_hint, error.message, closing=self.closing,
+            retry_after=error.retry_after, head_only=req.method == b"HEAD"))
+        client.response_done(error.status_hint, self.closing)
+
+    def _fail_mid_stream(self, error: OlbError, at_boundary: bool) -> None:
+        self.state = DONE
+        client = self.client
+        if client.exchange is not self:
+            return
+        head = self.head
+        log.warning("stream from backend failed after the first byte: %s", error.message)
+        if head.framing == CHUNKED and at_boundary:
+            # Ollama's own shape for a failure mid-stream: a last error line, a
+            # clean end of the chunked body, status 200 already sent.
+            client.transport.write(stream_error_tail(head, error.message))
+            client.response_done(head.status, self.closing)
+        else:
+            # A Content-Length or close-delimited body cannot be ended early in
+            # a way the client would not mistake for a complete one: cut it.
+            client.abort()
+
+    def client_gone(self) -> None:
+        """The client went away: stop the backend's work now and release."""
+        state, self.state = self.state, DONE
+        if state == QUEUED:
+            self.ctx.balancer.dequeue(self)
+        task, self.connect_task = self.connect_task, None
+        if task is not None:
+            task.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.detach()
+            # Closing this socket is what makes Ollama cancel the generation.
+            conn.abort()
+        self._release()
+
+
+class BackendSideProtocol(asyncio.Protocol):
+    """One TCP connection to a backend: idle in its pool, or serving one exchange."""
+
+    __slots__ = ("pool", "loop", "transport", "gate", "exchange", "write_paused", "_buf", "_head",
+                 "_scanner", "_write", "_got_bytes", "_reused", "_last_io", "_attached_at",
+                 "_timer", "_closed", "_head_request")
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport = None
+        self.exchange: Exchange | None = None
+        self.write_paused = False
+        self._buf = b""
+        self._head = None
+        self._scanner = BodyScanner()
+        self._write = None
+        self._got_bytes = False
+        self._reused = False
+        self._timer = None
+        self._closed = False
+        self._head_request = False
+
+    def connection_made(self, transport) -> None:
+        """Called by the loop when the connection to the backend is open."""
+        self.transport = transport
+        set_write_limits(transport)
+        self.gate = ReadGate(transport)
+
+    def reusable(self) -> bool:
+        return not self._closed and self.exchange is None and not self.transport.is_closing()
+
+    def attach(self, exchange: Exchange, reused: bool) -> None:
+        self.exchange = exchange
+        self._buf = b""
+        self._head = None
+        self._got_bytes = False
+        self._reused = reused
+        self._head_request = exchange.req.method == b"HEAD"
+        client = exchange.client
+        self._write = client.transport.write
+        if client.write_paused:
+            self.gate.pause(PEER_SLOW)
+        now = self.loop.time()
+        self._attached_at = self._last_io = now
+        self._timer = self.loop.call_later(exchange.ctx.config.first_byte_timeout, self._on_timer)
+
+    def detach(self) -> None:
+        ex, self.exchange = self.exchange, None
+        if ex is not None and self.write_paused:
+            ex.client.gate.resume(PEER_SLOW)
+        self._write = None
+        self._head = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.gate.resume(PEER_SLOW)
+
+    def close(self) -> None:
+        self._closed = True
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        self.transport.abort()
+
+    # --- transport callbacks ----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Called by the transport with bytes from the backend: forward them as they are."""
+        if self._head is None:
+            self._read_head(data)
+            return
+        self._last_io = self.loop.time()
+        try:
+            end = self._scanner.feed(data)
+        except ValueError as exc:
+            self._protocol_error(f"backend sent a malformed chunked body: {exc}")
+            return
+        if end < 0:
+            self._write(data)
+        else:
+            self._end(data, end)
+
+    def _read_head(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # Bytes on an idle connection: the backend is confused; drop it.
+            self.abort()
+            return
+        self._got_bytes = True
+        self._last_io = self.loop.time()
+        buf = self._buf + data if self._buf else data
+        try:
+            parsed = parse_response_head(buf, self._head_request)
+        except BackendProtocolError as exc:
+            self._protocol_error(exc.message)
+            return
+        if parsed is None:
+            self._buf = buf
+            return
+        head, size = parsed
+        self._buf = b""
+        rest = buf[size:]
+        if head.status < 200:
+            # An interim response (we never send Expect upstream, but a backend
+            # may still send 100/103): not forwarded, the final head follows.
+            if rest:
+                self._read_head(rest)
+            return
+        self._head = head
+        framing = head.framing
+        scanner = self._scanner
+        if framing == CHUNKED:
+            scanner.expect_chunked()
+        elif framing == LENGTH:
+            scanner.expect_length(head.length)
+        elif framing == UNTIL_CLOSE:
+            scanner.expect_close()
+        ex.on_head(head, buf[:size])
+        if framing == NO_BODY or (framing == LENGTH and head.length == 0):
+            self._end(rest, 0)
+        elif rest and self.exchange is ex:
+            self.data_received(rest)
+
+    def _end(self, data: bytes, end: int) -> None:
+        if end:
+            self._write(data if end == len(data) else data[:end])
+        # Bytes beyond the response mean the backend is not speaking plain
+        # request/response on this connection; do not reuse it.
+        reusable = self._head.keep_alive and end == len(data)
+        self.exchange.on_end(reusable)
+
+    def _protocol_error(self, message: str) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.backend_protocol_error(BackendProtocolError(message), self._at_boundary())
+        else:
+            self.abort()
+
+    def _at_boundary(self) -> bool:
+        return self._head is not None and self._scanner.at_chunk_boundary
+
+    def eof_received(self) -> bool:
+        """Called by the transport when the backend closed its sending side."""
+        ex = self.exchange
+        if ex is not None and self._head is not None and self._head.framing == UNTIL_CLOSE:
+            ex.on_end(False)
+        return False  # close; connection_lost reports anything unfinished
+
+    def connection_lost(self, exc) -> None:
+        """Called by the transport when the connection is closed or broken."""
+        self._closed = True
+        self.pool.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            if self.write_paused:
+                ex.client.gate.resume(PEER_SLOW)
+            pool = self.pool
+            what = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+            ex.backend_lost(
+                BackendConnectError(f"backend {pool.host}:{pool.port} failed mid-request ({what})"),
+                got_bytes=self._got_bytes, reused=self._reused, at_boundary=self._at_boundary())
+
+    def pause_writing(self) -> None:
+        """Called by the transport when the upstream write buffer goes over the high-water mark."""
+        self.write_paused = True
+        ex = self.exchange
+        if ex is not None:
+            ex.client.gate.pause(PEER_SLOW)
+
+    def resume_writing(self) -> None:
+        """Called by the transport when the upstream write buffer drains."""
+        self.write_paused = False
+        ex = self.exchange
+        if ex is not None:
+            ex.client.gate.resume(PEER_SLOW)
+
+    def _on_timer(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            self._timer = None
+            return
+        cfg = ex.ctx.config
+        now = self.loop.time()
+        if self._head is None and not self._got_bytes:
+            remaining = self._attached_at + cfg.first_byte_timeout - now
+        else:
+            remaining = self._last_io + cfg.idle_timeout - now
+        if remaining > 0:
+            self._timer = self.loop.call_later(remaining, self._on_timer)
+            return
+        self._timer = None
+        ex.backend_timeout(self._at_boundary())

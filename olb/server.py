@@ -1,0 +1,84 @@
+"""One worker: the listening socket, the balancer and its background tasks.
+
+`start_proxy` is also what the integration tests use: it takes a socket
+already bound to 127.0.0.1:0 (or binds one) and returns once it listens, so
+no test ever sleeps waiting for readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from .balancer import Balancer
+from .config import Config
+from .proxy import BackendSideProtocol, ClientSideProtocol, ProxyContext
+
+log = logging.getLogger("olb.server")
+
+
+class ProxyServer:
+    def __init__(self, config: Config, loop, table=None, worker: int = 0):
+        self.config = config
+        self.loop = loop
+        self.ctx = ProxyContext(config, loop, worker=worker)
+        self.ctx.balancer = self.balancer = Balancer(config, loop, BackendSideProtocol, table=table)
+        self._server = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.listen_host}:{self.port}"
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        cfg = self.config
+        self.ctx.started = time.monotonic()
+        if sock is None:
+            sock = bind_socket(cfg.listen_host, cfg.listen_port, reuse_port=cfg.workers > 1)
+        self._server = await self.loop.create_server(
+            lambda: ClientSideProtocol(self.ctx), sock=sock, backlog=2048)
+        self.port = sock.getsockname()[1]
+        self.balancer.start()
+        gpu_map = [b.gpus for b in cfg.backends]
+        if cfg.gpu_poll > 0 and any(gpu_map):
+            from .gpu import GpuMonitor
+
+            self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=cfg.gpu_poll)
+            self.ctx.gpu.start()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.ctx.clients):
+            client.transport.close()
+        await self.balancer.close()
+        if self.ctx.gpu is not None:
+            self.ctx.gpu.stop()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; with reuse_port, one of several workers' sockets on the port."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_proxy(config: Config, *, sock: socket.socket | None = None, table=None,
+                      worker: int = 0) -> ProxyServer:
+    server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker)
+    await server.start(sock)
+    return server

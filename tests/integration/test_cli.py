@@ -1,0 +1,165 @@
+"""`olb-fast` as a user runs it: a separate process, configured by OLB_* variables."""
+
+import os
+import pathlib
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from olb.sim import SimConfig, start_sim
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def olb_env(**env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OLB_")}
+    base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
+    base["PYTHONUNBUFFERED"] = "1"
+    base.update(env)
+    return base
+
+
+def start_olb(args=(), **env):
+    return subprocess.Popen([sys.executable, "-m", "olb", *args], env=olb_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_line_matching(proc, pattern, timeout=20.0):
+    """Read proc's stdout until a line matches; no sleeping, bounded in time."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        if not sel.select(deadline - time.monotonic()):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    proc.kill()
+    raise AssertionError(f"no line matching {pattern!r}; stdout: {seen!r}; stderr: {proc.stderr.read()!r}")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"OLB_BACKENDS": "http://127.0.0.1:1;max=zero"}, "OLB_BACKENDS"),
+    ({"OLB_BACKENDS": "http://127.0.0.1:1", "OLB_QUEUE_TIMEOUT": "soon"}, "OLB_QUEUE_TIMEOUT"),
+    ({}, "--demo"),
+])
+def test_bad_configuration_exits_2(env, needle):
+    proc = subprocess.run([sys.executable, "-m", "olb"], env=olb_env(**env), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and proc.stderr.startswith("olb-fast: ")
+
+
+def test_listen_address_in_use_exits_2():
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "olb"], capture_output=True, text=True, timeout=30,
+                              env=olb_env(OLB_BACKENDS="http://127.0.0.1:1",
+                                          OLB_LISTEN=f"127.0.0.1:{taken.getsockname()[1]}"))
+    finally:
+        taken.close()
+    assert proc.returncode == 2 and "OLB_LISTEN" in proc.stderr
+
+
+def test_demo_serves_a_simulated_cluster():
+    proc = start_olb(["--demo", "2", "--listen", "127.0.0.1:0"])
+    try:
+        url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
+        tags = httpx.get(url + "/api/tags", timeout=10)
+        assert tags.status_code == 200 and tags.json()["models"]
+        reply = httpx.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "hi", "stream": False},
+                           timeout=30)
+        assert reply.status_code == 200 and reply.json()["done"]
+        status = httpx.get(url + "/olb/status", timeout=10).json()
+        assert len(status["backends"]) == 2
+    finally:
+        assert stop(proc) == 0
+
+
+def test_workers_share_counts_and_are_restarted(loop_thread):
+    sims = [loop_thread.run(start_sim(SimConfig(token_rate=50, ttft=0, seed=1, num_parallel=8,
+                                                num_predict_default=5000))) for _ in range(2)]
+    backends = ",".join(f"{s.url};max=3" for s in sims)
+    proc = start_olb(OLB_BACKENDS=backends, OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="2",
+                     OLB_HEALTH_INTERVAL="0")
+    try:
+        url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
+        # Six streams (capacity 2 x 3) opened on separate connections, which
+        # SO_REUSEPORT spreads over both workers.
+        streams = []
+        for i in range(6):
+            client = httpx.Client(timeout=30)
+            resp = client.send(client.build_request("POST", url + "/api/generate",
+                                                    json={"model": "llama3.2", "prompt": str(i)}), stream=True)
+            next(resp.iter_lines())
+            streams.append((client, resp))
+        pids = set()
+        for _ in range(20):
+            with httpx.Client(timeout=10) as c:
+                doc = c.get(url + "/olb/status").json()
+            pids.add(doc["pid"])
+            inflight = [b["inflight"] for b in doc["backends"]]
+            assert inflight == [3, 3]  # shared counts: every worker sees all six
+        assert doc["workers"] == 2
+        # Kill a worker that holds some of the streams: they die with it, and
+        # the supervisor reclaims their counts from the shared table.
+        for _ in range(50):
+            with httpx.Client(timeout=10) as c:
+                doc = c.get(url + "/olb/status").json()
+            held = sum(b["local_inflight"] for b in doc["backends"])
+            if held:
+                break
+        assert held, doc
+        victim = doc["pid"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with httpx.Client(timeout=10) as c:
+                doc = c.get(url + "/olb/status").json()
+            if sum(b["inflight"] for b in doc["backends"]) == 6 - held:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"counts never reclaimed: {doc}")
+        for client, resp in streams:
+            resp.close()
+            client.close()
+        # Everything released: counts back to zero, whichever worker answers.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with httpx.Client(timeout=10) as c:
+                doc = c.get(url + "/olb/status").json()
+            if sum(b["inflight"] for b in doc["backends"]) == 0:
+                break
+            time.sleep(0.05)
+        assert sum(b["inflight"] for b in doc["backends"]) == 0
+        assert len(pids) == 2
+    finally:
+        assert stop(proc) == 0
+        for s in sims:
+            loop_thread.run(s.close())

@@ -1,0 +1,70 @@
+"""olb.config: every variable parsed, every bad value named."""
+
+import pytest
+
+from olb import config
+from olb.errors import ConfigError
+
+
+def load(**env):
+    return config.load([], env)
+
+
+def test_defaults_and_backend_syntax():
+    cfg = load(OLB_BACKENDS="http://127.0.0.1:11435;max=4;weight=2;gpus=0+1, 127.0.0.1:11436,http://gpu-box")
+    assert (cfg.listen_host, cfg.listen_port) == ("127.0.0.1", 11434)
+    a, b, c = cfg.backends
+    assert (a.url, a.max_inflight, a.weight, a.gpus) == ("http://127.0.0.1:11435", 4, 2.0, (0, 1))
+    assert (b.url, b.max_inflight, b.weight, b.gpus) == ("http://127.0.0.1:11436", 8, 1.0, ())
+    assert (c.host, c.port, c.hostport) == ("gpu-box", 11434, "gpu-box:11434")
+
+
+def test_flags_win_over_environment():
+    cfg = config.load(["--listen", "0.0.0.0:9000", "--max-inflight", "3", "--backends", "a:1"],
+                      {"OLB_LISTEN": "127.0.0.1:1", "OLB_BACKENDS": "b:2"})
+    assert (cfg.listen_host, cfg.listen_port, cfg.max_inflight) == ("0.0.0.0", 9000, 3)
+    assert [b.url for b in cfg.backends] == ["http://a:1"]
+    assert cfg.backends[0].max_inflight == 3
+
+
+def test_sizes_and_durations():
+    cfg = load(OLB_BACKENDS="a:1", OLB_MAX_BODY="2M", OLB_QUEUE_TIMEOUT="0.5", OLB_WORKERS="4")
+    assert (cfg.max_body, cfg.queue_timeout, cfg.workers) == (2 * 1024 * 1024, 0.5, 4)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"OLB_BACKENDS": "ftp://a:1"}, "OLB_BACKENDS"),
+    ({"OLB_BACKENDS": "https://a:1"}, "https backends are not supported"),
+    ({"OLB_BACKENDS": "http://a:99999"}, "OLB_BACKENDS"),
+    ({"OLB_BACKENDS": "http://a:1;max=0"}, "max=0"),
+    ({"OLB_BACKENDS": "http://a:1;weight=-1"}, "weight"),
+    ({"OLB_BACKENDS": "http://a:1;colour=red"}, "one of max=, weight=, gpus="),
+    ({"OLB_BACKENDS": "http://a:1,http://a:1"}, "listed twice"),
+    ({"OLB_BACKENDS": "a:1", "OLB_LISTEN": "nope"}, "OLB_LISTEN: expected HOST:PORT"),
+    ({"OLB_BACKENDS": "a:1", "OLB_CONNECT_TIMEOUT": "-3"}, "OLB_CONNECT_TIMEOUT"),
+    ({"OLB_BACKENDS": "a:1", "OLB_MAX_BODY": "lots"}, "OLB_MAX_BODY"),
+    ({"OLB_BACKENDS": "a:1", "OLB_WORKERS": "0"}, "OLB_WORKERS: expected an integer >= 1"),
+    ({"OLB_BACKENDS": "a:1", "OLB_LOG_LEVEL": "loud"}, "OLB_LOG_LEVEL"),
+    ({}, "olb-fast --demo"),
+])
+def test_bad_values_name_the_variable(env, needle):
+    with pytest.raises(ConfigError) as info:
+        load(**env)
+    assert needle in str(info.value)
+
+
+def test_flag_errors_name_the_flag():
+    with pytest.raises(ConfigError) as info:
+        config.load(["--backends", "a:1", "--queue-size", "-1"], {})
+    assert "--queue-size" in str(info.value)
+
+
+def test_demo_needs_no_backends():
+    assert config.load(["--demo"], {}).demo == 3
+    assert load(OLB_DEMO="2").demo == 2
+
+
+def test_readme_table_lists_every_variable():
+    table = config.settings_markdown()
+    for s in config.SETTINGS:
+        assert f"`{s.env}`" in table
