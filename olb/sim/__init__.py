@@ -1,0 +1,21 @@
+"""olb.sim: a faithful simulated Ollama (no GPU) for olb's tests, demo and benchmarks.
+
+    olb/sim/config.py     SimConfig: the knobs and their defaults
+    olb/sim/catalogue.py  installed models, name normalisation (llama3.2 -> llama3.2:latest)
+    olb/sim/tokens.py     deterministic text, prompt token counts
+    olb/sim/engine.py     slots, FIFO wait, max_queue, time to first token, token rate
+    olb/sim/api.py        handlers: validation, Ollama's error texts, response bodies
+    olb/sim/gojson.py     Go's JSON: encoding quirks, decoder error texts, durations
+    olb/sim/clock.py      timestamps in Go's formats, real or frozen
+    olb/sim/server.py     asyncio.Protocol + h11: keep-alive, pipelining, flow control
+    olb/sim/__main__.py   the `olb-sim` command
+
+    server = await start_sim(SimConfig(token_rate=0))    # http://127.0.0.1:<port>
+    ...
+    await server.close()
+"""
+
+from olb.sim.config import SimConfig
+from olb.sim.server import SimServer, SimStats, start_cluster, start_sim
+
+__all__ = ["SimConfig", "SimServer", "SimStats", "start_cluster", "start_sim"]

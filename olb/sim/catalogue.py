@@ -1,0 +1,320 @@
+"""The model catalogue: what a simulated Ollama has "installed".
+
+Rules for this module: pure data and name handling, no IO, no clock reads
+(callers pass times in).  Issue 3's GPU model reads sizes and KV geometry
+from ModelSpec, so keep those fields truthful.
+
+Model names follow Ollama's `types/model/name.go` (spec §1):
+`[host/][namespace/]model[:tag][+build][@digest]`, parsed right to left,
+filled with `registry.ollama.ai/library/?:latest`, compared
+case-insensitively.  /api/tags and /api/ps print the display-shortest form,
+which drops the default host and namespace but always keeps the tag:
+`llama3.2` -> `llama3.2:latest`, `registry.ollama.ai/library/llama3.2` ->
+`llama3.2:latest`, `hf.co/bartowski/x:Q4` stays as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+# name.go MaxNamePartLen: longer strings are not valid names at all.
+MAX_NAME_LEN = 128
+
+_VALID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_VALID_NAMESPACE = _VALID - {"."}
+
+# GGUF general.file_type codes for the quantisations we use.
+_FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelName:
+    """A parsed, default-filled model name; casing kept as the client sent it."""
+
+    host: str
+    namespace: str
+    model: str
+    tag: str
+
+    @property
+    def key(self) -> str:
+        """Case-insensitive identity (Name.EqualFold)."""
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}".lower()
+
+    @property
+    def full(self) -> str:
+        """Name.String() without build: `registry.ollama.ai/library/x:latest`."""
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    @property
+    def display(self) -> str:
+        """DisplayShortest, tag kept: drop the default host, then namespace."""
+        if self.host.lower() != DEFAULT_HOST:
+            return self.full
+        if self.namespace.lower() != DEFAULT_NAMESPACE:
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.model}:{self.tag}"
+
+
+def _valid_part(part: str, namespace: bool = False) -> bool:
+    if not part:
+        return False
+    allowed = _VALID_NAMESPACE if namespace else _VALID
+    return all(c in allowed for c in part)
+
+
+def parse_name(s: str) -> ModelName | None:
+    """Parse like name.go ParseName(s, FillDefault); None if invalid.
+
+    Invalid: empty, longer than 128, `..`, characters outside
+    [A-Za-z0-9_.-], a dot in the namespace, more than three `/`-parts, or an
+    empty part.  The build (`+Q4_0`) and digest (`@sha256-...`) parts are
+    validated and then dropped: the simulator keys models by name only.
+    """
+    if not isinstance(s, str):
+        return None
+    if s.startswith("http://"):
+        s = s[7:]
+    elif s.startswith("https://"):
+        s = s[8:]
+    if not s or len(s) > MAX_NAME_LEN or ".." in s:
+        return None
+    if "@" in s:
+        s, digest = s.rsplit("@", 1)
+        if "@" in s or not _valid_digest(digest):
+            return None
+        if not s:
+            return None
+    if "+" in s:
+        s, build = s.rsplit("+", 1)
+        if "+" in s or not _valid_part(build):
+            return None
+    tag = ""
+    slash = s.rfind("/")
+    colon = s.rfind(":")
+    if colon > slash:
+        s, tag = s[:colon], s[colon + 1:]
+        if not _valid_part(tag):
+            return None
+    parts = s.split("/")
+    if len(parts) > 3:
+        return None
+    model = parts[-1]
+    namespace = parts[-2] if len(parts) >= 2 else ""
+    host = parts[-3] if len(parts) == 3 else ""
+    if not _valid_part(model):
+        return None
+    if len(parts) >= 2 and not _valid_part(namespace, namespace=True):
+        return None
+    if len(parts) == 3 and not _valid_part(host):
+        return None
+    return ModelName(host or DEFAULT_HOST, namespace or DEFAULT_NAMESPACE, model, tag or DEFAULT_TAG)
+
+
+def _valid_digest(d: str) -> bool:
+    # types/model ParseDigest accepts "sha256-<64 hex>" and "sha256:<64 hex>".
+    for sep in ("-", ":"):
+        algo, _, hexpart = d.partition(sep)
+        if algo == "sha256" and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart):
+            return True
+    return False
+
+
+def normalize_name(s: str) -> str | None:
+    """`llama3.2` -> `llama3.2:latest` (display-shortest), None if invalid."""
+    n = parse_name(s)
+    return n.display if n else None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model's static facts (what the GGUF and manifest would say)."""
+
+    name: str                   # display-shortest, e.g. "llama3.2:latest"
+    architecture: str           # general.architecture, e.g. "llama"
+    parameter_size: str         # details.parameter_size, e.g. "3.2B"
+    parameter_count: int
+    quantization_level: str     # e.g. "Q4_K_M"
+    size: int                   # bytes on disk (/api/tags size)
+    context_length: int         # training context (<arch>.context_length)
+    embedding_length: int       # hidden size; also the embedding dimension
+    block_count: int
+    head_count: int
+    head_count_kv: int
+    feed_forward_length: int
+    vocab_size: int
+    capabilities: tuple = ("completion", "tools")
+    families: tuple = ()
+    # Relative decode speed (1.0 = SimConfig.token_rate).  Issue 3 may derive
+    # it from the simulated GPU; today every built-in model uses 1.0.
+    speed: float = 1.0
+
+    @property
+    def family(self) -> str:
+        return self.architecture
+
+    @property
+    def embedding_only(self) -> bool:
+        return "completion" not in self.capabilities
+
+    @property
+    def digest(self) -> str:
+        """Manifest digest: stable and unique per name (not the real one)."""
+        return hashlib.sha256(b"olb-sim/" + self.name.encode()).hexdigest()
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_length // self.head_count
+
+    def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """K and V for every layer (spec §4.5): 2 x layers x kv heads x head dim."""
+        return 2 * self.block_count * self.head_count_kv * self.head_dim * bytes_per_element
+
+    def details(self) -> dict:
+        """api.ModelDetails, in Go field order."""
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": self.architecture,
+            "families": list(self.families or (self.architecture,)),
+            "parameter_size": self.parameter_size,
+            "quantization_level": self.quantization_level,
+        }
+
+    def model_info(self) -> dict:
+        """The GGUF key/values /api/show returns (tokenizer arrays emptied,
+        as Ollama does for arrays longer than 5 when not verbose)."""
+        a = self.architecture
+        info = {
+            "general.architecture": a,
+            "general.basename": self.name.split(":")[0].split("/")[-1],
+            "general.file_type": _FILE_TYPES.get(self.quantization_level, 15),
+            "general.parameter_count": self.parameter_count,
+            "general.quantization_version": 2,
+            "general.type": "model",
+            f"{a}.attention.head_count": self.head_count,
+            f"{a}.attention.head_count_kv": self.head_count_kv,
+            f"{a}.attention.layer_norm_rms_epsilon": 1e-05,
+            f"{a}.block_count": self.block_count,
+            f"{a}.context_length": self.context_length,
+            f"{a}.embedding_length": self.embedding_length,
+            f"{a}.feed_forward_length": self.feed_forward_length,
+            f"{a}.vocab_size": self.vocab_size,
+            "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.model": "bert" if self.embedding_only else "gpt2",
+            "tokenizer.ggml.token_type": [],
+            "tokenizer.ggml.tokens": [],
+        }
+        if self.embedding_only:
+            info[f"{a}.pooling_type"] = 1
+        else:
+            info[f"{a}.rope.freq_base"] = 500000
+            info["tokenizer.ggml.merges"] = []
+        return info
+
+    @property
+    def template(self) -> str:
+        if self.embedding_only:
+            return "{{ .Prompt }}"
+        return ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+                "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+    @property
+    def parameters(self) -> str:
+        if self.embedding_only:
+            return f"{'num_ctx':<30} {self.context_length}"
+        return "\n".join(f"{'stop':<30} \"{s}\"" for s in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+
+
+def _spec(name, arch, psize, pcount, quant, size, ctx, emb, blocks, heads, kv, ffn, vocab,
+          caps=("completion", "tools")):
+    return ModelSpec(name, arch, psize, pcount, quant, size, ctx, emb, blocks, heads, kv, ffn, vocab, caps)
+
+
+# Sizes and geometry of the Ollama library's default tags (GGUF metadata as
+# /api/show reports it; sizes from /api/tags of real installs, spec §6.2).
+KNOWN_MODELS: dict[str, ModelSpec] = {s.name: s for s in (
+    _spec("llama3.2:latest", "llama", "3.2B", 3212749888, "Q4_K_M", 2019393189,
+          131072, 3072, 28, 24, 8, 8192, 128256),
+    _spec("llama3.2:1b", "llama", "1.2B", 1235814432, "Q8_0", 1321098329,
+          131072, 2048, 16, 32, 8, 8192, 128256),
+    _spec("llama3.1:8b", "llama", "8.0B", 8030261248, "Q4_K_M", 4920753328,
+          131072, 4096, 32, 32, 8, 14336, 128256),
+    _spec("llama3.1:70b", "llama", "70.6B", 70553706496, "Q4_K_M", 42520413916,
+          131072, 8192, 80, 64, 8, 28672, 128256),
+    _spec("qwen2.5:7b", "qwen2", "7.6B", 7615616512, "Q4_K_M", 4683087332,
+          32768, 3584, 28, 28, 4, 18944, 152064),
+    _spec("qwen2.5:0.5b", "qwen2", "494.03M", 494032768, "Q4_K_M", 397821319,
+          32768, 896, 24, 14, 2, 4864, 151936),
+    _spec("mistral:latest", "llama", "7.2B", 7248023552, "Q4_K_M", 4372824384,
+          32768, 4096, 32, 32, 8, 14336, 32768),
+    _spec("nomic-embed-text:latest", "nomic-bert", "137M", 136727040, "F16", 274302450,
+          2048, 768, 12, 12, 12, 3072, 30522, caps=("embedding",)),
+    _spec("all-minilm:latest", "bert", "23M", 22565376, "F16", 45960996,
+          512, 384, 6, 12, 12, 1536, 30522, caps=("embedding",)),
+)}
+
+
+@dataclass(slots=True)
+class Installed:
+    """A model as installed on one instance (a copy shares its spec)."""
+
+    name: ModelName
+    spec: ModelSpec
+    modified: float             # unix seconds
+    digest: str = ""
+
+    def __post_init__(self):
+        if not self.digest:
+            self.digest = self.spec.digest
+
+
+@dataclass
+class Catalogue:
+    """The installed models of one instance; /api/pull, copy and delete change it."""
+
+    installed: dict = field(default_factory=dict)     # key -> Installed
+
+    @classmethod
+    def from_models(cls, models, base_time: float) -> "Catalogue":
+        """Install `models` (names from KNOWN_MODELS or ModelSpecs), the first
+        the most recently modified, one day apart before `base_time`."""
+        cat = cls()
+        for i, m in enumerate(models):
+            spec = m if isinstance(m, ModelSpec) else known_spec(m)
+            if spec is None:
+                raise ValueError(f"unknown model {m!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
+            cat.install(spec, base_time - 86400.0 * i - 60.0 * i)
+        return cat
+
+    def install(self, spec: ModelSpec, modified: float, name: ModelName | None = None) -> Installed:
+        name = name or parse_name(spec.name)
+        entry = Installed(name, spec, modified)
+        self.installed[name.key] = entry
+        return entry
+
+    def lookup(self, name: ModelName) -> Installed | None:
+        return self.installed.get(name.key)
+
+    def remove(self, name: ModelName) -> bool:
+        return self.installed.pop(name.key, None) is not None
+
+    def listing(self) -> list:
+        """Installed models, most recently modified first (ListHandler)."""
+        return sorted(self.installed.values(), key=lambda e: -int(e.modified))
+
+
+def known_spec(name: str) -> ModelSpec | None:
+    """A built-in model by any spelling of its name (for /api/pull)."""
+    n = parse_name(name)
+    if n is None:
+        return None
+    for spec in KNOWN_MODELS.values():
+        if parse_name(spec.name).key == n.key:
+            return spec
+    return None

@@ -1,0 +1,110 @@
+"""SimConfig: every knob of the simulated Ollama, with its default and why.
+
+Defaults follow /work/shared/ollama-api.md (the "spec"): §4.1 for the
+scheduler (OLLAMA_NUM_PARALLEL=1 since v0.9.7, OLLAMA_MAX_QUEUE=512,
+OLLAMA_KEEP_ALIVE=5m) and §6.1 for speed (8B q4 decode ~130 tokens/s on a
+4090/A100/H100-class card).  The `olb-sim` command exposes each field as a
+flag (see olb/sim/__main__.py); its --parallel default is 4, not 1, because a
+demo cluster with one slot per instance is dull -- the Python default stays
+Ollama's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# The installed models of a fresh instance: a realistic small workstation set
+# (spec §2.4, §6.2), one of each kind a balancer must route: small/medium chat
+# models, an embedding-only model and one 70B.
+DEFAULT_MODELS = (
+    "llama3.2:latest",
+    "llama3.1:8b",
+    "qwen2.5:7b",
+    "mistral:latest",
+    "nomic-embed-text:latest",
+    "llama3.1:70b",
+)
+
+# What a crashing runner reports in band (spec §3: errors after streaming
+# began keep status 200 and end the stream with an {"error": ...} line).
+DEFAULT_ERROR_MESSAGE = "an error was encountered while running the model: unexpected EOF"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Knobs of one simulated Ollama instance (immutable; use `replace`).
+
+    Timing model per inference request (spec §7.3): wait for a slot (FIFO) ->
+    prefill for `ttft` (+ prompt tokens / `prompt_rate`) -> the first token ->
+    one token every 1/`token_rate` s -> the final `done` object right after the
+    last token.
+    """
+
+    # Catalogue: names of installed models (see catalogue.KNOWN_MODELS) or
+    # catalogue.ModelSpec objects for custom ones.
+    models: tuple = DEFAULT_MODELS
+    # Parallel slots per loaded model (OLLAMA_NUM_PARALLEL; 1 since v0.9.7).
+    num_parallel: int = 1
+    # Slots of embedding-only models: Ollama forces 1 (spec §2.3, [S] load).
+    embed_parallel: int = 1
+    # Requests allowed to wait for a slot on this instance; one more gets 503
+    # "server busy" (OLLAMA_MAX_QUEUE).  See engine.py for how this differs
+    # from real Ollama, whose slot wait is unbounded.
+    max_queue: int = 512
+    # Decode speed in tokens/s per request; 0 = as fast as possible.
+    token_rate: float = 130.0
+    # Time to first token (prefill) in seconds.
+    ttft: float = 0.05
+    # Prompt processing in tokens/s added to ttft; 0 = prompt length is free.
+    prompt_rate: float = 0.0
+    # Per-request slowdown alpha with n requests decoding on one model:
+    # rate(n) = token_rate / (1 + alpha * (n - 1)) (spec §6.3; ~0.15 for real
+    # llama.cpp builds).  0 = every slot decodes at the full rate.
+    parallel_slowdown: float = 0.0
+    # Tokens generated when a request sets no options.num_predict/max_tokens;
+    # the stream then ends with done_reason "stop".  With a limit it ends
+    # with "length" after exactly that many tokens.
+    num_predict_default: int = 64
+    # Per-slot context length reported by /api/ps (OLLAMA_CONTEXT_LENGTH).
+    num_ctx: int = 4096
+    # Default keep-alive of a loaded model in seconds (OLLAMA_KEEP_ALIVE=5m).
+    keep_alive: float = 300.0
+    # Seed of the text generator: same seed + same request = same text.
+    seed: int = 0
+    # Reported by /api/version; also selects version-dependent error texts
+    # (spec §3: generate 404 quoting changed in v0.4.0, chat's in v0.12.0).
+    version: str = "0.12.6"
+    # Ollama's Host check when bound to a loopback address (spec §3).
+    host_check: bool = True
+    # Fixed created_at/expires_at and nominal (not measured) durations, so two
+    # fetches of the same request are byte-identical.
+    deterministic_time: bool = False
+    # --- test-only faults -------------------------------------------------
+    # Write every response in pieces of at most this many bytes (0 = off).
+    fragment: int = 0
+    # Abort the TCP connection after this many tokens (None = off).
+    fail_after_tokens: int | None = None
+    # After this many tokens emit an in-band error and end the stream.
+    error_after_tokens: int | None = None
+    error_message: str = DEFAULT_ERROR_MESSAGE
+
+    def __post_init__(self):
+        for name in ("num_parallel", "embed_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("max_queue", "token_rate", "ttft", "prompt_rate",
+                     "parallel_slowdown", "num_predict_default", "fragment",
+                     "keep_alive"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.num_ctx < 1:
+            raise ValueError("num_ctx must be >= 1")
+        for name in ("fail_after_tokens", "error_after_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None")
+
+    def replace(self, **changes) -> "SimConfig":
+        """A copy with some fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
