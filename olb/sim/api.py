@@ -99,7 +99,7 @@ class Request:
 
 
 class _Style:
-    """How errors look: native Ollama, the /v1 middleware, or a /v1 handler error."""
+    """How handler errors look: native Ollama or OpenAI-shaped (/v1)."""
 
     NATIVE = 0
     OAI = 1
@@ -308,8 +308,10 @@ class Api:
         return spec.size + spec.kv_bytes_per_token() * ctx * runner.parallel + graph
 
     def ps(self, req, w):
+        # PsHandler: longest remaining first (stable, compared in whole seconds).
+        runners = sorted(self.engine.loaded(), key=lambda r: -int(r.expires_at))
         models = []
-        for r in self.engine.loaded():
+        for r in runners:
             size = self._loaded_size(r)
             models.append({
                 "name": r.model.name.display,
@@ -320,10 +322,7 @@ class Api:
                 "expires_at": self.clock.local(int(r.expires_at * 1e9)),
                 "size_vram": size,
                 "context_length": min(r.num_ctx, r.spec.context_length),
-                "_sort": r.expires_at,
             })
-        # PsHandler: longest remaining first (stable, whole seconds).
-        models.sort(key=lambda m: -int(m.pop("_sort")))
         w.respond(200, JSON_UTF8, go_dumps({"models": models}))
 
     def show(self, req, w):
