@@ -149,6 +149,7 @@ def supervise(cfg) -> None:
 
     stopping = False
     children: dict[int, tuple[int, float]] = {}
+    supervisor = os.getpid()
 
     def spawn(worker: int) -> None:
         sock = _bind_or_exit(cfg, reuse_port=True)
@@ -158,6 +159,7 @@ def supervise(cfg) -> None:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _die_with_parent(supervisor)
                 reserve.close()
                 run_worker(cfg, sock, shared, worker)
             except BaseException:
@@ -194,7 +196,27 @@ def supervise(cfg) -> None:
                   worker, pid, _describe_status(status), reclaimed)
         if time.monotonic() - started < RESTART_BACKOFF:
             time.sleep(RESTART_BACKOFF)
+            if stopping:  # SIGTERM arrived during the pause
+                continue
         spawn(worker)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM to this worker when its supervisor dies.
+
+    Without it, a supervisor killed with SIGKILL leaves workers serving the
+    port with nobody to restart them or reclaim their counts.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the workers outlive it
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(0)
 
 
 def _describe_status(status: int) -> str:

@@ -26,7 +26,9 @@ def status(ctx) -> dict:
         "workers": ctx.config.workers,
         "uptime_s": round(time.monotonic() - ctx.started, 3),
         "clients": len(ctx.clients),
-        "gpu": ({"available": gpu.available, "readings": gpu.readings} if gpu is not None else None),
+        "gpu": ({"available": gpu.available,
+                 "readings": {str(i): r for i, r in gpu.readings.items()}}
+                if gpu is not None else None),
     })
     return doc
 

@@ -66,8 +66,11 @@ class Balancer:
         self.table = table if table is not None else BackendTable(
             [s.max_inflight for s in specs], [s.weight for s in specs])
         self.backends = [
+            # Keep as many idle connections as the backend may have requests in
+            # flight: fewer would close and reopen connections under full load.
             Backend(i, s, BackendPool(loop, i, s.host, s.port, s.hostport.encode(),
-                                      config.connect_timeout, protocol_factory))
+                                      config.connect_timeout, protocol_factory,
+                                      max_idle=max(64, s.max_inflight)))
             for i, s in enumerate(specs)
         ]
         self.queue: collections.deque = collections.deque()

@@ -486,7 +486,7 @@ class SimServer:
         return ok
 
     async def _start(self):
-        self._server = await self.loop.create_server(lambda: SimProtocol(self), sock=self.sock)
+        self._server = await self.loop.create_server(lambda: SimProtocol(self), sock=self.sock, backlog=1024)
 
     async def close(self) -> None:
         """Stop listening and drop every connection (idempotent)."""

@@ -7,6 +7,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -26,8 +27,18 @@ def olb_env(**env):
 
 
 def start_olb(args=(), **env):
-    return subprocess.Popen([sys.executable, "-m", "olb", *args], env=olb_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr goes to a file, not a pipe nobody drains: a worker that logs
+    # must never block on a full pipe.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "olb", *args], env=olb_env(**env),
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log = log
+    return proc
+
+
+def olb_log(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def read_line_matching(proc, pattern, timeout=20.0):
@@ -47,17 +58,22 @@ def read_line_matching(proc, pattern, timeout=20.0):
         if m:
             return m
     proc.kill()
-    raise AssertionError(f"no line matching {pattern!r}; stdout: {seen!r}; stderr: {proc.stderr.read()!r}")
+    proc.wait()
+    raise AssertionError(f"no line matching {pattern!r}; stdout: {seen!r}; stderr: {olb_log(proc)!r}")
 
 
 def stop(proc):
     proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(15)
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"olb did not stop on SIGTERM; its log: {olb_log(proc)}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
+        proc.log.close()
 
 
 @pytest.mark.parametrize("env,needle", [
@@ -116,8 +132,10 @@ def test_workers_share_counts_and_are_restarted(loop_thread):
             client = httpx.Client(timeout=30)
             resp = client.send(client.build_request("POST", url + "/api/generate",
                                                     json={"model": "llama3.2", "prompt": str(i)}), stream=True)
-            next(resp.iter_lines())
-            streams.append((client, resp))
+            # Keep the iterator: dropping a half-read httpx iterator closes the stream.
+            chunks = resp.iter_raw()
+            assert b'"done":false' in next(chunks)
+            streams.append((client, resp, chunks))
         pids = set()
         for _ in range(20):
             with httpx.Client(timeout=10) as c:
@@ -146,7 +164,7 @@ def test_workers_share_counts_and_are_restarted(loop_thread):
             time.sleep(0.05)
         else:
             raise AssertionError(f"counts never reclaimed: {doc}")
-        for client, resp in streams:
+        for client, resp, _ in streams:
             resp.close()
             client.close()
         # Everything released: counts back to zero, whichever worker answers.

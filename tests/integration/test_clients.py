@@ -20,7 +20,11 @@ def cluster(loop_thread):
 
 
 def test_ollama_client(cluster):
-    client = ollama.Client(host=f"http://127.0.0.1:{cluster.port}")
+    with ollama.Client(host=f"http://127.0.0.1:{cluster.port}") as client:
+        check_ollama_client(client)
+
+
+def check_ollama_client(client):
     names = [m.model for m in client.list().models]
     assert "llama3.2:latest" in names
 
@@ -47,7 +51,12 @@ def test_ollama_client(cluster):
 
 
 def test_openai_client(cluster):
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.port}/v1", api_key="unused", max_retries=0)
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.port}/v1", api_key="unused",
+                       max_retries=0) as client:
+        check_openai_client(client)
+
+
+def check_openai_client(client):
     models = [m.id for m in client.models.list()]
     assert "llama3.2:latest" in models
 
@@ -71,15 +80,15 @@ def test_openai_client_sees_mid_stream_error(loop_thread):
     c = loop_thread.run(start_cluster(1, SimConfig(token_rate=0, ttft=0, seed=5, fail_after_tokens=3,
                                                    num_predict_default=40)))
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{c.port}/v1", api_key="x", max_retries=0)
-        stream = client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "hi"}],
-                                                stream=True)
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                pass
-        ollama_client = ollama.Client(host=f"http://127.0.0.1:{c.port}")
-        with pytest.raises(ollama.ResponseError):
-            for _ in ollama_client.generate(model="llama3.2", prompt="x", stream=True):
-                pass
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{c.port}/v1", api_key="x", max_retries=0) as client:
+            stream = client.chat.completions.create(
+                model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True)
+            with pytest.raises(openai.APIError):
+                for _ in stream:
+                    pass
+        with ollama.Client(host=f"http://127.0.0.1:{c.port}") as ollama_client:
+            with pytest.raises(ollama.ResponseError):
+                for _ in ollama_client.generate(model="llama3.2", prompt="x", stream=True):
+                    pass
     finally:
         loop_thread.run(c.close())

@@ -67,7 +67,7 @@ def test_stream_chunks_are_forwarded_as_they_come(loop):
                                                   "options": {"num_predict": 10}})
             head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
             t0 = loop.time()
-            first = await asyncio.wait_for(client.reader.readuntil(b"\n}\n"), 5)  # first NDJSON chunk
+            first = await asyncio.wait_for(client.reader.readuntil(b'"done":false'), 5)  # first NDJSON line
             t1 = loop.time()
             rest = await asyncio.wait_for(client.reader.readuntil(b"0\r\n\r\n"), 5)
             t2 = loop.time()
@@ -572,3 +572,70 @@ def test_many_clients_do_not_disturb_each_other(loop):
     assert len(results) == 30 and all(r.status == 200 and r.lines()[-1]["done"] for r in results)
     assert table.inflight(0) == 0 and table.inflight(1) == 0
     gc.collect()
+
+
+def test_gpu_load_steers_requests(loop, monkeypatch):
+    """Backends behind a busy GPU get fewer requests: a fake pynvml reports
+    GPU 0 at 95% and GPU 1 idle; olb polls it and the choice follows."""
+    import sys
+
+    from fake_pynvml import FakeNvml
+
+    GiB = 1 << 30
+    fake = FakeNvml([{"util": 95, "total": 80 * GiB, "free": 10 * GiB},
+                     {"util": 0, "total": 80 * GiB, "free": 70 * GiB}])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+
+    async def main():
+        slow = SimConfig(token_rate=20, ttft=0, seed=3, num_parallel=8, num_predict_default=100)
+        sims = [await start_sim(slow) for _ in range(2)]
+        proxy = await start_proxy(proxy_config([s.url for s in sims], backend_opts=[";gpus=0", ";gpus=1"],
+                                               gpu_poll=0.05))
+        try:
+            proxy.ctx.gpu.poll_once()  # do not wait for the thread's first poll
+            status = (await fetch(proxy.port, "GET", "/olb/status")).json()
+            clients = [await RawClient.connect(proxy.port) for _ in range(6)]
+            for c in clients:
+                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"})
+            for _ in range(200):
+                if sum(s.stats.active for s in sims) == 6:
+                    break
+                await asyncio.sleep(0.01)
+            active = [s.stats.active for s in sims]
+            for c in clients:
+                c.writer.transport.abort()
+            return status, active
+        finally:
+            await proxy.close()
+            for s in sims:
+                await s.close()
+
+    status, active = run(loop, main())
+    assert [b["gpu_util"] for b in status["backends"]] == [0.95, 0.0]
+    assert status["gpu"]["available"] is True
+    # Scores (n+1)/(8*0.05) vs (n+1)/8: the idle GPU takes all six.
+    assert active == [0, 6]
+
+
+def test_no_nvml_driver_means_neutral_weights(loop, monkeypatch):
+    import sys
+
+    from fake_pynvml import FakeNvml, FakeNVMLError
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([], init_error=FakeNVMLError(9)))
+
+    async def main():
+        cluster = await start_cluster(2, FAST, backend_opts=[";gpus=0", ";gpus=1"], gpu_poll=0.05)
+        try:
+            cluster.proxy.ctx.gpu.poll_once()
+            resps = [await fetch(cluster.port, "POST", "/api/generate",
+                                 {"model": "llama3.2", "prompt": "x", "stream": False}) for _ in range(4)]
+            status = (await fetch(cluster.port, "GET", "/olb/status")).json()
+            return resps, status
+        finally:
+            await cluster.close()
+
+    resps, status = run(loop, main())
+    assert all(r.status == 200 for r in resps)
+    assert [b["gpu_util"] for b in status["backends"]] == [None, None]
+    assert status["gpu"]["available"] is False
