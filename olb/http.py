@@ -72,6 +72,20 @@ _REASONS = {
 }
 
 
+def _items(headers) -> list[tuple[bytes, bytes]]:
+    """h11's Headers as a plain list of (lower-case name, value).
+
+    h11.Headers is a Sequence whose iteration goes through __getitem__ per
+    item (~0.6 us each); reading its backing list once is ~20x cheaper. The
+    attribute is h11's (stable since 0.10); the fallback keeps us correct if
+    it ever moves.
+    """
+    full = getattr(headers, "_full_items", None)
+    if full is None:
+        return list(headers)
+    return [(name, value) for _, name, value in full]
+
+
 def _connection_tokens(headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
@@ -115,12 +129,14 @@ class RequestReader:
     `100 Continue` today).
     """
 
-    __slots__ = ("_conn", "_max_body", "_head", "_chunks", "_size", "_output")
+    __slots__ = ("_conn", "_max_body", "_max_head", "_head", "_headers", "_chunks", "_size", "_output")
 
     def __init__(self, max_body: int, max_head: int = MAX_HEAD):
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self._max_body = max_body
+        self._max_head = max_head
         self._head: h11.Request | None = None
+        self._headers: list = []
         self._chunks: list[bytes] = []
         self._size = 0
         self._output = b""
@@ -157,9 +173,10 @@ class RequestReader:
                 self._chunks.append(event.data)
             elif cls is h11.Request:
                 self._head = event
+                self._headers = headers = _items(event.headers)
                 self._chunks = []
                 self._size = 0
-                length = _content_length(event.headers)
+                length = _content_length(headers)
                 if length is not None and length > self._max_body:
                     raise PayloadTooLarge(self._too_large())
                 if conn.client_is_waiting_for_100_continue:
@@ -168,12 +185,13 @@ class RequestReader:
                     self._output += conn.send(h11.InformationalResponse(status_code=100, headers=[]))
             elif cls is h11.EndOfMessage:
                 head = self._head
-                body = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+                chunks = self._chunks
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self._chunks = []
-                headers = head.headers
+                headers = self._headers
                 keep_alive = head.http_version == b"1.1" and b"close" not in _connection_tokens(headers)
                 framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
-                return ProxyRequest(head.method, head.target, head.http_version, list(headers),
+                return ProxyRequest(head.method, head.target, head.http_version, headers,
                                     body, keep_alive, framing)
             elif event is h11.NEED_DATA or event is h11.PAUSED:
                 return event
@@ -185,27 +203,33 @@ class RequestReader:
         return f"request body is larger than the limit of {self._max_body} bytes (OLB_MAX_BODY)"
 
     def finish_response(self, status: int, closing: bool) -> bool:
-        """Tell h11 a response has been written in full (the shadow send).
+        """Tell the reader a response has been written in full.
+
+        olb forwards the backend's response bytes itself, so h11 never framed
+        them and its server-side state still says SEND_RESPONSE. Replaying a
+        shadow response through h11 just to advance it costs ~30 us a request;
+        instead, once the request has been read whole (h11's their_state is
+        DONE, which dispatching required), the cycle is over and a fresh
+        h11.Connection (~1 us) takes the bytes that were pipelined behind it.
 
         Args:
-            status: the final status code that was forwarded.
+            status: the final status code that was forwarded (a 101 would
+                switch protocols; olb never forwards one).
             closing: the response carried Connection: close, or must end the connection.
 
         Returns:
-            True when the connection may carry another request (h11 has started
-            its next cycle); False when it must be closed.
+            True when the connection may carry another request; False when it
+            must be closed.
         """
-        conn = self._conn
-        if conn.our_state is not h11.SEND_RESPONSE:
+        old = self._conn
+        if closing or old.their_state is not h11.DONE:
             return False
-        try:
-            conn.send(h11.Response(status_code=status, headers=[(b"connection", b"close")] if closing else []))
-            conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            return False
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-            return False
-        conn.start_next_cycle()
+        data, closed = old.trailing_data
+        conn = self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        if data:
+            conn.receive_data(data)
+        if closed:
+            conn.receive_data(b"")
         return True
 
 
