@@ -31,6 +31,7 @@ import time
 
 from ._core import NO_BACKEND, BackendTable
 from .config import Config
+from .models import ModelDirectory
 from .pool import BackendPool
 
 log = logging.getLogger("olb.balancer")
@@ -73,7 +74,11 @@ class Balancer:
                                       max_idle=max(64, s.max_inflight)))
             for i, s in enumerate(specs)
         ]
+        self.models = ModelDirectory(self.backends, config.models_interval, config.connect_timeout) \
+            if config.models_interval > 0 else None
         self.queue: collections.deque = collections.deque()
+        #: Waiters per model, for the spread rule (see route()).
+        self.queued_models: collections.Counter = collections.Counter()
         self._poll_handle = None
         self._poll_queue = config.workers > 1
         self._tasks: set[asyncio.Task] = set()
@@ -101,48 +106,65 @@ class Balancer:
     def enqueue(self, waiter) -> bool:
         """Queue a request until a slot frees; False when the queue is full.
 
-        The waiter has `allowed` and `admit(index)`, `queue_expired()` methods.
+        The waiter has `allowed` (its admission mask, possibly a model's live
+        `loaded` mask), `model`, and `admit(index)`, `queue_expired()`,
+        `queue_unusable()` methods.
         """
         if len(self.queue) >= self.config.queue_size:
             self.rejected += 1
             return False
         waiter.queue_timer = self.loop.call_later(self.config.queue_timeout, self._expire, waiter)
         self.queue.append(waiter)
+        if waiter.model is not None:
+            self.queued_models[waiter.model] += 1
         if self._poll_queue and self._poll_handle is None:
             self._poll_handle = self.loop.call_later(QUEUE_POLL, self._poll)
         return True
 
+    def _unqueue(self, waiter) -> bool:
+        try:
+            self.queue.remove(waiter)
+        except ValueError:
+            return False
+        waiter.queue_timer.cancel()
+        waiter.queue_timer = None
+        if waiter.model is not None:
+            self.queued_models[waiter.model] -= 1
+        return True
+
     def dequeue(self, waiter) -> None:
         """Remove a waiter whose client went away."""
-        try:
-            self.queue.remove(waiter)
-        except ValueError:
-            return
-        waiter.queue_timer.cancel()
+        self._unqueue(waiter)
 
     def _expire(self, waiter) -> None:
-        try:
-            self.queue.remove(waiter)
-        except ValueError:
-            return
-        self.rejected += 1
-        waiter.queue_expired()
+        if self._unqueue(waiter):
+            self.rejected += 1
+            waiter.queue_expired()
 
     def _drain_queue(self) -> None:
-        queue = self.queue
-        while queue:
-            waiter = queue[0]
-            index = self.table.acquire(waiter.allowed)
+        """Admit queued requests in arrival order while the table has room.
+
+        Waiters carry different admission masks (one model's warm backends,
+        another's), so a waiter that cannot be admitted does not block the
+        ones behind it that could: FIFO holds among waiters with the same
+        mask. A mask that found no room is not tried again in this pass.
+        """
+        full: set[int] = set()
+        for waiter in list(self.queue):
+            allowed = waiter.allowed
+            key = id(allowed)
+            if key in full or waiter.queue_timer is None:
+                continue
+            index = self.table.acquire(allowed)
             if index == NO_BACKEND:
-                if not self.usable(waiter.allowed):
-                    # Everything it may use went down while it waited.
-                    queue.popleft()
-                    waiter.queue_timer.cancel()
-                    waiter.queue_unusable()
+                if self.usable(allowed):
+                    full.add(key)
                     continue
-                return
-            queue.popleft()
-            waiter.queue_timer.cancel()
+                # Everything it may use went down while it waited.
+                self._unqueue(waiter)
+                waiter.queue_unusable()
+                continue
+            self._unqueue(waiter)
             waiter.admit(index)
 
     def _poll(self) -> None:
@@ -159,6 +181,8 @@ class Balancer:
         if self.table.is_healthy(index):
             log.warning("backend %s marked down: %s", backend.url, reason)
             self.table.set_health(index, False)
+            if self.models is not None:
+                self.models.forget(index)
             backend.down_since = time.time()
             backend.probe_delay = PROBE_FIRST
         if not backend.probing and not self._closed:
@@ -219,6 +243,8 @@ class Balancer:
     def start(self) -> None:
         if self.config.health_interval > 0:
             self._spawn(self._active_health())
+        if self.models is not None:
+            self._spawn(self.models.run())
 
     def _spawn(self, coro) -> None:
         task = self.loop.create_task(coro)

@@ -68,6 +68,8 @@ class Config:
     workers: int = 1
     health_interval: float = 5.0
     gpu_poll: float = 1.0
+    models_interval: float = 10.0
+    spread_queue: int = 4
     log_level: str = "info"
     demo: int = 0
 
@@ -194,6 +196,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between active health checks (GET /) of each backend; 0 = off."),
     Setting("OLB_GPU_POLL", "gpu_poll", "1", _non_negative_float,
             "Seconds between NVML polls of the GPUs named by `gpus=`; 0 = off."),
+    Setting("OLB_MODELS_INTERVAL", "models_interval", "10", _non_negative_float,
+            "Seconds between reads of each backend's /api/tags and /api/ps (what it has installed "
+            "and loaded); 0 = route without knowing models."),
+    Setting("OLB_SPREAD_QUEUE", "spread_queue", "4", _int_at_least(1),
+            "Requests waiting for a model's warm backends beyond which another backend loads it "
+            "(hot models spread, cold ones stay on one GPU)."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),

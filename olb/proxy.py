@@ -37,14 +37,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import orjson
+
 from . import admin
 from ._core import NO_BACKEND, BodyScanner
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
-                     OlbError)
+                     NotFound, OlbError)
 from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
 from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_response, parse_response_head,
-                   stream_error_tail, upstream_head)
+                   simple_response, stream_error_tail, upstream_head)
+from .models import MERGED_PATHS, MODEL_ENDPOINTS, normalize, request_model
 
 log = logging.getLogger("olb.proxy")
 
@@ -165,7 +168,11 @@ class ClientSideProtocol(asyncio.Protocol):
                     status, body = admin.handle(req, self.ctx)
                     self._reply(body, status, not req.keep_alive)
                     continue
-                self.exchange = ex = Exchange(self, req)
+                if (req.path in MERGED_PATHS and req.method == b"GET"
+                        and self.ctx.balancer.models is not None):
+                    self.exchange = ex = MergedExchange(self, req)
+                else:
+                    self.exchange = ex = Exchange(self, req)
                 ex.start()
                 return
             if req is NEED_DATA:
@@ -225,7 +232,8 @@ class Exchange:
     """One client request on its way through olb (see the state diagram above)."""
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
-                 "closing", "queue_timer", "connect_task", "reused_retry", "__weakref__")
+                 "closing", "queue_timer", "connect_task", "reused_retry", "model", "excluded",
+                 "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
         self.client = client
@@ -241,18 +249,90 @@ class Exchange:
         self.queue_timer = None
         self.connect_task = None
         self.reused_retry = False
+        self.model = None
+        #: Backends this request may no longer try (they failed it), or None.
+        self.excluded = None
 
     def start(self) -> None:
+        """Find the request a backend: route by model when it names one."""
         balancer = self.ctx.balancer
-        index = balancer.acquire(self.allowed)
+        models = balancer.models
+        req = self.req
+        if self.attempts == 0 and models is not None and req.method == b"POST":
+            template = MODEL_ENDPOINTS.get(req.path)
+            name = request_model(req.body) if template is not None else None
+            if name is not None:
+                self.model = normalize(name)
+                if not any(models.installed_mask(self.model)):
+                    # Every backend's catalogue is known and none has it: answer
+                    # as Ollama would, without touching a backend.
+                    self._fail(NotFound(template.format(name=name)))
+                    return
+        if self.model is None:
+            self._admit_or_queue(self.allowed)
+        else:
+            self._route_model(models)
+
+    def _admit_or_queue(self, allowed) -> None:
+        balancer = self.ctx.balancer
+        index = balancer.acquire(allowed)
         if index != NO_BACKEND:
             self.admit(index)
-        elif not balancer.usable(self.allowed):
+        elif not balancer.usable(allowed):
             self.queue_unusable()
-        elif balancer.enqueue(self):
+        elif self._enqueue(allowed):
             self.state = QUEUED
-        else:
-            self._fail(NoBackendAvailable(QUEUE_FULL))
+
+    def _route_model(self, models) -> None:
+        """Warm backends first; a cold one only when none is warm or too many wait.
+
+        Loading a model costs seconds (8B) to minutes (70B) and may evict
+        another, so requests for a model that is loaded (or loading)
+        somewhere wait for that backend rather than start a second load —
+        until OLB_SPREAD_QUEUE of them are waiting: then a hot model spreads
+        to another backend that has it installed.
+        """
+        balancer = self.ctx.balancer
+        model = self.model
+        loaded = self._allowed(models.loaded_mask(model))
+        if any(loaded):
+            index = balancer.acquire(loaded)
+            if index != NO_BACKEND:
+                self.admit(index)
+                return
+            if (balancer.usable(loaded)
+                    and balancer.queued_models[model] < self.ctx.config.spread_queue):
+                if self._enqueue(loaded):
+                    self.state = QUEUED
+                return
+        installed = self._allowed(models.installed_mask(model))
+        cold = bytearray(a & (not b) for a, b in zip(installed, loaded)) if any(loaded) else installed
+        index = balancer.acquire(cold)
+        if index != NO_BACKEND:
+            # Requests that follow for this model now wait for this load.
+            models.mark_loaded(model, index)
+            self.admit(index)
+            return
+        if not balancer.usable(installed):
+            self.queue_unusable()
+        elif self._enqueue(installed):
+            self.state = QUEUED
+
+    def _allowed(self, mask):
+        """The mask less the backends that failed this request. Without
+        exclusions it is the live mask itself, so a queued request sees a
+        backend that starts serving its model while it waits."""
+        excluded = self.excluded
+        if excluded is None:
+            return mask
+        return bytearray(a & (not x) for a, x in zip(mask, excluded))
+
+    def _enqueue(self, allowed) -> bool:
+        self.allowed = allowed
+        if self.ctx.balancer.enqueue(self):
+            return True
+        self._fail(NoBackendAvailable(QUEUE_FULL))
+        return False
 
     # --- called by the balancer's queue --------------------------------------------------------
 
@@ -321,6 +401,9 @@ class Exchange:
         conn, self.conn = self.conn, None
         conn.detach()
         pool = conn.pool
+        if self.model is not None and self.head.status == 200:
+            # It answered for the model: it has it loaded now.
+            self.ctx.balancer.models.mark_loaded(self.model, self.index)
         self._release()
         if reusable:
             pool.put(conn)
@@ -372,9 +455,10 @@ class Exchange:
             return
         if retry and self.attempts < self.ctx.config.retries:
             self.attempts += 1
-            if self.allowed is None:
-                self.allowed = bytearray(b"\x01" * balancer.table.n)
-            self.allowed[index] = 0
+            if self.excluded is None:
+                self.excluded = bytearray(balancer.table.n)
+            self.excluded[index] = 1
+            self.allowed = bytearray(not x for x in self.excluded)
             log.info("retrying %s on another backend after: %s", self.req.target.decode("latin-1"),
                      error.message)
             self.start()
@@ -431,6 +515,61 @@ class Exchange:
             # Closing this socket is what makes Ollama cancel the generation.
             conn.abort()
         self._release()
+
+
+class MergedExchange:
+    """GET /api/tags, /api/ps or /v1/models answered from every backend at once.
+
+    One Ollama lists what it has; olb is many, so it asks each healthy
+    backend (refreshing the model directory as it goes) and merges the
+    answers, as a client expects of "one Ollama".
+    """
+
+    __slots__ = ("client", "ctx", "req", "conn", "task")
+
+    def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
+        self.client = client
+        self.ctx = client.ctx
+        self.req = req
+        self.conn = None
+        self.task = None
+
+    def start(self) -> None:
+        self.task = self.ctx.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        balancer = self.ctx.balancer
+        models = balancer.models
+        table = balancer.table
+        healthy = [i for i in range(table.n) if table.is_healthy(i)]
+        answered = await asyncio.gather(*(models.refresh(i) for i in healthy))
+        self.task = None
+        client = self.client
+        if client.exchange is not self:
+            return
+        closing = not self.req.keep_alive
+        head_only = self.req.method == b"HEAD"
+        if not any(answered):
+            client.transport.write(error_response(
+                self.req.target, 502, f"no backend answered GET {self.req.path.decode()}",
+                closing=closing, head_only=head_only))
+            client.response_done(502, closing)
+            return
+        path = self.req.path
+        if path == b"/api/tags":
+            doc = models.merged_tags()
+        elif path == b"/api/ps":
+            doc = models.merged_ps()
+        else:
+            doc = models.merged_openai_models()
+        body = orjson.dumps(doc)
+        client.transport.write(simple_response(200, body, closing=closing, head_only=head_only))
+        client.response_done(200, closing)
+
+    def client_gone(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
 
 
 class BackendSideProtocol(asyncio.Protocol):

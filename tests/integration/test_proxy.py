@@ -26,7 +26,7 @@ REQUESTS = [
                                       "messages": [{"role": "user", "content": "hi"}]}),
     ("POST", "/v1/chat/completions", {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}),
     ("POST", "/api/embed", {"model": "nomic-embed-text", "input": ["a", "b"]}),
-    ("GET", "/api/tags", None),
+    ("GET", "/api/version", None),
     ("GET", "/", None),
     ("POST", "/api/chat", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
     ("POST", "/api/chat", b"{not json"),
@@ -85,7 +85,7 @@ def test_stream_chunks_are_forwarded_as_they_come(loop):
 
 def test_keep_alive_reuses_backend_connections(loop):
     async def main():
-        cluster = await start_cluster(1, FAST)
+        cluster = await start_cluster(1, FAST, models_interval=0)  # no model polls
         try:
             client = await RawClient.connect(cluster.port)
             for _ in range(20):
@@ -187,7 +187,7 @@ def test_body_over_limit_gets_413(loop):
             resp = await fetch(cluster.port, "POST", "/api/generate", big)
             small = await fetch(cluster.port, "POST", "/api/generate",
                                 {"model": "llama3.2", "prompt": "x", "stream": False})
-            return resp, small, cluster.sims[0].stats.requests
+            return resp, small, cluster.sims[0].stats.by_path.get("/api/generate", 0)
         finally:
             await cluster.close()
 
@@ -223,7 +223,8 @@ def test_spread_follows_capacity(loop):
     async def main():
         slow = SimConfig(token_rate=20, ttft=0, seed=3, num_parallel=8, num_predict_default=40)
         sims = [await start_sim(slow) for _ in range(3)]
-        proxy = await start_proxy(proxy_config([s.url for s in sims],
+        # models_interval=0: plain least-in-flight, without model affinity.
+        proxy = await start_proxy(proxy_config([s.url for s in sims], models_interval=0,
                                                backend_opts=[";max=1", ";max=2", ";max=4"]))
         try:
             clients = [await RawClient.connect(proxy.port) for _ in range(7)]
@@ -370,7 +371,8 @@ def test_connect_failure_retries_on_another_backend(loop):
         dead = socket.socket()
         dead.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
-        proxy = await start_proxy(proxy_config([dead_url, sim.url]))
+        # models_interval=0: no model affinity, so the dead backend keeps being chosen.
+        proxy = await start_proxy(proxy_config([dead_url, sim.url], models_interval=0))
         try:
             statuses = []
             for _ in range(6):
@@ -420,7 +422,7 @@ def test_backend_killed_mid_run(loop):
 
     async def main():
         slow = SimConfig(token_rate=100, ttft=0, seed=3, num_predict_default=200, num_parallel=8)
-        cluster = await start_cluster(2, slow)
+        cluster = await start_cluster(2, slow, models_interval=0)  # spread one model over both
         victim, survivor = cluster.sims
         try:
             clients = [await RawClient.connect(cluster.port) for _ in range(4)]
@@ -463,7 +465,7 @@ def test_backend_crash_mid_stream_ends_with_error_line(loop, path, body, shape):
             # The connection is still usable afterwards.
             again = await client.request("GET", "/olb/health")
             client.close()
-            return resp, again, cluster.sims[0].stats.requests
+            return resp, again, cluster.sims[0].stats.by_path.get(path, 0)
         finally:
             await cluster.close()
 

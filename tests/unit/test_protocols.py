@@ -122,7 +122,7 @@ def test_pause_carries_over_when_a_backend_is_attached_later(wired):
 
 def test_pipelined_request_waits_and_reading_resumes_after(wired):
     ctx, client, backend = wired
-    second = b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
     client.data_received(REQ)
     client.data_received(second)  # arrives while the first is in flight
     assert client.transport.read_paused and client.gate.reasons == PIPELINE
@@ -130,7 +130,7 @@ def test_pipelined_request_waits_and_reading_resumes_after(wired):
     # The first response ended; the buffered second request went upstream at
     # once, on the same (parked, then reused) connection, and reading stays
     # paused until that one is answered too.
-    assert backend.transport.written.endswith(b"GET /api/tags HTTP/1.1\r\nhost: 127.0.0.1:11435\r\n"
+    assert backend.transport.written.endswith(b"GET /api/version HTTP/1.1\r\nhost: 127.0.0.1:11435\r\n"
                                               b"x-forwarded-for: 127.0.0.1\r\nx-forwarded-host: x\r\n\r\n")
     assert client.transport.read_paused
     backend.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")

@@ -1,0 +1,269 @@
+"""What each backend has: installed models (/api/tags) and loaded ones (/api/ps).
+
+Rules for this module: model names and per-model backend masks. It never
+chooses a backend (that is the core's acquire over the masks kept here) and
+never blocks a decision: masks are read as they are, and a backend whose
+catalogue has not been read yet counts as possibly having every model.
+
+Theory of operation
+-------------------
+Each model olb has heard of has two byte masks of length n (one byte per
+backend): `installed` and `loaded`. They are bytearrays updated *in place*,
+so a request queued with a model's `loaded` mask as its admission filter
+sees a backend that starts loading that model while it waits.
+
+Sources, all pushed in, none waited on:
+  - a poll of GET /api/tags and GET /api/ps on every backend, every
+    OLB_MODELS_INTERVAL seconds (and once at start);
+  - traffic: a backend that just answered 200 for model X has X loaded;
+    a backend chosen for a cold model is marked as loading it, so the
+    requests that follow wait for that load instead of starting another
+    one elsewhere (see balancer.route).
+
+Names are normalised the way Ollama does (`llama3` is
+`registry.ollama.ai/library/llama3:latest`, displayed `llama3:latest`) and
+compared case-insensitively, like Ollama's Name.EqualFold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+
+log = logging.getLogger("olb.models")
+
+_DEFAULT_HOST = "registry.ollama.ai"
+_DEFAULT_NAMESPACE = "library"
+
+#: Requests whose body olb reads for a `model` field, with the text Ollama
+#: answers when the model is missing (ollama-api.md §3: generate and chat say
+#: 'NAME', the scheduler-backed embed endpoints say "NAME"... try pulling).
+MODEL_ENDPOINTS: dict[bytes, str] = {
+    b"/api/generate": "model '{name}' not found",
+    b"/api/chat": "model '{name}' not found",
+    b"/api/show": "model '{name}' not found",
+    b"/api/embed": 'model "{name}" not found, try pulling it first',
+    b"/api/embeddings": 'model "{name}" not found, try pulling it first',
+    b"/v1/chat/completions": "model '{name}' not found",
+    b"/v1/completions": "model '{name}' not found",
+    b"/v1/embeddings": 'model "{name}" not found, try pulling it first',
+}
+
+
+def normalize(name: str) -> str:
+    """The display-shortest form Ollama lists models under, lower-cased.
+
+    `llama3.2` -> `llama3.2:latest`; `library/llama3.2:3b` -> `llama3.2:3b`;
+    `registry.ollama.ai/library/x` -> `x:latest`; other hosts and namespaces
+    are kept. Digest (`@sha256:...`) and build (`+Q4_0`) suffixes are dropped.
+    """
+    name = name.strip()
+    for scheme in ("http://", "https://"):
+        if name.startswith(scheme):
+            name = name[len(scheme):]
+    name = name.split("@", 1)[0].split("+", 1)[0]
+    slash = name.rfind("/")
+    if name.rfind(":") <= slash:
+        name += ":latest"
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0].lower() == _DEFAULT_HOST:
+        parts = parts[1:]
+    if len(parts) == 2 and parts[0].lower() == _DEFAULT_NAMESPACE:
+        parts = parts[1:]
+    return "/".join(parts).lower()
+
+
+def request_model(body: bytes) -> str | None:
+    """The `model` field of a JSON request body (`name`, its deprecated alias on
+    /api/show, too), or None when there is none to route by."""
+    if not body:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # the backend gives Ollama's own 400 for bad JSON
+    if not isinstance(doc, dict):
+        return None
+    model = doc.get("model") or doc.get("name")
+    return model if isinstance(model, str) and model.strip() else None
+
+
+class ModelDirectory:
+    """Per-model backend masks, kept current by polling and by traffic."""
+
+    def __init__(self, backends, interval: float, timeout: float):
+        self.backends = backends  # balancer.Backend list: .index, .spec, .url
+        self.n = len(backends)
+        self.interval = interval
+        self.timeout = timeout
+        self.installed: dict[str, bytearray] = {}
+        self.loaded: dict[str, bytearray] = {}
+        #: Backends whose /api/tags has been read at least once.
+        self.known = bytearray(self.n)
+        #: Raw entries per backend, for the merged /api/tags, /api/ps.
+        self.tags: list[list[dict]] = [[] for _ in range(self.n)]
+        self.ps: list[list[dict]] = [[] for _ in range(self.n)]
+        self.polled_at: list[float | None] = [None] * self.n
+        self._unknown = bytearray(b"\x01" * self.n)
+
+    # --- reads (hot path: no I/O, no waiting) -----------------------------------------------
+
+    def installed_mask(self, model: str) -> bytearray:
+        """Backends that have the model, or whose catalogue is not known yet."""
+        mask = self.installed.get(model)
+        if mask is None:
+            mask = self.installed[model] = bytearray(self.n)
+            self._fill_unknown(mask)
+        return mask
+
+    def loaded_mask(self, model: str) -> bytearray:
+        mask = self.loaded.get(model)
+        if mask is None:
+            mask = self.loaded[model] = bytearray(self.n)
+        return mask
+
+    def _fill_unknown(self, mask: bytearray) -> None:
+        for i in range(self.n):
+            if not self.known[i]:
+                mask[i] = 1
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def mark_loaded(self, model: str, index: int) -> None:
+        """Traffic says the backend has the model loaded (or is loading it)."""
+        self.loaded_mask(model)[index] = 1
+        self.installed_mask(model)[index] = 1
+
+    def set_catalogue(self, index: int, tags: list[dict], ps: list[dict] | None) -> None:
+        """Replace what one backend has, from its /api/tags and /api/ps."""
+        self.known[index] = 1
+        self.tags[index] = tags
+        installed = {normalize(m.get("name") or m.get("model") or "") for m in tags}
+        for model in installed:
+            self.installed_mask(model)
+        for model, mask in self.installed.items():
+            mask[index] = 1 if model in installed else 0
+        if ps is not None:
+            self.ps[index] = ps
+            loaded = {normalize(m.get("name") or m.get("model") or "") for m in ps}
+            for model in loaded:
+                self.loaded_mask(model)
+            for model, mask in self.loaded.items():
+                mask[index] = 1 if model in loaded else 0
+        self.polled_at[index] = time.time()
+
+    def forget(self, index: int) -> None:
+        """A backend went down: its models are unknown again until it answers."""
+        self.known[index] = 0
+        self.tags[index] = []
+        self.ps[index] = []
+        for mask in self.installed.values():
+            mask[index] = 1
+        for mask in self.loaded.values():
+            mask[index] = 0
+
+    # --- polling ----------------------------------------------------------------------------------
+
+    async def refresh(self, index: int) -> bool:
+        """Read one backend's /api/tags and /api/ps; False when it did not answer."""
+        spec = self.backends[index].spec
+        try:
+            tags = await _get_json(spec, "/api/tags", self.timeout)
+            ps = await _get_json(spec, "/api/ps", self.timeout)
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("model poll of %s failed: %s", spec.url, exc)
+            return False
+        self.set_catalogue(index, list(tags.get("models") or []), list(ps.get("models") or []))
+        return True
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(i) for i in range(self.n)))
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh_all()
+            await asyncio.sleep(self.interval)
+
+    # --- merged views -----------------------------------------------------------------------------
+
+    def merged_tags(self) -> dict:
+        """/api/tags as one Ollama would answer it: every model any backend has, once."""
+        seen: dict[str, dict] = {}
+        for entries in self.tags:
+            for entry in entries:
+                key = normalize(entry.get("name") or entry.get("model") or "")
+                if key not in seen or entry.get("modified_at", "") > seen[key].get("modified_at", ""):
+                    seen[key] = entry
+        return {"models": sorted(seen.values(), key=lambda e: e.get("modified_at", ""), reverse=True)}
+
+    def merged_openai_models(self) -> dict:
+        """/v1/models over all backends, in the shape Ollama's compat layer gives."""
+        data = []
+        for entry in self.merged_tags()["models"]:
+            name = entry.get("name") or entry.get("model") or ""
+            parts = name.split("/")
+            data.append({"id": name, "object": "model", "created": _unix(entry.get("modified_at", "")),
+                         "owned_by": parts[-2] if len(parts) >= 2 else "library"})
+        return {"object": "list", "data": data}
+
+    def merged_ps(self) -> dict:
+        """/api/ps over all backends: a model loaded on two backends is listed twice."""
+        models = [entry for entries in self.ps for entry in entries]
+        models.sort(key=lambda e: e.get("expires_at", ""), reverse=True)
+        return {"models": models}
+
+
+def _unix(stamp: str) -> int:
+    """Seconds since the epoch of a Go RFC 3339 time (nanoseconds allowed)."""
+    import datetime
+    import re
+
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", stamp)
+    if not m:
+        return 0
+    frac = (m.group(2) or "")[:7]
+    zone = m.group(3) or "Z"
+    when = datetime.datetime.fromisoformat(m.group(1) + frac + ("+00:00" if zone == "Z" else zone))
+    return int(when.timestamp())
+
+
+#: GET paths olb answers itself by merging every backend's answer.
+MERGED_PATHS = frozenset({b"/api/tags", b"/api/ps", b"/v1/models"})
+
+
+async def _get_json(spec, path: str, timeout: float) -> dict:
+    """A small GET on a fresh connection (control plane, not the data path)."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(spec.host, spec.port)
+            writer.write(b"GET %s HTTP/1.1\r\nhost: %s\r\naccept: application/json\r\nconnection: close\r\n\r\n"
+                         % (path.encode(), spec.hostport.encode()))
+            data = await reader.read(-1)
+    finally:
+        if writer is not None:
+            writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or head[9:12] != b"200":
+        raise ValueError(f"GET {path} answered {head[:40]!r}")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    doc = orjson.loads(body)
+    if not isinstance(doc, dict):
+        raise ValueError(f"GET {path} did not answer a JSON object")
+    return doc
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = []
+    pos = 0
+    while True:
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos:end].split(b";", 1)[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(data[end + 2:end + 2 + size])
+        pos = end + 2 + size + 2

@@ -1,0 +1,169 @@
+"""Model-aware routing over real sockets: olb knows what each backend has."""
+
+import asyncio
+
+import pytest
+
+from olb.sim import SimConfig, start_sim
+from olb.server import start_proxy
+
+from harness import RawClient, fetch, proxy_config
+
+BASE = SimConfig(token_rate=0, ttft=0, seed=11)
+
+
+def run(loop, coro, timeout=30):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+async def start(sim_configs, **overrides):
+    sims = [await start_sim(c) for c in sim_configs]
+    overrides.setdefault("models_interval", 60)  # the tests refresh by hand
+    proxy = await start_proxy(proxy_config([s.url for s in sims], **overrides))
+    await proxy.balancer.models.refresh_all()
+    return proxy, sims
+
+
+async def stop(proxy, sims):
+    await proxy.close()
+    for s in sims:
+        await s.close()
+
+
+def inference(sim, path="/api/generate"):
+    return sim.stats.by_path.get(path, 0)
+
+
+def test_routes_only_to_backends_that_have_the_model(loop):
+    async def main():
+        proxy, sims = await start([BASE.replace(models=("llama3.2:latest",)),
+                                   BASE.replace(models=("qwen2.5:7b", "nomic-embed-text:latest"))])
+        try:
+            for _ in range(4):
+                for model in ("llama3.2", "qwen2.5:7b"):
+                    r = await fetch(proxy.port, "POST", "/api/generate",
+                                    {"model": model, "prompt": "x", "stream": False})
+                    assert r.status == 200 and r.json()["model"] == model
+            emb = await fetch(proxy.port, "POST", "/api/embed", {"model": "nomic-embed-text", "input": "x"})
+            assert emb.status == 200
+            return [inference(s) for s in sims], [inference(s, "/api/embed") for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    generate, embed = run(loop, main())
+    assert generate == [4, 4] and embed == [0, 1]
+
+
+@pytest.mark.parametrize("path,body,text", [
+    ("/api/generate", {"model": "nope", "prompt": "x"}, "model 'nope' not found"),
+    ("/api/chat", {"model": "nope:7b", "messages": []}, "model 'nope:7b' not found"),
+    ("/api/embed", {"model": "nope", "input": "x"}, 'model "nope" not found, try pulling it first'),
+    ("/api/show", {"model": "nope"}, "model 'nope' not found"),
+])
+def test_missing_model_is_ollamas_404_without_a_backend(loop, path, body, text):
+    async def main():
+        proxy, sims = await start([BASE.replace(models=("llama3.2:latest",))] * 2)
+        try:
+            r = await fetch(proxy.port, "POST", path, body)
+            return r, sum(inference(s, path) for s in sims)
+        finally:
+            await stop(proxy, sims)
+
+    r, touched = run(loop, main())
+    assert r.status == 404 and r.json() == {"error": text}
+    assert touched == 0
+
+
+def test_missing_model_openai_shape(loop):
+    async def main():
+        proxy, sims = await start([BASE.replace(models=("llama3.2:latest",))])
+        try:
+            return await fetch(proxy.port, "POST", "/v1/chat/completions",
+                               {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        finally:
+            await stop(proxy, sims)
+
+    r = run(loop, main())
+    assert r.status == 404
+    assert r.json()["error"] == {"message": "model 'nope' not found", "type": "not_found_error",
+                                 "param": None, "code": None}
+
+
+def test_merged_tags_ps_and_models(loop):
+    async def main():
+        proxy, sims = await start([BASE.replace(models=("llama3.2:latest", "mistral:latest")),
+                                   BASE.replace(models=("qwen2.5:7b", "mistral:latest"))])
+        try:
+            await fetch(proxy.port, "POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "x", "stream": False})
+            tags = (await fetch(proxy.port, "GET", "/api/tags")).json()
+            ps = (await fetch(proxy.port, "GET", "/api/ps")).json()
+            v1 = (await fetch(proxy.port, "GET", "/v1/models")).json()
+            return tags, ps, v1
+        finally:
+            await stop(proxy, sims)
+
+    tags, ps, v1 = run(loop, main())
+    assert sorted(m["name"] for m in tags["models"]) == ["llama3.2:latest", "mistral:latest", "qwen2.5:7b"]
+    assert "qwen2.5:7b" in [m["name"] for m in ps["models"]]
+    assert v1["object"] == "list"
+    assert sorted(m["id"] for m in v1["data"]) == ["llama3.2:latest", "mistral:latest", "qwen2.5:7b"]
+    assert all(m["created"] > 1_600_000_000 for m in v1["data"])
+
+
+def test_cold_model_is_loaded_once_not_everywhere(loop):
+    """Concurrent first requests for a model wait for the backend already
+    loading it instead of starting a load on every backend."""
+
+    async def main():
+        slow = BASE.replace(token_rate=50, num_predict_default=20, num_parallel=8)
+        proxy, sims = await start([slow] * 3, spread_queue=10)
+        try:
+            clients = [await RawClient.connect(proxy.port) for _ in range(4)]
+            for c in clients:
+                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
+            out = [await c.response() for c in clients]
+            for c in clients:
+                c.close()
+            return [r.status for r in out], [inference(s) for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    statuses, per_backend = run(loop, main())
+    assert statuses == [200] * 4
+    assert sorted(per_backend) == [0, 0, 4]
+
+
+def test_hot_model_spreads_past_the_threshold(loop):
+    async def main():
+        slow = BASE.replace(token_rate=50, num_predict_default=20, num_parallel=8)
+        proxy, sims = await start([slow] * 3, spread_queue=1, max_inflight=1)
+        try:
+            clients = [await RawClient.connect(proxy.port) for _ in range(6)]
+            for c in clients:
+                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
+            out = [await c.response() for c in clients]
+            for c in clients:
+                c.close()
+            return [r.status for r in out], [inference(s) for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    statuses, per_backend = run(loop, main())
+    assert statuses == [200] * 6
+    assert sum(1 for n in per_backend if n) >= 2
+
+
+def test_unknown_catalogue_does_not_block(loop):
+    """A backend whose /api/tags has not been read yet may have any model."""
+
+    async def main():
+        sims = [await start_sim(BASE)]
+        proxy = await start_proxy(proxy_config([s.url for s in sims], models_interval=60))
+        try:
+            # No refresh: the directory knows nothing yet.
+            r = await fetch(proxy.port, "POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
+            return r.status
+        finally:
+            await stop(proxy, sims)
+
+    assert run(loop, main()) == 200

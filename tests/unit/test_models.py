@@ -1,0 +1,80 @@
+"""olb.models without sockets: names, request bodies, masks."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from olb.models import ModelDirectory, normalize, request_model
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("llama3", "llama3:latest"),
+    ("Llama3.2:3B", "llama3.2:3b"),
+    ("library/llama3.2", "llama3.2:latest"),
+    ("registry.ollama.ai/library/x:7b", "x:7b"),
+    ("myns/m", "myns/m:latest"),
+    ("host:5000/ns/m", "host:5000/ns/m:latest"),
+    ("hf.co/user/model:Q4_K_M", "hf.co/user/model:q4_k_m"),
+    ("x@sha256:" + "a" * 64, "x:latest"),
+])
+def test_normalize_like_ollama(name, expected):
+    assert normalize(name) == expected
+
+
+@pytest.mark.parametrize("body,expected", [
+    (b'{"model":"llama3.2","prompt":"x"}', "llama3.2"),
+    (b'{"name":"llama3.2"}', "llama3.2"),
+    (b'{"model":""}', None),
+    (b'{"model":7}', None),
+    (b"[1,2]", None),
+    (b"{not json", None),
+    (b"", None),
+])
+def test_request_model(body, expected):
+    assert request_model(body) == expected
+
+
+def directory(n=3):
+    backends = [SimpleNamespace(index=i, spec=None) for i in range(n)]
+    return ModelDirectory(backends, interval=10, timeout=1)
+
+
+def test_unknown_backends_may_have_any_model():
+    d = directory()
+    assert d.installed_mask("llama3.2:latest") == bytearray(b"\x01\x01\x01")
+    d.set_catalogue(0, [{"name": "llama3.2:latest"}], [])
+    d.set_catalogue(1, [{"name": "qwen2.5:7b"}], [{"name": "qwen2.5:7b"}])
+    assert d.installed_mask("llama3.2:latest") == bytearray(b"\x01\x00\x01")  # 2 still unknown
+    d.set_catalogue(2, [], [])
+    assert not any(d.installed_mask("missing:latest"))
+    assert d.loaded_mask("qwen2.5:7b") == bytearray(b"\x00\x01\x00")
+
+
+def test_masks_are_live_objects():
+    d = directory()
+    loaded = d.loaded_mask("m:latest")
+    d.mark_loaded("m:latest", 2)
+    assert loaded == bytearray(b"\x00\x00\x01")  # the same object, updated in place
+    d.set_catalogue(2, [{"name": "m:latest"}], [])  # no longer loaded there
+    assert loaded == bytearray(3)
+
+
+def test_forget_makes_a_backend_unknown_again():
+    d = directory(2)
+    d.set_catalogue(0, [{"name": "a:latest"}], [{"name": "a:latest"}])
+    d.set_catalogue(1, [], [])
+    d.forget(0)
+    assert d.installed_mask("b:latest") == bytearray(b"\x01\x00")
+    assert d.loaded_mask("a:latest") == bytearray(2)
+
+
+def test_merged_tags_deduplicates_and_keeps_newest():
+    d = directory(2)
+    d.set_catalogue(0, [{"name": "a:latest", "modified_at": "2024-01-01T00:00:00Z", "size": 1}], [])
+    d.set_catalogue(1, [{"name": "a:latest", "modified_at": "2025-01-01T00:00:00.123456789Z", "size": 2},
+                        {"name": "b:latest", "modified_at": "2023-01-01T00:00:00-07:00"}], [])
+    tags = d.merged_tags()["models"]
+    assert [(m["name"], m.get("size")) for m in tags] == [("a:latest", 2), ("b:latest", None)]
+    v1 = d.merged_openai_models()["data"]
+    assert v1[0]["id"] == "a:latest" and v1[0]["created"] == 1735689600
+    assert v1[1]["created"] == 1672556400
