@@ -137,6 +137,11 @@ class ModelDirectory:
         self.loaded_mask(model)[index] = 1
         self.installed_mask(model)[index] = 1
 
+    def mark_missing(self, model: str, index: int) -> None:
+        """The backend answered 404 for the model: it does not have it (any more)."""
+        self.installed_mask(model)[index] = 0
+        self.loaded_mask(model)[index] = 0
+
     def set_catalogue(self, index: int, tags: list[dict], ps: list[dict] | None) -> None:
         """Replace what one backend has, from its /api/tags and /api/ps."""
         self.known[index] = 1

@@ -388,13 +388,41 @@ class Exchange:
         else:
             conn.transport.write(head)
 
-    def on_head(self, head, raw: bytes) -> None:
-        """The backend's response head arrived: forward it (the first byte to the client)."""
+    def on_head(self, head, raw: bytes) -> bool:
+        """The backend's response head arrived: forward it (the first byte to the client).
+
+        Returns False when the exchange let go of the connection instead: a
+        backend that answers 503 (Ollama's "server busy": its queue is full)
+        or 404 for a model it was thought to have is not the client's answer
+        while another backend may serve the request.
+        """
+        if head.status in (404, 503) and self.model is not None and self._retry_elsewhere(head.status):
+            return False
         self.state = STREAMING
         self.head = head
         if head.framing == UNTIL_CLOSE:
             self.closing = True
         self.client.transport.write(downstream_head(head, raw, self.closing))
+        return True
+
+    def _retry_elsewhere(self, status: int) -> bool:
+        if self.attempts >= self.ctx.config.retries:
+            return False
+        models = self.ctx.balancer.models
+        index = self.index
+        if status == 404:
+            models.mark_missing(self.model, index)
+        candidates = models.installed_mask(self.model)
+        excluded = self.excluded
+        if not any(c and i != index and not (excluded and excluded[i]) for i, c in enumerate(candidates)):
+            return False
+        conn, self.conn = self.conn, None
+        conn.detach()
+        conn.abort()  # the rest of that response is not wanted
+        reason = ("queue full (503)" if status == 503 else "model not found (404)")
+        self._backend_failed(BackendConnectError(f"backend {conn.pool.host}:{conn.pool.port}: {reason}"),
+                             retry=True, mark_down=False)
+        return True
 
     def on_end(self, reusable: bool) -> None:
         """The backend's response has been forwarded in full."""
@@ -691,7 +719,8 @@ class BackendSideProtocol(asyncio.Protocol):
             scanner.expect_length(head.length)
         elif framing == UNTIL_CLOSE:
             scanner.expect_close()
-        ex.on_head(head, buf[:size])
+        if not ex.on_head(head, buf[:size]):
+            return
         if framing == NO_BODY or (framing == LENGTH and head.length == 0):
             self._end(rest, 0)
         elif rest and self.exchange is ex:

@@ -167,3 +167,35 @@ def test_unknown_catalogue_does_not_block(loop):
             await stop(proxy, sims)
 
     assert run(loop, main()) == 200
+
+
+def test_backend_busy_or_missing_model_retries_elsewhere(loop):
+    """A 503 "server busy" or a 404 for a model the backend was thought to
+    have is retried on another backend before anything reaches the client."""
+
+    async def main():
+        busy = BASE.replace(num_parallel=1, max_queue=0, token_rate=20, num_predict_default=200)
+        proxy, sims = await start([busy, BASE], max_inflight=4)
+        try:
+            # Occupy the busy backend's only slot directly, so it answers 503.
+            hog = await RawClient.connect(sims[0].port)
+            hog.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"})
+            await asyncio.wait_for(hog.reader.readuntil(b'"done":false'), 5)
+            proxy.balancer.models.mark_loaded("llama3.2:latest", 0)  # olb believes it is warm there
+            r = await fetch(proxy.port, "POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
+            hog.close()
+            busy_seen = sims[0].stats.rejected
+            # Now a backend that lost the model: olb still thinks it has it.
+            proxy.balancer.models.set_catalogue(0, [{"name": "ghost:latest"}], [{"name": "ghost:latest"}])
+            proxy.balancer.models.set_catalogue(1, [{"name": "ghost:latest"}], [])
+            g = await fetch(proxy.port, "POST", "/api/generate", {"model": "ghost", "prompt": "x", "stream": False})
+            return r, busy_seen, g, bytes(proxy.balancer.models.installed_mask("ghost:latest"))
+        finally:
+            await stop(proxy, sims)
+
+    r, busy_seen, ghost, mask = run(loop, main())
+    assert r.status == 200 and busy_seen == 1
+    # Neither sim has "ghost": both 404; the client gets the last one, and olb
+    # has learnt that nobody has it.
+    assert ghost.status == 404 and ghost.json() == {"error": "model 'ghost' not found"}
+    assert mask == b"\x00\x00"
