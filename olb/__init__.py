@@ -10,6 +10,7 @@ Where a request goes (read in this order):
     olb/flow.py       flow control between the two sides of a proxied request
     olb/balancer.py   backend choice (olb/_core.pyx), FIFO admission queue
     olb/pool.py       keep-alive backend connections
+    olb/models.py     what each backend has installed and loaded (model routing)
     olb/_core.pyx     compiled: the backend table and the body-end scanner
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/sim/          the simulated Ollama used by tests, demo and benchmarks
