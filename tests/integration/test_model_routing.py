@@ -110,45 +110,35 @@ def test_merged_tags_ps_and_models(loop):
     assert all(m["created"] > 1_600_000_000 for m in v1["data"])
 
 
+async def burst(n: int, sim_config: SimConfig, **overrides):
+    """n concurrent non-streaming requests for one model on three backends;
+    returns the statuses and how many each backend served."""
+    proxy, sims = await start([sim_config] * 3, **overrides)
+    try:
+        clients = [await RawClient.connect(proxy.port) for _ in range(n)]
+        for c in clients:
+            c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
+        out = [await c.response() for c in clients]
+        for c in clients:
+            c.close()
+        return [r.status for r in out], [inference(s) for s in sims]
+    finally:
+        await stop(proxy, sims)
+
+
+SLOW = BASE.replace(token_rate=50, num_predict_default=20, num_parallel=8)
+
+
 def test_cold_model_is_loaded_once_not_everywhere(loop):
     """Concurrent first requests for a model wait for the backend already
     loading it instead of starting a load on every backend."""
-
-    async def main():
-        slow = BASE.replace(token_rate=50, num_predict_default=20, num_parallel=8)
-        proxy, sims = await start([slow] * 3, spread_queue=10)
-        try:
-            clients = [await RawClient.connect(proxy.port) for _ in range(4)]
-            for c in clients:
-                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
-            out = [await c.response() for c in clients]
-            for c in clients:
-                c.close()
-            return [r.status for r in out], [inference(s) for s in sims]
-        finally:
-            await stop(proxy, sims)
-
-    statuses, per_backend = run(loop, main())
+    statuses, per_backend = run(loop, burst(4, SLOW, spread_queue=10))
     assert statuses == [200] * 4
     assert sorted(per_backend) == [0, 0, 4]
 
 
 def test_hot_model_spreads_past_the_threshold(loop):
-    async def main():
-        slow = BASE.replace(token_rate=50, num_predict_default=20, num_parallel=8)
-        proxy, sims = await start([slow] * 3, spread_queue=1, max_inflight=1)
-        try:
-            clients = [await RawClient.connect(proxy.port) for _ in range(6)]
-            for c in clients:
-                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
-            out = [await c.response() for c in clients]
-            for c in clients:
-                c.close()
-            return [r.status for r in out], [inference(s) for s in sims]
-        finally:
-            await stop(proxy, sims)
-
-    statuses, per_backend = run(loop, main())
+    statuses, per_backend = run(loop, burst(6, SLOW, spread_queue=1, max_inflight=1))
     assert statuses == [200] * 6
     assert sum(1 for n in per_backend if n) >= 2
 
