@@ -47,6 +47,9 @@ class BackendTable:
     def acquire(self, allowed: Buffer | None = None) -> int:
         """Pick a backend and count one request on it; NO_BACKEND if none fits."""
 
+    def acquire_affine(self, key: int, allowed: Buffer | None = None, bound: float = 1.25) -> int:
+        """Prefer the backend `key` hashes to while within the load bound; else acquire()."""
+
     def release(self, index: int) -> None:
         """Count one request as finished; ValueError if this worker holds none there."""
 

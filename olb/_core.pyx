@@ -69,7 +69,7 @@ from cpython.buffer cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.math cimport NAN, isfinite, isnan
+from libc.math cimport NAN, ceil, isfinite, isnan
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
@@ -333,6 +333,48 @@ cdef class BackendTable:
             PyBuffer_Release(&view)
         return index
 
+    def acquire_affine(self, uint64_t key, allowed=None, double bound=1.25):
+        """Like acquire(), but prefer the backend a key hashes to.
+
+        Consistent hashing with bounded loads (Mirrokni, Thorup and
+        Zadimoghaddam, SODA 2018), in its rendezvous form: every eligible
+        backend ranks by hash(key, index) and the highest-ranked one takes
+        the request, unless its in-flight count would pass
+        ceil(bound * (in flight in total + 1) * its share of the capacity);
+        then the next one does. A conversation keeps returning to the
+        backend that holds its prompt cache while that backend is not
+        overloaded, and a backend joining or leaving moves only the keys
+        it wins or held. When no backend is within the bound, the plain
+        least-loaded choice is made.
+
+        Args:
+            key: 64-bit hash of the affinity key (the same in every worker:
+                not Python's salted hash()).
+            allowed: as for acquire().
+            bound: the load bound c >= 1 (1.25 in the paper's experiments).
+
+        Returns:
+            The backend's index, or NO_BACKEND; release() it exactly once.
+
+        Raises:
+            ValueError: allowed does not have length n, or bound < 1.
+        """
+        cdef Py_buffer view
+        cdef Py_ssize_t index
+        if not bound >= 1.0:
+            raise ValueError(f"bound must be >= 1, got {bound}")
+        if allowed is None:
+            return self._acquire_affine(NULL, key, bound)
+        PyObject_GetBuffer(allowed, &view, PyBUF_SIMPLE)
+        try:
+            if view.len != self.n:
+                raise ValueError(
+                    f"allowed has {view.len} bytes for {self.n} backends")
+            index = self._acquire_affine(<const unsigned char*>view.buf, key, bound)
+        finally:
+            PyBuffer_Release(&view)
+        return index
+
     def release(self, Py_ssize_t index):
         """Count one request on backend `index` as finished.
 
@@ -363,6 +405,63 @@ cdef class BackendTable:
                 olb_add(&self._mine[index], 1)
                 return index
         return _NO_BACKEND
+
+    cdef Py_ssize_t _acquire_affine(self, const unsigned char* allowed, uint64_t key,
+                                    double bound) noexcept:
+        cdef int attempt
+        cdef Py_ssize_t index
+        cdef int64_t seen = 0
+        for attempt in range(MAX_CAS_ATTEMPTS):
+            index = self._pick_affine(allowed, key, bound, &seen)
+            if index < 0:
+                index = self._pick_least_loaded(allowed, &seen)
+                if index < 0:
+                    return _NO_BACKEND
+            if olb_cas(&self._totals[index], &seen, seen + 1):
+                olb_add(&self._mine[index], 1)
+                return index
+        return _NO_BACKEND
+
+    cdef Py_ssize_t _pick_affine(self, const unsigned char* allowed, uint64_t key,
+                                 double bound, int64_t* seen) noexcept:
+        # Two passes over the eligible backends: the first sums their load
+        # and capacity (weights and GPU headroom included, as _denom has
+        # them), the second ranks by hash among those within the bound.
+        # The ceil() is the paper's: with an idle fleet every backend may
+        # take one request, so the top-ranked one always can.
+        cdef Py_ssize_t i
+        cdef Py_ssize_t best = _NO_BACKEND
+        cdef int64_t count
+        cdef int64_t best_count = 0
+        cdef int64_t total = 0
+        cdef double denom_sum = 0.0
+        cdef double share
+        cdef uint64_t h
+        cdef uint64_t best_h = 0
+        for i in range(self.n):
+            if not self._healthy[i] or (allowed != NULL and not allowed[i]):
+                continue
+            total += olb_load(&self._totals[i])
+            denom_sum += self._denom[i]
+        if denom_sum <= 0.0:
+            seen[0] = 0
+            return _NO_BACKEND
+        share = bound * <double>(total + 1) / denom_sum
+        for i in range(self.n):
+            if not self._healthy[i] or (allowed != NULL and not allowed[i]):
+                continue
+            count = olb_load(&self._totals[i])
+            if count >= self._capacity[i]:
+                continue
+            if <double>(count + 1) > ceil(share * self._denom[i]):
+                continue
+            h = _splitmix64(key ^ _splitmix64(<uint64_t>(i + 1)))
+            if best < 0 or h > best_h:
+                best = i
+                best_h = h
+                best_count = count
+        seen[0] = best_count
+        return best
 
     cdef Py_ssize_t _pick_least_loaded(self, const unsigned char* allowed,
                                        int64_t* seen) noexcept:

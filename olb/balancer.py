@@ -87,8 +87,15 @@ class Balancer:
 
     # --- admission -------------------------------------------------------------------
 
-    def acquire(self, allowed=None) -> int:
-        return self.table.acquire(allowed)
+    def acquire(self, allowed=None, affinity: int | None = None) -> int:
+        """A backend for a request, counted in flight, or NO_BACKEND.
+
+        With an affinity key (a conversation), the backend the key hashes to
+        is preferred while within OLB_SESSION_BOUND of the average load.
+        """
+        if affinity is None or not self.config.session_bound:
+            return self.table.acquire(allowed)
+        return self.table.acquire_affine(affinity, allowed, self.config.session_bound)
 
     def release(self, index: int) -> None:
         self.table.release(index)
@@ -107,8 +114,8 @@ class Balancer:
         """Queue a request until a slot frees; False when the queue is full.
 
         The waiter has `allowed` (its admission mask, possibly a model's live
-        `loaded` mask), `model`, and `admit(index)`, `queue_expired()`,
-        `queue_unusable()` methods.
+        `loaded` mask), `model`, `affinity`, and `admit(index)`,
+        `queue_expired()`, `reroute()` methods.
         """
         if len(self.queue) >= self.config.queue_size:
             self.rejected += 1
@@ -141,6 +148,10 @@ class Balancer:
             self.rejected += 1
             waiter.queue_expired()
 
+    def wake(self) -> None:
+        """Re-check the queue: a mask some waiters hold has grown."""
+        self._drain_queue()
+
     def _drain_queue(self) -> None:
         """Admit queued requests in arrival order while the table has room.
 
@@ -155,14 +166,15 @@ class Balancer:
             key = id(allowed)
             if key in full or waiter.queue_timer is None:
                 continue
-            index = self.table.acquire(allowed)
+            index = self.acquire(allowed, waiter.affinity)
             if index == NO_BACKEND:
                 if self.usable(allowed):
                     full.add(key)
                     continue
-                # Everything it may use went down while it waited.
+                # Everything it may use went down (or unloaded its model)
+                # while it waited: route it again from scratch.
                 self._unqueue(waiter)
-                waiter.queue_unusable()
+                waiter.reroute()
                 continue
             self._unqueue(waiter)
             waiter.admit(index)
@@ -244,7 +256,15 @@ class Balancer:
         if self.config.health_interval > 0:
             self._spawn(self._active_health())
         if self.models is not None:
-            self._spawn(self.models.run())
+            self._spawn(self._poll_models())
+
+    async def _poll_models(self) -> None:
+        models = self.models
+        while not self._closed:
+            await models.refresh_all()
+            if self.queue:
+                self.wake()  # a backend may have loaded a model someone waits for
+            await asyncio.sleep(models.interval)
 
     def _spawn(self, coro) -> None:
         task = self.loop.create_task(coro)

@@ -70,6 +70,8 @@ class Config:
     gpu_poll: float = 1.0
     models_interval: float = 10.0
     spread_queue: int = 4
+    session_header: str = "x-session-id"
+    session_bound: float = 1.25
     log_level: str = "info"
     demo: int = 0
 
@@ -149,6 +151,16 @@ def _log_level(raw: str) -> str:
     return value
 
 
+def _bound(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"0 (off) or a factor >= 1, got {raw!r}") from None
+    if not (value == 0 or 1 <= value < float("inf")):
+        raise ValueError(f"0 (off) or a factor >= 1, got {raw!r}")
+    return value
+
+
 def _raw(raw: str) -> str:
     return raw
 
@@ -202,6 +214,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_SPREAD_QUEUE", "spread_queue", "4", _int_at_least(1),
             "Requests waiting for a model's warm backends beyond which another backend loads it "
             "(hot models spread, cold ones stay on one GPU)."),
+    Setting("OLB_SESSION_HEADER", "session_header", "X-Session-Id", lambda raw: raw.strip().lower(),
+            "Request header naming a conversation; without it a conversation is known by its model "
+            "and leading messages (or prompt prefix)."),
+    Setting("OLB_SESSION_BOUND", "session_bound", "1.25", _bound,
+            "Keep a conversation on the backend holding its prompt cache while that backend's load is "
+            "within this factor of the average (consistent hashing with bounded loads); 0 = off."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),

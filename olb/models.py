@@ -28,6 +28,7 @@ compared case-insensitively, like Ollama's Name.EqualFold.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
@@ -76,19 +77,56 @@ def normalize(name: str) -> str:
     return "/".join(parts).lower()
 
 
-def request_model(body: bytes) -> str | None:
-    """The `model` field of a JSON request body (`name`, its deprecated alias on
-    /api/show, too), or None when there is none to route by."""
+#: Bytes of a conversation's leading messages or prompt that identify it.
+AFFINITY_PREFIX = 2048
+
+
+def parse_request(body: bytes) -> tuple[str | None, bytes | None]:
+    """The `model` of a JSON request body (or `name`, its deprecated alias on
+    /api/show) and the bytes that identify its conversation.
+
+    A conversation is known by what every turn of it repeats: the chat
+    messages up to and including the first user message (so one system
+    prompt shared by all users does not merge their conversations), or the
+    start of a generate prompt. Returns (None, None) when there is nothing
+    to route by; bad JSON is left for the backend to answer with Ollama's 400.
+    """
     if not body:
-        return None
+        return None, None
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None  # the backend gives Ollama's own 400 for bad JSON
+        return None, None
     if not isinstance(doc, dict):
-        return None
+        return None, None
     model = doc.get("model") or doc.get("name")
-    return model if isinstance(model, str) and model.strip() else None
+    if not isinstance(model, str) or not model.strip():
+        return None, None
+    affinity = None
+    messages = doc.get("messages")
+    if isinstance(messages, list) and messages:
+        lead = []
+        for message in messages:
+            lead.append(message)
+            if isinstance(message, dict) and message.get("role") == "user":
+                break
+        affinity = orjson.dumps(lead)[:AFFINITY_PREFIX]
+    else:
+        prompt = doc.get("prompt")
+        if isinstance(prompt, str) and prompt:
+            system = doc.get("system")
+            affinity = ((system if isinstance(system, str) else "") + "\0" + prompt).encode()[:AFFINITY_PREFIX]
+    return model, affinity
+
+
+def request_model(body: bytes) -> str | None:
+    """The `model` field of a JSON request body, or None."""
+    return parse_request(body)[0]
+
+
+def affinity_key(*parts: bytes) -> int:
+    """A 64-bit key, the same in every worker process (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(b"\0".join(parts), digest_size=8).digest(), "little")
 
 
 class ModelDirectory:
@@ -186,11 +224,6 @@ class ModelDirectory:
 
     async def refresh_all(self) -> None:
         await asyncio.gather(*(self.refresh(i) for i in range(self.n)))
-
-    async def run(self) -> None:
-        while True:
-            await self.refresh_all()
-            await asyncio.sleep(self.interval)
 
     # --- merged views -----------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
 from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
-from .models import MERGED_PATHS, MODEL_ENDPOINTS, normalize, request_model
+from .models import MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, normalize, parse_request
 
 log = logging.getLogger("olb.proxy")
 
@@ -233,7 +233,7 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "connect_task", "reused_retry", "model", "excluded",
-                 "__weakref__")
+                 "affinity", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
         self.client = client
@@ -250,6 +250,8 @@ class Exchange:
         self.connect_task = None
         self.reused_retry = False
         self.model = None
+        #: 64-bit key of the conversation this request belongs to, or None.
+        self.affinity = None
         #: Backends this request may no longer try (they failed it), or None.
         self.excluded = None
 
@@ -258,16 +260,25 @@ class Exchange:
         balancer = self.ctx.balancer
         models = balancer.models
         req = self.req
-        if self.attempts == 0 and models is not None and req.method == b"POST":
-            template = MODEL_ENDPOINTS.get(req.path)
-            name = request_model(req.body) if template is not None else None
-            if name is not None:
-                self.model = normalize(name)
-                if not any(models.installed_mask(self.model)):
-                    # Every backend's catalogue is known and none has it: answer
-                    # as Ollama would, without touching a backend.
-                    self._fail(NotFound(template.format(name=name)))
-                    return
+        if self.attempts == 0:
+            cfg = self.ctx.config
+            session = req.header(cfg.session_header.encode()) if cfg.session_bound else None
+            if session:
+                self.affinity = affinity_key(session)
+            template = MODEL_ENDPOINTS.get(req.path) if req.method == b"POST" else None
+            if template is not None:
+                name, conversation = parse_request(req.body)
+                if name is not None:
+                    model = normalize(name)
+                    if conversation is not None and self.affinity is None and cfg.session_bound:
+                        self.affinity = affinity_key(model.encode(), conversation)
+                    if models is not None:
+                        self.model = model
+                        if not any(models.installed_mask(model)):
+                            # Every backend's catalogue is known and none has it:
+                            # answer as Ollama would, without touching a backend.
+                            self._fail(NotFound(template.format(name=name)))
+                            return
         if self.model is None:
             self._admit_or_queue(self.allowed)
         else:
@@ -275,7 +286,7 @@ class Exchange:
 
     def _admit_or_queue(self, allowed) -> None:
         balancer = self.ctx.balancer
-        index = balancer.acquire(allowed)
+        index = balancer.acquire(allowed, self.affinity)
         if index != NO_BACKEND:
             self.admit(index)
         elif not balancer.usable(allowed):
@@ -296,7 +307,7 @@ class Exchange:
         model = self.model
         loaded = self._allowed(models.loaded_mask(model))
         if any(loaded):
-            index = balancer.acquire(loaded)
+            index = balancer.acquire(loaded, self.affinity)
             if index != NO_BACKEND:
                 self.admit(index)
                 return
@@ -307,11 +318,14 @@ class Exchange:
                 return
         installed = self._allowed(models.installed_mask(model))
         cold = bytearray(a & (not b) for a, b in zip(installed, loaded)) if any(loaded) else installed
-        index = balancer.acquire(cold)
+        index = balancer.acquire(cold, self.affinity)
         if index != NO_BACKEND:
-            # Requests that follow for this model now wait for this load.
+            # Requests that follow for this model now wait for this load, and
+            # those already waiting for the model's warm backends may take it.
             models.mark_loaded(model, index)
             self.admit(index)
+            if balancer.queue:
+                balancer.wake()
             return
         if not balancer.usable(installed):
             self.queue_unusable()
@@ -350,6 +364,13 @@ class Exchange:
         self._fail(NoBackendAvailable(
             f"server busy, please try again.  no backend became free within "
             f"{self.ctx.config.queue_timeout:g}s (OLB_QUEUE_TIMEOUT)"))
+
+    def reroute(self) -> None:
+        """Its queue mask no longer has a usable backend: decide again."""
+        if self.model is not None:
+            self._route_model(self.ctx.balancer.models)
+        else:
+            self.queue_unusable()
 
     def queue_unusable(self) -> None:
         balancer = self.ctx.balancer

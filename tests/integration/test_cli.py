@@ -121,8 +121,10 @@ def test_workers_share_counts_and_are_restarted(loop_thread):
     sims = [loop_thread.run(start_sim(SimConfig(token_rate=50, ttft=0, seed=1, num_parallel=8,
                                                 num_predict_default=5000))) for _ in range(2)]
     backends = ",".join(f"{s.url};max=3" for s in sims)
+    # Plain least-in-flight (no model or conversation affinity): the test is
+    # about counts shared across workers.
     proc = start_olb(OLB_BACKENDS=backends, OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="2",
-                     OLB_HEALTH_INTERVAL="0")
+                     OLB_HEALTH_INTERVAL="0", OLB_MODELS_INTERVAL="0", OLB_SESSION_BOUND="0")
     try:
         url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
         # Six streams (capacity 2 x 3) opened on separate connections, which

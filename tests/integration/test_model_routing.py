@@ -189,3 +189,43 @@ def test_backend_busy_or_missing_model_retries_elsewhere(loop):
     # has learnt that nobody has it.
     assert ghost.status == 404 and ghost.json() == {"error": "model 'ghost' not found"}
     assert mask == b"\x00\x00"
+
+
+def test_conversations_stay_where_their_cache_is(loop):
+    """Turns of one conversation go to one backend; conversations spread."""
+
+    async def main():
+        proxy, sims = await start([BASE] * 3, spread_queue=1)
+        try:
+            for s in sims:  # the model is warm everywhere: only affinity decides
+                proxy.balancer.models.mark_loaded("llama3.2:latest", sims.index(s))
+            homes = {}
+            for conv in range(12):
+                history = [{"role": "system", "content": "be brief"},
+                           {"role": "user", "content": f"conversation {conv}"}]
+                for turn in range(3):
+                    before = [inference(s, "/api/chat") for s in sims]
+                    r = await fetch(proxy.port, "POST", "/api/chat",
+                                    {"model": "llama3.2", "messages": history, "stream": False})
+                    assert r.status == 200
+                    after = [inference(s, "/api/chat") for s in sims]
+                    home = [a - b for a, b in zip(after, before)].index(1)
+                    homes.setdefault(conv, set()).add(home)
+                    history = history + [r.json()["message"], {"role": "user", "content": f"more {turn}"}]
+            # An explicit session header pins unrelated requests together.
+            pinned = set()
+            for i in range(5):
+                before = [inference(s, "/api/generate") for s in sims]
+                await fetch(proxy.port, "POST", "/api/generate",
+                            {"model": "llama3.2", "prompt": f"unrelated {i}", "stream": False},
+                            headers={"X-Session-Id": "agent-7"})
+                after = [inference(s, "/api/generate") for s in sims]
+                pinned.add([a - b for a, b in zip(after, before)].index(1))
+            return homes, pinned
+        finally:
+            await stop(proxy, sims)
+
+    homes, pinned = run(loop, main())
+    assert all(len(h) == 1 for h in homes.values())  # every turn on its conversation's backend
+    assert len({next(iter(h)) for h in homes.values()}) >= 2  # conversations spread
+    assert len(pinned) == 1

@@ -371,8 +371,8 @@ def test_connect_failure_retries_on_another_backend(loop):
         dead = socket.socket()
         dead.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
-        # models_interval=0: no model affinity, so the dead backend keeps being chosen.
-        proxy = await start_proxy(proxy_config([dead_url, sim.url], models_interval=0))
+        # No model or conversation affinity, so the dead backend keeps being chosen.
+        proxy = await start_proxy(proxy_config([dead_url, sim.url], models_interval=0, session_bound=0))
         try:
             statuses = []
             for _ in range(6):
@@ -508,7 +508,13 @@ def test_slow_reader_does_not_grow_memory(loop):
             w.transport.set_write_buffer_limits(0)
             w.write(request_bytes("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"}))
             w.transport.pause_reading()  # never read
-            await asyncio.sleep(0.5)
+            # Wait (bounded) until the buffers between us and the backend are
+            # full and olb has paused reading from the backend.
+            for _ in range(500):
+                clients = [c for c in cluster.proxy.ctx.clients if c.exchange and c.exchange.conn]
+                if clients and clients[0].exchange.conn.gate.paused:
+                    break
+                await asyncio.sleep(0.01)
             proxy_clients = list(cluster.proxy.ctx.clients)
             buffered = [c.transport.get_write_buffer_size() for c in proxy_clients]
             backend_paused = [c.exchange.conn.gate.paused for c in proxy_clients if c.exchange]

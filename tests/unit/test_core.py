@@ -475,3 +475,76 @@ def test_concurrent_workers_never_exceed_capacity(shared_buffer):
     assert [table.inflight(i) for i in range(len(caps))] == [0, 0]
     assert table.served(0) + table.served(1) > 0
     del table
+
+
+# --- acquire_affine: consistent hashing with bounded loads ------------------------------
+
+
+def test_affine_same_key_same_backend_when_idle():
+    table = BackendTable([4] * 8, seed=1)
+    first = table.acquire_affine(0xABCDEF)
+    table.release(first)
+    for _ in range(20):
+        index = table.acquire_affine(0xABCDEF)
+        assert index == first
+        table.release(index)
+
+
+def test_affine_keys_spread_over_backends():
+    table = BackendTable([4] * 8, seed=1)
+    homes = set()
+    for key in range(200):
+        index = table.acquire_affine(key * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
+        homes.add(index)
+        table.release(index)
+    assert homes == set(range(8))
+
+
+def test_affine_respects_the_load_bound_and_capacity():
+    table = BackendTable([8, 8], seed=1)
+    held = [table.acquire_affine(7) for _ in range(8)]
+    # Bounded loads: one key cannot pile everything on its home backend.
+    counts = sorted([table.inflight(0), table.inflight(1)])
+    assert counts[0] >= 3, counts
+    for index in held:
+        table.release(index)
+    full = BackendTable([1, 1], seed=1)
+    a, b = full.acquire_affine(7), full.acquire_affine(7)
+    assert {a, b} == {0, 1}
+    assert full.acquire_affine(7) == NO_BACKEND
+
+
+def test_affine_honours_allowed_and_health():
+    table = BackendTable([4] * 4, seed=1)
+    home = table.acquire_affine(99)
+    table.release(home)
+    allowed = bytearray(b"\x01" * 4)
+    allowed[home] = 0
+    other = table.acquire_affine(99, allowed)
+    assert other != home
+    table.release(other)
+    table.set_health(other, False)
+    assert table.acquire_affine(99, allowed) not in (home, other)
+    with pytest.raises(ValueError):
+        table.acquire_affine(99, bound=0.5)
+    with pytest.raises(ValueError):
+        table.acquire_affine(99, b"\x01")
+
+
+def test_affine_moves_few_keys_when_a_backend_leaves():
+    """Rendezvous hashing: removing one of 8 backends re-homes only its keys."""
+    table = BackendTable([4] * 8, seed=1)
+
+    def homes():
+        out = []
+        for key in range(400):
+            index = table.acquire_affine(key * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
+            out.append(index)
+            table.release(index)
+        return out
+
+    before = homes()
+    table.set_health(3, False)
+    after = homes()
+    moved = [b for b, a in zip(before, after) if a != b]
+    assert moved and set(moved) == {3}

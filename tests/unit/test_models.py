@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import orjson
 import pytest
 
 from olb.models import ModelDirectory, normalize, request_model
@@ -78,3 +79,16 @@ def test_merged_tags_deduplicates_and_keeps_newest():
     v1 = d.merged_openai_models()["data"]
     assert v1[0]["id"] == "a:latest" and v1[0]["created"] == 1735689600
     assert v1[1]["created"] == 1672556400
+
+
+def test_conversation_identity_survives_later_turns():
+    from olb.models import parse_request
+
+    system = {"role": "system", "content": "You are terse."}
+    turn1 = [system, {"role": "user", "content": "Plan a trip to Kyoto"}]
+    turn3 = turn1 + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And Osaka?"}]
+    other = [system, {"role": "user", "content": "Fix my bash script"}]
+    ids = [parse_request(orjson.dumps({"model": "m", "messages": m}))[1] for m in (turn1, turn3, other)]
+    assert ids[0] == ids[1] != ids[2]
+    model, prompt_id = parse_request(b'{"model":"m","prompt":"Once upon a time","system":"s"}')
+    assert model == "m" and prompt_id == b"s\0Once upon a time"
