@@ -31,6 +31,7 @@ import time
 
 from ._core import NO_BACKEND, BackendTable
 from .config import Config
+from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
 
@@ -76,7 +77,7 @@ class Balancer:
         ]
         self.models = ModelDirectory(self.backends, config.models_interval, config.connect_timeout) \
             if config.models_interval > 0 else None
-        self.queue: collections.deque = collections.deque()
+        self.queue = FairQueue(config.queue_size, config.client_queue or config.queue_size)
         #: Waiters per model, for the spread rule (see route()).
         self.queued_models: collections.Counter = collections.Counter()
         self._poll_handle = None
@@ -110,28 +111,39 @@ class Balancer:
                 return True
         return False
 
-    def enqueue(self, waiter) -> bool:
-        """Queue a request until a slot frees; False when the queue is full.
+    def enqueue(self, waiter, client, priority: int) -> int:
+        """Queue a request until a slot frees.
 
         The waiter has `allowed` (its admission mask, possibly a model's live
         `loaded` mask), `model`, `affinity`, and `admit(index)`,
-        `queue_expired()`, `reroute()` methods.
+        `queue_expired()`, `queue_evicted()`, `reroute()` methods.
+
+        Returns:
+            fairqueue.QUEUED, FULL (503) or OVER_SHARE (429).
         """
-        if len(self.queue) >= self.config.queue_size:
+        queue = self.queue
+        result = queue.push(waiter, client, priority)
+        if result == FULL:
+            # Make room by the heaviest client's newest request when this
+            # client holds fewer: a flood does not lock others out.
+            victim, heaviest = queue.heaviest()
+            if victim is not None and heaviest > queue.queued_by(client) + 1:
+                self._unqueue(victim)
+                self.rejected += 1
+                victim.queue_evicted()
+                result = queue.push(waiter, client, priority)
+        if result != QUEUED:
             self.rejected += 1
-            return False
+            return result
         waiter.queue_timer = self.loop.call_later(self.config.queue_timeout, self._expire, waiter)
-        self.queue.append(waiter)
         if waiter.model is not None:
             self.queued_models[waiter.model] += 1
         if self._poll_queue and self._poll_handle is None:
             self._poll_handle = self.loop.call_later(QUEUE_POLL, self._poll)
-        return True
+        return QUEUED
 
     def _unqueue(self, waiter) -> bool:
-        try:
-            self.queue.remove(waiter)
-        except ValueError:
+        if not self.queue.remove(waiter):
             return False
         waiter.queue_timer.cancel()
         waiter.queue_timer = None
@@ -153,18 +165,19 @@ class Balancer:
         self._drain_queue()
 
     def _drain_queue(self) -> None:
-        """Admit queued requests in arrival order while the table has room.
+        """Offer free slots to queued requests in the queue's fair order.
 
         Waiters carry different admission masks (one model's warm backends,
-        another's), so a waiter that cannot be admitted does not block the
-        ones behind it that could: FIFO holds among waiters with the same
-        mask. A mask that found no room is not tried again in this pass.
+        another's); one that cannot be admitted only holds up its own
+        client's line. A mask that found no room is not tried again in this
+        pass.
         """
         full: set[int] = set()
-        for waiter in list(self.queue):
+        order = self.queue.service_order()
+        for waiter in order:
             allowed = waiter.allowed
             key = id(allowed)
-            if key in full or waiter.queue_timer is None:
+            if key in full:
                 continue
             index = self.acquire(allowed, waiter.affinity)
             if index == NO_BACKEND:
@@ -304,6 +317,7 @@ class Balancer:
         return {
             "backends": backends,
             "queue": len(self.queue),
+            "queued_clients": self.queue.clients(),
             "queue_size": self.config.queue_size,
             "rejected": self.rejected,
         }

@@ -70,6 +70,9 @@ class Config:
     gpu_poll: float = 1.0
     models_interval: float = 10.0
     spread_queue: int = 4
+    client_header: str = ""
+    client_queue: int = 0
+    priority_header: str = "x-priority"
     session_header: str = "x-session-id"
     session_bound: float = 1.25
     log_level: str = "info"
@@ -214,6 +217,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_SPREAD_QUEUE", "spread_queue", "4", _int_at_least(1),
             "Requests waiting for a model's warm backends beyond which another backend loads it "
             "(hot models spread, cold ones stay on one GPU)."),
+    Setting("OLB_CLIENT_HEADER", "client_header", "", lambda raw: raw.strip().lower(),
+            "Request header that names the client for fair queuing; unset: the API key "
+            "(Authorization: Bearer), else the client's address."),
+    Setting("OLB_CLIENT_QUEUE", "client_queue", "0", _int_at_least(0),
+            "Requests one client may have waiting (429 beyond it); 0 = only the fair share of a full queue."),
+    Setting("OLB_PRIORITY_HEADER", "priority_header", "X-Priority", lambda raw: raw.strip().lower(),
+            "Request header whose value `batch` (or `low`) queues a request behind interactive ones "
+            "(4 interactive admissions per batch one while both wait)."),
     Setting("OLB_SESSION_HEADER", "session_header", "X-Session-Id", lambda raw: raw.strip().lower(),
             "Request header naming a conversation; without it a conversation is known by its model "
             "and leading messages (or prompt prefix)."),

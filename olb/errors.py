@@ -54,6 +54,13 @@ class NoBackendAvailable(OlbError):
     retry_after = 1
 
 
+class TooManyRequests(OlbError):
+    """This client holds more than its share of the queue."""
+
+    status_hint = 429
+    retry_after = 1
+
+
 class BackendConnectError(OlbError):
     """No backend could be reached (refused, unreachable, reset before the first byte)."""
 

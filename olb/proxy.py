@@ -42,7 +42,9 @@ import orjson
 from . import admin
 from ._core import NO_BACKEND, BodyScanner
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
-                     NotFound, OlbError)
+                     NotFound, OlbError, TooManyRequests)
+from .fairqueue import BATCH, INTERACTIVE, OVER_SHARE
+from .fairqueue import QUEUED as QUEUED_OK
 from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
 from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_response, parse_response_head,
@@ -56,6 +58,9 @@ QUEUED, CONNECTING, WAITING, STREAMING, DONE = range(5)
 #: Ollama's own queue-full text (server/sched.go ErrMaxQueue, two spaces and
 #: all): clients that special-case it keep working behind olb.
 QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
+#: Why a client that holds more than its share of the queue is refused.
+OVER_SHARE_TEXT = ("too many requests waiting from this client, please try again "
+                   "(olb queues fairly across clients: OLB_CLIENT_QUEUE)")
 
 
 class ProxyContext:
@@ -232,7 +237,7 @@ class Exchange:
     """One client request on its way through olb (see the state diagram above)."""
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
-                 "closing", "queue_timer", "connect_task", "reused_retry", "model", "excluded",
+                 "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
                  "affinity", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
@@ -247,6 +252,7 @@ class Exchange:
         self.head = None
         self.closing = not req.keep_alive
         self.queue_timer = None
+        self.queue_key = None
         self.connect_task = None
         self.reused_retry = False
         self.model = None
@@ -343,10 +349,37 @@ class Exchange:
 
     def _enqueue(self, allowed) -> bool:
         self.allowed = allowed
-        if self.ctx.balancer.enqueue(self):
+        client, priority = self._queue_identity()
+        result = self.ctx.balancer.enqueue(self, client, priority)
+        if result == QUEUED_OK:
             return True
-        self._fail(NoBackendAvailable(QUEUE_FULL))
+        if result == OVER_SHARE:
+            self._fail(TooManyRequests(OVER_SHARE_TEXT))
+        else:
+            self._fail(NoBackendAvailable(QUEUE_FULL))
         return False
+
+    def _queue_identity(self):
+        """Who is asking, for fair queuing, and in which class (interactive or batch).
+
+        Worked out only for requests that must wait: the fast path never pays.
+        """
+        req = self.req
+        cfg = self.ctx.config
+        client = req.header(cfg.client_header.encode()) if cfg.client_header else None
+        if client is None:
+            auth = req.header(b"authorization")
+            if auth and auth[:7].lower() == b"bearer ":
+                client = b"key:" + auth[7:]
+            else:
+                client = b"ip:" + self.client.peer_ip
+        value = req.header(cfg.priority_header.encode())
+        priority = BATCH if value is not None and value.strip().lower() in (b"batch", b"low") else INTERACTIVE
+        return client, priority
+
+    def queue_evicted(self) -> None:
+        """A lighter client took this request's place in a full queue."""
+        self._fail(TooManyRequests(OVER_SHARE_TEXT))
 
     # --- called by the balancer's queue --------------------------------------------------------
 
