@@ -42,410 +42,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import json
 import os
-import platform
-import re
-import select
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-TICK_S = 1.0 / CLK_TCK
-MODEL = "llama3.2"
+if __package__ in (None, ""):
+    # Run as a script (python bench/e2e.py): make `bench` importable from the repository root.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.load import build_request, close_conns, http_get_json, open_conns, percentile, run_phase  # noqa: E402
+from bench.proc import (TICK_S, Child, CpuSample, cpu_delta, machine, machine_busy_ticks,  # noqa: E402
+                        process_tree)
+
 CASES = ("version", "generate", "stream")
-#: Seconds to wait for a child process to print its address.
-START_TIMEOUT = 20.0
 #: Share of the machine's CPU used by other processes during a phase above which the report warns
 #: (the loopback's softirq time, charged to no process, is a few per cent by itself).
 BUSY_ELSEWHERE = 0.10
-#: Extra seconds a phase may take past its deadline to finish requests in flight.
-GRACE = 10.0
-
-
-# --- /proc accounting --------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[bytes]:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        raw = f.read()
-    # Field 2 (comm) is in parentheses and may hold spaces: split after the last ')'.
-    return raw[raw.rfind(b")") + 2:].split()
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (olb's supervisor and its forked workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(_stat_fields(int(entry))[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-class CpuSample:
-    """utime+stime ticks (and schedstat ns) of a set of processes at one instant."""
-
-    __slots__ = ("pids", "ticks", "ns")
-
-    def __init__(self, pids: list[int]):
-        self.pids = frozenset(pids)
-        self.ticks = 0
-        self.ns = 0
-        for pid in pids:
-            try:
-                f = _stat_fields(pid)
-                # Fields 14 and 15 (utime, stime); index 0 here is field 3.
-                self.ticks += int(f[11]) + int(f[12])
-            except (OSError, IndexError, ValueError):
-                continue
-            for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-                try:
-                    with open(path, "rb") as fh:
-                        self.ns += int(fh.read().split()[0])
-                except (OSError, IndexError, ValueError):
-                    pass
-
-
-def machine_busy_ticks() -> int:
-    """CPU ticks the whole machine spent busy (user, nice, system, irq, softirq, steal)."""
-    with open("/proc/stat", "rb") as f:
-        fields = f.readline().split()
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
-def cpu_delta(before: CpuSample, after: CpuSample) -> dict:
-    return {
-        "cpu_s": (after.ticks - before.ticks) * TICK_S,
-        "cpu_s_schedstat": (after.ns - before.ns) / 1e9,
-        # A worker that died and was replaced mid-phase takes its CPU time with it.
-        "same_processes": before.pids == after.pids,
-    }
-
-
-# --- child processes ----------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the forked child, before exec: SIGTERM when this benchmark dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-class Child:
-    """A child process whose stdout announces where it listens; stderr goes to a temp file."""
-
-    def __init__(self, argv: list[str], env: dict | None, pattern: bytes, lines: int):
-        self.errfile = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.errfile, preexec_fn=_die_with_parent)
-        self.found: list[str] = []
-        deadline = time.monotonic() + START_TIMEOUT
-        fd = self.proc.stdout.fileno()
-        pending = b""
-        while len(self.found) < lines:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.stop()
-                raise RuntimeError(f"{' '.join(argv)}: no address within {START_TIMEOUT:g} s:\n"
-                                   f"{self.stderr_tail()}")
-            data = os.read(fd, 4096)
-            if not data:
-                self.stop()
-                raise RuntimeError(f"{' '.join(argv)} exited early:\n{self.stderr_tail()}")
-            pending += data
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                m = re.search(pattern, line)
-                if m and len(self.found) < lines:
-                    self.found.append(m.group(1).decode())
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stderr_tail(self, limit: int = 4000, skip: str = "") -> str:
-        """The end of what the child wrote to stderr, without lines starting with `skip`."""
-        self.errfile.seek(0)
-        text = self.errfile.read().decode(errors="replace")
-        if skip:
-            text = "".join(line for line in text.splitlines(True) if not line.startswith(skip))
-        return text[-limit:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-# --- the load generator -------------------------------------------------------------------------
-
-HEAD, BODY, CSIZE, CDATA, CCRLF, TRAILER = range(6)
-
-
-class Phase:
-    """One batch of requests spread over keep-alive connections; bounded in count and time."""
-
-    def __init__(self, loop, request: bytes, count: int, seconds: float, conns: int):
-        self.loop = loop
-        self.request = request
-        self.remaining = count
-        self.seconds = seconds
-        self.deadline = 0.0
-        self.latencies: list[float] = []     # seconds per complete response
-        self.ttfb: list[float] = []          # seconds to the response head
-        self.lines_per_response: dict[int, int] = {}
-        self.lines = 0
-        self.completed = 0
-        self.errors: dict[str, int] = {}
-        self.active = conns
-        self.done = loop.create_future()
-        self.started = 0.0
-        self.elapsed = 0.0
-
-    def error(self, what: str) -> None:
-        self.errors[what] = self.errors.get(what, 0) + 1
-
-    def conn_idle(self) -> None:
-        self.active -= 1
-        if self.active == 0 and not self.done.done():
-            self.elapsed = time.perf_counter() - self.started
-            self.done.set_result(None)
-
-
-class ClientConn(asyncio.Protocol):
-    """One keep-alive connection: a request, its response, the next request -- from callbacks."""
-
-    __slots__ = ("transport", "phase", "state", "left", "buf", "t0", "lines", "status", "connected",
-                 "closed")
-
-    def __init__(self, loop):
-        self.transport = None
-        self.phase: Phase | None = None
-        self.state = HEAD
-        self.left = 0
-        self.buf = b""
-        self.t0 = 0.0
-        self.lines = 0
-        self.status = 0
-        self.connected = loop.create_future()
-        self.closed = False
-
-    def connection_made(self, transport):
-        self.transport = transport
-        self.connected.set_result(None)
-
-    def connection_lost(self, exc):
-        self.closed = True
-        phase = self.phase
-        if phase is not None:
-            self.phase = None
-            phase.error("connection lost" if exc is None else f"connection lost: {exc!r}")
-            phase.conn_idle()
-
-    def start(self, phase: Phase) -> None:
-        self.phase = phase
-        if self.closed:
-            self.phase = None
-            phase.error("connection closed before the phase")
-            phase.conn_idle()
-            return
-        self._next()
-
-    def _next(self) -> None:
-        phase = self.phase
-        if phase.remaining <= 0 or time.perf_counter() > phase.deadline:
-            self.phase = None
-            phase.conn_idle()
-            return
-        phase.remaining -= 1
-        self.state = HEAD
-        self.lines = 0
-        self.t0 = time.perf_counter()
-        self.transport.write(phase.request)
-
-    def _finish(self) -> None:
-        phase = self.phase
-        now = time.perf_counter()
-        phase.latencies.append(now - self.t0)
-        phase.completed += 1
-        phase.lines += self.lines
-        if self.status != 200:
-            phase.error(f"status {self.status}")
-        counts = phase.lines_per_response
-        counts[self.lines] = counts.get(self.lines, 0) + 1
-        self._next()
-
-    def data_received(self, data: bytes) -> None:
-        if self.phase is None:
-            return
-        if self.buf:
-            data = self.buf + data
-            self.buf = b""
-        pos = 0
-        n = len(data)
-        while pos < n:
-            state = self.state
-            if state == CDATA or state == BODY:
-                take = n - pos
-                if take > self.left:
-                    take = self.left
-                if state == CDATA:
-                    self.lines += data.count(b"\n", pos, pos + take)
-                pos += take
-                self.left -= take
-                if self.left == 0:
-                    if state == CDATA:
-                        self.state = CCRLF
-                    else:
-                        self._finish()
-            elif state == CCRLF:
-                if n - pos < 2:
-                    break
-                pos += 2
-                self.state = CSIZE
-            elif state == CSIZE:
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                size = int(data[pos:end].split(b";", 1)[0], 16)
-                pos = end + 2
-                if size:
-                    self.left = size
-                    self.state = CDATA
-                else:
-                    self.state = TRAILER
-            elif state == TRAILER:
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                empty = end == pos  # an empty line ends the (usually absent) trailer section
-                pos = end + 2
-                if empty:
-                    self._finish()
-                    if self.phase is None:
-                        return
-            else:  # HEAD
-                end = data.find(b"\r\n\r\n", pos)
-                if end < 0:
-                    break
-                head = data[pos:end].lower()
-                pos = end + 4
-                self.status = int(head[9:12])
-                self.phase.ttfb.append(time.perf_counter() - self.t0)
-                i = head.find(b"\r\ncontent-length:")
-                if i >= 0:
-                    j = head.find(b"\r\n", i + 2)
-                    self.left = int(head[i + 17:j if j >= 0 else len(head)])
-                    self.state = BODY
-                    if self.left == 0:
-                        self._finish()
-                elif b"\r\ntransfer-encoding: chunked" in head:
-                    self.state = CSIZE
-                else:
-                    self.phase.error("response without a length")
-                    self.transport.abort()
-                    return
-                if self.phase is None:
-                    return
-        if pos < n:
-            self.buf = data[pos:]
-
-
-async def open_conns(loop, host: str, port: int, count: int) -> list[ClientConn]:
-    conns = []
-    for _ in range(count):
-        conn = ClientConn(loop)
-        await loop.create_connection(lambda c=conn: c, host, port)
-        await conn.connected
-        conns.append(conn)
-    return conns
-
-
-async def run_phase(loop, conns: list[ClientConn], request: bytes, count: int, seconds: float) -> Phase:
-    phase = Phase(loop, request, count, seconds, len(conns))
-    phase.started = time.perf_counter()
-    phase.deadline = phase.started + seconds
-    for conn in conns:
-        conn.start(phase)
-    try:
-        await asyncio.wait_for(asyncio.shield(phase.done), seconds + GRACE)
-    except asyncio.TimeoutError:
-        phase.error("phase did not finish: responses stuck in flight")
-        for conn in conns:
-            if conn.phase is not None:
-                conn.transport.abort()
-        phase.elapsed = time.perf_counter() - phase.started
-    return phase
-
-
-# --- requests -----------------------------------------------------------------------------------
-
-
-def build_request(case: str, hostport: str, num_predict: int, tokens: int) -> bytes:
-    if case == "version":
-        return (f"GET /api/version HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: olb-bench\r\n"
-                f"Accept: */*\r\n\r\n").encode()
-    if case == "generate":
-        body = {"model": MODEL, "prompt": "Why is the sky blue?", "stream": False,
-                "options": {"num_predict": num_predict}}
-    else:
-        body = {"model": MODEL, "prompt": "Tell me a long story.", "options": {"num_predict": tokens}}
-    raw = json.dumps(body, separators=(",", ":")).encode()
-    return (f"POST /api/generate HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: olb-bench\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode() + raw
-
-
-async def http_get_json(host: str, port: int, path: str) -> dict:
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
-    raw = await asyncio.wait_for(reader.read(-1), 5)
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b"chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
-            if not size:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        body = out
-    return json.loads(body)
 
 
 # --- measurement --------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, int(round(q * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
 
 
 async def measure_once(loop, args, case: str, host: str, port: int, pids: dict) -> dict:
@@ -454,8 +70,8 @@ async def measure_once(loop, args, case: str, host: str, port: int, pids: dict) 
     nconns = args.streams if stream else args.concurrency
     count = args.stream_requests if stream else args.requests
     warm = max(nconns, count // 10)
-    request = build_request(case, f"{host}:{port}", args.num_predict, args.tokens)
-    conns = await open_conns(loop, host, port, nconns)
+    request = [build_request(case, f"{host}:{port}", args.num_predict, args.tokens)] * nconns
+    conns = await open_conns(loop, [(host, port)], nconns)
     try:
         warmup = await run_phase(loop, conns, request, warm, args.phase_seconds)
         before = {name: CpuSample(process_tree(pid) if name == "olb" else [pid])
@@ -466,9 +82,7 @@ async def measure_once(loop, args, case: str, host: str, port: int, pids: dict) 
         after = {name: CpuSample(process_tree(pid) if name == "olb" else [pid])
                  for name, pid in pids.items()}
     finally:
-        for conn in conns:
-            if conn.transport is not None:
-                conn.transport.close()
+        close_conns(conns)
     errors = dict(warmup.errors)
     for key, n in phase.errors.items():
         errors[key] = errors.get(key, 0) + n
@@ -578,20 +192,6 @@ async def bench(args, sim: Child, olb: Child) -> list[dict]:
 
 
 # --- report -------------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "kernel": platform.release(), "clk_tck": CLK_TCK}
 
 
 def _ratio(a: float, b: float) -> str:

@@ -1,0 +1,153 @@
+"""`python -m bench`: olb's benchmarks, from the repository root with the venv active.
+
+    python -m bench overhead            olb vs direct vs nginx vs HAProxy (~6 min on 2 cores)
+    python -m bench overhead --quick    a smoke run (~1.5 min)
+    python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core (~10 s)
+    python -m bench e2e [...]           bench/e2e.py: olb vs direct only, more detail per process
+    python -m bench plot FILE.json      the Markdown and plots again, from a saved result
+    python -m bench tools               which proxies this machine has
+
+Results go to bench/results/ (git-ignored): JSON, a Markdown table, PNG plots
+when matplotlib is installed (`pip install '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+
+def _write(outdir: str, name: str, result: dict) -> None:
+    from . import report
+
+    os.makedirs(outdir, exist_ok=True)
+    md = report.markdown(result)
+    with open(os.path.join(outdir, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(outdir, f"{name}.md"), "w") as f:
+        f.write(md)
+    plots = report.plot(result, outdir)
+    print("\n" + md)
+    print(f"results: {os.path.join(outdir, name)}.json, .md")
+    if plots:
+        print("plots: " + ", ".join(plots))
+    else:
+        print("plots: none (matplotlib is missing: pip install '.[bench]')")
+
+
+def cmd_overhead(p, args) -> int:
+    import uvloop
+
+    from . import overhead, proc
+
+    overhead.finish_arguments(p, args)
+    info = proc.machine()
+    command = "python -m bench " + " ".join(sys.argv[1:])
+    print(f"# {command}\n# {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}; "
+          f"{info['nginx'] or 'no nginx'}; {info['haproxy'] or 'no HAProxy'}", flush=True)
+    result = uvloop.run(overhead.run(args))
+    result.update(command=command, machine=info, date=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                  args={k: v for k, v in vars(args).items() if k != "func"})
+    _write(args.out, "overhead", result)
+    return 1 if any(r["errors"] for r in result["rows"]) else 0
+
+
+def cmd_plot(p, args) -> int:
+    with open(args.file) as f:
+        result = json.load(f)
+    name = os.path.splitext(os.path.basename(args.file))[0]
+    _write(args.out or os.path.dirname(os.path.abspath(args.file)), name, result)
+    return 0
+
+
+def cmd_micro(p, args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, "micro.json")
+    argv = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench_core.py"), "--benchmark-only",
+            f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider", *args.rest]
+    print("# " + " ".join(argv), flush=True)
+    rc = subprocess.call(argv)
+    if rc == 0 and os.path.exists(out):
+        with open(out) as f:
+            data = json.load(f)
+        rows = ["| group | benchmark | mean µs | min µs | rounds |", "|---|---|---:|---:|---:|"]
+        for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["stats"]["mean"])):
+            s = b["stats"]
+            rows.append(f"| {b['group']} | {b['name']} | {s['mean'] * 1e6:.2f} | {s['min'] * 1e6:.2f} | "
+                        f"{s['rounds']} |")
+        md = "\n".join(rows) + "\n"
+        with open(os.path.join(args.out, "micro.md"), "w") as f:
+            f.write(md)
+        print("\n" + md + f"\nresults: {out}, micro.md")
+    return rc
+
+
+def cmd_e2e(p, args) -> int:
+    from . import e2e
+
+    return e2e.main(args.rest)
+
+
+def cmd_tools(p, args) -> int:
+    from . import proc, targets
+
+    info = proc.machine()
+    print(f"{info['nproc']} CPUs, {info['cpu']}, {info['mem_gib']} GiB, Linux {info['kernel']}, "
+          f"Python {info['python']}")
+    for kind in ("nginx", "haproxy"):
+        why = targets.TargetSpec(kind).missing()
+        print(f"{kind:8} {info[kind] if not why else 'missing: ' + why}")
+    try:
+        import matplotlib
+
+        print(f"plots    matplotlib {matplotlib.__version__}")
+    except ImportError:
+        print("plots    missing: pip install '.[bench]'")
+    return 0
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstrings as written, and every flag's default."""
+
+
+def main(argv=None) -> int:
+    from . import overhead
+
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("overhead", help="olb vs direct vs nginx vs HAProxy, one run",
+                       description=overhead.__doc__, formatter_class=_Help)
+    overhead.add_arguments(o)
+    o.add_argument("--out", default=RESULTS, help="directory for overhead.json, overhead.md and plots")
+    o.set_defaults(func=lambda a: cmd_overhead(o, a))
+    m = sub.add_parser("micro", help="pytest-benchmark micro-benchmarks of olb._core")
+    m.add_argument("--out", default=RESULTS)
+    m.set_defaults(passthrough="pytest")
+    m.set_defaults(func=lambda a: cmd_micro(m, a))
+    e = sub.add_parser("e2e", help="bench/e2e.py (olb vs direct); its flags follow", add_help=False)
+    e.set_defaults(func=lambda a: cmd_e2e(e, a), passthrough="e2e")
+    pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result")
+    pl.add_argument("file")
+    pl.add_argument("--out", default=None, help="directory (default: the JSON's)")
+    pl.set_defaults(func=lambda a: cmd_plot(pl, a))
+    t = sub.add_parser("tools", help="which proxies and plotting this machine has")
+    t.set_defaults(func=lambda a: cmd_tools(t, a))
+    # `micro` and `e2e` hand the flags they do not know to pytest and to e2e.py.
+    args, rest = p.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", None):
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
