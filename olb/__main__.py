@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.workers == 1:
             sock = _bind_or_exit(cfg, reuse_port=False)
             _announce(cfg, sock.getsockname()[1])
-            run_worker(cfg, sock, None, 0)
+            run_worker(cfg, sock, None, None, 0)
         else:
             supervise(cfg)
     finally:
@@ -94,13 +94,13 @@ Ctrl-C stops olb and the simulated cluster.
 # --- workers ----------------------------------------------------------------------------------
 
 
-def run_worker(cfg, sock: socket.socket, shared, worker: int) -> None:
+def run_worker(cfg, sock: socket.socket, shared, drained, worker: int) -> None:
     import uvloop
 
-    uvloop.run(_serve(cfg, sock, shared, worker))
+    uvloop.run(_serve(cfg, sock, shared, drained, worker))
 
 
-async def _serve(cfg, sock, shared, worker: int) -> None:
+async def _serve(cfg, sock, shared, drained, worker: int) -> None:
     from ._core import BackendTable
     from .server import start_proxy
 
@@ -108,7 +108,7 @@ async def _serve(cfg, sock, shared, worker: int) -> None:
     if shared is not None:
         table = BackendTable([b.max_inflight for b in cfg.backends], [b.weight for b in cfg.backends],
                              shared=shared, worker=worker, workers=cfg.workers)
-    server = await start_proxy(cfg, sock=sock, table=table, worker=worker)
+    server = await start_proxy(cfg, sock=sock, table=table, worker=worker, drained=drained)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,6 +131,7 @@ def supervise(cfg) -> None:
 
     n = len(cfg.backends)
     shared = mmap.mmap(-1, shared_size(n, cfg.workers))  # MAP_SHARED | MAP_ANONYMOUS
+    drained = mmap.mmap(-1, n)  # one byte per backend: draining (see admin.py)
     table = BackendTable([b.max_inflight for b in cfg.backends], [b.weight for b in cfg.backends],
                          shared=shared, worker=0, workers=cfg.workers)
     # Resolve the port (OLB_LISTEN may say :0) and hold it while workers come
@@ -161,7 +162,7 @@ def supervise(cfg) -> None:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 _die_with_parent(supervisor)
                 reserve.close()
-                run_worker(cfg, sock, shared, worker)
+                run_worker(cfg, sock, shared, drained, worker)
             except BaseException:
                 logging.getLogger("olb").exception("worker %d crashed", worker)
                 code = 1

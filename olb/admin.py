@@ -1,4 +1,9 @@
-"""olb's own endpoints under /olb/: status and health.
+"""olb's own endpoints under /olb/: status, health, and draining a backend.
+
+POST /olb/drain?backend=URL stops new requests to a backend (for an Ollama
+upgrade, a model pull, a reboot) without cutting the streams it is serving;
+POST /olb/undrain lets it take requests again. With several workers the
+flag lives in shared memory, so asking any worker drains it for all.
 
 These never touch a backend. /olb/health is what an outer load balancer or
 a systemd/Kubernetes probe asks: 200 while at least one backend is usable.
@@ -33,11 +38,44 @@ def status(ctx) -> dict:
     return doc
 
 
+def _find_backend(balancer, req) -> int | str:
+    """The backend a drain request names (URL, host:port or index), or an error text."""
+    from urllib.parse import parse_qs
+
+    wanted = None
+    query = req.target.partition(b"?")[2]
+    if query:
+        wanted = parse_qs(query.decode("latin-1")).get("backend", [None])[0]
+    if wanted is None and req.body:
+        try:
+            doc = orjson.loads(req.body)
+        except orjson.JSONDecodeError:
+            return "the body is not JSON: expected {\"backend\": \"http://host:port\"}"
+        wanted = doc.get("backend") if isinstance(doc, dict) else None
+    if wanted is None:
+        return "name the backend: ?backend=http://host:port or {\"backend\": \"http://host:port\"}"
+    wanted = str(wanted).rstrip("/")
+    for backend in balancer.backends:
+        if wanted in (backend.url, backend.spec.hostport, str(backend.index)):
+            return backend.index
+    return f"no backend {wanted!r}; backends: {', '.join(b.url for b in balancer.backends)}"
+
+
 def handle(req, ctx) -> tuple[int, bytes]:
     """Answer a request under /olb/; returns (status, full response bytes)."""
     closing = not req.keep_alive
     head_only = req.method == b"HEAD"
     path = req.path
+    if path in (b"/olb/drain", b"/olb/undrain"):
+        if req.method != b"POST":
+            return 405, error_response(req.target, 405, "method not allowed: use POST", closing=closing)
+        found = _find_backend(ctx.balancer, req)
+        if isinstance(found, str):
+            code = 404 if found.startswith("no backend") else 400
+            return code, error_response(req.target, code, found, closing=closing)
+        ctx.balancer.drain(found, path == b"/olb/drain")
+        row = ctx.balancer.status()["backends"][found]
+        return 200, simple_response(200, orjson.dumps(row), closing=closing)
     if path not in (b"/olb/status", b"/olb/health"):
         return 404, error_response(req.target, 404, f"no such olb endpoint: {path.decode('latin-1')}",
                                    closing=closing, head_only=head_only)

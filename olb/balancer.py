@@ -39,6 +39,8 @@ log = logging.getLogger("olb.balancer")
 
 #: Seconds between queue re-checks when other workers may free slots.
 QUEUE_POLL = 0.02
+#: Seconds between looks at the shared drain flags (several workers only).
+DRAIN_POLL = 0.25
 #: Back-off for probing a backend marked down: first retry, cap (seconds).
 PROBE_FIRST = 0.5
 PROBE_MAX = 30.0
@@ -47,13 +49,15 @@ PROBE_MAX = 30.0
 class Backend:
     """What a worker knows of one backend besides the table's counters."""
 
-    __slots__ = ("index", "spec", "url", "pool", "down_since", "last_error", "probe_delay", "probing")
+    __slots__ = ("index", "spec", "url", "pool", "up", "down_since", "last_error", "probe_delay", "probing")
 
     def __init__(self, index, spec, pool):
         self.index = index
         self.spec = spec
         self.url = spec.url
         self.pool = pool
+        #: Reachable, as far as the health checks know (draining is separate).
+        self.up = True
         self.down_since: float | None = None
         self.last_error = ""
         self.probe_delay = PROBE_FIRST
@@ -61,7 +65,8 @@ class Backend:
 
 
 class Balancer:
-    def __init__(self, config: Config, loop, protocol_factory, table: BackendTable | None = None):
+    def __init__(self, config: Config, loop, protocol_factory, table: BackendTable | None = None,
+                 drained=None):
         self.config = config
         self.loop = loop
         specs = config.backends
@@ -77,6 +82,10 @@ class Balancer:
         ]
         self.models = ModelDirectory(self.backends, config.models_interval, config.connect_timeout) \
             if config.models_interval > 0 else None
+        #: One byte per backend, 1 = draining: shared by all workers (an mmap
+        #: from the supervisor) so a drain asked of one worker holds in all.
+        self.drained = drained if drained is not None else bytearray(len(specs))
+        self._drained_seen = bytes(self.drained)
         self.queue = FairQueue(config.queue_size, config.client_queue or config.queue_size)
         #: Waiters per model, for the spread rule (see route()).
         self.queued_models: collections.Counter = collections.Counter()
@@ -200,28 +209,55 @@ class Balancer:
 
     # --- health ----------------------------------------------------------------------
 
+    def _apply_health(self, index: int) -> None:
+        """The table's health flag: reachable and not draining."""
+        accepting = self.backends[index].up and not self.drained[index]
+        if accepting != self.table.is_healthy(index):
+            self.table.set_health(index, accepting)
+            if accepting and self.queue:
+                self._drain_queue()
+
     def mark_down(self, index: int, reason: str) -> None:
         backend = self.backends[index]
         backend.last_error = reason
-        if self.table.is_healthy(index):
+        if backend.up:
             log.warning("backend %s marked down: %s", backend.url, reason)
-            self.table.set_health(index, False)
-            if self.models is not None:
-                self.models.forget(index)
+            backend.up = False
             backend.down_since = time.time()
             backend.probe_delay = PROBE_FIRST
+            self._apply_health(index)
+            if self.models is not None:
+                self.models.forget(index)
         if not backend.probing and not self._closed:
             backend.probing = True
             self._spawn(self._probe_until_up(backend))
 
     def mark_up(self, index: int) -> None:
         backend = self.backends[index]
-        if not self.table.is_healthy(index):
+        if not backend.up:
             log.warning("backend %s is back", backend.url)
-            self.table.set_health(index, True)
+            backend.up = True
             backend.down_since = None
-            if self.queue:
-                self._drain_queue()
+            self._apply_health(index)
+
+    def drain(self, index: int, draining: bool) -> None:
+        """Stop (or resume) sending new requests to a backend; running ones go on."""
+        self.drained[index] = 1 if draining else 0
+        log.warning("backend %s %s", self.backends[index].url, "draining" if draining else "undrained")
+        self._sync_drained()
+
+    def _sync_drained(self) -> None:
+        current = bytes(self.drained)
+        if current != self._drained_seen:
+            self._drained_seen = current
+            for i in range(len(self.backends)):
+                self._apply_health(i)
+
+    def _watch_drained(self) -> None:
+        # Other workers write the shared flags; look every DRAIN_POLL seconds.
+        self._sync_drained()
+        if not self._closed:
+            self.loop.call_later(DRAIN_POLL, self._watch_drained)
 
     async def probe(self, backend: Backend) -> str | None:
         """GET / on the backend; None when healthy, else what went wrong."""
@@ -262,10 +298,12 @@ class Balancer:
             for backend, error in zip(self.backends, results):
                 if error is None:
                     self.mark_up(backend.index)
-                elif self.table.is_healthy(backend.index):
+                elif backend.up:
                     self.mark_down(backend.index, error)
 
     def start(self) -> None:
+        if self.config.workers > 1:
+            self.loop.call_later(DRAIN_POLL, self._watch_drained)
         if self.config.health_interval > 0:
             self._spawn(self._active_health())
         if self.models is not None:
@@ -302,7 +340,8 @@ class Balancer:
         for backend, row in zip(self.backends, snap):
             backends.append({
                 "url": backend.url,
-                "healthy": row["healthy"],
+                "healthy": backend.up,
+                "draining": bool(self.drained[backend.index]),
                 "inflight": row["inflight"],
                 "local_inflight": row["local_inflight"],
                 "capacity": row["capacity"],

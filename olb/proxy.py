@@ -623,7 +623,7 @@ class MergedExchange:
         balancer = self.ctx.balancer
         models = balancer.models
         table = balancer.table
-        healthy = [i for i in range(table.n) if table.is_healthy(i)]
+        healthy = [b.index for b in balancer.backends if b.up]
         answered = await asyncio.gather(*(models.refresh(i) for i in healthy))
         self.task = None
         client = self.client

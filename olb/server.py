@@ -20,11 +20,12 @@ log = logging.getLogger("olb.server")
 
 
 class ProxyServer:
-    def __init__(self, config: Config, loop, table=None, worker: int = 0):
+    def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None):
         self.config = config
         self.loop = loop
         self.ctx = ProxyContext(config, loop, worker=worker)
-        self.ctx.balancer = self.balancer = Balancer(config, loop, BackendSideProtocol, table=table)
+        self.ctx.balancer = self.balancer = Balancer(config, loop, BackendSideProtocol, table=table,
+                                                         drained=drained)
         self._server = None
         self.port = 0
 
@@ -78,7 +79,7 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
 
 
 async def start_proxy(config: Config, *, sock: socket.socket | None = None, table=None,
-                      worker: int = 0) -> ProxyServer:
-    server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker)
+                      worker: int = 0, drained=None) -> ProxyServer:
+    server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker, drained=drained)
     await server.start(sock)
     return server

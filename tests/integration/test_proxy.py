@@ -647,3 +647,38 @@ def test_no_nvml_driver_means_neutral_weights(loop, monkeypatch):
     assert all(r.status == 200 for r in resps)
     assert [b["gpu_util"] for b in status["backends"]] == [None, None]
     assert status["gpu"]["available"] is False
+
+
+def test_drain_stops_new_requests_without_cutting_streams(loop):
+    async def main():
+        slow = SimConfig(token_rate=50, ttft=0, seed=3, num_predict_default=15, num_parallel=8)
+        cluster = await start_cluster(2, slow, models_interval=0, session_bound=0)
+        a, b = cluster.sims
+        try:
+            stream = await RawClient.connect(cluster.port)
+            stream.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"})
+            await asyncio.wait_for(stream.reader.readuntil(b'"done":false'), 5)
+            busy = 0 if a.stats.active else 1
+            url = cluster.sims[busy].url
+            bad = await fetch(cluster.port, "POST", "/olb/drain", {"backend": "http://nope:1"})
+            drained = await fetch(cluster.port, "POST", f"/olb/drain?backend={url}")
+            others = [await fetch(cluster.port, "POST", "/api/generate",
+                                  {"model": "llama3.2", "prompt": str(i), "stream": False}) for i in range(4)]
+            served_while_drained = cluster.sims[busy].stats.by_path.get("/api/generate", 0)
+            # The running stream was not cut: it ends normally.
+            finished = await asyncio.wait_for(stream.reader.readuntil(b"0\r\n\r\n"), 10)
+            stream.close()
+            status = (await fetch(cluster.port, "GET", "/olb/status")).json()
+            undrained = await fetch(cluster.port, "POST", "/olb/undrain", {"backend": url})
+            return bad, drained, others, served_while_drained, finished, status, undrained, busy
+        finally:
+            await cluster.close()
+
+    bad, drained, others, served, finished, status, undrained, busy = run(loop, main())
+    assert bad.status == 404 and "no backend" in bad.json()["error"]
+    assert drained.status == 200 and drained.json()["draining"] is True
+    assert all(r.status == 200 for r in others)
+    assert served == 1  # only the stream that was already running
+    assert b'"done":true' in finished
+    assert status["backends"][busy]["draining"] is True and status["backends"][busy]["healthy"] is True
+    assert undrained.status == 200 and undrained.json()["draining"] is False
