@@ -8,7 +8,8 @@ Where a request goes (read in this order):
     olb/proxy.py      the IO shell: ClientSideProtocol <-> BackendSideProtocol
     olb/http.py       sans-IO HTTP over h11: request heads in, bytes out
     olb/flow.py       flow control between the two sides of a proxied request
-    olb/balancer.py   backend choice (olb/_core.pyx), FIFO admission queue
+    olb/balancer.py   backend choice (olb/_core.pyx), admission queue, health, drain
+    olb/fairqueue.py  the queue's fair order across clients and priorities
     olb/pool.py       keep-alive backend connections
     olb/models.py     what each backend has installed and loaded (model routing)
     olb/_core.pyx     compiled: the backend table and the body-end scanner
