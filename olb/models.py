@@ -175,6 +175,16 @@ class ModelDirectory:
         self.loaded_mask(model)[index] = 1
         self.installed_mask(model)[index] = 1
 
+    def least_loaded(self, mask) -> bytearray | None:
+        """The part of `mask` whose backends have the fewest models loaded
+        (by their last /api/ps), or None when that is all of it."""
+        counts = [len(self.ps[i]) for i in range(self.n) if mask[i]]
+        if not counts:
+            return None
+        fewest = min(counts)
+        best = bytearray(1 if mask[i] and len(self.ps[i]) == fewest else 0 for i in range(self.n))
+        return None if best == mask else best
+
     def mark_missing(self, model: str, index: int) -> None:
         """The backend answered 404 for the model: it does not have it (any more)."""
         self.installed_mask(model)[index] = 0

@@ -324,7 +324,13 @@ class Exchange:
                 return
         installed = self._allowed(models.installed_mask(model))
         cold = bytearray(a & (not b) for a, b in zip(installed, loaded)) if any(loaded) else installed
-        index = balancer.acquire(cold, self.affinity)
+        # Load where it is cheapest: first among the backends with the fewest
+        # models resident (a load there is least likely to evict another),
+        # then anywhere it is installed.
+        cheapest = models.least_loaded(cold)
+        index = balancer.acquire(cheapest, self.affinity) if cheapest is not None else NO_BACKEND
+        if index == NO_BACKEND:
+            index = balancer.acquire(cold, self.affinity)
         if index != NO_BACKEND:
             # Requests that follow for this model now wait for this load, and
             # those already waiting for the model's warm backends may take it.

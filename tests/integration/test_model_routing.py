@@ -229,3 +229,23 @@ def test_conversations_stay_where_their_cache_is(loop):
     assert all(len(h) == 1 for h in homes.values())  # every turn on its conversation's backend
     assert len({next(iter(h)) for h in homes.values()}) >= 2  # conversations spread
     assert len(pinned) == 1
+
+
+def test_cold_model_loads_where_fewest_models_are_resident(loop):
+    async def main():
+        proxy, sims = await start([BASE] * 3)
+        try:
+            # Make models resident on backends 0 and 2 behind olb's back.
+            for i in (0, 2):
+                r = await fetch(sims[i].port, "POST", "/api/generate",
+                                {"model": "mistral", "prompt": "x", "stream": False})
+                assert r.status == 200
+            await proxy.balancer.models.refresh_all()
+            r = await fetch(proxy.port, "POST", "/api/generate",
+                            {"model": "qwen2.5:7b", "prompt": "x", "stream": False})
+            return r.status, [inference(s) for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    status, per_backend = run(loop, main())
+    assert status == 200 and per_backend == [1, 1, 1]  # 0 and 2 from the setup, qwen on 1

@@ -92,3 +92,14 @@ def test_conversation_identity_survives_later_turns():
     assert ids[0] == ids[1] != ids[2]
     model, prompt_id = parse_request(b'{"model":"m","prompt":"Once upon a time","system":"s"}')
     assert model == "m" and prompt_id == b"s\0Once upon a time"
+
+
+def test_least_loaded_prefers_backends_with_fewest_resident_models():
+    d = directory(3)
+    d.set_catalogue(0, [{"name": "m:latest"}], [{"name": "a:latest"}, {"name": "b:latest"}])
+    d.set_catalogue(1, [{"name": "m:latest"}], [])
+    d.set_catalogue(2, [{"name": "m:latest"}], [{"name": "a:latest"}])
+    assert d.least_loaded(bytearray(b"\x01\x01\x01")) == bytearray(b"\x00\x01\x00")
+    assert d.least_loaded(bytearray(b"\x01\x00\x01")) == bytearray(b"\x00\x00\x01")
+    assert d.least_loaded(bytearray(b"\x00\x01\x00")) is None  # already the whole mask
+    assert d.least_loaded(bytearray(3)) is None
