@@ -682,3 +682,41 @@ def test_drain_stops_new_requests_without_cutting_streams(loop):
     assert b'"done":true' in finished
     assert status["backends"][busy]["draining"] is True and status["backends"][busy]["healthy"] is True
     assert undrained.status == 200 and undrained.json()["draining"] is False
+
+
+def test_ejected_backend_returns_after_a_probe(loop):
+    async def main():
+        sims = [await start_sim(FAST) for _ in range(2)]
+        port = sims[0].port
+        proxy = await start_proxy(proxy_config([s.url for s in sims], models_interval=0, session_bound=0))
+        try:
+            await sims[0].close()
+            backend = proxy.balancer.backends[0]
+            statuses = []
+            for i in range(30):  # ties break at random: until one lands on the dead one
+                statuses.append((await fetch(proxy.port, "POST", "/api/generate",
+                                             {"model": "llama3.2", "prompt": str(i), "stream": False})).status)
+                if not backend.up:
+                    break
+            ejected = not backend.up
+            # The same instance comes back on its port; the back-off probe
+            # (GET /) finds it and lets it take requests again.
+            sims[0] = await start_sim(FAST, port=port)
+            for _ in range(300):
+                if backend.up:
+                    break
+                await asyncio.sleep(0.01)
+            back = backend.up
+            for i in range(6):
+                await fetch(proxy.port, "POST", "/api/generate",
+                            {"model": "llama3.2", "prompt": f"again {i}", "stream": False})
+            return statuses, ejected, back, sims[0].stats.by_path.get("/api/generate", 0)
+        finally:
+            await proxy.close()
+            for s in sims:
+                await s.close()
+
+    statuses, ejected, back, served_after = run(loop, main())
+    assert set(statuses) == {200}  # the failed attempt was retried on the other backend
+    assert ejected and back
+    assert served_after > 0
