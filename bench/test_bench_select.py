@@ -1,0 +1,94 @@
+"""Micro-benchmarks of a whole routing decision and of request-head parsing.
+
+    .venv/bin/pytest bench/test_bench_select.py --benchmark-only
+
+Groups (each with its baseline first):
+    decide n=64         plain acquire+release (baseline); with a model's
+                        warm-backend mask; conversation affinity
+                        (acquire_affine); affinity under a mask with GPU
+                        loads pushed in.
+    request head        h11 alone on an ollama-python request head (baseline)
+                        vs olb's RequestReader cycle (h11 + body + the
+                        upstream head olb writes).
+
+One round of a decide group is PAIRS acquire+release pairs: divide by PAIRS.
+"""
+
+import h11
+import pytest
+
+from olb._core import BackendTable
+from olb.http import RequestReader, upstream_head
+
+PAIRS = 100
+N = 64
+
+BODY = b'{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":true}'
+REQ = (b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:11434\r\n"
+       b"User-Agent: ollama-python/0.6.3 (x86_64 linux) Python/3.11.7\r\n"
+       b"Accept: application/json\r\nContent-Type: application/json\r\n"
+       b"Accept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n"
+       b"Content-Length: %d\r\n\r\n" % len(BODY)) + BODY
+
+
+def table_with_load():
+    table = BackendTable([8] * N, seed=1)
+    held = [table.acquire() for _ in range(N * 3)]  # a fleet three requests deep
+    return table, held
+
+
+def run_pairs(acquire, release):
+    for _ in range(PAIRS):
+        release(acquire())
+
+
+@pytest.mark.parametrize("case", ["plain", "model mask", "affinity", "affinity+mask+gpu"])
+def test_decide(benchmark, case):
+    table, _ = table_with_load()
+    mask = bytearray(N)
+    for i in range(0, N, 4):
+        mask[i] = 1  # the model is warm on a quarter of the fleet
+    if case == "plain":
+        acquire = table.acquire
+    elif case == "model mask":
+        def acquire():
+            return table.acquire(mask)
+    elif case == "affinity":
+        def acquire():
+            return table.acquire_affine(0x5DEECE66D, None, 1.25)
+    else:
+        for i in range(N):
+            table.set_gpu_load(i, (i % 10) / 10, 0.5)
+
+        def acquire():
+            return table.acquire_affine(0x5DEECE66D, mask, 1.25)
+    benchmark.group = f"decide n={N}"
+    benchmark.extra_info.update({"case": case, "pairs": PAIRS})
+    benchmark(run_pairs, acquire, table.release)
+
+
+def test_head_h11_only(benchmark):
+    def parse():
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(REQ)
+        conn.next_event()
+        conn.next_event()
+        conn.next_event()
+
+    benchmark.group = "request head"
+    benchmark.extra_info["what"] = "h11 Request + Data + EndOfMessage"
+    benchmark(parse)
+
+
+def test_head_olb_cycle(benchmark):
+    reader = RequestReader(1 << 20)
+
+    def cycle():
+        reader.receive(REQ)
+        req = reader.next_request()
+        upstream_head(req, b"127.0.0.1:11435", b"127.0.0.1")
+        reader.finish_response(200, False)
+
+    benchmark.group = "request head"
+    benchmark.extra_info["what"] = "RequestReader cycle + upstream head"
+    benchmark(cycle)
