@@ -14,6 +14,11 @@ the URL after `;`, so the whole cluster fits in one variable:
     max=N      concurrent requests this backend takes (default OLB_MAX_INFLIGHT)
     weight=W   relative share of traffic, W > 0 (default 1)
     gpus=I+J   NVML indices of the GPUs behind it, joined by '+' (default none)
+    metrics=URL  a Prometheus endpoint with the DCGM exporter's GPU metrics for
+               a remote host (dcgm-exporter or olb-agent), e.g.
+               http://10.0.0.7:9400/metrics, or :9400 for the backend's own
+               host; with it, gpus= selects the endpoint's `gpu` labels (default
+               all of them) and NVML is not asked about this backend
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class BackendSpec:
     max_inflight: int
     weight: float = 1.0
     gpus: tuple[int, ...] = ()
+    metrics: str = ""  # DCGM-format /metrics URL of a remote host's GPUs; "" = none
 
     @property
     def hostport(self) -> str:
@@ -185,7 +191,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_LISTEN", "listen", "127.0.0.1:11434", _listen,
             "Address to listen on, HOST:PORT (Ollama's own default port)."),
     Setting("OLB_BACKENDS", "backends", "", _raw,
-            "Comma-separated backend URLs, each optionally followed by ;max=N;weight=W;gpus=I+J."),
+            "Comma-separated backend URLs, each optionally followed by "
+            ";max=N;weight=W;gpus=I+J;metrics=URL."),
     Setting("OLB_MAX_INFLIGHT", "max_inflight", "8", _int_at_least(1),
             "Default concurrent requests per backend (a backend's `max=` overrides it); "
             "beyond it requests wait in olb's queue."),
@@ -210,7 +217,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_HEALTH_INTERVAL", "health_interval", "5", _non_negative_float,
             "Seconds between active health checks (GET /) of each backend; 0 = off."),
     Setting("OLB_GPU_POLL", "gpu_poll", "1", _non_negative_float,
-            "Seconds between NVML polls of the GPUs named by `gpus=`; 0 = off."),
+            "Seconds between NVML polls of the GPUs named by `gpus=` and scrapes of `metrics=` "
+            "endpoints; 0 = off."),
     Setting("OLB_MODELS_INTERVAL", "models_interval", "10", _non_negative_float,
             "Seconds between reads of each backend's /api/tags and /api/ps (what it has installed "
             "and loaded); 0 = route without knowing models."),
@@ -279,8 +287,10 @@ def parse_backends(raw: str, default_max: int, var: str = "OLB_BACKENDS") -> tup
                     fields["weight"] = weight
                 elif key == "gpus":
                     fields["gpus"] = tuple(_int_at_least(0)(g) for g in value.split("+"))
+                elif key == "metrics":
+                    fields["metrics"] = _metrics_url(value, parts.hostname)
                 else:
-                    raise ValueError("one of max=, weight=, gpus=")
+                    raise ValueError("one of max=, weight=, gpus=, metrics=")
             except ValueError as exc:
                 raise ConfigError(f"{var}: bad option {opt!r} for {url}: expected {exc}") from None
         key = (parts.hostname, port)
@@ -289,6 +299,26 @@ def parse_backends(raw: str, default_max: int, var: str = "OLB_BACKENDS") -> tup
         seen.add(key)
         specs.append(BackendSpec(url=f"http://{parts.netloc}", host=parts.hostname, port=port, **fields))
     return tuple(specs)
+
+
+def _metrics_url(raw: str, backend_host: str) -> str:
+    """metrics=: `http://HOST:PORT/PATH` (path default /metrics) or `:PORT[/PATH]` on the backend's host."""
+    expected = f"an http URL like http://10.0.0.7:9400/metrics, or :9400 for the backend's host, got {raw!r}"
+    raw = raw.strip()
+    if raw.startswith(":"):
+        host = f"[{backend_host}]" if ":" in backend_host else backend_host
+        raw = f"http://{host}{raw}"
+    elif "://" not in raw:
+        raw = "http://" + raw
+    parts = urlsplit(raw)
+    try:
+        parts.port  # raises ValueError for a port that is out of range or not a number
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme != "http" or not parts.hostname or parts.fragment:
+        raise ValueError(expected)
+    path = parts.path or "/metrics"
+    return f"http://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
 
 
 def build_parser() -> argparse.ArgumentParser:

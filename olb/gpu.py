@@ -38,7 +38,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, TypedDict
 
-__all__ = ["GpuMonitor", "GpuReading"]
+__all__ = ["GpuMonitor", "GpuReading", "NvmlUnavailable", "combine", "make_reading", "open_nvml",
+           "read_gpu"]
 
 #: Seconds stop() waits for the polling thread; a poll is a handful of NVML
 #: calls (microseconds to milliseconds), so this only matters for a hung driver.
@@ -188,26 +189,10 @@ class GpuMonitor:
         return readings
 
     def _initialise(self) -> None:
-        # Import and nvmlInit happen here, never at module import: a machine
-        # without a driver (CI, a CPU-only proxy host) must not pay or fail.
-        nvml = self._nvml
-        if nvml is None:
-            try:
-                nvml = importlib.import_module("pynvml")
-            except ImportError as exc:
-                self._unavailable(f"pynvml is not installed ({exc})")
-                return
         try:
-            nvml.nvmlInit()
-        except nvml.NVMLError as exc:
-            # LibraryNotFound (no driver), DriverNotLoaded, NoPermission...
-            self._unavailable(f"{type(exc).__name__}: {exc}")
-            return
-        try:
-            count = nvml.nvmlDeviceGetCount()
-        except nvml.NVMLError as exc:
-            nvml.nvmlShutdown()
-            self._unavailable(f"nvmlDeviceGetCount: {type(exc).__name__}: {exc}")
+            nvml, count = open_nvml(self._nvml)
+        except NvmlUnavailable as exc:
+            self._unavailable(str(exc))
             return
         self._nvml = nvml
         self._state = "ready"
@@ -237,8 +222,7 @@ class GpuMonitor:
                 handle = self._handles.get(g)
                 if handle is None:
                     handle = self._handles[g] = nvml.nvmlDeviceGetHandleByIndex(g)
-                util = nvml.nvmlDeviceGetUtilizationRates(handle)
-                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+                readings[g] = read_gpu(nvml, handle)
             except nvml.NVMLError as exc:
                 failed.add(g)
                 # A lost GPU ("GPU is lost", a driver reload) invalidates the
@@ -253,14 +237,6 @@ class GpuMonitor:
             if g in self._failing:
                 self._failing.discard(g)
                 self._log.info("GPU %d reads again", g)
-            total = int(mem.total)
-            free = min(max(int(mem.free), 0), total)
-            readings[g] = {
-                "util": min(max(util.gpu / 100.0, 0.0), 1.0),
-                "mem_free": free / total if total > 0 else 0.0,
-                "mem_free_bytes": free,
-                "mem_total": total,
-            }
         return readings, failed
 
     def _push(self, readings: dict[int, GpuReading], failed: set[int]) -> None:
@@ -272,13 +248,78 @@ class GpuMonitor:
             if any(g in failed for g in present):
                 stale.append(i)
                 continue
-            util = sum(readings[g]["util"] for g in present) / len(present)
-            total = sum(readings[g]["mem_total"] for g in present)
-            free = sum(readings[g]["mem_free_bytes"] for g in present)
-            mem_free = free / total if total > 0 else 0.0
-            self._table.set_gpu_load(i, util, mem_free)
+            self._table.set_gpu_load(i, *combine([readings[g] for g in present]))
         self._clear_backends(stale)
 
     def _clear_backends(self, backends: Iterable[int]) -> None:
         for i in backends:
             self._table.clear_gpu_load(i)
+
+
+# -- shared with olb.telemetry (DCGM scrapes) and olb.agent (the exporter) -------
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used on this machine; str() says why."""
+
+
+def open_nvml(nvml: Any = None) -> tuple[Any, int]:
+    """Import pynvml (unless a module is given), initialise NVML, count the GPUs.
+
+    The import and nvmlInit happen here, never at module import: a machine
+    without a driver (CI, a CPU-only proxy host) must not pay or fail.
+
+    Returns:
+        (the pynvml module, the number of GPUs NVML sees).
+
+    Raises:
+        NvmlUnavailable: pynvml is missing, or NVML failed to initialise
+            (LibraryNotFound = no driver, DriverNotLoaded, NoPermission...).
+    """
+    if nvml is None:
+        try:
+            nvml = importlib.import_module("pynvml")
+        except ImportError as exc:
+            raise NvmlUnavailable(f"pynvml is not installed ({exc})") from None
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        raise NvmlUnavailable(f"{type(exc).__name__}: {exc}") from None
+    try:
+        count = nvml.nvmlDeviceGetCount()
+    except nvml.NVMLError as exc:
+        nvml.nvmlShutdown()
+        raise NvmlUnavailable(f"nvmlDeviceGetCount: {type(exc).__name__}: {exc}") from None
+    return nvml, count
+
+
+def read_gpu(nvml: Any, handle: Any) -> GpuReading:
+    """One GPU's utilisation and memory through NVML; raises nvml.NVMLError."""
+    util = nvml.nvmlDeviceGetUtilizationRates(handle)
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    return make_reading(util.gpu, mem.free, mem.total)
+
+
+def make_reading(util_percent: float, free_bytes: int, total_bytes: int) -> GpuReading:
+    """A GpuReading from raw figures, clamped into the table's ranges."""
+    total = int(total_bytes)
+    free = min(max(int(free_bytes), 0), total)
+    return {
+        "util": min(max(util_percent / 100.0, 0.0), 1.0),
+        "mem_free": free / total if total > 0 else 0.0,
+        "mem_free_bytes": free,
+        "mem_total": total,
+    }
+
+
+def combine(readings: Sequence[GpuReading]) -> tuple[float, float]:
+    """One backend's (util, mem_free) over its GPUs, for set_gpu_load.
+
+    Utilisation is the mean (a model split across GPUs is as busy as its
+    average card); free memory is sum(free) / sum(total), the pool the
+    backend can place models in.  `readings` must not be empty.
+    """
+    util = sum(r["util"] for r in readings) / len(readings)
+    total = sum(r["mem_total"] for r in readings)
+    free = sum(r["mem_free_bytes"] for r in readings)
+    return util, (free / total if total > 0 else 0.0)

@@ -28,6 +28,7 @@ class ProxyServer:
                                                          drained=drained)
         self._server = None
         self.port = 0
+        self.telemetry = None  # telemetry.TelemetryScraper when a backend has metrics=
 
     @property
     def url(self) -> str:
@@ -42,12 +43,20 @@ class ProxyServer:
             lambda: ClientSideProtocol(self.ctx), sock=sock, backlog=2048)
         self.port = sock.getsockname()[1]
         self.balancer.start()
-        gpu_map = [b.gpus for b in cfg.backends]
+        # A backend with metrics= is remote: its gpus= are the scraped page's
+        # `gpu` labels, not this machine's NVML indices.
+        gpu_map = [() if b.metrics else b.gpus for b in cfg.backends]
         if cfg.gpu_poll > 0 and any(gpu_map):
             from .gpu import GpuMonitor
 
             self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=cfg.gpu_poll)
             self.ctx.gpu.start()
+        if cfg.gpu_poll > 0 and any(b.metrics for b in cfg.backends):
+            from .telemetry import TelemetryScraper
+
+            self.telemetry = TelemetryScraper(self.balancer.table, cfg.backends, interval=cfg.gpu_poll,
+                                              loop=self.loop)
+            self.telemetry.start()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -57,6 +66,8 @@ class ProxyServer:
         await self.balancer.close()
         if self.ctx.gpu is not None:
             self.ctx.gpu.stop()
+        if self.telemetry is not None:
+            await self.telemetry.close()
         if self._server is not None:
             await self._server.wait_closed()
 
