@@ -31,6 +31,7 @@ def status(ctx) -> dict:
         "workers": ctx.config.workers,
         "uptime_s": round(time.monotonic() - ctx.started, 3),
         "clients": len(ctx.clients),
+        "telemetry": ctx.telemetry.status() if ctx.telemetry is not None else None,
         "gpu": ({"available": gpu.available,
                  "readings": {str(i): r for i, r in gpu.readings.items()}}
                 if gpu is not None else None),

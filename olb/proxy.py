@@ -66,7 +66,7 @@ OVER_SHARE_TEXT = ("too many requests waiting from this client, please try again
 class ProxyContext:
     """What every connection of one worker shares."""
 
-    __slots__ = ("config", "loop", "balancer", "clients", "gpu", "started", "worker")
+    __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -74,6 +74,7 @@ class ProxyContext:
         self.balancer = balancer
         self.clients: set = set()
         self.gpu = None
+        self.telemetry = None
         self.started = 0.0
         self.worker = worker
 

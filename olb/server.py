@@ -57,6 +57,7 @@ class ProxyServer:
             self.telemetry = TelemetryScraper(self.balancer.table, cfg.backends, interval=cfg.gpu_poll,
                                               loop=self.loop)
             self.telemetry.start()
+            self.ctx.telemetry = self.telemetry
 
     async def close(self) -> None:
         if self._server is not None:

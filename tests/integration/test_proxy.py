@@ -597,8 +597,9 @@ def test_gpu_load_steers_requests(loop, monkeypatch):
     async def main():
         slow = SimConfig(token_rate=20, ttft=0, seed=3, num_parallel=8, num_predict_default=100)
         sims = [await start_sim(slow) for _ in range(2)]
+        # No model or conversation affinity: only the GPU loads separate the two.
         proxy = await start_proxy(proxy_config([s.url for s in sims], backend_opts=[";gpus=0", ";gpus=1"],
-                                               gpu_poll=0.05))
+                                               gpu_poll=0.05, models_interval=0, session_bound=0))
         try:
             proxy.ctx.gpu.poll_once()  # do not wait for the thread's first poll
             status = (await fetch(proxy.port, "GET", "/olb/status")).json()
