@@ -249,3 +249,59 @@ def test_cold_model_loads_where_fewest_models_are_resident(loop):
 
     status, per_backend = run(loop, main())
     assert status == 200 and per_backend == [1, 1, 1]  # 0 and 2 from the setup, qwen on 1
+
+
+def test_loaded_is_preferred_over_installed(loop):
+    async def main():
+        proxy, sims = await start([BASE] * 3, session_bound=0)
+        try:
+            # llama3.2 becomes resident on backend 1 only (behind olb's back).
+            await fetch(sims[1].port, "POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
+            await proxy.balancer.models.refresh_all()
+            for i in range(6):
+                r = await fetch(proxy.port, "POST", "/api/generate",
+                                {"model": "llama3.2", "prompt": str(i), "stream": False})
+                assert r.status == 200
+            return [inference(s) for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    assert run(loop, main()) == [0, 7, 0]
+
+
+def test_conversation_moves_when_its_backend_is_overloaded(loop):
+    """The load bound: a conversation's turn leaves its backend while that
+    backend is far busier than the average, and comes back after."""
+
+    async def main():
+        proxy, sims = await start([BASE] * 2, max_inflight=16)
+        table = proxy.balancer.table
+        try:
+            for i in range(2):
+                proxy.balancer.models.mark_loaded("llama3.2:latest", i)
+            body = {"model": "llama3.2", "messages": [{"role": "user", "content": "same conversation"}],
+                    "stream": False}
+
+            async def turn():
+                before = [inference(s, "/api/chat") for s in sims]
+                r = await fetch(proxy.port, "POST", "/api/chat", body)
+                assert r.status == 200
+                return [inference(s, "/api/chat") - b for s, b in zip(sims, before)].index(1)
+
+            home = await turn()
+            # Six other requests in flight on the home backend (held in the
+            # table, as the proxy would hold them): 7 > ceil(1.25 * 7 / 2).
+            only_home = bytearray(2)
+            only_home[home] = 1
+            held = [table.acquire(only_home) for _ in range(6)]
+            away = await turn()
+            for index in held:
+                table.release(index)
+            back = await turn()
+            return home, away, back
+        finally:
+            await stop(proxy, sims)
+
+    home, away, back = run(loop, main())
+    assert away == 1 - home
+    assert back == home
