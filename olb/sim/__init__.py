@@ -3,7 +3,8 @@
     olb/sim/config.py     SimConfig: the knobs and their defaults
     olb/sim/catalogue.py  installed models, name normalisation (llama3.2 -> llama3.2:latest)
     olb/sim/tokens.py     deterministic text, prompt token counts
-    olb/sim/engine.py     slots, FIFO wait, max_queue, time to first token, token rate
+    olb/sim/engine.py     Ollama's scheduler: pending queue, loads, eviction, keep-alive, slots, timing
+    olb/sim/gpu.py        the simulated GPU: profiles, memory, speeds, sharing, DCGM /metrics text
     olb/sim/api.py        handlers: validation, Ollama's error texts, response bodies
     olb/sim/gojson.py     Go's JSON: encoding quirks, decoder error texts, durations
     olb/sim/clock.py      timestamps in Go's formats, real or frozen

@@ -40,7 +40,8 @@ from olb.sim import gojson
 from olb.sim.catalogue import Catalogue, ModelName, known_spec, parse_name
 from olb.sim.clock import Clock
 from olb.sim.config import SimConfig
-from olb.sim.engine import Engine, Generation, SlotHold, decode_interval, prefill_seconds
+from olb.sim.engine import REJECTED, Engine, Generation, SlotHold, decode_interval, prefill_seconds
+from olb.sim.gpu import DCGM_CONTENT_TYPE, dcgm_text
 from olb.sim.gojson import DecodeError, EmptyBody, go_dumps, go_quote, go_string
 from olb.sim.tokens import corpus, count_prompt_tokens, prompt_ids
 
@@ -58,9 +59,6 @@ NOMINAL_FAST_TOKEN_NS = 100_000
 # Template tokens around the user's text (llama3 template with system header).
 GENERATE_OVERHEAD = 20
 CHAT_MESSAGE_OVERHEAD = 4
-# KV/compute-graph overhead of a loaded runner beyond weights and KV cache.
-GRAPH_BYTES = 256 << 20
-EMBED_GRAPH_BYTES = 64 << 20
 
 _INT_OPTIONS = frozenset({"num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "mirostat",
                           "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread"})
@@ -138,6 +136,13 @@ class Api:
             "/v1/embeddings": {"POST": self.oai_embeddings},
             "/v1/models": {"GET": self.oai_models},
         }
+        if engine.gpu is not None:
+            # Not Ollama's: dcgm-exporter's endpoint, served here so one
+            # instance is both the backend and its GPU telemetry.
+            self.routes["/metrics"] = {"GET": self.dcgm_metrics}
+        # DCGM labels (server.py sets the instance's own).
+        self.gpu_uuid = "GPU-00000000-0000-0000-0000-000000000000"
+        self.hostname = "localhost"
 
     # --- routing ------------------------------------------------------------
 
@@ -251,8 +256,18 @@ class Api:
         h = hashlib.blake2b(req.body, digest_size=8, key=str(self.config.seed).encode()[:64]).digest()
         return int.from_bytes(h, "little") % 999
 
-    def _runner(self, entry, keep_alive):
-        return self.engine.runner(entry, keep_alive)
+    def _acquire(self, w, style, entry, body, then) -> None:
+        """Get the model's runner (at once, or after the scheduler loads it)
+        and continue with then(runner); 503 if the pending queue is full."""
+        ctx = (body.get("options") or {}).get("num_ctx")
+        if isinstance(ctx, bool) or not isinstance(ctx, (int, float)) or ctx <= 0:
+            ctx = None
+        pending = self.engine.acquire(entry, body.get("keep_alive"), then, ctx)
+        if pending is REJECTED:
+            self.stats.rejected += 1
+            self._error(w, style, 503, QUEUE_FULL)
+        elif pending is not None and w.job is None and not w.done:
+            w.job = pending
 
     def metrics(self, gen: Generation, t_req: float, prompt_tokens: int) -> dict:
         """The six api.Metrics fields in integer ns (spec §2.1), all > 0
@@ -260,7 +275,10 @@ class Api:
         nominal under deterministic_time."""
         cfg = self.config
         n = gen.limit
+        if self.engine.gpu is not None:
+            return self._gpu_metrics(gen, t_req, prompt_tokens)
         interval = decode_interval(cfg.token_rate, gen.runner.spec.speed, 1, 0.0)
+        scale = cfg.time_scale
         if cfg.deterministic_time:
             load = NOMINAL_LOAD_NS
             prompt = max(1, round(gen.prefill * 1e9))
@@ -268,10 +286,28 @@ class Api:
             ev = max(1, ev)
             total = load + prompt + ev
         else:
-            load = max(1, round((gen.t_submit - t_req) * 1e9))
-            prompt = max(1, round((gen.t_first - gen.t_granted) * 1e9))
-            ev = max(1, round((gen.t_end - gen.t_first + interval) * 1e9))
-            total = max(round((gen.t_end - t_req) * 1e9), load + prompt + ev)
+            load = max(1, round((gen.t_submit - t_req) * scale * 1e9))
+            prompt = max(1, round((gen.t_first - gen.t_granted) * scale * 1e9))
+            ev = max(1, round(((gen.t_end - gen.t_first) * scale + interval) * 1e9))
+            total = max(round((gen.t_end - t_req) * scale * 1e9), load + prompt + ev)
+        out = {"total_duration": total, "load_duration": load, "prompt_eval_count": prompt_tokens,
+               "prompt_eval_duration": prompt}
+        if n:
+            out["eval_count"] = n
+            out["eval_duration"] = ev
+        return out
+
+    def _gpu_metrics(self, gen: Generation, t_req: float, prompt_tokens: int) -> dict:
+        """GPU mode: measured and scaled back to simulated time.
+        load_duration covers the pending queue, evictions and the load;
+        prompt_eval_duration only the tokens the slot's cache lacked; the
+        first token is credited one decode round (it comes out of the prefill)."""
+        scale = self.config.time_scale
+        n = gen.limit
+        load = max(1, round((gen.t_submit - t_req) * scale * 1e9))
+        prompt = max(1, round((gen.t_first - gen.t_granted) * scale * 1e9))
+        ev = max(1, round(((gen.t_end - gen.t_first) * scale + gen.step) * 1e9))
+        total = max(round((gen.t_end - t_req) * scale * 1e9), load + prompt + ev)
         out = {"total_duration": total, "load_duration": load, "prompt_eval_count": prompt_tokens,
                "prompt_eval_duration": prompt}
         if n:
@@ -301,29 +337,27 @@ class Api:
         models = [self._tag_entry(e) for e in self.catalogue.listing()]
         w.respond(200, JSON_UTF8, go_dumps({"models": models}))
 
-    def _loaded_size(self, runner) -> int:
-        spec = runner.spec
-        graph = EMBED_GRAPH_BYTES if spec.embedding_only else GRAPH_BYTES
-        ctx = min(runner.num_ctx, spec.context_length)
-        return spec.size + spec.kv_bytes_per_token() * ctx * runner.parallel + graph
-
     def ps(self, req, w):
-        # PsHandler: longest remaining first (stable, compared in whole seconds).
+        # PsHandler: longest remaining first (stable, compared in whole
+        # seconds).  Loading models are listed, expiring now + keep_alive.
         runners = sorted(self.engine.loaded(), key=lambda r: -int(r.expires_at))
         models = []
         for r in runners:
-            size = self._loaded_size(r)
             models.append({
                 "name": r.model.name.display,
                 "model": r.model.name.display,
-                "size": size,
+                "size": r.size,
                 "digest": r.model.digest,
                 "details": r.spec.details(),
                 "expires_at": self.clock.local(int(r.expires_at * 1e9)),
-                "size_vram": size,
+                "size_vram": r.size_vram,
                 "context_length": min(r.num_ctx, r.spec.context_length),
             })
         w.respond(200, JSON_UTF8, go_dumps({"models": models}))
+
+    def dcgm_metrics(self, req, w):
+        """dcgm-exporter's /metrics for the simulated GPU."""
+        w.respond(200, DCGM_CONTENT_TYPE, dcgm_text(self.engine.gpu, self.gpu_uuid, self.hostname))
 
     def show(self, req, w):
         body = self._decode(req, w, gojson.SHOW)
@@ -346,7 +380,7 @@ class Api:
             '# Modelfile generated by "ollama show"\n'
             "# To build a new Modelfile based on this, replace FROM with:\n"
             f"# FROM {entry.name.display}\n\n"
-            f"FROM /root/.ollama/models/blobs/sha256-{hashlib.sha256(entry.digest.encode()).hexdigest()}\n"
+            f"FROM {entry.blob_path}\n"
             f'TEMPLATE """{spec.template}"""\n'
         )
         out = {
@@ -418,9 +452,9 @@ class Api:
         bad = self._check_options(options)
         if bad:
             return self._error(w, style, 500, bad)
-        runner = self._runner(entry, keep_alive)
         if not prompt:
-            return self._load_reply(w, oai, model_in, "load", chat=False)
+            return self._acquire(w, style, entry, body,
+                                 lambda runner: self._load_reply(w, oai, model_in, "load", chat=False))
         system = body.get("system") or ""
         text = system + prompt
         prompt_tokens = count_prompt_tokens(text, 0 if raw else GENERATE_OVERHEAD)
@@ -429,17 +463,27 @@ class Api:
         stream = body.get("stream")
         if oai:
             sink_cls = OaiCompletionStream if oai["stream"] else OaiCompletionJson
+            stream = bool(oai["stream"])
         else:
             stream = stream is None or stream
             sink_cls = GenerateStream if stream else GenerateJson
         sink = sink_cls(self, w, req, model_in, offset, reason, prompt_tokens, oai)
         sink.context = None if raw or oai else (text, prompt_tokens)
-        self._run(w, style, sink, runner, n, prompt_tokens, bool(oai["stream"]) if oai else stream)
+        corpus_text = self.corpus.text
+        self._acquire(w, style, entry, body, lambda runner: self._run(
+            w, style, sink, runner, n, prompt_tokens, stream, text,
+            lambda k: corpus_text(offset, k)))
 
-    def _run(self, w, style, sink, runner, n, prompt_tokens, stream):
+    def _run(self, w, style, sink, runner, n, prompt_tokens, stream, text, cache_tail):
+        """Start the generation on `runner` (a slot, or the slot queue)."""
+        if w.done:
+            return
         cfg = self.config
         prefill = prefill_seconds(cfg.ttft, prompt_tokens, cfg.prompt_rate)
         gen = Generation(self.engine, runner, sink, n, prefill, stream)
+        gen.prompt_tokens = prompt_tokens
+        gen.prompt_text = text
+        gen.cache_tail = cache_tail
         if not gen.start():
             self.stats.rejected += 1
             return self._error(w, style, 503, QUEUE_FULL)
@@ -504,9 +548,9 @@ class Api:
         bad = self._check_options(options)
         if bad:
             return self._error(w, style, 500, bad)
-        runner = self._runner(entry, keep_alive)
         if not messages:
-            return self._load_reply(w, None, model_in, "load", chat=True)
+            return self._acquire(w, style, entry, body,
+                                 lambda runner: self._load_reply(w, None, model_in, "load", chat=True))
         parts = []
         for m in messages:
             if m:
@@ -523,7 +567,12 @@ class Api:
             stream = stream is None or stream
             sink_cls = ChatStream if stream else ChatJson
         sink = sink_cls(self, w, req, model_in, offset, reason, prompt_tokens, oai)
-        self._run(w, style, sink, runner, n, prompt_tokens, stream)
+        corpus_text = self.corpus.text
+        # The slot's cache after this turn holds the assistant's reply the
+        # way the next turn's messages will render it.
+        self._acquire(w, style, entry, body, lambda runner: self._run(
+            w, style, sink, runner, n, prompt_tokens, stream, text,
+            lambda k: f"assistant\n{corpus_text(offset, k)}\n"))
 
     # --- embeddings -----------------------------------------------------------
 
@@ -556,7 +605,11 @@ class Api:
         bad = self._check_options(body.get("options"))
         if bad:
             return self._error(w, style, 500, bad)
-        runner = self._runner(entry, body.get("keep_alive"))
+        self._acquire(w, style, entry, body, lambda runner: self._embed_on(
+            req, w, body, oai, style, name, entry, model_in, inputs, runner))
+
+    def _embed_on(self, req, w, body, oai, style, name, entry, model_in, inputs, runner):
+        """EmbedHandler once the scheduler has the runner."""
         if not inputs:
             if oai:
                 # ToEmbeddingList with nil embeddings: an empty EmbeddingList.
@@ -582,11 +635,12 @@ class Api:
                 out = {"object": "list", "data": data, "model": oai["model"],
                        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
                 return w.respond(200, JSON, go_dumps(out) + b"\n")
-            if self.config.deterministic_time:
+            scale = self.config.time_scale
+            if self.config.deterministic_time and self.engine.gpu is None:
                 load, total = NOMINAL_LOAD_NS, NOMINAL_LOAD_NS + max(1, round(hold.duration * 1e9))
             else:
-                load = max(1, round((hold.t_submit - req.t_start) * 1e9))
-                total = max(load + 1, round((hold.t_end - req.t_start) * 1e9))
+                load = max(1, round((hold.t_submit - req.t_start) * scale * 1e9))
+                total = max(load + 1, round((hold.t_end - req.t_start) * scale * 1e9))
             w.respond(200, JSON_UTF8, go_dumps({"model": model_in, "embeddings": vecs,
                                                 "total_duration": total, "load_duration": load,
                                                 "prompt_eval_count": prompt_tokens}))
@@ -594,8 +648,14 @@ class Api:
         self._hold(w, style, runner, prompt_tokens, done)
 
     def _hold(self, w, style, runner, prompt_tokens, done):
+        if w.done:
+            return
         cfg = self.config
-        hold = SlotHold(self.engine, runner, prefill_seconds(cfg.ttft, prompt_tokens, cfg.prompt_rate), done)
+        if self.engine.gpu is None:
+            work = prefill_seconds(cfg.ttft, prompt_tokens, cfg.prompt_rate)
+        else:
+            work = max(1, prompt_tokens) / runner.prompt_rate
+        hold = SlotHold(self.engine, runner, work, done)
         if not hold.start():
             self.stats.rejected += 1
             return self._error(w, style, 503, QUEUE_FULL)
@@ -617,10 +677,7 @@ class Api:
         bad = self._check_options(body.get("options"))
         if bad:
             return self._error(w, _Style.NATIVE, 500, bad)
-        runner = self._runner(entry, body.get("keep_alive"))
         prompt = body.get("prompt") or ""
-        if not prompt:
-            return w.respond(200, JSON_UTF8, b'{"embedding":[]}')
         spec = entry.spec
 
         def done(hold):
@@ -628,7 +685,12 @@ class Api:
             # float32 values widened to float64 print with their full digits.
             w.respond(200, JSON_UTF8, go_dumps({"embedding": _widen(vec)}))
 
-        self._hold(w, _Style.NATIVE, runner, count_prompt_tokens(prompt, 2), done)
+        def on_runner(runner):
+            if not prompt:
+                return w.respond(200, JSON_UTF8, b'{"embedding":[]}')
+            self._hold(w, _Style.NATIVE, runner, count_prompt_tokens(prompt, 2), done)
+
+        self._acquire(w, _Style.NATIVE, entry, body, on_runner)
 
     # --- model management -----------------------------------------------------
 

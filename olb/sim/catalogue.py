@@ -273,6 +273,12 @@ class Installed:
         if not self.digest:
             self.digest = self.spec.digest
 
+    @property
+    def blob_path(self) -> str:
+        """The model's weights file (Ollama's ModelPath; the scheduler's
+        tie-break when it picks an eviction victim, spec §4.4)."""
+        return "/root/.ollama/models/blobs/sha256-" + hashlib.sha256(self.digest.encode()).hexdigest()
+
 
 @dataclass
 class Catalogue:

@@ -7,12 +7,19 @@ OLLAMA_KEEP_ALIVE=5m) and §6.1 for speed (8B q4 decode ~130 tokens/s on a
 flag (see olb/sim/__main__.py); its --parallel default is 4, not 1, because a
 demo cluster with one slot per instance is dull -- the Python default stays
 Ollama's.
+
+Everything issue 3 added is opt-in: with `gpu` None and `time_scale` 1 an
+instance behaves exactly as before (instant loads, the slot-wait 503).  A
+GPU profile's figures (gpu.py) come from the spec's §6.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from olb.sim.catalogue import parse_name
+from olb.sim.gpu import GpuProfile, gpu_profile
 
 # The installed models of a fresh instance: a realistic small workstation set
 # (spec §2.4, §6.2), one of each kind a balancer must route: small/medium chat
@@ -48,9 +55,10 @@ class SimConfig:
     num_parallel: int = 1
     # Slots of embedding-only models: Ollama forces 1 (spec §2.3, [S] load).
     embed_parallel: int = 1
-    # Requests allowed to wait for a slot on this instance; one more gets 503
-    # "server busy" (OLLAMA_MAX_QUEUE).  See engine.py for how this differs
-    # from real Ollama, whose slot wait is unbounded.
+    # OLLAMA_MAX_QUEUE: one more waiting request gets 503 "server busy".
+    # With a gpu it bounds the scheduler's pending queue (requests waiting
+    # for a model to load), as in Ollama; without one, loads are instant and
+    # it bounds the wait for a slot instead (see slot_queue).
     max_queue: int = 512
     # Decode speed in tokens/s per request; 0 = as fast as possible.
     token_rate: float = 130.0
@@ -88,8 +96,50 @@ class SimConfig:
     # After this many tokens emit an in-band error and end the stream.
     error_after_tokens: int | None = None
     error_message: str = DEFAULT_ERROR_MESSAGE
+    # --- the simulated GPU (issue 3) --------------------------------------
+    # None: no GPU -- instant loads, no memory, the speed knobs above.  A
+    # gpu.GpuProfile or the name of one (gpu.PROFILES: "default", "h100",
+    # "a100", "a100-pcie", "l40s", "rtx4090", "rtx3090"): Ollama's scheduler
+    # with loads, eviction and the pending queue; speeds come from the
+    # profile, and token_rate, ttft, prompt_rate and parallel_slowdown are
+    # not used.  See engine.py and gpu.py.
+    gpu: GpuProfile | str | None = None
+    # Resident models at most (OLLAMA_MAX_LOADED_MODELS); 0 = 3 per GPU.
+    # Only with a gpu.
+    max_loaded_models: int = 0
+    # Requests that may wait for a slot of a loaded model before 503; None =
+    # max_queue without a gpu (the simulator's old bound), unbounded with one
+    # (Ollama's slot semaphore has no limit).
+    slot_queue: int | None = None
+    # Per-slot prompt cache: a request whose prompt starts like what a free
+    # slot holds prefills only the rest.  Only with a gpu.
+    prefix_cache: bool = True
+    # Models resident (loaded, idle) when the instance starts: names or
+    # ModelSpecs among `models`.
+    preload: tuple = ()
+    # Simulated seconds per real second: every duration (ttft, tokens,
+    # loads, keep-alive) runs this much faster; reported durations stay in
+    # simulated ns.
+    time_scale: float = 1.0
 
     def __post_init__(self):
+        if isinstance(self.gpu, str):
+            try:
+                object.__setattr__(self, "gpu", gpu_profile(self.gpu))
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
+        if self.gpu is not None and not isinstance(self.gpu, GpuProfile):
+            raise ValueError("gpu must be a GpuProfile, a profile name or None")
+        installed = {_model_key(m) for m in self.models}
+        for m in self.preload:
+            if _model_key(m) not in installed:
+                raise ValueError(f"preload model {m!r} is not among the installed models")
+        if self.time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        if self.max_loaded_models < 0:
+            raise ValueError("max_loaded_models must be >= 0")
+        if self.slot_queue is not None and self.slot_queue < 0:
+            raise ValueError("slot_queue must be >= 0 or None")
         for name in ("num_parallel", "embed_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -108,3 +158,8 @@ class SimConfig:
     def replace(self, **changes) -> "SimConfig":
         """A copy with some fields changed (dataclasses.replace)."""
         return dataclasses.replace(self, **changes)
+
+
+def _model_key(model) -> str | None:
+    name = parse_name(model if isinstance(model, str) else getattr(model, "name", ""))
+    return name.key if name is not None else None

@@ -1,39 +1,75 @@
-"""Per-instance scheduling: loaded models, parallel slots, the FIFO wait, timing.
+"""Per-instance scheduling: loaded models, loads and evictions, slots, timing.
 
 Rules for this module: it decides *when* things happen and never formats a
 byte.  Output goes through a sink (api.py) with four calls: `token(i)`,
 `finish(gen)`, `fail(gen)` (in-band error), `crash()` (drop the connection),
-and one property, `writable` (write flow control).  Issue 3's simulated GPU
-belongs here too: model loads and eviction become steps of `Engine.runner`
-and `_grant`, VRAM a field of Runner -- keep the sink contract unchanged.
+and one property, `writable` (write flow control).  The GPU's physics
+(sizes, speeds, sharing, utilisation) live in gpu.py; this module arms the
+timers.
 
-Theory of operation (spec §4.2, §7.3):
+Two modes, chosen by SimConfig.gpu:
 
-    submit --(slot free, nobody waiting)--> granted --prefill--> first token
-       |                                      ^                   |
-       +--(all slots busy)--> runner.waiters -+ (FIFO)            v
-       +--(engine.waiting >= max_queue)--> rejected (503)   token every
-                                                             interval --> done
+* No GPU (the default, unchanged since issue 2): a model "loads" instantly
+  on first use, nothing is ever evicted, `max_queue` bounds the slot wait
+  (see below), every request decodes at `token_rate`.
+* A GPU profile: Ollama's scheduler (spec §4.2-4.4) in front of the slots.
 
-* A Runner is one loaded model with `parallel` slots (SlotGuard-style:
-  `release` is called exactly once per granted job, on finish, fault or
-  cancel).  It is created ("loaded") on first use, instantly for now.
-* Waiters queue per runner, strictly FIFO.  `max_queue` bounds the waiters of
-  the whole instance.  Deviation from Ollama, on purpose: real Ollama's slot
-  semaphore is unbounded (issue #7758) and its 503 comes from the scheduler's
-  pending channel while a model loads; without simulated loads that channel
-  never fills, so the bound is applied to the slot wait instead, which gives
-  a balancer the same signal (503 "server busy") at a controllable depth.
-* Timing: the first token comes `prefill` seconds after the grant, then one
-  token per `decode_interval` (re-evaluated per token, so the parallel
-  slowdown follows the number of requests decoding).  Token times are kept on
-  an ideal grid (t_first + k * interval), not chained from the actual callback
-  time: the loop's timers have millisecond granularity and chaining would
-  drift the rate down.  If the loop falls more than RESYNC_S behind (overload)
-  the grid restarts at now instead of bursting to catch up.
-* Backpressure: after each token, if the sink is not writable the stream
-  stops scheduling; the sink calls `resume()` when it drains.  Like a real
-  runner whose callback blocks on a full channel, generation pauses.
+Theory of operation, GPU mode (spec §4.2, §7.3):
+
+    acquire --(loaded, ready, same num_ctx)--------------------> then(runner)  [fast path]
+       |
+       +--(pending full)--> REJECTED (503)
+       +--> pending FIFO --> the scheduler, ONE request at a time:
+              loaded & usable              -> then(runner), next
+              loaded, other num_ctx        -> evict it (reload), loop
+              len(loaded) >= max_loaded    -> evict a victim, loop
+              others resident, no room     -> evict a victim, loop
+              else                         -> load (fixed + size/disk), then(runner), next
+            evict = expire the victim; if busy, wait until its requests end;
+            unload; wait for VRAM recovery (unload_s); re-evaluate from the top.
+
+    then(runner) --> submit: slot free -> granted, else runner.waiters (FIFO,
+    unbounded as Ollama's semaphore) --> prefill (shared GPU prompt rate,
+    minus the slot's cached prefix) --> first token --> one token per decode
+    round (gpu.step) --> done --> release slot; last ref -> keep-alive timer.
+
+* The pending queue holds requests not yet taken by the scheduler, like
+  Ollama's buffered channel: `max_queue` of them, the one being served not
+  counted.  A request whose client left stays queued until the scheduler
+  reaches it and skips it (Ollama checks ctx.Err() at dequeue).  Once taken,
+  its load goes on even if the client leaves (the runner stays, idle).
+* Victims (spec §4.4, ByDurationAndName): loaded runners sorted by keep-alive
+  (forever last), then model blob path; the first idle one, else the first,
+  waited for.  A runner being evicted is not offered to the fast path: its
+  requests queue and reload it afterwards.
+* Keep-alive: a runner whose last request ends gets a timer (`keep_alive`;
+  0 = unload at once).  A request's keep_alive replaces the runner's; a new
+  load without one uses SimConfig.keep_alive (spec §4.3).  `expires_at` is
+  the wall time of that timer, or now + keep_alive while loading.
+* Unloads hold their VRAM for `unload_s` (recovery); an unload that ends
+  while the scheduler waits for one wakes it, like Ollama's unloadedCh.
+
+Slots, both modes: a Runner has `parallel` slots (SlotGuard-style: `release`
+is called exactly once per granted job, on finish, fault or cancel) and a
+FIFO of waiters.  Without a GPU, `max_queue` bounds the waiters of the
+whole instance (the only 503 the simulator had before it modelled loads);
+with one, the slot wait is unbounded as in Ollama (issue #7758) unless
+SimConfig.slot_queue bounds it.
+
+Timing: the first token comes when the prefill ends, then one token per
+interval (re-evaluated per token, so slowdowns follow the number decoding).
+Token times are kept on an ideal grid (t_first + k * interval), not chained
+from the actual callback time: the loop's timers have millisecond
+granularity and chaining would drift the rate down.  If the loop falls more
+than RESYNC_S behind (overload) the grid restarts at now instead of bursting
+to catch up.  A non-streamed job emits nothing per token: it tracks its
+progress and re-plans its single end timer whenever the GPU's decode round
+changes.  Every duration is simulated; timers get it divided by
+`time_scale`, and reported durations are measured and multiplied back.
+
+Backpressure: after each token, if the sink is not writable the stream
+stops scheduling; the sink calls `resume()` when it drains.  Like a real
+runner whose callback blocks on a full channel, generation pauses.
 """
 
 from __future__ import annotations
@@ -43,6 +79,7 @@ from collections import deque
 
 from olb.sim.catalogue import Installed, ModelSpec
 from olb.sim.config import SimConfig
+from olb.sim.gpu import FIT_FRACTION, SPILL_HEADROOM, Gpu, runner_bytes, spilled_rate
 
 # Fall this far behind the token grid and the grid restarts at "now".
 RESYNC_S = 0.05
@@ -52,6 +89,13 @@ FOREVER_S = 9223372036.854775807
 # With token_rate 0 ("as fast as possible"), tokens per loop callback: enough
 # to amortise the callback, small enough to let other connections run.
 FAST_BATCH = 32
+# Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (spec §4.1).
+MODELS_PER_GPU = 3
+# A prefill this close to done (in real seconds) counts as done: floating
+# point noise in the shared-work accounting.
+PREFILL_SLACK_S = 1e-6
+# Returned by Engine.acquire when the pending queue is full.
+REJECTED = "rejected"
 
 
 def decode_interval(token_rate: float, speed: float, decoding: int, slowdown: float) -> float:
@@ -82,11 +126,47 @@ def fault_plan(n_tokens: int, config: SimConfig) -> tuple:
     return limit, end
 
 
-class Runner:
-    """One loaded model: its slots, FIFO waiters and keep-alive."""
+def common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix of a and b (binary search on C-speed
+    slice compares: O(n log n) bytes, no per-character Python loop)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
-    __slots__ = ("model", "parallel", "busy", "waiters", "decoding", "refs",
-                 "keep_alive", "expires_at", "num_ctx")
+
+def cached_tokens(prompt_tokens: int, text: str, common: int) -> int:
+    """Prompt tokens a slot already holds when `common` leading characters of
+    `text` match its cache.  At least one token is always evaluated (llama.cpp
+    needs the last position's logits)."""
+    if not text or common <= 0 or prompt_tokens <= 1:
+        return 0
+    return min(prompt_tokens - 1, prompt_tokens * common // len(text))
+
+
+class Slot:
+    """One parallel slot's prompt cache: the text its KV cache holds."""
+
+    __slots__ = ("text", "used", "busy")
+
+    def __init__(self):
+        self.text = ""
+        self.used = 0.0
+        self.busy = False
+
+
+class Runner:
+    """One loaded (or loading) model: its slots, FIFO waiters, keep-alive, memory."""
+
+    __slots__ = ("model", "parallel", "busy", "waiters", "decoding", "refs", "keep_alive",
+                 "expires_at", "num_ctx", "state", "size", "size_vram", "eval_rate",
+                 "prompt_rate", "slots", "expiring", "timer")
 
     def __init__(self, model: Installed, parallel: int, keep_alive: float, num_ctx: int):
         self.model = model
@@ -98,38 +178,185 @@ class Runner:
         self.keep_alive = keep_alive
         self.expires_at = 0.0        # wall seconds; 0 = in use / not set
         self.num_ctx = num_ctx
+        self.state = "ready"         # "loading" -> "ready" -> "gone"
+        self.size = runner_bytes(model.spec, num_ctx, parallel)
+        self.size_vram = self.size
+        self.eval_rate = 0.0         # GPU mode: tokens/s alone (spill included)
+        self.prompt_rate = 0.0
+        self.slots = None            # GPU mode with prefix_cache: [Slot]
+        self.expiring = False        # chosen as an eviction victim
+        self.timer = None            # keep-alive timer (GPU mode)
 
     @property
     def spec(self) -> ModelSpec:
         return self.model.spec
 
+    def take_slot(self, text: str, now: float) -> tuple:
+        """(slot, common prefix chars): the free slot whose cache shares the
+        longest prefix with `text`, the least recently used on a tie (the
+        llama.cpp/Ollama runner's cache-slot choice)."""
+        best, best_common = None, -1
+        for slot in self.slots:
+            if slot.busy:
+                continue
+            common = common_prefix(slot.text, text) if slot.text and text else 0
+            if common > best_common or (common == best_common and slot.used < best.used):
+                best, best_common = slot, common
+        best.busy = True
+        best.used = now
+        return best, best_common
+
+
+class Pending:
+    """A request waiting for the scheduler (Ollama's LlmRequest)."""
+
+    __slots__ = ("model", "keep_alive", "num_ctx", "then", "cancelled")
+
+    def __init__(self, model: Installed, keep_alive, num_ctx: int, then):
+        self.model = model
+        self.keep_alive = keep_alive
+        self.num_ctx = num_ctx
+        self.then = then
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """The client went away: skipped when the scheduler reaches it."""
+        self.cancelled = True
+
 
 class Engine:
-    """The scheduler of one instance."""
+    """The scheduler of one instance.
 
-    def __init__(self, config: SimConfig, loop, wall_clock):
+    Args:
+        config: the instance's knobs.
+        loop: the event loop (call_soon/call_later/call_at/time).
+        wall_clock: seconds since the epoch, for expires_at (Clock.now).
+        clock: a high-resolution monotonic clock in seconds for the GPU's
+            accounting (time.perf_counter; tests pass a virtual one).
+    """
+
+    def __init__(self, config: SimConfig, loop, wall_clock, clock=time.perf_counter):
         self.config = config
         self.loop = loop
-        self.wall = wall_clock            # seconds since the epoch (Clock.now)
+        self.wall = wall_clock
+        self.clock = clock
+        self.scale = config.time_scale
         self.runners: dict = {}           # model key -> Runner
         self.waiting = 0                  # jobs queued for a slot, all runners
+        self._event_at = None             # the model instant of the timer running now
+        self._last = 0.0                  # now() never goes back
+        profile = config.gpu
+        self.gpu = Gpu(profile, lambda: self.now() * self.scale) if profile is not None else None
+        if config.slot_queue is not None:
+            self.slot_limit = config.slot_queue
+        else:
+            self.slot_limit = None if profile is not None else config.max_queue
+        self.max_loaded = config.max_loaded_models or MODELS_PER_GPU
+        # The scheduler (GPU mode).
+        self.pending: deque = deque()     # not yet taken (Ollama's channel buffer)
+        self._current = None              # the Pending being served
+        self._blocked = None              # None | "load" | "unload"
+        self._pf_timer = None
+        self._streams_off: set = set()    # non-streamed jobs decoding (re-planned on step changes)
+        self._timers: set = set()         # load and recovery timers, for close()
+        self.loads = 0
+        self.unloads = 0
+        self.evictions = 0
+
+    def now(self) -> float:
+        """The model instant, on the engine's clock: inside a timer armed by
+        at()/_after(), the instant it was due (however late the loop ran
+        it); otherwise the clock.  Never earlier than a previous answer."""
+        t = self._event_at if self._event_at is not None else self.clock()
+        if t < self._last:
+            return self._last
+        self._last = t
+        return t
+
+    def at(self, when: float, fn, *args):
+        """Run fn(*args) at model instant `when` (engine clock): the timer
+        fires then or, if the loop is late, as soon as it can, and now()
+        inside reads `when`.  Returns the loop's handle."""
+        return self.loop.call_later(max(0.0, when - self.clock()), self._fire, when, fn, args)
+
+    def _fire(self, when, fn, args) -> None:
+        outer, self._event_at = self._event_at, when
+        try:
+            fn(*args)
+        finally:
+            self._event_at = outer
+
+    def _after(self, seconds: float, fn, *args):
+        """A timer `seconds` of simulated time after now()."""
+        return self.at(self.now() + seconds / self.scale, fn, *args)
+
+    def close(self) -> None:
+        """The instance stops: no scheduler timer fires after this."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        for r in self.runners.values():
+            self._disarm(r)
+        if self._pf_timer is not None:
+            self._pf_timer.cancel()
+            self._pf_timer = None
 
     # --- loaded models ------------------------------------------------------
 
     def runner(self, model: Installed, keep_alive: float | None = None) -> Runner:
-        """The model's runner, loading it if needed.  `keep_alive` (seconds)
-        replaces the runner's duration when the request set one (spec §4.3)."""
+        """Without a GPU: the model's runner, created ("loaded") at once if
+        needed.  `keep_alive` (seconds) replaces the runner's duration when
+        the request set one (spec §4.3)."""
         key = model.name.key
         r = self.runners.get(key)
         if r is None:
-            parallel = self.config.embed_parallel if model.spec.embedding_only else self.config.num_parallel
-            r = Runner(model, parallel, self.config.keep_alive, self.config.num_ctx)
+            r = Runner(model, self._parallel(model.spec), self.config.keep_alive, self.config.num_ctx)
             self.runners[key] = r
         if keep_alive is not None:
             r.keep_alive = keep_alive
         if r.refs == 0:
-            r.expires_at = self.wall() + min(r.keep_alive, FOREVER_S)
+            r.expires_at = self._expiry(r.keep_alive)
         return r
+
+    def _parallel(self, spec: ModelSpec) -> int:
+        return self.config.embed_parallel if spec.embedding_only else self.config.num_parallel
+
+    def _expiry(self, keep_alive: float) -> float:
+        """Wall time keep_alive simulated seconds from now (forever stays ~2318)."""
+        if keep_alive >= FOREVER_S:
+            return self.wall() + FOREVER_S
+        return self.wall() + keep_alive / self.scale
+
+    def num_ctx(self, spec: ModelSpec, requested=None) -> int:
+        """The runner context a request asks for: options.num_ctx or the
+        default, at least 4, at most the model's training context (spec §4.2)."""
+        n = requested if requested else self.config.num_ctx
+        return max(4, min(int(n), spec.context_length))
+
+    def acquire(self, model: Installed, keep_alive, then, num_ctx=None):
+        """Get the model's runner for a request and call `then(runner)`.
+
+        Returns:
+            None: `then` already ran (no GPU, or the fast path).
+            a Pending: `then` runs once the scheduler has the runner; cancel()
+                it if the client goes away.
+            REJECTED: the pending queue is full (Ollama's 503).
+        """
+        if self.gpu is None:
+            then(self.runner(model, keep_alive))
+            return None
+        ctx = self.num_ctx(model.spec, num_ctx)
+        r = self.runners.get(model.name.key)
+        if r is not None and r.state == "ready" and not r.expiring and r.num_ctx == ctx:
+            self._hand(r, keep_alive, then)
+            return None
+        idle = self._current is None and not self.pending
+        if not idle and len(self.pending) >= self.config.max_queue:
+            return REJECTED
+        p = Pending(model, keep_alive, ctx, then)
+        self.pending.append(p)
+        self._pump()
+        return p
 
     def unload(self, key: str) -> None:
         """expireRunner: gone now if idle, else once its requests finish."""
@@ -137,27 +364,234 @@ class Engine:
         if r is None:
             return
         r.keep_alive = 0.0
-        if r.refs == 0:
-            del self.runners[key]
+        if self.gpu is None:
+            if r.refs == 0:
+                del self.runners[key]
+        elif r.state == "ready" and r.refs == 0:
+            self._unload(r)
 
     def loaded(self) -> list:
-        """Runners still loaded (idle ones past their keep-alive are dropped)."""
-        now = self.wall()
-        for key, r in list(self.runners.items()):
-            if r.refs == 0 and r.expires_at <= now:
-                del self.runners[key]
+        """Runners loaded or loading (without a GPU, idle ones past their
+        keep-alive are dropped here; with one, timers drop them)."""
+        if self.gpu is None:
+            now = self.wall()
+            for key, r in list(self.runners.items()):
+                if r.refs == 0 and r.expires_at <= now:
+                    del self.runners[key]
         return list(self.runners.values())
+
+    def preload(self, models) -> None:
+        """Start with these runners resident and idle (no load time)."""
+        for model in models:
+            if self.gpu is None:
+                self.runner(model)
+                continue
+            r = self._new_runner(model, self.config.keep_alive, self.num_ctx(model.spec))
+            r.state = "ready"
+            self._arm(r)
+
+    # --- the scheduler (GPU mode) ---------------------------------------------
+
+    def _pump(self) -> None:
+        """processPending: serve the head of the queue until blocked or empty."""
+        while self._blocked is None:
+            if self._current is None:
+                if not self.pending:
+                    return
+                p = self.pending.popleft()
+                if p.cancelled:
+                    continue
+                self._current = p
+            if self._step(self._current):
+                self._current = None
+
+    def _step(self, p: Pending) -> bool:
+        """One pass of the scheduler's loop for `p`: True when it got its
+        runner, False when the scheduler now waits (a load or an unload)."""
+        r = self.runners.get(p.model.name.key)
+        if r is not None:
+            if not r.expiring and r.num_ctx == p.num_ctx:
+                if not p.cancelled:
+                    self._hand(r, p.keep_alive, p.then)
+                return True
+            victim = r                              # needsReload, or being evicted
+        elif len(self.runners) >= self.max_loaded:
+            victim = self._victim()
+        elif self.runners and self._needs_room(p):
+            victim = self._victim()
+        else:
+            victim = None
+        if victim is None:
+            self._load(p)
+        else:
+            self._evict(victim)
+        return False
+
+    def _needs_room(self, p: Pending) -> bool:
+        """With other models resident, a new one must fit (spec §4.4)."""
+        need = runner_bytes(p.model.spec, p.num_ctx, self._parallel(p.model.spec))
+        return need > FIT_FRACTION * self.gpu.free
+
+    def _victim(self) -> Runner | None:
+        """findRunnerToUnload: by keep-alive, then model path; idle first."""
+        runners = sorted(self.runners.values(), key=lambda r: (r.keep_alive, r.model.blob_path))
+        for r in runners:
+            if r.refs == 0:
+                return r
+        return runners[0] if runners else None
+
+    def _evict(self, victim: Runner) -> None:
+        self._blocked = "unload"
+        if not victim.expiring:
+            victim.expiring = True
+            self.evictions += 1
+        victim.keep_alive = 0.0
+        self._disarm(victim)
+        if victim.refs == 0:
+            self._unload(victim)
+        # else: its last release calls _arm, which unloads it.
+
+    def _new_runner(self, model: Installed, keep_alive, num_ctx: int) -> Runner:
+        spec = model.spec
+        gpu = self.gpu
+        r = Runner(model, self._parallel(spec), self.config.keep_alive if keep_alive is None else keep_alive,
+                   num_ctx)
+        if r.size > gpu.free:
+            # Only a first model gets here (others must fit, spec §4.4):
+            # Ollama loads it anyway with the rest in system RAM.
+            r.size_vram = max(0, gpu.free - SPILL_HEADROOM)
+        on_gpu = r.size_vram / r.size
+        r.eval_rate = spilled_rate(gpu.profile.eval_rate(spec), on_gpu)
+        r.prompt_rate = spilled_rate(gpu.profile.prompt_rate(spec), on_gpu)
+        if self.config.prefix_cache:
+            r.slots = [Slot() for _ in range(r.parallel)]
+        r.expires_at = self._expiry(r.keep_alive)
+        gpu.used += r.size_vram
+        self.runners[model.name.key] = r
+        return r
+
+    def _load(self, p: Pending) -> None:
+        r = self._new_runner(p.model, p.keep_alive, p.num_ctx)
+        r.state = "loading"
+        self.loads += 1
+        self._blocked = "load"
+        self._scheduler_timer(self.gpu.profile.load_seconds(p.model.spec), self._loaded, r)
+
+    def _scheduler_timer(self, seconds: float, fn, arg) -> None:
+        def fire():
+            self._timers.discard(handle)
+            fn(arg)
+        handle = self._after(seconds, fire)
+        self._timers.add(handle)
+
+    def _loaded(self, r: Runner) -> None:
+        r.state = "ready"
+        r.expires_at = self._expiry(r.keep_alive)
+        p, self._current, self._blocked = self._current, None, None
+        if p.cancelled:
+            self._arm(r)
+        else:
+            self._hand(r, p.keep_alive, p.then)
+        self._pump()
+
+    def _hand(self, r: Runner, keep_alive, then) -> None:
+        """useLoadedRunner: the request's keep-alive wins, the idle timer stops."""
+        if keep_alive is not None:
+            r.keep_alive = keep_alive
+        self._disarm(r)
+        then(r)
+        if r.refs == 0:
+            self._arm(r)              # nobody took a slot (a load-only request)
+
+    def _arm(self, r: Runner) -> None:
+        """The runner went idle: start its keep-alive timer (0 = unload now)."""
+        self._disarm(r)
+        if r.keep_alive <= 0:
+            self._unload(r)
+            return
+        r.expires_at = self._expiry(r.keep_alive)
+        if r.keep_alive < FOREVER_S:
+            r.timer = self._after(r.keep_alive, self._expired, r)
+
+    def _disarm(self, r: Runner) -> None:
+        if r.timer is not None:
+            r.timer.cancel()
+            r.timer = None
+
+    def _expired(self, r: Runner) -> None:
+        r.timer = None
+        if r.refs == 0 and self.runners.get(r.model.name.key) is r:
+            self._unload(r)
+
+    def _unload(self, r: Runner) -> None:
+        self._disarm(r)
+        key = r.model.name.key
+        if self.runners.get(key) is r:
+            del self.runners[key]
+        r.state = "gone"
+        self.unloads += 1
+        self._scheduler_timer(self.gpu.profile.unload_s, self._recovered, r)
+
+    def _recovered(self, r: Runner) -> None:
+        self.gpu.used -= r.size_vram
+        if self._blocked == "unload":
+            self._blocked = None
+            self._pump()
+
+    # --- prefill and decode on the GPU ------------------------------------------
+
+    def prefill_start(self, job, work: float) -> None:
+        """`job` needs `work` simulated seconds of the GPU alone; job.prefilled()
+        is called when its share of the GPU has done it."""
+        self.gpu.prefill_add(job, work)
+        self._prefill_rearm()
+
+    def prefill_cancel(self, job) -> None:
+        self.gpu.prefill_remove(job)
+        self._prefill_rearm()
+
+    def _prefill_rearm(self) -> None:
+        if self._pf_timer is not None:
+            self._pf_timer.cancel()
+            self._pf_timer = None
+        nxt = self.gpu.prefill_next()
+        if nxt is not None:
+            self._pf_timer = self._after(nxt[0], self._prefill_fire)
+
+    def _prefill_fire(self) -> None:
+        self._pf_timer = None
+        done = self.gpu.prefill_done(PREFILL_SLACK_S * self.scale)
+        self._prefill_rearm()
+        for job, at in done:
+            job.prefilled(at / self.scale)
+
+    def decode_start(self, gen, at: float) -> None:
+        """`gen` joins the GPU's decode batch at `at` (engine clock)."""
+        self.gpu.decode_start(gen.runner)
+        self._replan(at)
+        if not gen.stream:
+            self._streams_off.add(gen)
+
+    def decode_stop(self, gen, at: float) -> None:
+        """`gen` leaves the batch at `at`; a late timer does not slow the others."""
+        self._streams_off.discard(gen)
+        self.gpu.decode_stop(gen.runner)
+        self._replan(at)
+
+    def _replan(self, at: float) -> None:
+        for gen in self._streams_off:
+            gen.replan(at)
 
     # --- slots --------------------------------------------------------------
 
     def submit(self, runner: Runner, job) -> bool:
-        """Ask for a slot.  False: the queue is full (the caller answers 503)."""
+        """Ask for a slot.  False: the slot queue is full (the caller answers 503)."""
         if runner.busy < runner.parallel and not runner.waiters:
             runner.busy += 1
             runner.refs += 1
             job.granted()
             return True
-        if self.waiting >= self.config.max_queue:
+        if self.slot_limit is not None and self.waiting >= self.slot_limit:
             return False
         runner.refs += 1
         runner.waiters.append(job)
@@ -179,7 +613,10 @@ class Engine:
             self.waiting -= 1
             # Granted from the loop, not from inside the releasing job's
             # callback: keeps stacks flat and orders it after that job's output.
-            self.loop.call_soon(job.granted)
+            if self.gpu is None:
+                self.loop.call_soon(job.granted)
+            else:
+                self.at(self.now(), job.granted)
         else:
             runner.busy -= 1
         self._unref(runner)
@@ -187,10 +624,12 @@ class Engine:
     def _unref(self, runner: Runner) -> None:
         runner.refs -= 1
         if runner.refs == 0:
-            if runner.keep_alive <= 0:
+            if self.gpu is not None:
+                self._arm(runner)
+            elif runner.keep_alive <= 0:
                 self.runners.pop(runner.model.name.key, None)
             else:
-                runner.expires_at = self.wall() + min(runner.keep_alive, FOREVER_S)
+                runner.expires_at = self._expiry(runner.keep_alive)
 
 
 class Generation:
@@ -199,11 +638,18 @@ class Generation:
     Reported times (t_submit, t_granted, t_first, t_end) are
     time.perf_counter() seconds: uvloop's loop.time() has millisecond
     resolution, fine for scheduling but too coarse for the ns metrics.
+
+    GPU mode reads three more attributes, set by the caller before start():
+    `prompt_tokens` (the prefill work), `prompt_text` (the prefix-cache key,
+    None = no cache) and `cache_tail(n)` (text the slot holds after the
+    prompt once n tokens were generated).
     """
 
     __slots__ = ("engine", "runner", "sink", "n_tokens", "limit", "end", "prefill",
                  "stream", "emitted", "t_submit", "t_granted", "t_first", "t_end",
-                 "_state", "_timer", "_next", "_paused", "_base", "_alpha")
+                 "prompt_tokens", "prompt_text", "cache_tail", "cached", "slot", "step",
+                 "pf_left", "_common", "_state", "_timer", "_next", "_paused", "_base",
+                 "_alpha", "_done", "_at", "_iv")
 
     # _state: "new" -> "queued" -> "prefill" -> "decode" -> "ended" | "cancelled"
 
@@ -218,6 +664,14 @@ class Generation:
         self.stream = stream
         self.emitted = 0
         self.t_submit = self.t_granted = self.t_first = self.t_end = 0.0
+        self.prompt_tokens = 0
+        self.prompt_text = None
+        self.cache_tail = None
+        self.cached = 0               # prompt tokens found in the slot's cache
+        self.slot = None
+        self.step = 0.0               # GPU mode: the decode round at the end (sim s)
+        self.pf_left = 0.0
+        self._common = 0
         self._state = "new"
         self._timer = None
         self._next = 0.0
@@ -225,8 +679,11 @@ class Generation:
         # decode_interval() unrolled for the per-token path: base interval
         # and slowdown, the number decoding read at each token.
         cfg = engine.config
-        self._base = decode_interval(cfg.token_rate, runner.spec.speed, 1, 0.0)
+        self._base = decode_interval(cfg.token_rate, runner.spec.speed, 1, 0.0) / engine.scale
         self._alpha = cfg.parallel_slowdown
+        self._done = 0.0              # non-streamed GPU mode: tokens past the first
+        self._at = 0.0
+        self._iv = 0.0
 
     @property
     def queued(self) -> bool:
@@ -234,7 +691,7 @@ class Generation:
 
     def start(self) -> bool:
         """Submit for a slot; False if the instance's queue is full."""
-        self.t_submit = time.perf_counter()
+        self.t_submit = self.engine.now()
         self._state = "queued"
         if not self.engine.submit(self.runner, self):
             self._state = "new"
@@ -246,34 +703,73 @@ class Generation:
         if self._state != "queued":
             return
         self._state = "prefill"
-        self.t_granted = time.perf_counter()
-        self._timer = self.engine.loop.call_later(self.prefill, self._first)
+        self.t_granted = self.engine.now()
+        engine = self.engine
+        if engine.gpu is None:
+            self._timer = engine.loop.call_later(self.prefill / engine.scale, self._first)
+            return
+        runner = self.runner
+        if runner.slots is not None and self.prompt_text is not None:
+            self.slot, self._common = runner.take_slot(self.prompt_text, engine.now())
+            self.cached = cached_tokens(self.prompt_tokens, self.prompt_text, self._common)
+        work = max(1, self.prompt_tokens - self.cached) / runner.prompt_rate
+        engine.prefill_start(self, work)
+
+    def prefilled(self, at: float) -> None:
+        """Called by the engine when the GPU finished this job's prefill, at
+        `at` on the engine's clock (exact, where the timer was not)."""
+        self._first(at)
 
     def _interval(self) -> float:
+        engine = self.engine
+        if engine.gpu is not None:
+            return engine.gpu.step / engine.scale
         if self._alpha:
             return self._base * (1.0 + self._alpha * max(0, self.runner.decoding - 1))
         return self._base
 
-    def _first(self) -> None:
+    def _first(self, at: float | None = None) -> None:
+        engine = self.engine
         self._timer = None
         self._state = "decode"
         self.runner.decoding += 1
-        self.t_first = time.perf_counter()
-        self._next = self.engine.loop.time()
+        self.t_first = engine.now() if at is None else at
+        if engine.gpu is not None:
+            engine.decode_start(self, self.t_first)
+        self._next = engine.loop.time()
         if not self.stream:
             # Nobody sees tokens one by one: jump to the end in one timer.
             self.emitted = self.limit
+            if engine.gpu is not None:
+                self.replan(self.t_first)
+                return
             at = self._next + max(0, self.limit - 1) * self._interval()
-            self._timer = self.engine.loop.call_at(at, self._finish)
+            self._timer = engine.loop.call_at(at, self._finish)
             return
         self._tick()
+
+    def replan(self, at: float) -> None:
+        """Non-streamed, GPU mode: the decode round changed at `at` (engine
+        clock): count the tokens decoded at the old interval until then,
+        and re-arm the end timer at the new one.  The end instant is exact;
+        the timer may fire a little late, and _finish reports the instant."""
+        engine = self.engine
+        at = max(self._at, at)
+        if self._iv:
+            self._done += (at - self._at) / self._iv
+        self._at = at
+        self._iv = self._interval()
+        if self._timer is not None:
+            self._timer.cancel()
+        end = at + max(0.0, self.limit - 1 - self._done) * self._iv
+        self._timer = engine.at(end, self._finish, end)
 
     def _tick(self) -> None:
         self._timer = None
         sink = self.sink
         limit = self.limit
         i = self.emitted
-        interval = self._interval() if self._alpha else self._base
+        interval = self._interval()
         if interval:
             sink.token(i)
             i += 1
@@ -321,18 +817,40 @@ class Generation:
         self._next = due
         self._timer = loop.call_at(due, self._tick)
 
-    def _finish(self) -> None:
+    def _finish(self, at: float | None = None) -> None:
         self._timer = None
         self._state = "ended"
-        self.t_end = time.perf_counter()
+        self.t_end = self.engine.now() if at is None else at
         self.runner.decoding -= 1
-        self.engine.release(self.runner)
+        engine = self.engine
+        if engine.gpu is not None:
+            self.step = engine.gpu.step
+            engine.decode_stop(self, self.t_end)
+            self._free_slot(self.emitted)
+        engine.release(self.runner)
         if self.end == "done":
             self.sink.finish(self)
         elif self.end == "error":
             self.sink.fail(self)
         else:
             self.sink.crash()
+
+    def _free_slot(self, tokens) -> None:
+        """Leave the slot's cache holding what this request put in it:
+        the prompt and `tokens` generated tokens (None: only the prefix that
+        was already there, for a prefill cut short)."""
+        slot = self.slot
+        if slot is None:
+            return
+        self.slot = None
+        if tokens is None:
+            slot.text = slot.text[:self._common]
+        elif self.cache_tail is not None and tokens:
+            slot.text = self.prompt_text + self.cache_tail(tokens)
+        else:
+            slot.text = self.prompt_text
+        slot.used = self.engine.now()
+        slot.busy = False
 
     def cancel(self) -> None:
         """The client went away: stop, and give the slot or queue place back."""
@@ -343,24 +861,33 @@ class Generation:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        engine = self.engine
         if state == "queued":
             if self in self.runner.waiters:
-                self.engine.withdraw(self.runner, self)
+                engine.withdraw(self.runner, self)
             else:
                 # Popped by release() with granted() still scheduled: the slot
                 # is ours already, give it straight back.
-                self.engine.release(self.runner)
+                engine.release(self.runner)
             return
+        if state == "prefill" and engine.gpu is not None:
+            engine.prefill_cancel(self)
+            self._free_slot(None)
         if state == "decode":
             self.runner.decoding -= 1
-        self.engine.release(self.runner)
+            if engine.gpu is not None:
+                engine.decode_stop(self, engine.now())
+                self._free_slot(self.emitted)
+        engine.release(self.runner)
 
 
 class SlotHold:
-    """A request that needs a slot for a fixed time (embeddings)."""
+    """A request that needs a slot for a fixed amount of work (embeddings):
+    `duration` simulated seconds, on the GPU's shared prompt throughput in
+    GPU mode."""
 
     __slots__ = ("engine", "runner", "duration", "on_done", "t_submit", "t_granted",
-                 "t_end", "_state", "_timer")
+                 "t_end", "pf_left", "_state", "_timer")
 
     def __init__(self, engine: Engine, runner: Runner, duration: float, on_done):
         self.engine = engine
@@ -368,11 +895,12 @@ class SlotHold:
         self.duration = duration
         self.on_done = on_done
         self.t_submit = self.t_granted = self.t_end = 0.0
+        self.pf_left = 0.0
         self._state = "new"
         self._timer = None
 
     def start(self) -> bool:
-        self.t_submit = time.perf_counter()
+        self.t_submit = self.engine.now()
         self._state = "queued"
         if not self.engine.submit(self.runner, self):
             self._state = "new"
@@ -383,13 +911,20 @@ class SlotHold:
         if self._state != "queued":
             return
         self._state = "running"
-        self.t_granted = time.perf_counter()
-        self._timer = self.engine.loop.call_later(self.duration, self._done)
+        self.t_granted = self.engine.now()
+        engine = self.engine
+        if engine.gpu is None:
+            self._timer = engine.loop.call_later(self.duration / engine.scale, self._done)
+        else:
+            engine.prefill_start(self, self.duration)
 
-    def _done(self) -> None:
+    def prefilled(self, at: float) -> None:
+        self._done(at)
+
+    def _done(self, at: float | None = None) -> None:
         self._timer = None
         self._state = "ended"
-        self.t_end = time.perf_counter()
+        self.t_end = self.engine.now() if at is None else at
         self.engine.release(self.runner)
         self.on_done(self)
 
@@ -401,7 +936,10 @@ class SlotHold:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        engine = self.engine
         if state == "queued" and self in self.runner.waiters:
-            self.engine.withdraw(self.runner, self)
-        else:
-            self.engine.release(self.runner)
+            engine.withdraw(self.runner, self)
+            return
+        if state == "running" and engine.gpu is not None:
+            engine.prefill_cancel(self)
+        engine.release(self.runner)

@@ -37,13 +37,14 @@ import asyncio
 import ipaddress
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
 import h11
 
 from olb.sim.api import Api, Request
-from olb.sim.catalogue import Catalogue
+from olb.sim.catalogue import Catalogue, parse_name
 from olb.sim.clock import Clock
 from olb.sim.config import SimConfig
 from olb.sim.engine import Engine
@@ -459,6 +460,7 @@ class SimServer:
         self.clock = Clock(frozen=config.deterministic_time)
         self.catalogue = Catalogue.from_models(config.models, self.clock.now())
         self.engine = Engine(config, loop, self.clock.now)
+        self.engine.preload(self._preload_entries(config))
         self.api = Api(config, self.catalogue, self.engine, self.clock, self.stats, loop)
         self.date = _DateHeader()
         self.hostname = socket.gethostname()
@@ -476,6 +478,19 @@ class SimServer:
         except ValueError:
             loopback = False
         self.check_hosts = config.host_check and loopback
+        # dcgm-exporter labels: a UUID stable per address, this host's name.
+        self.api.gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_URL, self.url))
+        self.api.hostname = self.hostname
+
+    def _preload_entries(self, config: SimConfig) -> list:
+        entries = []
+        for m in config.preload:
+            name = parse_name(m if isinstance(m, str) else m.name)
+            entry = self.catalogue.lookup(name) if name is not None else None
+            if entry is None:
+                raise ValueError(f"preload model {m!r} is not among the installed models")
+            entries.append(entry)
+        return entries
 
     def host_allowed(self, host: str) -> bool:
         ok = self._hosts_seen.get(host)
@@ -496,6 +511,7 @@ class SimServer:
         server.close()
         for proto in list(self._connections):
             proto.shutdown()
+        self.engine.close()
         await server.wait_closed()
 
     def __repr__(self):
@@ -530,9 +546,15 @@ async def start_sim(config: SimConfig | None = None, host: str = "127.0.0.1", po
         The running SimServer; `await server.close()` stops it.
     """
     loop = asyncio.get_running_loop()
-    if sock is None:
+    own = sock is None
+    if own:
         sock = _listen(host, port)
-    server = SimServer(config or SimConfig(), loop, host, sock)
+    try:
+        server = SimServer(config or SimConfig(), loop, host, sock)
+    except BaseException:
+        if own:
+            sock.close()
+        raise
     await server._start()
     return server
 

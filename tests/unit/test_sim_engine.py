@@ -300,3 +300,345 @@ def test_runner_keep_alive_and_unload():
     assert entry.name.key not in engine.runners      # keep_alive 0: unloaded when done
     with pytest.raises(RuntimeError):
         engine.release(r)
+
+
+# --- GPU mode: the scheduler, loads, eviction, sharing (virtual clock) ---------
+
+from olb.sim.engine import REJECTED, Pending, common_prefix, cached_tokens  # noqa: E402
+from olb.sim.gpu import GIB, GpuProfile, runner_bytes  # noqa: E402
+
+T0 = 100.0
+WALL0 = 1_700_000_000.0
+
+
+def gpu_engine(gpu="default", **kw):
+    config = SimConfig(gpu=gpu, **kw)
+    loop = FakeLoop()
+    engine = Engine(config, loop, lambda: WALL0 + loop.now, clock=lambda: loop.now)
+    cat = Catalogue.from_models(config.models, WALL0)
+    return loop, engine, cat
+
+
+def model(cat, name):
+    return cat.lookup(parse_name(name))
+
+
+class Got:
+    """A `then` for Engine.acquire: records (runner, time) per call."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.calls = []
+
+    def __call__(self, runner):
+        self.calls.append((runner, self.loop.now))
+
+    @property
+    def at(self):
+        return self.calls[0][1]
+
+
+def load_s(cat, name, profile=GpuProfile()):
+    return profile.load_seconds(model(cat, name).spec)
+
+
+def test_cold_model_loads_then_takes_the_fast_path():
+    loop, engine, cat = gpu_engine()
+    m = model(cat, "llama3.1:8b")
+    first = Got(loop)
+    p = engine.acquire(m, None, first)
+    assert isinstance(p, Pending) and first.calls == []
+    assert engine.runners[m.name.key].state == "loading"
+    loop.run(until=T0 + 10)
+    # spec §6.2: ~3 s for an 8B q4 (0.5 s + 4.92 GB / 1.75 GB/s).
+    assert first.at == pytest.approx(T0 + load_s(cat, "llama3.1:8b")) and 3.0 < first.at - T0 < 3.5
+    runner = first.calls[0][0]
+    assert runner.state == "ready" and engine.loads == 1
+    again = Got(loop)
+    assert engine.acquire(m, None, again) is None       # fast path: at once, no queue
+    assert again.calls == [(runner, loop.now)] and engine.loads == 1
+
+
+def test_one_load_at_a_time_and_strict_fifo():
+    loop, engine, cat = gpu_engine()
+    a, b = Got(loop), Got(loop)
+    engine.acquire(model(cat, "llama3.1:8b"), None, a)
+    engine.acquire(model(cat, "qwen2.5:7b"), None, b)
+    assert len(engine.pending) == 1                     # b waits behind a's load
+    loop.run(until=T0 + 20)
+    la, lb = load_s(cat, "llama3.1:8b"), load_s(cat, "qwen2.5:7b")
+    assert a.at == pytest.approx(T0 + la)
+    assert b.at == pytest.approx(T0 + la + lb)
+    assert engine.loads == 2
+
+
+def test_loaded_model_is_served_while_another_loads():
+    loop, engine, cat = gpu_engine()
+    engine.preload([model(cat, "llama3.2")])
+    slow, fast = Got(loop), Got(loop)
+    engine.acquire(model(cat, "llama3.1:70b"), None, slow)
+    assert engine.acquire(model(cat, "llama3.2"), None, fast) is None
+    assert fast.at == T0 and slow.calls == []
+    loop.run(until=T0 + 60)
+    # spec §6.2: ~25 s for a 70B q4.
+    assert 24 < slow.at - T0 < 26
+
+
+def test_pending_queue_full_is_rejected_and_cancelled_requests_hold_their_place():
+    loop, engine, cat = gpu_engine(max_queue=1)
+    loading = Got(loop)
+    engine.acquire(model(cat, "llama3.1:8b"), None, loading)     # being served (not queued)
+    queued = Got(loop)
+    p = engine.acquire(model(cat, "qwen2.5:7b"), None, queued)   # the one queued place
+    assert engine.acquire(model(cat, "mistral"), None, Got(loop)) is REJECTED
+    p.cancel()
+    # Like Ollama's channel, a cancelled request keeps its place until dequeued.
+    assert engine.acquire(model(cat, "mistral"), None, Got(loop)) is REJECTED
+    loop.run(until=T0 + 30)
+    assert loading.calls and queued.calls == [] and engine.loads == 1
+    assert engine.pending == type(engine.pending)()
+
+
+def test_max_loaded_evicts_by_keep_alive_then_model_path():
+    loop, engine, cat = gpu_engine(max_loaded_models=3)
+    names = ["llama3.1:8b", "qwen2.5:7b", "mistral"]
+    for name, ka in zip(names, (600.0, 300.0, 300.0)):
+        engine.acquire(model(cat, name), ka, Got(loop))
+    loop.run(until=T0 + 20)
+    assert len(engine.runners) == 3
+    # Shortest keep-alive first; qwen and mistral tie, the model path decides.
+    tied = sorted((model(cat, n) for n in names[1:]), key=lambda e: e.blob_path)
+    expected = tied[0]
+    t = loop.now
+    got = Got(loop)
+    engine.acquire(model(cat, "llama3.2"), None, got)
+    assert expected.name.key not in engine.runners       # idle victim: unloaded at once
+    loop.run(until=t + 20)
+    profile = GpuProfile()
+    assert got.at == pytest.approx(t + profile.unload_s + load_s(cat, "llama3.2"))
+    assert expected.name.key not in engine.runners and len(engine.runners) == 3
+    assert engine.evictions == 1 and engine.unloads == 1
+
+
+def test_vram_that_does_not_fit_evicts():
+    # 10 GiB: an 8B (5.7 GB with KV) and a 7B (5.2 GB) do not fit together
+    # (spec §4.4: the new one must fit in 80 % of the free memory).
+    loop, engine, cat = gpu_engine(GpuProfile(vram=10 * GIB))
+    engine.acquire(model(cat, "llama3.1:8b"), None, Got(loop))
+    loop.run(until=T0 + 5)
+    used = engine.gpu.used
+    assert used == runner_bytes(model(cat, "llama3.1:8b").spec, 4096, 1)
+    engine.acquire(model(cat, "qwen2.5:7b"), None, Got(loop))
+    loop.run(until=T0 + 20)
+    assert list(engine.runners) == [model(cat, "qwen2.5:7b").name.key] and engine.evictions == 1
+    # A small one fits beside it: no eviction.
+    engine.acquire(model(cat, "llama3.2"), None, Got(loop))
+    loop.run(until=T0 + 30)
+    assert len(engine.runners) == 2 and engine.evictions == 1
+    assert engine.gpu.used == sum(r.size_vram for r in engine.runners.values())
+
+
+def test_busy_victim_is_waited_for():
+    loop, engine, cat = gpu_engine(max_loaded_models=1)
+    engine.preload([model(cat, "llama3.2")])
+    runner = engine.runners[model(cat, "llama3.2").name.key]
+    hold = SlotHold(engine, runner, 10.0, lambda h: None)      # busy for 10 s
+    hold.start()
+    got = Got(loop)
+    engine.acquire(model(cat, "mistral"), None, got)
+    # A request for the victim while it is being evicted queues behind.
+    back = Got(loop)
+    assert isinstance(engine.acquire(model(cat, "llama3.2"), None, back), Pending)
+    loop.run(until=T0 + 9)
+    assert got.calls == [] and runner.expiring and engine.unloads == 0
+    loop.run(until=T0 + 60)
+    assert hold.t_end == pytest.approx(T0 + 10)
+    mistral = T0 + 10 + GpuProfile().unload_s + load_s(cat, "mistral")
+    assert got.at == pytest.approx(mistral)
+    # ... and reloads it after evicting mistral (idle by then).
+    assert back.at == pytest.approx(mistral + GpuProfile().unload_s + load_s(cat, "llama3.2"))
+    assert engine.evictions == 2 and engine.loads == 2
+
+
+def test_keep_alive_timer_and_zero_unload():
+    loop, engine, cat = gpu_engine(keep_alive=60.0)
+    m = model(cat, "llama3.2")
+    engine.acquire(m, None, Got(loop))
+    loop.run(until=T0 + 5)
+    r = engine.runners[m.name.key]
+    assert r.expires_at == pytest.approx(WALL0 + T0 + load_s(cat, "llama3.2") + 60.0)
+    loop.run(until=T0 + 70)
+    assert m.name.key not in engine.runners and engine.unloads == 1
+    assert engine.gpu.used == 0
+    # keep_alive 0 on the request: unloaded as soon as it is done with it.
+    engine.acquire(m, 0.0, Got(loop))
+    loop.run(until=T0 + 80)
+    assert m.name.key not in engine.runners and engine.unloads == 2
+
+
+def test_other_num_ctx_reloads():
+    loop, engine, cat = gpu_engine()
+    m = model(cat, "llama3.2")
+    engine.acquire(m, None, Got(loop))
+    loop.run(until=T0 + 5)
+    got = Got(loop)
+    p = engine.acquire(m, None, got, num_ctx=8192)
+    assert isinstance(p, Pending)
+    loop.run(until=T0 + 20)
+    assert got.calls[0][0].num_ctx == 8192 and engine.loads == 2 and engine.unloads == 1
+
+
+def test_spill_to_cpu_when_alone_too_big():
+    loop, engine, cat = gpu_engine("rtx4090")
+    m = model(cat, "llama3.1:70b")
+    engine.acquire(m, None, Got(loop))
+    loop.run(until=T0 + 60)
+    r = engine.runners[m.name.key]
+    assert 0 < r.size_vram < r.size and r.size_vram < engine.gpu.total
+    assert r.eval_rate < 0.5 * engine.gpu.profile.eval_rate(m.spec)
+
+
+def _gen(engine, runner, loop, n, stream=True, tokens=600, text=None, name=""):
+    sink = Sink(loop, name)
+    g = Generation(engine, runner, sink, n, 0.0, stream)
+    g.prompt_tokens = tokens
+    g.prompt_text = text
+    return g, sink
+
+
+def test_prefill_is_shared_and_decode_slows_with_the_batch():
+    loop, engine, cat = gpu_engine(num_parallel=4)
+    engine.preload([model(cat, "llama3.1:8b")])
+    r = engine.runners[model(cat, "llama3.1:8b").name.key]
+    assert r.eval_rate == pytest.approx(130.0) and r.prompt_rate == pytest.approx(6000.0)
+    gens = [_gen(engine, r, loop, 20, text=f"prompt {i}") for i in range(4)]
+    for g, _ in gens:
+        g.start()
+    loop.run()
+    # Four 600-token prefills share 6000 t/s: all first tokens at 0.4 s.
+    firsts = [s.tokens[0][1] - T0 for _, s in gens]
+    assert firsts == pytest.approx([0.4] * 4)
+    # Four decode together: each at 130 / (1 + 0.15 * 3) tokens/s.  (The
+    # interval is read per token: the first to start saw a batch of one.)
+    for _, sink in gens:
+        gaps = [b[1] - a[1] for a, b in zip(sink.tokens, sink.tokens[1:])]
+        assert gaps[1:] == pytest.approx([1.45 / 130] * 18)
+    assert engine.gpu.step == 0 and engine.gpu.decoding == {}
+
+
+def test_two_models_on_one_gpu_take_turns():
+    loop, engine, cat = gpu_engine()
+    engine.preload([model(cat, "llama3.1:8b"), model(cat, "qwen2.5:7b")])
+    ra, rb = (engine.runners[model(cat, n).name.key] for n in ("llama3.1:8b", "qwen2.5:7b"))
+    (a, sa), (b, sb) = _gen(engine, ra, loop, 10), _gen(engine, rb, loop, 10)
+    a.start()
+    b.start()
+    loop.run(until=T0 + 0.3)
+    assert engine.gpu.step == pytest.approx(1 / ra.eval_rate + 1 / rb.eval_rate)
+
+
+def test_non_streamed_end_follows_the_changing_batch():
+    loop, engine, cat = gpu_engine(num_parallel=2)
+    engine.preload([model(cat, "llama3.1:8b")])
+    r = engine.runners[model(cat, "llama3.1:8b").name.key]
+    a, sa = _gen(engine, r, loop, 101, stream=False, tokens=1)
+    a.start()
+    loop.run(until=T0 + 0.001)
+    t_first = a.t_first
+    # 50 tokens alone, then a second request joins for the rest of a's run.
+    loop.run(until=t_first + 50 / 130)
+    b, sb = _gen(engine, r, loop, 10_000, stream=False, tokens=1)
+    b.start()
+    loop.run(until=T0 + 5)
+    joined = b.t_first
+    alone = (joined - t_first) * 130
+    expected = joined + (100 - alone) * 1.15 / 130
+    assert sa.ended == ("done", pytest.approx(expected, abs=1e-6))
+    b.cancel()
+
+
+def test_prefix_cache_shortens_prefill():
+    loop, engine, cat = gpu_engine()
+    engine.preload([model(cat, "llama3.1:8b")])
+    r = engine.runners[model(cat, "llama3.1:8b").name.key]
+    text = "user\n" + "x" * 2400 + "\n"
+    a, _ = _gen(engine, r, loop, 5, tokens=600, text=text)
+    a.cache_tail = lambda n: f"assistant\nreply of {n}\n"
+    a.start()
+    loop.run()
+    assert a.cached == 0 and a.t_first - a.t_granted == pytest.approx(600 / 6000)
+    follow = text + "assistant\nreply of 5\n" + "user\nmore\n"
+    b, _ = _gen(engine, r, loop, 5, tokens=610, text=follow)
+    b.start()
+    loop.run()
+    assert b.cached == 610 * (len(text) + len("assistant\nreply of 5\n")) // len(follow)
+    assert b.t_first - b.t_granted == pytest.approx((610 - b.cached) / 6000)
+    same, _ = _gen(engine, r, loop, 5, tokens=610, text=follow)
+    same.start()
+    loop.run()
+    assert same.cached == 609                       # one token is always evaluated
+
+
+def test_prefix_cache_picks_the_matching_slot():
+    loop, engine, cat = gpu_engine(num_parallel=2)
+    engine.preload([model(cat, "llama3.1:8b")])
+    r = engine.runners[model(cat, "llama3.1:8b").name.key]
+    for text in ("alpha " * 100, "beta " * 100):
+        g, _ = _gen(engine, r, loop, 1, tokens=150, text=text)
+        g.start()
+        loop.run()
+    g, _ = _gen(engine, r, loop, 1, tokens=160, text="beta " * 100 + "more")
+    g.start()
+    loop.run()
+    assert g.cached > 140
+
+
+def test_common_prefix_and_cached_tokens():
+    assert common_prefix("", "abc") == 0
+    assert common_prefix("abcdef", "abcxyz") == 3
+    assert common_prefix("abc", "abcdef") == 3
+    assert common_prefix("x" * 10_000 + "a", "x" * 10_000 + "b") == 10_000
+    assert cached_tokens(100, "a" * 400, 400) == 99
+    assert cached_tokens(100, "a" * 400, 200) == 50
+    assert cached_tokens(1, "a", 1) == 0
+
+
+def test_utilisation_window():
+    loop, engine, cat = gpu_engine()
+    engine.preload([model(cat, "llama3.1:8b")])
+    r = engine.runners[model(cat, "llama3.1:8b").name.key]
+    assert engine.gpu.utilisation() == 0
+    g, _ = _gen(engine, r, loop, 390, tokens=1)       # ~3 s of decoding
+    g.start()
+    loop.run(until=T0 + 1.5)
+    assert engine.gpu.utilisation() == 100
+    loop.run(until=T0 + 3.5)                          # ended at ~3.0 s
+    assert 40 <= engine.gpu.utilisation() <= 60
+    loop.run(until=T0 + 5)
+    assert engine.gpu.utilisation() == 0
+
+
+def test_time_scale_divides_every_timer():
+    loop, engine, cat = gpu_engine(time_scale=10)
+    m = model(cat, "llama3.1:8b")
+    got = Got(loop)
+    engine.acquire(m, None, got)
+    loop.run(until=T0 + 1)
+    assert got.at == pytest.approx(T0 + load_s(cat, "llama3.1:8b") / 10)
+    r = got.calls[0][0]
+    assert r.expires_at == pytest.approx(WALL0 + got.at + 30.0)    # 5 min / 10
+    g, sink = _gen(engine, r, loop, 3, tokens=600)
+    t = loop.now
+    g.start()
+    loop.run(until=T0 + 2)
+    times = [x - t for _, x in sink.tokens]
+    assert times == pytest.approx([0.01, 0.01 + 1 / 1300, 0.01 + 2 / 1300])
+
+
+def test_legacy_time_scale():
+    loop, engine, runner, _ = make(token_rate=100, ttft=0.05, time_scale=5)
+    g, sink = gen(engine, runner, loop, n=3, prefill=0.05)
+    t0 = loop.now
+    g.start()
+    loop.run()
+    assert [t - t0 for _, t in sink.tokens] == pytest.approx([0.01, 0.012, 0.014])
