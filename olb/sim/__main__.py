@@ -20,9 +20,10 @@ import sys
 
 import uvloop
 
-from olb.sim.catalogue import KNOWN_MODELS
+from olb.sim.catalogue import KNOWN_MODELS, normalize_name
 from olb.sim.config import DEFAULT_MODELS, SimConfig
 from olb.sim.gojson import DecodeError, parse_go_duration
+from olb.sim.gpu import GIB, PROFILES
 from olb.sim.server import start_cluster
 
 CLI_PARALLEL = 4
@@ -46,6 +47,18 @@ def _models(text: str) -> tuple:
         if n not in KNOWN_MODELS:
             raise argparse.ArgumentTypeError(f"unknown model {n!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
     return names
+
+
+def _preload(text: str) -> tuple:
+    """Model names in any spelling Ollama accepts (llama3.2 = llama3.2:latest)."""
+    names = []
+    for n in (n.strip() for n in text.split(",")):
+        if n:
+            full = normalize_name(n)
+            if full is None:
+                raise argparse.ArgumentTypeError(f"invalid model name {n!r}")
+            names.append(full)
+    return tuple(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +97,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fragment", type=int, default=0, help="write responses in pieces of N bytes")
     p.add_argument("--fail-after-tokens", type=int, default=None, help="drop the connection after N tokens")
     p.add_argument("--error-after-tokens", type=int, default=None, help="in-band error after N tokens")
+    g = p.add_argument_group("simulated GPU (off unless --gpu is given)")
+    g.add_argument("--gpu", choices=sorted(PROFILES), default=None,
+                   help="GPU profile: loads, VRAM, eviction, pending queue, speeds from spec §6")
+    g.add_argument("--vram", type=float, default=None, help="GPU memory in GiB (default: the profile's)")
+    g.add_argument("--load-fixed", type=float, default=None,
+                   help="seconds of every load before reading weights (default: the profile's, 0.5)")
+    g.add_argument("--disk-speed", type=float, default=None,
+                   help="weights read speed in GB/s (default: the profile's, 1.75)")
+    g.add_argument("--max-loaded", type=int, default=d.max_loaded_models,
+                   help="resident models at most, OLLAMA_MAX_LOADED_MODELS (default 0 = 3 per GPU)")
+    g.add_argument("--slot-queue", type=int, default=None,
+                   help="requests waiting for a slot before 503 (default: unbounded with --gpu, "
+                        "--max-queue without)")
+    g.add_argument("--no-prefix-cache", action="store_true", help="no per-slot prompt cache")
+    g.add_argument("--preload", type=_preload, default=(),
+                   help="comma-separated installed models resident (idle) at start")
+    p.add_argument("--time-scale", type=float, default=d.time_scale,
+                   help="simulated seconds per real second (default %(default)s)")
     return p
+
+
+def _gpu(args):
+    if args.gpu is None:
+        for flag in ("vram", "load_fixed", "disk_speed"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --gpu")
+        return None
+    profile = PROFILES[args.gpu]
+    changes = {}
+    if args.vram is not None:
+        changes["vram"] = int(args.vram * GIB)
+    if args.load_fixed is not None:
+        changes["load_fixed_s"] = args.load_fixed
+    if args.disk_speed is not None:
+        changes["disk_bytes_per_s"] = args.disk_speed * 1e9
+    return profile.replace(**changes) if changes else profile
 
 
 def config_from_args(args) -> SimConfig:
@@ -96,6 +144,8 @@ def config_from_args(args) -> SimConfig:
         seed=args.seed, version=args.ollama_version, host_check=not args.no_host_check,
         deterministic_time=args.deterministic_time, fragment=args.fragment,
         fail_after_tokens=args.fail_after_tokens, error_after_tokens=args.error_after_tokens,
+        gpu=_gpu(args), max_loaded_models=args.max_loaded, slot_queue=args.slot_queue,
+        prefix_cache=not args.no_prefix_cache, preload=args.preload, time_scale=args.time_scale,
     )
 
 
@@ -111,8 +161,13 @@ async def serve(config: SimConfig, host: str, port: int, count: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     for s in servers:
         print(s.url, flush=True)
-    print(f"olb-sim: {count} instance(s), parallel {config.num_parallel}, "
-          f"{config.token_rate:g} tokens/s, ttft {config.ttft:g}s", file=sys.stderr, flush=True)
+    if config.gpu is None:
+        speed = f"{config.token_rate:g} tokens/s, ttft {config.ttft:g}s"
+    else:
+        speed = f"gpu {config.gpu.name} {config.gpu.vram / GIB:g} GiB"
+    scale = f", time scale {config.time_scale:g}" if config.time_scale != 1 else ""
+    print(f"olb-sim: {count} instance(s), parallel {config.num_parallel}, {speed}{scale}",
+          file=sys.stderr, flush=True)
     await stop.wait()
     for s in servers:
         await s.close()

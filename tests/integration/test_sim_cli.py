@@ -73,9 +73,35 @@ def test_sigint_also_exits_cleanly():
 
 @pytest.mark.parametrize("args", [
     ["--nope"], ["--count", "0"], ["--parallel", "0"], ["--token-rate", "-1"], ["--models", "nope"],
-    ["--port", "70000"], ["--keep-alive", "5d"],
+    ["--port", "70000"], ["--keep-alive", "5d"], ["--gpu", "tpu"], ["--vram", "24"],
+    ["--time-scale", "0"], ["--preload", "llama3.2:1b"], ["--gpu", "default", "--max-loaded", "-1"],
 ])
 def test_bad_flags_exit_2(args):
     proc = spawn(*args)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 2 and out == b"" and err.startswith(b"usage: olb-sim")
+
+
+def test_gpu_flags():
+    proc = spawn("--port", "0", "--gpu", "rtx4090", "--vram", "16", "--time-scale", "100",
+                 "--preload", "llama3.2", "--max-loaded", "2", "--parallel", "1")
+    try:
+        (url,) = read_lines(proc, 1)
+        ps = httpx.get(url + "/api/ps", timeout=10).json()["models"]
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        r = httpx.post(url + "/api/generate", json={"model": "llama3.1:8b", "prompt": "hi", "stream": False},
+                       timeout=10).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(20)
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert rc == 0 and b"gpu rtx4090 16 GiB, time scale 100" in err
+    assert [m["name"] for m in ps] == ["llama3.2:latest"]
+    assert 'DCGM_FI_DEV_FB_FREE{gpu="0",' in metrics and 'modelName="NVIDIA GeForce RTX 4090"' in metrics
+    used = int(metrics.split("DCGM_FI_DEV_FB_USED{")[1].split("} ")[1].split()[0])
+    free = int(metrics.split("DCGM_FI_DEV_FB_FREE{")[1].split("} ")[1].split()[0])
+    assert used == ps[0]["size_vram"] // (1 << 20) and used + free == 16 * 1024
+    # A cold 8B: ~3.3 simulated seconds of load, 33 ms of real time.
+    assert 3.0e9 < r["load_duration"] < 3.8e9
