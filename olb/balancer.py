@@ -309,6 +309,11 @@ class Balancer:
         if self.models is not None:
             self._spawn(self._poll_models())
 
+    def refresh_models(self, index: int) -> None:
+        """Re-read one backend's catalogue soon, without waiting for it."""
+        if self.models is not None and not self._closed:
+            self._spawn(self.models.refresh(index))
+
     async def _poll_models(self) -> None:
         models = self.models
         while not self._closed:

@@ -472,7 +472,10 @@ class Exchange:
         models = self.ctx.balancer.models
         index = self.index
         if status == 404:
+            # Its catalogue changed behind olb's back (a delete, a pull
+            # elsewhere): forget the model there and re-read the catalogue.
             models.mark_missing(self.model, index)
+            self.ctx.balancer.refresh_models(index)
         candidates = models.installed_mask(self.model)
         excluded = self.excluded
         if not any(c and i != index and not (excluded and excluded[i]) for i, c in enumerate(candidates)):

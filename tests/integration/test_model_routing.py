@@ -305,3 +305,35 @@ def test_conversation_moves_when_its_backend_is_overloaded(loop):
     home, away, back = run(loop, main())
     assert away == 1 - home
     assert back == home
+
+
+def test_gpu_cluster_loads_a_cold_model_once(loop):
+    """Against simulated GPUs (real load times, one load at a time, VRAM):
+    a burst for a cold model costs one load in the cluster, not one per
+    backend, and requests for a model resident somewhere never load it again."""
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=50, num_parallel=4, preload=("mistral:latest",))
+        proxy, sims = await start([gpu] * 3, spread_queue=100)
+        try:
+            clients = [await RawClient.connect(proxy.port) for _ in range(6)]
+            for i, c in enumerate(clients):
+                c.send("POST", "/api/generate", {"model": "llama3.1:8b", "prompt": f"q{i}", "stream": False,
+                                                 "options": {"num_predict": 8}})
+            out = [await c.response(timeout=30) for c in clients]
+            for c in clients:
+                c.close()
+            warm = [await fetch(proxy.port, "POST", "/api/generate",
+                                {"model": "mistral", "prompt": f"w{i}", "stream": False,
+                                 "options": {"num_predict": 4}}) for i in range(3)]
+            return ([r.status for r in out + warm], [s.engine.loads for s in sims],
+                    [r.json()["load_duration"] for r in out])
+        finally:
+            await stop(proxy, sims)
+
+    statuses, loads, load_durations = run(loop, main())
+    assert statuses == [200] * 9
+    # Exactly one load of llama3.1:8b in the cluster (mistral was preloaded
+    # everywhere and its requests went to where it was resident).
+    assert sorted(loads) == [0, 0, 1], loads
+    assert max(load_durations) > 1e9  # the simulated load took seconds (of simulated time)
