@@ -49,7 +49,8 @@ PROBE_MAX = 30.0
 class Backend:
     """What a worker knows of one backend besides the table's counters."""
 
-    __slots__ = ("index", "spec", "url", "pool", "up", "down_since", "last_error", "probe_delay", "probing")
+    __slots__ = ("index", "spec", "url", "pool", "up", "down_since", "last_error", "probe_delay", "probing",
+                 "strikes")
 
     def __init__(self, index, spec, pool):
         self.index = index
@@ -58,6 +59,9 @@ class Backend:
         self.pool = pool
         #: Reachable, as far as the health checks know (draining is separate).
         self.up = True
+        #: Consecutive failed exchanges (timeouts, broken connections).
+        self.strikes = 0
+        #: When it was last marked down (kept after it returns, for the back-off).
         self.down_since: float | None = None
         self.last_error = ""
         self.probe_delay = PROBE_FIRST
@@ -223,21 +227,45 @@ class Balancer:
         if backend.up:
             log.warning("backend %s marked down: %s", backend.url, reason)
             backend.up = False
-            backend.down_since = time.time()
-            backend.probe_delay = PROBE_FIRST
+            now = time.time()
+            # A backend that answers probes but fails requests would flap in
+            # and out: back-off keeps growing while it fails again soon after
+            # each return, and starts afresh after a quiet spell.
+            if backend.down_since is None or now - backend.down_since > 4 * PROBE_MAX:
+                backend.probe_delay = PROBE_FIRST
+            else:
+                backend.probe_delay = min(backend.probe_delay * 2, PROBE_MAX)
+            backend.down_since = now
             self._apply_health(index)
             if self.models is not None:
                 self.models.forget(index)
+            # A backend that went down drops its pooled connections: they
+            # lead to a process that is gone or restarting.
+            backend.pool.close()
         if not backend.probing and not self._closed:
             backend.probing = True
             self._spawn(self._probe_until_up(backend))
+
+    def strike(self, index: int, reason: str) -> None:
+        """A request failed on a backend that accepted the connection.
+
+        One such failure may be the request's own fault (a client that went
+        away, a prompt that crashed the runner); OLB_EJECT_AFTER in a row
+        with no success between them eject the backend like a refused
+        connection does, and the back-off probe lets it back.
+        """
+        backend = self.backends[index]
+        backend.strikes += 1
+        backend.last_error = reason
+        if backend.strikes >= self.config.eject_after:
+            backend.strikes = 0
+            self.mark_down(index, f"{self.config.eject_after} failures in a row, the last: {reason}")
 
     def mark_up(self, index: int) -> None:
         backend = self.backends[index]
         if not backend.up:
             log.warning("backend %s is back", backend.url)
             backend.up = True
-            backend.down_since = None
             self._apply_health(index)
 
     def drain(self, index: int, draining: bool) -> None:

@@ -71,6 +71,7 @@ class Config:
     queue_size: int = 1024
     queue_timeout: float = 30.0
     retries: int = 2
+    eject_after: int = 3
     workers: int = 1
     health_interval: float = 5.0
     gpu_poll: float = 1.0
@@ -212,6 +213,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a request may wait in the queue; 503 with Retry-After after it."),
     Setting("OLB_RETRIES", "retries", "2", _int_at_least(0),
             "Extra attempts on other backends when one fails before its first response byte."),
+    Setting("OLB_EJECT_AFTER", "eject_after", "3", _int_at_least(1),
+            "Failed requests in a row (timeouts, broken connections) after which a backend is taken "
+            "out until a probe finds it healthy; a refused connection takes it out at once."),
     Setting("OLB_WORKERS", "workers", "1", _int_at_least(1),
             "Worker processes sharing the port (SO_REUSEPORT) and the in-flight counts."),
     Setting("OLB_HEALTH_INTERVAL", "health_interval", "5", _non_negative_float,

@@ -493,9 +493,11 @@ class Exchange:
         conn, self.conn = self.conn, None
         conn.detach()
         pool = conn.pool
+        balancer = self.ctx.balancer
         if self.model is not None and self.head.status == 200:
             # It answered for the model: it has it loaded now.
-            self.ctx.balancer.models.mark_loaded(self.model, self.index)
+            balancer.models.mark_loaded(self.model, self.index)
+        balancer.backends[self.index].strikes = 0
         self._release()
         if reusable:
             pool.put(conn)
@@ -515,7 +517,8 @@ class Exchange:
             self.state = CONNECTING
             self.connect_task = self.ctx.loop.create_task(self._connect(self.index))
             return
-        self._backend_failed(error, retry=not got_bytes, mark_down=False, at_boundary=at_boundary)
+        self._backend_failed(error, retry=not got_bytes, mark_down=False, at_boundary=at_boundary,
+                             strike=True)
 
     def backend_timeout(self, at_boundary: bool) -> None:
         conn, self.conn = self.conn, None
@@ -527,21 +530,25 @@ class Exchange:
             msg = f"backend {url} sent nothing for {cfg.idle_timeout:g}s (OLB_IDLE_TIMEOUT)"
         else:
             msg = f"backend {url} did not answer within {cfg.first_byte_timeout:g}s (OLB_FIRST_BYTE_TIMEOUT)"
-        self._backend_failed(BackendTimeout(msg), retry=False, mark_down=False, at_boundary=at_boundary)
+        self._backend_failed(BackendTimeout(msg), retry=False, mark_down=False, at_boundary=at_boundary,
+                             strike=True)
 
     def backend_protocol_error(self, error: BackendProtocolError, at_boundary: bool) -> None:
         conn, self.conn = self.conn, None
         conn.detach()
         conn.abort()
-        self._backend_failed(error, retry=False, mark_down=False, at_boundary=at_boundary)
+        self._backend_failed(error, retry=False, mark_down=False, at_boundary=at_boundary,
+                             strike=True)
 
     def _backend_failed(self, error: OlbError, *, retry: bool, mark_down: bool,
-                        at_boundary: bool = False) -> None:
+                        at_boundary: bool = False, strike: bool = False) -> None:
         index = self.index
         self._release()
         balancer = self.ctx.balancer
         if mark_down:
             balancer.mark_down(index, error.message)
+        elif strike:
+            balancer.strike(index, error.message)
         if self.state == STREAMING:
             self._fail_mid_stream(error, at_boundary)
             return

@@ -721,3 +721,36 @@ def test_ejected_backend_returns_after_a_probe(loop):
     assert set(statuses) == {200}  # the failed attempt was retried on the other backend
     assert ejected and back
     assert served_after > 0
+
+
+def test_consecutive_failures_eject_a_backend(loop):
+    """A backend that accepts connections but never answers is taken out
+    after OLB_EJECT_AFTER timeouts in a row."""
+
+    async def main():
+        sims = [await start_sim(SimConfig(ttft=30, token_rate=0, seed=1)), await start_sim(FAST)]
+        proxy = await start_proxy(proxy_config([s.url for s in sims], models_interval=0, session_bound=0,
+                                               first_byte_timeout=0.1, eject_after=3))
+        backend = proxy.balancer.backends[0]
+        try:
+            statuses = []
+            for i in range(60):
+                r = await fetch(proxy.port, "POST", "/api/generate",
+                                {"model": "llama3.2", "prompt": str(i), "stream": False})
+                statuses.append(r.status)
+                if not backend.up:
+                    break
+            status = (await fetch(proxy.port, "GET", "/olb/status")).json()
+            after = [(await fetch(proxy.port, "POST", "/api/generate",
+                                  {"model": "llama3.2", "prompt": f"after {i}", "stream": False})).status
+                     for i in range(4)]
+            return statuses, status["backends"][0], after
+        finally:
+            await proxy.close()
+            for s in sims:
+                await s.close()
+
+    statuses, row, after = run(loop, main())
+    assert statuses.count(504) == 3 and set(statuses) <= {200, 504}
+    assert row["healthy"] is False and "3 failures in a row" in row["last_error"]
+    assert after == [200] * 4
