@@ -1,6 +1,6 @@
 """Overhead: the same load straight at the backends and through olb, nginx, HAProxy (and --extra), in one run.
 
-    python -m bench overhead                  # every case, ~6 min on 2 cores
+    python -m bench overhead                  # every case, ~10 min on 2 cores
     python -m bench overhead --quick          # a smoke run, ~1.5 min
     python -m bench overhead --cases paced --paced-streams 1000
 
@@ -18,10 +18,12 @@ them; everything on 127.0.0.1):
               over one stream's length, so N streams stay open and about
               N / stream-length new ones start every second
 
-Closed-loop cases run --rounds rounds; each round measures every target once,
-in an order rotated between rounds so a drift in the machine's speed hits all
-alike.  The paced case runs each level once per target, after a ramp of one
-stream's length, over a --window of steady state.
+Every case runs in rounds (--rounds, --paced-rounds); each round measures every
+target once, in an order rotated between rounds so a drift in the machine's
+speed hits all alike.  A paced measurement starts after a ramp of one
+stream's length and lasts a --window of steady state.  A measurement during
+which other processes took more than 10 % of the machine is repeated (up to
+--busy-retries times; the least disturbed one is kept).
 
 What is recorded per target:
     rate       requests/s or chunks/s at the client
@@ -30,7 +32,8 @@ What is recorded per target:
     CPU        of the proxy's own processes (olb's supervisor and workers, nginx's
                master and workers), the simulator, and this process, from
                /proc/<pid>/task/*/schedstat (ns) -- the tick counters of
-               /proc/<pid>/stat are kept as a cross-check -- per request or chunk
+               /proc/<pid>/stat are kept as a cross-check -- per request or chunk;
+               the median of the rounds' figures
     memory     (paced) the proxy's RSS summed over its processes, sampled every
                0.5 s in the window, less its RSS when idle after start-up, divided
                by the streams open: memory per open stream; VmHWM at the end
@@ -151,15 +154,28 @@ def _cdf(lat: list[float]) -> list[float]:
     return [load.percentile(lat, q) * 1e3 if q < 1.0 else lat[-1] * 1e3 for q in CDF_POINTS] if lat else []
 
 
-def _cpu_figures(rounds_cpu: list[dict], ops: int) -> dict:
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    if not n:
+        return float("nan")
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _cpu_figures(rounds_cpu: list[dict], rounds_ops: list[int]) -> dict:
+    """CPU per op of each group: the median over the rounds (robust to one disturbed round) and the mean."""
+    ops = sum(rounds_ops)
     out = {}
     for name in rounds_cpu[0]:
         ticks_s = sum(r[name]["cpu_s"] for r in rounds_cpu)
         ns_s = sum(r[name]["cpu_s_schedstat"] for r in rounds_cpu)
+        per_round = [r[name]["cpu_s_schedstat"] / n * 1e6 for r, n in zip(rounds_cpu, rounds_ops) if n]
         out[name] = {
             "cpu_s": ns_s,
             "cpu_s_ticks": ticks_s,
-            "us_per_op": ns_s / ops * 1e6 if ops else float("nan"),
+            "us_per_op": _median(per_round),
+            "us_per_op_rounds": per_round,
+            "us_per_op_mean": ns_s / ops * 1e6 if ops else float("nan"),
             "us_per_op_ticks": ticks_s / ops * 1e6 if ops else float("nan"),
             "same_processes": all(r[name]["same_processes"] for r in rounds_cpu),
         }
@@ -187,7 +203,7 @@ def aggregate_closed(case: str, running, rounds: list[dict]) -> dict:
         "requests": sum(r["requests"] for r in rounds),
         "ops": ops,
         "seconds": sum(r["seconds"] for r in rounds),
-        "rate": rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1:][:2]) / 2,
+        "rate": _median(rates),
         "rate_min": rates[0],
         "rate_max": rates[-1],
         "unit": "chunks/s" if case == "stream" else "req/s",
@@ -199,7 +215,7 @@ def aggregate_closed(case: str, running, rounds: list[dict]) -> dict:
         "lines_per_response": {str(k): v for k, v in sorted(lines.items())},
         "other_cpu_share": max(r["other_cpu_share"] for r in rounds),
         "errors": errors,
-        "cpu": _cpu_figures([r["cpu"] for r in rounds], ops),
+        "cpu": _cpu_figures([r["cpu"] for r in rounds], [r["ops"] for r in rounds]),
     }
 
 
@@ -236,8 +252,7 @@ async def warm_paced(loop, running) -> None:
     await asyncio.sleep(0.2)
 
 
-async def measure_paced(loop, args, level: int, running, groups, idle_mem: dict | None,
-                        progress: Progress, label: str) -> dict:
+async def measure_paced(loop, args, level: int, running, groups, progress: Progress, label: str) -> dict:
     """`level` paced streams against `running`: ramp, a measured window of steady state, drain."""
     stream_s = args.paced_ttft + args.paced_tokens * args.token_interval
     ramp = stream_s + 0.5
@@ -286,21 +301,48 @@ async def measure_paced(loop, args, level: int, running, groups, idle_mem: dict 
     if "cpu" not in out:
         raise RuntimeError(f"{running.name}: the paced phase ended before its window "
                            f"(errors: {phase.errors})")
-    ttft = sorted(phase.ttft)
-    lines = out["lines"]
-    cpu = _cpu_figures([out["cpu"]], lines)
+    samples = out["mem_samples"]
+    final = proc.memory(groups["proxy"]) if groups["proxy"] else None
+    return {
+        "ttft": phase.ttft,
+        "ops": out["lines"],
+        "window_s": out["window_s"],
+        "rate": out["lines"] / out["window_s"],
+        "open_mean": sum(s["open"] for s in samples) / len(samples) if samples else float(level),
+        "mem_samples": samples,
+        "hwm_kib": final["hwm_kib"] if final else None,
+        "errors": phase.errors,
+        "lines_per_response": phase.lines_per_response,
+        "other_cpu_share": out["other_cpu_share"],
+        "cpu": out["cpu"],
+    }
+
+
+def aggregate_paced(args, level: int, running, rounds: list[dict], idle_mem: dict | None) -> dict:
+    """One row from the rounds of a level: pooled TTFT, median rate and CPU, memory over all samples."""
+    ttft = sorted(x for r in rounds for x in r["ttft"])
+    errors: dict[str, int] = {}
+    lines: dict[int, int] = {}
+    for r in rounds:
+        for key, n in r["errors"].items():
+            errors[key] = errors.get(key, 0) + n
+        for key, n in r["lines_per_response"].items():
+            lines[key] = lines.get(key, 0) + n
+    rates = [r["rate"] for r in rounds]
     row = {
         "case": "paced",
         "level": level,
         "target": running.name,
         "kind": running.kind,
         "workers": running.workers,
+        "rounds": len(rounds),
         "streams_started": len(ttft),
-        "open_mean": (sum(s["open"] for s in out["mem_samples"]) / len(out["mem_samples"])
-                      if out["mem_samples"] else float(level)),
-        "ops": lines,
-        "window_s": out["window_s"],
-        "rate": lines / out["window_s"],
+        "open_mean": sum(r["open_mean"] for r in rounds) / len(rounds),
+        "ops": sum(r["ops"] for r in rounds),
+        "window_s": sum(r["window_s"] for r in rounds),
+        "rate": _median(rates),
+        "rate_min": min(rates),
+        "rate_max": max(rates),
         "offered_rate": level / args.token_interval,
         "unit": "chunks/s",
         "latency": "first token",
@@ -308,25 +350,23 @@ async def measure_paced(loop, args, level: int, running, groups, idle_mem: dict 
         "p99_ms": load.percentile(ttft, 0.99) * 1e3,
         "samples": len(ttft),
         "cdf_ms": _cdf(ttft),
-        "errors": phase.errors,
-        "lines_per_response": {str(k): v for k, v in sorted(phase.lines_per_response.items())},
-        "other_cpu_share": out["other_cpu_share"],
-        "cpu": cpu,
+        "errors": errors,
+        "lines_per_response": {str(k): v for k, v in sorted(lines.items())},
+        "other_cpu_share": max(r["other_cpu_share"] for r in rounds),
+        "cpu": _cpu_figures([r["cpu"] for r in rounds], [r["ops"] for r in rounds]),
     }
-    samples = out["mem_samples"]
+    samples = [s for r in rounds for s in r["mem_samples"]]
     if samples and idle_mem:
         rss = [s["rss_kib"] for s in samples]
-        opened = [s["open"] for s in samples]
         mean_rss = sum(rss) / len(rss)
-        mean_open = sum(opened) / len(opened)
-        final = proc.memory(groups["proxy"])
+        mean_open = sum(s["open"] for s in samples) / len(samples)
         row["memory"] = {
             "idle_rss_kib": idle_mem["rss_kib"],
             "idle_pss_kib": idle_mem["pss_kib"],
             "mean_rss_kib": mean_rss,
             "peak_rss_kib": max(rss),
             "peak_pss_kib": max(s["pss_kib"] for s in samples),
-            "hwm_kib": final["hwm_kib"],
+            "hwm_kib": max(r["hwm_kib"] for r in rounds),
             "kib_per_stream": (mean_rss - idle_mem["rss_kib"]) / mean_open if mean_open else float("nan"),
         }
     return row
@@ -364,7 +404,7 @@ def _count_steps(args, main, sweep) -> int:
     n = 0
     for case in args.cases:
         if case == "paced":
-            n += len(args.paced_streams) * len(main)
+            n += len(args.paced_streams) * args.paced_rounds * len(main)
         else:
             n += args.rounds * (len(main) + (len(sweep) if case in args.sweep_cases else 0))
     return n
@@ -435,17 +475,28 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
                 if r.kind != "direct":
                     await warm_paced(loop, r)
                     idle[r.name] = proc.memory(r.refresh_pids())
-            for li, level in enumerate(args.paced_streams):
-                order = running[li % len(running):] + running[:li % len(running)]
-                for r in order:
-                    step = progress.begin()
-                    label = f"{step} paced {level} streams → {r.name}"
-                    groups = _groups(r, sim.pid, [o for o in running if o is not r])
-                    row = await _quiet(args, progress, step, lambda: measure_paced(
-                        loop, args, level, r, groups, idle.get(r.name), progress, label))
+            turn = 0
+            for level in args.paced_streams:
+                per = {r.name: [] for r in running}
+                for i in range(args.paced_rounds):
+                    order = running[turn % len(running):] + running[:turn % len(running)]
+                    turn += 1
+                    for r in order:
+                        step = progress.begin()
+                        label = f"{step} paced {level} streams, round {i + 1}/{args.paced_rounds} → {r.name}"
+                        groups = _groups(r, sim.pid, [o for o in running if o is not r])
+                        m = await _quiet(args, progress, step, lambda: measure_paced(
+                            loop, args, level, r, groups, progress, label))
+                        per[r.name].append(m)
+                        progress.say(f"{step} paced {level} round {i + 1} {r.name:10} {m['rate']:8,.0f} chunks/s  "
+                                     f"TTFT p99 {load.percentile(sorted(m['ttft']), 0.99) * 1e3:7.2f} ms  "
+                                     f"others {m['other_cpu_share']:4.0%}"
+                                     + (f"  ERRORS {m['errors']}" if m["errors"] else ""))
+                        await asyncio.sleep(0.3)
+                for r in running:
+                    row = aggregate_paced(args, level, r, per[r.name], idle.get(r.name))
                     rows.append(row)
-                    progress.say(f"{step} paced {level:5} {_fmt_row(row)}")
-                    await asyncio.sleep(0.3)
+                    progress.say(f"   paced {level:5} {_fmt_row(row)}")
         else:
             per: dict[str, list[dict]] = {r.name: [] for r in running}
             for i in range(args.rounds):
@@ -541,7 +592,10 @@ def add_arguments(p) -> None:
     p.add_argument("--paced-tokens", type=int, default=150, help="tokens per stream, paced case")
     p.add_argument("--paced-ttft", type=float, default=0.0,
                    help="the simulator's time to first token, paced case (it adds the same to every target)")
-    p.add_argument("--window", type=float, default=6.0, help="measured seconds of steady state per paced level")
+    p.add_argument("--window", type=float, default=6.0,
+                   help="measured seconds of steady state per paced level, target and round")
+    p.add_argument("--paced-rounds", type=int, default=2,
+                   help="rounds of each paced level (the order of the targets rotates)")
     p.add_argument("--workers", default="1,2", help="worker counts of the sweep")
     p.add_argument("--sweep-kinds", default="olb,nginx", help="targets swept over --workers")
     p.add_argument("--sweep-cases", default="version,stream", help="cases that include the sweep's targets")
@@ -558,6 +612,7 @@ def finish_arguments(p, args) -> None:
 
     if args.quick:
         args.rounds = 1
+        args.paced_rounds = 1
         args.requests = min(args.requests, 4000)
         args.stream_requests = min(args.stream_requests, 40)
         if args.paced_streams == "250,500,1000":
@@ -583,7 +638,7 @@ def finish_arguments(p, args) -> None:
         p.error("--paced-streams and --workers take comma-separated integers")
     args.sweep_kinds = split(args.sweep_kinds)
     args.sweep_cases = split(args.sweep_cases)
-    for name in ("backends", "rounds", "concurrency", "requests", "streams", "stream_requests", "tokens",
+    for name in ("backends", "rounds", "paced_rounds", "concurrency", "requests", "streams", "stream_requests", "tokens",
                  "paced_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
