@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -49,7 +50,7 @@ def cmd_overhead(p, args) -> int:
 
     overhead.finish_arguments(p, args)
     info = proc.machine()
-    command = "python -m bench " + " ".join(sys.argv[1:])
+    command = "python -m bench " + shlex.join(sys.argv[1:])
     print(f"# {command}\n# {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}; "
           f"{info['nginx'] or 'no nginx'}; {info['haproxy'] or 'no HAProxy'}", flush=True)
     result = uvloop.run(overhead.run(args))

@@ -28,7 +28,7 @@ def _ratio(x: float | None, ref: float | None, floor: float = 0.0) -> str:
     """` (1.23×)`, or nothing where the reference is missing or too close to 0 to divide by."""
     if x is None or ref is None or any(isinstance(v, float) and math.isnan(v) for v in (x, ref)):
         return ""
-    if ref == 0 or abs(ref) < floor:
+    if ref == 0 or (floor and ref < floor):
         return ""
     return f" ({x / ref:.2f}×)"
 
@@ -37,7 +37,8 @@ def _with(x, ref, digits=1, floor: float = 0.0) -> str:
     return _num(x, digits) + _ratio(x, ref, floor)
 
 
-#: Added TTFT below this (ms) is within run-to-run noise: no ratio is printed against it.
+#: Added TTFT below this (ms; or negative: direct can be the slower path near the machine's
+#: capacity) is no base for a ratio, which is left out.
 ADDED_FLOOR_MS = 1.0
 
 
@@ -128,8 +129,12 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(out) if n else ""
 
 
-def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets for olb, each with the figures it compares and whether it is met."""
+def check_targets(rows: list[dict], nproc: int | None = None) -> list[dict]:
+    """The issue's targets for olb, each with the figures it compares and whether it is met.
+
+    `met` is None where this machine cannot tell: throughput against workers needs a core per
+    worker beside the ones the load generator and the simulator keep busy.
+    """
     checks = []
     cases = _by_case(rows)
 
@@ -155,13 +160,14 @@ def check_targets(rows: list[dict]) -> list[dict]:
             checks.append({"target": f"CPU per streamed chunk ≤ nginx's ({top} paced streams)",
                            "olb": f"{a:.2f} µs", "nginx": f"{b:.2f} µs", "ratio": a / b, "met": a <= b})
             if d:
+                # Both are over the same direct figure, so this is olb's TTFT p99 against nginx's.
                 a, b = olb["p99_ms"] - d["p99_ms"], ng["p99_ms"] - d["p99_ms"]
                 checks.append({"target": f"added TTFT p99 ≤ nginx's ({top} streams"
                                          + ("" if top >= 1000 else "; the issue asks for 1,000")
                                          + f"; TTFT p99 olb {olb['p99_ms']:.1f} ms, nginx {ng['p99_ms']:.1f} ms, "
                                            f"direct {d['p99_ms']:.1f} ms)",
                                "olb": f"{a:+.2f} ms", "nginx": f"{b:+.2f} ms",
-                               "ratio": a / b if b >= ADDED_FLOOR_MS else float("nan"), "met": a <= max(b, 0.0)})
+                               "ratio": a / b if b >= ADDED_FLOOR_MS else float("nan"), "met": a <= b})
         if olb and olb.get("memory"):
             per = olb["memory"]["kib_per_stream"]
             ngper = (ng or {}).get("memory", {}).get("kib_per_stream")
@@ -186,10 +192,15 @@ def check_targets(rows: list[dict]) -> list[dict]:
             got = top_w["rate"] / one["rate"]
             ngs = sorted((r for r in cr if r["kind"] == "nginx"), key=lambda r: r["workers"])
             ng_got = ngs[-1]["rate"] / ngs[0]["rate"] if len(ngs) > 1 else None
+            cpu = _proxy_cpu(top_w) / _proxy_cpu(one)
+            enough = nproc is None or nproc >= top_w["workers"] + 2
             checks.append({"target": f"throughput grows with workers ({case}, "
-                                     f"{one['workers']}→{top_w['workers']}: {want:.0f}× wanted)",
+                                     f"{one['workers']}→{top_w['workers']}: {want:.0f}× wanted; "
+                                     f"olb's CPU per op {cpu:.2f}×)"
+                                     + ("" if enough else f"; {nproc} cores, shared with the load "
+                                                          "generator and the simulator, cannot show it"),
                            "olb": f"{got:.2f}×", "nginx": "–" if ng_got is None else f"{ng_got:.2f}×",
-                           "ratio": float("nan"), "met": got >= 0.9 * want})
+                           "ratio": float("nan"), "met": got >= 0.9 * want if enough else None})
     return checks
 
 
@@ -199,7 +210,8 @@ def targets_table(checks: list[dict]) -> str:
     out = ["| target | olb | nginx | olb / nginx | met? |", "|---|---:|---:|---:|:---:|"]
     for c in checks:
         ratio = "–" if math.isnan(c["ratio"]) else f"{c['ratio']:.2f}×"
-        out.append(f"| {c['target']} | {c['olb']} | {c['nginx']} | {ratio} | {'yes' if c['met'] else '**no**'} |")
+        met = "n/a" if c["met"] is None else "yes" if c["met"] else "**no**"
+        out.append(f"| {c['target']} | {c['olb']} | {c['nginx']} | {ratio} | {met} |")
     return "\n".join(out)
 
 
@@ -255,7 +267,7 @@ def markdown(result: dict) -> str:
     sweep = sweep_table([r for r in rows if r["case"] != "paced"])
     if sweep:
         parts.append(f"### Workers\n\n{sweep}")
-    checks = check_targets(rows)
+    checks = check_targets(rows, (m or {}).get("nproc"))
     if checks:
         parts.append(f"### olb's targets\n\n{targets_table(checks)}")
     warns = warnings(rows)
@@ -311,6 +323,8 @@ def plot(result: dict, outdir: str) -> list[str]:
         axes[0].set_yscale("log")
         axes[1].set(title="proxy CPU per chunk", xlabel="open streams", ylabel="µs")
         axes[2].set(title="proxy peak RSS", xlabel="open streams", ylabel="MiB")
+        axes[1].set_ylim(bottom=0)
+        axes[2].set_ylim(bottom=0)
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
