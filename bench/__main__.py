@@ -4,6 +4,7 @@
     python -m bench overhead --quick    a smoke run (~1.5 min)
     python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core (~10 s)
     python -m bench e2e [...]           bench/e2e.py: olb vs direct only, more detail per process
+    python -m bench scheduling [...]    bench/scheduling.py: olb's scheduler vs nginx/HAProxy, simulated cluster
     python -m bench plot FILE.json      the Markdown and plots again, from a saved result
     python -m bench tools               which proxies this machine has
 
@@ -96,6 +97,12 @@ def cmd_e2e(p, args) -> int:
     return e2e.main(args.rest)
 
 
+def cmd_scheduling(p, args) -> int:
+    from . import scheduling
+
+    return scheduling.main(args.rest) or 0
+
+
 def cmd_tools(p, args) -> int:
     from . import proc, targets
 
@@ -136,13 +143,16 @@ def main(argv=None) -> int:
     m.set_defaults(func=lambda a: cmd_micro(m, a))
     e = sub.add_parser("e2e", help="bench/e2e.py (olb vs direct); its flags follow", add_help=False)
     e.set_defaults(func=lambda a: cmd_e2e(e, a), passthrough="e2e")
+    sc = sub.add_parser("scheduling", help="bench/scheduling.py: olb's scheduler on a simulated LLM cluster; "
+                                           "its flags follow", add_help=False)
+    sc.set_defaults(func=lambda a: cmd_scheduling(sc, a), passthrough="scheduling")
     pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result")
     pl.add_argument("file")
     pl.add_argument("--out", default=None, help="directory (default: the JSON's)")
     pl.set_defaults(func=lambda a: cmd_plot(pl, a))
     t = sub.add_parser("tools", help="which proxies and plotting this machine has")
     t.set_defaults(func=lambda a: cmd_tools(t, a))
-    # `micro` and `e2e` hand the flags they do not know to pytest and to e2e.py.
+    # `micro`, `e2e` and `scheduling` hand the flags they do not know to pytest and to their module.
     args, rest = p.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", None):
         p.error(f"unrecognized arguments: {' '.join(rest)}")
