@@ -129,9 +129,14 @@ _POLICIES = {"least_loaded": POLICY_LEAST_LOADED}
 
 # A GPU at 100% utilisation still serves requests: NVML's "utilization" is the
 # fraction of the last sample period (1/6 s to 1 s) in which any kernel ran,
-# so one decode stream can read 100%.  The floor caps the penalty at 20x, so
-# in-flight counts still steer traffic between two saturated GPUs.
-cdef double GPU_HEADROOM_FLOOR = 0.05  # fraction of the GPU, dimensionless
+# so one decode stream can read 100%.  The floor caps the penalty at 2x: a
+# reading is up to a poll interval old (NVML 1 s, dcgm-exporter up to 30 s),
+# and a steeper penalty (a 0.05 floor, 20x, was measured) herds every request
+# of an interval onto the one GPU that happened to read idle -- on a one-model
+# mix it doubled p99 TTFT against plain least-in-flight (bench/scheduling.py,
+# control mix).  At 2x, in-flight counts stay the main signal and a busy GPU
+# is still passed over while others have room.
+cdef double GPU_HEADROOM_FLOOR = 0.5  # fraction of the GPU, dimensionless
 
 
 cdef inline uint64_t _splitmix64(uint64_t x) noexcept:

@@ -142,7 +142,8 @@ def test_busy_remote_gpu_steers_requests_away(loop, monkeypatch):
     status, active, requests = run(loop, main())
     assert [b["gpu_util"] for b in status["backends"]] == [0.95, 0.0]
     assert [b["gpu_mem_free"] for b in status["backends"]] == [0.1, 0.875]
-    assert active == [0, 6]
+    # A busy GPU counts as half its size: the idle one takes twice the share.
+    assert active == [2, 4]
     head = requests[0].decode().lower()
     assert head.startswith("get /metrics http/1.1\r\n") and "accept: text/plain;version=0.0.4" in head
 
@@ -287,7 +288,8 @@ def test_olb_agent_steers_requests_away_from_a_busy_gpu(loop, monkeypatch):
         exporter.stop()
     assert [b["gpu_util"] for b in status["backends"]] == [0.95, 0.0]
     assert readings["1"]["mem_free_bytes"] == 70 * GiB
-    assert active == [0, 6]
+    # A busy GPU counts as half its size: the idle one takes twice the share.
+    assert active == [2, 4]
     assert fake.init_calls == fake.shutdown_calls
 
 
@@ -433,4 +435,6 @@ def test_scraping_a_simulated_ollamas_gpu(loop):
     assert [r["gpu_util"] for r in idle] == [0.0, 0.0]
     assert all(0.0 < r["gpu_mem_free"] < 1.0 for r in idle)  # llama3.2 resident
     assert rows[0]["gpu_util"] >= 0.95 and rows[1]["gpu_util"] == 0.0
-    assert active[1] == 4 and active[0] == 1  # sim 0 has only the direct generation
+    # The busy GPU counts as half its size, so the idle one takes 3 of 4
+    # (sim 0 also runs the direct generation, which olb does not count).
+    assert active[1] == 3 and active[0] == 2

@@ -19,7 +19,7 @@ class RefTable:
     _update_denom, so equal scores are equal doubles in both.
     """
 
-    FLOOR = 0.05
+    FLOOR = 0.5
 
     def __init__(self, capacities, weights=None):
         self.capacity = list(capacities)
@@ -308,19 +308,21 @@ def test_same_seed_same_choices():
 
 
 def test_busy_gpu_is_avoided_until_its_score_catches_up():
-    table = BackendTable([4, 4], seed=1)
+    table = BackendTable([8, 8], seed=1)
     table.set_gpu_load(0, 0.9, 0.5)
-    # Backend 0 scores (0 + 1) / (4 * 0.1) = 2.5 idle; backend 1 stays below
-    # that until it is full.
-    assert [table.acquire() for _ in range(4)] == [1, 1, 1, 1]
-    assert table.acquire() == 0
-    for _ in range(4):
-        table.release(1)
+    # Backend 0 scores as if half its size (headroom capped at 2x): (n + 1) / 4
+    # against backend 1's (m + 1) / 8. Whatever order ties break in, nine
+    # requests end 3 : 6, and the idle GPU takes the first.
+    picks = [table.acquire() for _ in range(9)]
+    assert picks[0] == 1
+    assert (picks.count(0), picks.count(1)) == (3, 6)
+    for index in picks:
+        table.release(index)
     table.clear_gpu_load(0)
     assert table.snapshot()[0]["gpu_util"] is None
-    # Neutral again: backend 0 (1 in flight) now ties with backend 1 only
-    # after backend 1 took one.
-    assert table.acquire() == 1
+    # Neutral again: equal shares.
+    picks = [table.acquire() for _ in range(8)]
+    assert (picks.count(0), picks.count(1)) == (4, 4)
 
 
 def test_saturated_gpu_is_penalised_not_excluded():
