@@ -14,6 +14,10 @@ Where a request goes (read in this order):
     olb/models.py     what each backend has installed and loaded (model routing)
     olb/_core.pyx     compiled: the backend table and the body-end scanner
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
+    olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
+    olb/admin.py      /olb/status, /olb/health, /olb/drain
+    olb/errors.py     error types, each with its HTTP status
+    olb/agent.py      `olb-agent`: an NVML exporter with dcgm-exporter's names
     olb/sim/          the simulated Ollama used by tests, demo and benchmarks
 """
 

@@ -122,11 +122,6 @@ def parse_request(body: bytes) -> tuple[str | None, bytes | None]:
     return model, affinity
 
 
-def request_model(body: bytes) -> str | None:
-    """The `model` field of a JSON request body, or None."""
-    return parse_request(body)[0]
-
-
 def affinity_key(*parts: bytes) -> int:
     """A 64-bit key, the same in every worker process (unlike hash())."""
     return int.from_bytes(hashlib.blake2b(b"\0".join(parts), digest_size=8).digest(), "little")

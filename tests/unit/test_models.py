@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from olb.models import ModelDirectory, normalize, request_model
+from olb.models import ModelDirectory, normalize, parse_request
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -32,7 +32,7 @@ def test_normalize_like_ollama(name, expected):
     (b"", None),
 ])
 def test_request_model(body, expected):
-    assert request_model(body) == expected
+    assert parse_request(body)[0] == expected
 
 
 def directory(n=3):
@@ -82,8 +82,6 @@ def test_merged_tags_deduplicates_and_keeps_newest():
 
 
 def test_conversation_identity_survives_later_turns():
-    from olb.models import parse_request
-
     system = {"role": "system", "content": "You are terse."}
     turn1 = [system, {"role": "user", "content": "Plan a trip to Kyoto"}]
     turn2 = turn1 + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And Osaka?"}]
