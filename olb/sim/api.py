@@ -996,7 +996,50 @@ class _Output:
             self.w.respond(500, JSON, go_dumps({"error": msg}))
 
 
-class GenerateStream(_Output):
+class _NdjsonStream(_Output):
+    """A native streamed answer: one NDJSON line per token, then the final object.
+
+    Subclasses set `_prefix`/`_mid`/`_tail` in `_setup` (the bytes around the
+    timestamp and the token's text) and build the final object in `finish`.
+    """
+
+    __slots__ = ()
+
+    def token(self, i):
+        w = self.w
+        if not self.started:
+            self.started = True
+            w.stream_start(200, NDJSON)
+        w.stream_write(b"".join((self._prefix, self._clock.created_at(), self._mid,
+                                 self._piece(self.offset, i), self._tail)))
+
+    def _end(self, gen, obj: dict) -> None:
+        """Write the final object, with the metrics, and end the stream."""
+        obj.update(self.api.metrics(gen, self.req.t_start, self.prompt_tokens))
+        if not self.started:
+            self.started = True
+            self.w.stream_start(200, NDJSON)
+        self.w.stream_write(go_dumps(obj) + b"\n")
+        self.w.stream_end()
+
+
+class _NativeJson(_Output):
+    """A native answer with "stream": false: one JSON object at the end."""
+
+    __slots__ = ()
+
+    def token(self, i):
+        pass
+
+    def _respond(self, gen, obj: dict) -> None:
+        obj.update(self.api.metrics(gen, self.req.t_start, self.prompt_tokens))
+        self.w.respond(200, JSON_UTF8, go_dumps(obj))
+
+    def fail(self, gen):
+        self.w.respond(500, JSON_UTF8, go_dumps({"error": self.api.config.error_message}))
+
+
+class GenerateStream(_NdjsonStream):
     """/api/generate, NDJSON: one line per token, then the final object."""
 
     __slots__ = ()
@@ -1006,48 +1049,28 @@ class GenerateStream(_Output):
         self._mid = b'","response":'
         self._tail = b',"done":false}\n'
 
-    def token(self, i):
-        w = self.w
-        if not self.started:
-            self.started = True
-            w.stream_start(200, NDJSON)
-        w.stream_write(b"".join((self._prefix, self._clock.created_at(), self._mid,
-                                 self._piece(self.offset, i), self._tail)))
-
     def finish(self, gen):
         obj = {"model": self.model, "created_at": self._clock.created_at().decode(), "response": "",
                "done": True, "done_reason": self._reason(gen)}
         if self.context is not None:
             obj["context"] = self._context(gen)
-        obj.update(self.api.metrics(gen, self.req.t_start, self.prompt_tokens))
-        if not self.started:
-            self.started = True
-            self.w.stream_start(200, NDJSON)
-        self.w.stream_write(go_dumps(obj) + b"\n")
-        self.w.stream_end()
+        self._end(gen, obj)
 
 
-class GenerateJson(_Output):
+class GenerateJson(_NativeJson):
     """/api/generate with "stream": false."""
 
     __slots__ = ()
-
-    def token(self, i):
-        pass
 
     def finish(self, gen):
         obj = {"model": self.model, "created_at": self._clock.created_at().decode(),
                "response": self._text(gen), "done": True, "done_reason": self._reason(gen)}
         if self.context is not None:
             obj["context"] = self._context(gen)
-        obj.update(self.api.metrics(gen, self.req.t_start, self.prompt_tokens))
-        self.w.respond(200, JSON_UTF8, go_dumps(obj))
-
-    def fail(self, gen):
-        self.w.respond(500, JSON_UTF8, go_dumps({"error": self.api.config.error_message}))
+        self._respond(gen, obj)
 
 
-class ChatStream(_Output):
+class ChatStream(_NdjsonStream):
     """/api/chat, NDJSON."""
 
     __slots__ = ()
@@ -1057,43 +1080,21 @@ class ChatStream(_Output):
         self._mid = b'","message":{"role":"assistant","content":'
         self._tail = b'},"done":false}\n'
 
-    def token(self, i):
-        w = self.w
-        if not self.started:
-            self.started = True
-            w.stream_start(200, NDJSON)
-        w.stream_write(b"".join((self._prefix, self._clock.created_at(), self._mid,
-                                 self._piece(self.offset, i), self._tail)))
-
     def finish(self, gen):
-        obj = {"model": self.model, "created_at": self._clock.created_at().decode(),
-               "message": {"role": "assistant", "content": ""}, "done_reason": self._reason(gen),
-               "done": True}
-        obj.update(self.api.metrics(gen, self.req.t_start, self.prompt_tokens))
-        if not self.started:
-            self.started = True
-            self.w.stream_start(200, NDJSON)
-        self.w.stream_write(go_dumps(obj) + b"\n")
-        self.w.stream_end()
+        self._end(gen, {"model": self.model, "created_at": self._clock.created_at().decode(),
+                        "message": {"role": "assistant", "content": ""}, "done_reason": self._reason(gen),
+                        "done": True})
 
 
-class ChatJson(_Output):
+class ChatJson(_NativeJson):
     """/api/chat with "stream": false."""
 
     __slots__ = ()
 
-    def token(self, i):
-        pass
-
     def finish(self, gen):
-        obj = {"model": self.model, "created_at": self._clock.created_at().decode(),
-               "message": {"role": "assistant", "content": self._text(gen)},
-               "done_reason": self._reason(gen), "done": True}
-        obj.update(self.api.metrics(gen, self.req.t_start, self.prompt_tokens))
-        self.w.respond(200, JSON_UTF8, go_dumps(obj))
-
-    def fail(self, gen):
-        self.w.respond(500, JSON_UTF8, go_dumps({"error": self.api.config.error_message}))
+        self._respond(gen, {"model": self.model, "created_at": self._clock.created_at().decode(),
+                            "message": {"role": "assistant", "content": self._text(gen)},
+                            "done_reason": self._reason(gen), "done": True})
 
 
 def _usage(prompt_tokens: int, n: int) -> dict:
