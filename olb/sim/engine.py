@@ -632,7 +632,26 @@ class Engine:
                 runner.expires_at = self._expiry(runner.keep_alive)
 
 
-class Generation:
+class _Job:
+    """What the engine's slot queue holds: a Generation or a SlotHold.
+
+    Subclasses have the slots engine, runner, t_submit and _state, and a
+    granted() the engine calls when a slot is theirs.
+    """
+
+    __slots__ = ()
+
+    def start(self) -> bool:
+        """Submit for a slot; False if the instance's queue is full."""
+        self.t_submit = self.engine.now()
+        self._state = "queued"
+        if not self.engine.submit(self.runner, self):
+            self._state = "new"
+            return False
+        return True
+
+
+class Generation(_Job):
     """One inference request: slot wait -> prefill -> tokens -> end.
 
     Reported times (t_submit, t_granted, t_first, t_end) are
@@ -688,15 +707,6 @@ class Generation:
     @property
     def queued(self) -> bool:
         return self._state == "queued"
-
-    def start(self) -> bool:
-        """Submit for a slot; False if the instance's queue is full."""
-        self.t_submit = self.engine.now()
-        self._state = "queued"
-        if not self.engine.submit(self.runner, self):
-            self._state = "new"
-            return False
-        return True
 
     def granted(self) -> None:
         """Called by the engine when a slot is ours."""
@@ -881,7 +891,7 @@ class Generation:
         engine.release(self.runner)
 
 
-class SlotHold:
+class SlotHold(_Job):
     """A request that needs a slot for a fixed amount of work (embeddings):
     `duration` simulated seconds, on the GPU's shared prompt throughput in
     GPU mode."""
@@ -898,14 +908,6 @@ class SlotHold:
         self.pf_left = 0.0
         self._state = "new"
         self._timer = None
-
-    def start(self) -> bool:
-        self.t_submit = self.engine.now()
-        self._state = "queued"
-        if not self.engine.submit(self.runner, self):
-            self._state = "new"
-            return False
-        return True
 
     def granted(self) -> None:
         if self._state != "queued":
