@@ -51,7 +51,8 @@ if __package__ in (None, ""):
     # Run as a script (python bench/e2e.py): make `bench` importable from the repository root.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.load import build_request, close_conns, http_get_json, open_conns, percentile, run_phase  # noqa: E402
+from bench.load import (build_request, close_conns, http_get_json, merge_counts, open_conns,  # noqa: E402
+                        percentile, run_phase)
 from bench.proc import (TICK_S, Child, CpuSample, cpu_delta, machine, machine_busy_ticks,  # noqa: E402
                         process_tree)
 
@@ -111,13 +112,7 @@ def aggregate(case: str, target: str, rounds: list[dict]) -> dict:
     ops = sum(r["ops"] for r in rounds)
     rates = sorted(r["rate"] for r in rounds)
     lat = sorted(x for r in rounds for x in r["latencies"])
-    errors: dict[str, int] = {}
-    lines: dict[int, int] = {}
-    for r in rounds:
-        for key, n in r["errors"].items():
-            errors[key] = errors.get(key, 0) + n
-        for key, n in r["lines_per_response"].items():
-            lines[key] = lines.get(key, 0) + n
+    errors, lines = merge_counts(rounds)
     cpu = {}
     for name in rounds[0]["cpu"]:
         cpu_s = sum(r["cpu"][name]["cpu_s"] for r in rounds)

@@ -324,6 +324,18 @@ async def http_get_json(host: str, port: int, path: str) -> dict:
     return json.loads(body)
 
 
+def merge_counts(rounds: list[dict]) -> tuple[dict[str, int], dict[int, int]]:
+    """The error counts and lines-per-response histogram of several rounds, summed."""
+    errors: dict[str, int] = {}
+    lines: dict[int, int] = {}
+    for r in rounds:
+        for key, n in r["errors"].items():
+            errors[key] = errors.get(key, 0) + n
+        for key, n in r["lines_per_response"].items():
+            lines[key] = lines.get(key, 0) + n
+    return errors, lines
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """The nearest-rank percentile of an already sorted list (nan when empty)."""
     if not sorted_values:

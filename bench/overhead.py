@@ -187,13 +187,7 @@ def aggregate_closed(case: str, running, rounds: list[dict]) -> dict:
     ops = sum(r["ops"] for r in rounds)
     rates = sorted(r["rate"] for r in rounds)
     lat = sorted(x for r in rounds for x in r["latencies"])
-    errors: dict[str, int] = {}
-    lines: dict[int, int] = {}
-    for r in rounds:
-        for key, n in r["errors"].items():
-            errors[key] = errors.get(key, 0) + n
-        for key, n in r["lines_per_response"].items():
-            lines[key] = lines.get(key, 0) + n
+    errors, lines = load.merge_counts(rounds)
     return {
         "case": case,
         "target": running.name,
@@ -321,13 +315,7 @@ async def measure_paced(loop, args, level: int, running, groups, progress: Progr
 def aggregate_paced(args, level: int, running, rounds: list[dict], idle_mem: dict | None) -> dict:
     """One row from the rounds of a level: pooled TTFT, median rate and CPU, memory over all samples."""
     ttft = sorted(x for r in rounds for x in r["ttft"])
-    errors: dict[str, int] = {}
-    lines: dict[int, int] = {}
-    for r in rounds:
-        for key, n in r["errors"].items():
-            errors[key] = errors.get(key, 0) + n
-        for key, n in r["lines_per_response"].items():
-            lines[key] = lines.get(key, 0) + n
+    errors, lines = load.merge_counts(rounds)
     rates = [r["rate"] for r in rounds]
     row = {
         "case": "paced",
