@@ -480,9 +480,7 @@ class Exchange:
         excluded = self.excluded
         if not any(c and i != index and not (excluded and excluded[i]) for i, c in enumerate(candidates)):
             return False
-        conn, self.conn = self.conn, None
-        conn.detach()
-        conn.abort()  # the rest of that response is not wanted
+        conn = self._abort_conn()  # the rest of that response is not wanted
         reason = ("queue full (503)" if status == 503 else "model not found (404)")
         self._backend_failed(BackendConnectError(f"backend {conn.pool.host}:{conn.pool.port}: {reason}"),
                              retry=True, mark_down=False)
@@ -521,9 +519,7 @@ class Exchange:
                              strike=True)
 
     def backend_timeout(self, at_boundary: bool) -> None:
-        conn, self.conn = self.conn, None
-        conn.detach()
-        conn.abort()
+        self._abort_conn()
         cfg = self.ctx.config
         url = self.ctx.balancer.backends[self.index].url
         if self.state == STREAMING:
@@ -534,9 +530,7 @@ class Exchange:
                              strike=True)
 
     def backend_protocol_error(self, error: BackendProtocolError, at_boundary: bool) -> None:
-        conn, self.conn = self.conn, None
-        conn.detach()
-        conn.abort()
+        self._abort_conn()
         self._backend_failed(error, retry=False, mark_down=False, at_boundary=at_boundary,
                              strike=True)
 
@@ -563,6 +557,14 @@ class Exchange:
             self.start()
             return
         self._fail(error)
+
+    def _abort_conn(self):
+        """Let go of the backend connection and close it at once; returns it (or None)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.detach()
+            conn.abort()
+        return conn
 
     # --- endings ---------------------------------------------------------------------
 
@@ -608,11 +610,8 @@ class Exchange:
         task, self.connect_task = self.connect_task, None
         if task is not None:
             task.cancel()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.detach()
-            # Closing this socket is what makes Ollama cancel the generation.
-            conn.abort()
+        # Closing the backend socket is what makes Ollama cancel the generation.
+        self._abort_conn()
         self._release()
 
 
