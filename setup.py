@@ -50,11 +50,8 @@ class build_ext(_build_ext):
 
 setup(
     ext_modules=[
-        Extension(
-            "olb._core",
-            ["olb/_core.pyx"],
-            extra_compile_args=["-O2"],
-        )
+        Extension("olb._core", ["olb/_core.pyx"], extra_compile_args=["-O2"]),
+        Extension("olb._http", ["olb/_http.pyx"], extra_compile_args=["-O2"]),
     ],
     cmdclass={"build_ext": build_ext},
 )

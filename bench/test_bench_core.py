@@ -18,7 +18,8 @@ import random
 import h11
 import pytest
 
-from olb._core import NO_BACKEND, BackendTable, BodyScanner
+from olb._core import NO_BACKEND, BackendTable
+from olb._http import BodyScanner
 
 PAIRS = 100  # acquire+release pairs per timed call: amortises the call overhead
 SIZES = [4, 64, 1024]

@@ -8,8 +8,10 @@ Groups (each with its baseline first):
                         (acquire_affine); affinity under a mask with GPU
                         loads pushed in.
     request head        h11 alone on an ollama-python request head (baseline)
-                        vs olb's RequestReader cycle (h11 + body + the
-                        upstream head olb writes).
+                        vs olb's compiled parse_request_head alone, and
+                        olb's RequestReader cycle (head, body and the
+                        upstream head olb writes) on the fast path and on a
+                        head the fast path declines (chunked: h11 reads it).
 
 One round of a decide group is PAIRS acquire+release pairs: divide by PAIRS.
 """
@@ -18,7 +20,8 @@ import h11
 import pytest
 
 from olb._core import BackendTable
-from olb.http import RequestReader, upstream_head
+from olb._http import parse_request_head
+from olb.http import MAX_HEAD, RequestReader, upstream_head
 
 PAIRS = 100
 N = 64
@@ -78,6 +81,31 @@ def test_head_h11_only(benchmark):
     benchmark.group = "request head"
     benchmark.extra_info["what"] = "h11 Request + Data + EndOfMessage"
     benchmark(parse)
+
+
+def test_head_fast_parser_only(benchmark):
+    benchmark.group = "request head"
+    benchmark.extra_info["what"] = "olb._http.parse_request_head"
+    benchmark(parse_request_head, REQ, MAX_HEAD)
+
+
+def test_head_olb_cycle_declined(benchmark):
+    # The same request with a chunked body: declined by the fast path, read by h11.
+    head, _, body = REQ.partition(b"\r\n\r\n")
+    lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"content-length")]
+    chunked = b"\r\n".join(lines + [b"Transfer-Encoding: chunked"]) + b"\r\n\r\n"
+    chunked += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    reader = RequestReader(1 << 20)
+
+    def cycle():
+        reader.receive(chunked)
+        req = reader.next_request()
+        upstream_head(req, b"127.0.0.1:11435", b"127.0.0.1")
+        reader.finish_response(200, False)
+
+    benchmark.group = "request head"
+    benchmark.extra_info["what"] = "RequestReader cycle + upstream head, declined (h11)"
+    benchmark(cycle)
 
 
 def test_head_olb_cycle(benchmark):

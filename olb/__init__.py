@@ -6,13 +6,14 @@ Where a request goes (read in this order):
     olb/config.py     OLB_* variables and flags -> Config
     olb/server.py     one worker: listening socket, balancer, background tasks
     olb/proxy.py      the IO shell: ClientSideProtocol <-> BackendSideProtocol
-    olb/http.py       sans-IO HTTP over h11: request heads in, bytes out
+    olb/http.py       sans-IO HTTP: request heads in (h11 + a compiled fast path), bytes out
     olb/flow.py       flow control between the two sides of a proxied request
     olb/balancer.py   backend choice (olb/_core.pyx), admission queue, health, drain
     olb/fairqueue.py  the queue's fair order across clients and priorities
     olb/pool.py       keep-alive backend connections
     olb/models.py     what each backend has installed and loaded (model routing)
-    olb/_core.pyx     compiled: the backend table and the body-end scanner
+    olb/_core.pyx     compiled: the backend table (selection and in-flight counts)
+    olb/_http.pyx     compiled: request-head fast path, response body-end scanner
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
     olb/admin.py      /olb/status, /olb/health, /olb/drain

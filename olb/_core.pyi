@@ -1,4 +1,4 @@
-"""Type stubs for olb._core (the compiled backend table and body scanner).
+"""Type stubs for olb._core (the compiled backend table).
 
 The docstrings in _core.pyx are the reference; these stubs carry the
 signatures and a one-line summary each.
@@ -72,31 +72,3 @@ class BackendTable:
 
     def snapshot(self) -> list[BackendSnapshot]:
         """One dict per backend, for the admin status endpoint."""
-
-class BodyScanner:
-    """Finds where one HTTP/1.1 response body ends, without copying it."""
-
-    def __init__(self) -> None: ...
-    def expect_chunked(self) -> None: ...
-    def expect_length(self, n: int) -> None:
-        """Content-Length body; n == 0 is done at once; ValueError if n < 0."""
-
-    def expect_close(self) -> None:
-        """Body runs until the backend closes the connection."""
-
-    def feed(self, data: Buffer) -> int:
-        """-1 if the body goes on, else the offset just past its last byte.
-
-        Raises ValueError on malformed chunked framing, RuntimeError before
-        any expect_*().
-        """
-
-    @property
-    def done(self) -> bool: ...
-    @property
-    def at_chunk_boundary(self) -> bool:
-        """A chunked body is between chunks (a whole chunk may be injected)."""
-
-    @property
-    def bytes_seen(self) -> int:
-        """Body bytes consumed so far, chunk framing included."""

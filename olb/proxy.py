@@ -13,7 +13,7 @@ Where a request goes
       -> BackendSideProtocol.attach       request head + body written upstream
       -> BackendSideProtocol.data_received
            head: http.parse_response_head -> Exchange.on_head -> client
-           body: _core.BodyScanner finds the end; the bytes go to the client as read
+           body: _http.BodyScanner finds the end; the bytes go to the client as read
       -> Exchange.on_end                  release, park the connection, next request
 
 Exchange states (one request's life; each arrow is the only way in):
@@ -40,7 +40,8 @@ import logging
 import orjson
 
 from . import admin
-from ._core import NO_BACKEND, BodyScanner
+from ._core import NO_BACKEND
+from ._http import BodyScanner
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
                      NotFound, OlbError, TooManyRequests)
 from .fairqueue import BATCH, INTERACTIVE, OVER_SHARE

@@ -6,7 +6,7 @@ import random
 import h11
 import pytest
 
-from olb._core import BodyScanner
+from olb._http import BodyScanner
 
 NEXT_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 

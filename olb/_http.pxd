@@ -1,0 +1,26 @@
+# cython: language_level=3
+#
+# Typed layout of olb's compiled HTTP framing (see the theory of operation at
+# the top of _http.pyx), declared here so that other Cython modules may
+# cimport the scanner and call its cdef methods directly.
+
+cimport cython
+from libc.stdint cimport int64_t
+
+
+@cython.final
+cdef class BodyScanner:
+    cdef int _mode               # _Mode: what kind of body we are in
+    cdef int _state              # _ChunkState, only meaningful when chunked
+    cdef int64_t _remaining      # bytes left in the current chunk / length body
+    cdef int64_t _chunk_size     # size being parsed from a chunk-size line
+    cdef Py_ssize_t _line_len    # bytes of the current size/trailer line so far
+    cdef Py_ssize_t _digits      # hex digits of the current size line so far
+    cdef int64_t _bytes_seen
+    cdef const char* _error      # static C string: why the framing is bad
+    cdef int _error_byte         # offending byte, or -1 for a length limit
+    cdef int64_t _error_at       # body offset of the offending byte
+
+    cdef void _reset(self, int mode) noexcept
+    cdef Py_ssize_t _scan(self, const unsigned char* p, Py_ssize_t n) noexcept
+    cdef Py_ssize_t _scan_chunked(self, const unsigned char* p, Py_ssize_t n) noexcept
