@@ -168,6 +168,7 @@ def _cpu_figures(rounds_cpu: list[dict], rounds_ops: list[int]) -> dict:
     out = {}
     for name in rounds_cpu[0]:
         ticks_s = sum(r[name]["cpu_s"] for r in rounds_cpu)
+        sys_s = sum(r[name].get("sys_s", 0.0) for r in rounds_cpu)
         ns_s = sum(r[name]["cpu_s_schedstat"] for r in rounds_cpu)
         per_round = [r[name]["cpu_s_schedstat"] / n * 1e6 for r, n in zip(rounds_cpu, rounds_ops) if n]
         out[name] = {
@@ -177,6 +178,8 @@ def _cpu_figures(rounds_cpu: list[dict], rounds_ops: list[int]) -> dict:
             "us_per_op_rounds": per_round,
             "us_per_op_mean": ns_s / ops * 1e6 if ops else float("nan"),
             "us_per_op_ticks": ticks_s / ops * 1e6 if ops else float("nan"),
+            # Share of the CPU spent in the kernel (ticks): syscalls and loopback TCP.
+            "sys_share": sys_s / ticks_s if ticks_s else float("nan"),
             "same_processes": all(r[name]["same_processes"] for r in rounds_cpu),
         }
     return out
@@ -402,7 +405,8 @@ def _fmt_row(r: dict) -> str:
     cpu = r["cpu"]["proxy"]["us_per_op"] if r["kind"] != "direct" else float("nan")
     unit = "chunk" if r["unit"] == "chunks/s" else "req"
     text = (f"{r['target']:10} {r['rate']:10,.0f} {r['unit']:8}  p50 {r['p50_ms']:7.2f} ms  "
-            f"p99 {r['p99_ms']:7.2f} ms  proxy {cpu:7.1f} µs/{unit}  sim {r['cpu']['sim']['us_per_op']:6.1f}"
+            f"p99 {r['p99_ms']:7.2f} ms  proxy {cpu:7.1f} µs/{unit} "
+            f"({r['cpu']['proxy'].get('sys_share', float('nan')):4.0%} kernel)  sim {r['cpu']['sim']['us_per_op']:6.1f}"
             f"  others {r['other_cpu_share']:4.0%}")
     mem = r.get("memory")
     if mem:
@@ -589,7 +593,7 @@ def add_arguments(p) -> None:
     p.add_argument("--sweep-cases", default="version,stream", help="cases that include the sweep's targets")
     p.add_argument("--busy-retries", type=int, default=2,
                    help="measure again, up to this many times, when other processes took more than "
-                        f"{BUSY_ELSEWHERE:.0%} of the machine's CPU during a measurement")
+                        f"{BUSY_ELSEWHERE:.0%}% of the machine's CPU during a measurement")
     p.add_argument("--quick", action="store_true",
                    help="a short smoke run: 1 round, fewer requests, paced 100,300 streams, 3 s windows")
 

@@ -66,19 +66,21 @@ def process_tree(root: int) -> list[int]:
 
 
 class CpuSample:
-    """utime+stime ticks and schedstat nanoseconds of a set of processes at one instant."""
+    """utime+stime ticks (and stime alone) and schedstat nanoseconds of a set of processes at one instant."""
 
-    __slots__ = ("pids", "ticks", "ns")
+    __slots__ = ("pids", "ticks", "sys_ticks", "ns")
 
     def __init__(self, pids):
         self.pids = frozenset(pids)
         self.ticks = 0
+        self.sys_ticks = 0
         self.ns = 0
         for pid in self.pids:
             try:
                 f = _stat_fields(pid)
                 # Fields 14 and 15 (utime, stime); index 0 here is field 3.
                 self.ticks += int(f[11]) + int(f[12])
+                self.sys_ticks += int(f[12])
             except (OSError, IndexError, ValueError):
                 continue
             for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
@@ -93,6 +95,8 @@ def cpu_delta(before: CpuSample, after: CpuSample) -> dict:
     return {
         "cpu_s": (after.ticks - before.ticks) * TICK_S,
         "cpu_s_schedstat": (after.ns - before.ns) / 1e9,
+        # The kernel's share (syscalls, loopback TCP): what a proxy in C pays too.
+        "sys_s": (after.sys_ticks - before.sys_ticks) * TICK_S,
         # A worker that died and was replaced mid-phase takes its CPU time with it.
         "same_processes": before.pids == after.pids,
     }

@@ -450,22 +450,22 @@ class Exchange:
         else:
             conn.transport.write(head)
 
-    def on_head(self, head, raw: bytes) -> bool:
-        """The backend's response head arrived: forward it (the first byte to the client).
+    def on_head(self, head, raw: bytes) -> bytes | None:
+        """The backend's response head arrived: the head to forward (the first byte to the client).
 
-        Returns False when the exchange let go of the connection instead: a
+        The caller writes it, with the body bytes that came along. Returns
+        None when the exchange let go of the connection instead: a
         backend that answers 503 (Ollama's "server busy": its queue is full)
         or 404 for a model it was thought to have is not the client's answer
         while another backend may serve the request.
         """
         if head.status in (404, 503) and self.model is not None and self._retry_elsewhere(head.status):
-            return False
+            return None
         self.state = STREAMING
         self.head = head
         if head.framing == UNTIL_CLOSE:
             self.closing = True
-        self.client.transport.write(downstream_head(head, raw, self.closing))
-        return True
+        return downstream_head(head, raw, self.closing)
 
     def _retry_elsewhere(self, status: int) -> bool:
         if self.attempts >= self.ctx.config.retries:
@@ -790,16 +790,40 @@ class BackendSideProtocol(asyncio.Protocol):
             scanner.expect_length(head.length)
         elif framing == UNTIL_CLOSE:
             scanner.expect_close()
-        if not ex.on_head(head, buf[:size]):
+        raw = buf[:size]
+        out = ex.on_head(head, raw)
+        if out is None:
             return
         if framing == NO_BODY or (framing == LENGTH and head.length == 0):
-            self._end(rest, 0)
-        elif rest and self.exchange is ex:
-            self.data_received(rest)
+            self._write(out)
+            self._finish(rest, 0)
+            return
+        if not rest:
+            self._write(out)
+            return
+        try:
+            end = scanner.feed(rest)
+        except ValueError as exc:
+            self._write(out)
+            self._protocol_error(f"backend sent a malformed chunked body: {exc}")
+            return
+        # The head and the first body bytes leave in one write: one syscall,
+        # one segment (a small answer or a first token usually arrives whole,
+        # with its head). When the head goes out unchanged, that is the read
+        # buffer itself, not a copy.
+        if out is raw and (end < 0 or end == len(rest)):
+            self._write(buf)
+        else:
+            self._write(out + (rest if end < 0 else rest[:end]))
+        if end >= 0:
+            self._finish(rest, end)
 
     def _end(self, data: bytes, end: int) -> None:
         if end:
             self._write(data if end == len(data) else data[:end])
+        self._finish(data, end)
+
+    def _finish(self, data: bytes, end: int) -> None:
         # Bytes beyond the response mean the backend is not speaking plain
         # request/response on this connection; do not reuse it.
         reusable = self._head.keep_alive and end == len(data)

@@ -93,6 +93,32 @@ def test_request_goes_upstream_and_response_comes_back(wired):
     assert client.exchange is None and ctx.balancer.backends[0].pool.take() is backend
 
 
+def test_head_and_body_read_together_leave_in_one_write(wired):
+    ctx, client, backend = wired
+    writes = []
+    client.transport.write = writes.append
+    client.data_received(REQ)
+    whole = HEAD + b"6\r\nhello\n\r\n0\r\n\r\n"
+    backend.data_received(whole)
+    # One write, and the read buffer itself: the head went out unchanged.
+    assert len(writes) == 1 and writes[0] is whole
+    assert client.exchange is None and ctx.balancer.table.inflight(0) == 0
+
+
+def test_rewritten_head_and_first_chunk_leave_in_one_write(wired):
+    ctx, client, backend = wired
+    writes = []
+    client.transport.write = writes.append
+    client.data_received(REQ)
+    # Keep-Alive is hop-by-hop: the head is rebuilt without it.
+    head = HEAD.replace(b"\r\n\r\n", b"\r\nKeep-Alive: timeout=5\r\n\r\n")
+    backend.data_received(head + b"6\r\nhello\n\r\n")
+    assert len(writes) == 1 and b"keep-alive" not in writes[0].lower()
+    assert writes[0].endswith(b"\r\n\r\n6\r\nhello\n\r\n")
+    backend.data_received(b"0\r\n\r\n")
+    assert len(writes) == 2 and client.exchange is None
+
+
 def test_slow_client_pauses_backend_reading(wired):
     ctx, client, backend = wired
     client.data_received(REQ)
