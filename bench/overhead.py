@@ -162,6 +162,21 @@ def _median(values: list[float]) -> float:
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
+def _process_shares(rounds_cpu: list[dict], name: str) -> list[float]:
+    """Each process's share of the group's CPU over the rounds, largest first.
+
+    For olb with N workers: the supervisor (near 0) and each worker; even
+    shares mean SO_REUSEPORT spread the connections and the work scales
+    with cores where there are cores to give it.
+    """
+    totals: dict[int, float] = {}
+    for r in rounds_cpu:
+        for pid, sec in r[name].get("by_process_s", {}).items():
+            totals[pid] = totals.get(pid, 0.0) + sec
+    whole = sum(totals.values())
+    return sorted((v / whole for v in totals.values()), reverse=True) if whole > 0 else []
+
+
 def _cpu_figures(rounds_cpu: list[dict], rounds_ops: list[int]) -> dict:
     """CPU per op of each group: the median over the rounds (robust to one disturbed round) and the mean."""
     ops = sum(rounds_ops)
@@ -180,6 +195,7 @@ def _cpu_figures(rounds_cpu: list[dict], rounds_ops: list[int]) -> dict:
             "us_per_op_ticks": ticks_s / ops * 1e6 if ops else float("nan"),
             # Share of the CPU spent in the kernel (ticks): syscalls and loopback TCP.
             "sys_share": sys_s / ticks_s if ticks_s else float("nan"),
+            "process_shares": _process_shares(rounds_cpu, name),
             "same_processes": all(r[name]["same_processes"] for r in rounds_cpu),
         }
     return out

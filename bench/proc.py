@@ -68,13 +68,14 @@ def process_tree(root: int) -> list[int]:
 class CpuSample:
     """utime+stime ticks (and stime alone) and schedstat nanoseconds of a set of processes at one instant."""
 
-    __slots__ = ("pids", "ticks", "sys_ticks", "ns")
+    __slots__ = ("pids", "ticks", "sys_ticks", "ns", "ns_by_pid")
 
     def __init__(self, pids):
         self.pids = frozenset(pids)
         self.ticks = 0
         self.sys_ticks = 0
         self.ns = 0
+        self.ns_by_pid: dict[int, int] = {}
         for pid in self.pids:
             try:
                 f = _stat_fields(pid)
@@ -83,12 +84,15 @@ class CpuSample:
                 self.sys_ticks += int(f[12])
             except (OSError, IndexError, ValueError):
                 continue
+            ns = 0
             for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
                 try:
                     with open(path, "rb") as fh:
-                        self.ns += int(fh.read().split()[0])
+                        ns += int(fh.read().split()[0])
                 except (OSError, IndexError, ValueError):
                     pass
+            self.ns += ns
+            self.ns_by_pid[pid] = ns
 
 
 def cpu_delta(before: CpuSample, after: CpuSample) -> dict:
@@ -97,6 +101,9 @@ def cpu_delta(before: CpuSample, after: CpuSample) -> dict:
         "cpu_s_schedstat": (after.ns - before.ns) / 1e9,
         # The kernel's share (syscalls, loopback TCP): what a proxy in C pays too.
         "sys_s": (after.sys_ticks - before.sys_ticks) * TICK_S,
+        # Per process (a supervisor and its workers): how evenly the work was spread.
+        "by_process_s": {pid: (after.ns_by_pid[pid] - before.ns_by_pid.get(pid, 0)) / 1e9
+                         for pid in after.ns_by_pid},
         # A worker that died and was replaced mid-phase takes its CPU time with it.
         "same_processes": before.pids == after.pids,
     }

@@ -114,8 +114,8 @@ def paced_table(rows: list[dict]) -> str:
 
 def sweep_table(rows: list[dict]) -> str:
     """Throughput and CPU per op against the worker count, for every swept kind and case."""
-    out = ["| case | target | workers | throughput | × 1 worker | proxy CPU µs/op | p99 ms |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| case | target | workers | throughput | × 1 worker | proxy CPU µs/op | p99 ms | CPU by process |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
     n = 0
     for case, cr in _by_case(rows).items():
         kinds = sorted({r["kind"] for r in cr if r["workers"] > 1})
@@ -124,8 +124,10 @@ def sweep_table(rows: list[dict]) -> str:
             for r in sorted((r for r in cr if r["kind"] == kind), key=lambda r: r["workers"]):
                 n += 1
                 gain = "" if one is None else f"{r['rate'] / one['rate']:.2f}×"
+                shares = r["cpu"]["proxy"].get("process_shares") or []
+                split = " / ".join(f"{x:.0%}" for x in shares) or "–"
                 out.append(f"| {case} | {kind} | {r['workers']} | {_num(r['rate'], 0)} {r['unit']} | "
-                           f"{gain} | {_num(_proxy_cpu(r))} | {_num(r['p99_ms'], 2)} |")
+                           f"{gain} | {_num(_proxy_cpu(r))} | {_num(r['p99_ms'], 2)} | {split} |")
     return "\n".join(out) if n else ""
 
 
