@@ -2,7 +2,7 @@
 
     python -m bench overhead            olb vs direct vs nginx vs HAProxy (~6 min on 2 cores)
     python -m bench overhead --quick    a smoke run (~1.5 min)
-    python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core (~10 s)
+    python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core and olb._http (~20 s)
     python -m bench e2e [...]           bench/e2e.py: olb vs direct only, more detail per process
     python -m bench scheduling [...]    bench/scheduling.py: olb's scheduler vs nginx/HAProxy, simulated cluster
     python -m bench plot FILE.json      the Markdown and plots again, from a saved result
@@ -72,7 +72,8 @@ def cmd_plot(p, args) -> int:
 def cmd_micro(p, args) -> int:
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "micro.json")
-    argv = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench_core.py"), "--benchmark-only",
+    argv = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench_core.py"),
+            os.path.join(HERE, "test_bench_select.py"), "--benchmark-only",
             f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider", *args.rest]
     print("# " + " ".join(argv), flush=True)
     rc = subprocess.call(argv)

@@ -1,4 +1,4 @@
-"""Micro-benchmarks for olb._core, each against a baseline in its group.
+"""Micro-benchmarks for olb._core and olb._http, each against a baseline in its group.
 
     .venv/bin/pytest bench/test_bench_core.py --benchmark-only
 
@@ -143,12 +143,12 @@ def h11_to_end(conn, pieces):
 
 
 @pytest.mark.parametrize("shape", ["one buffer", "chunk per feed"])
-@pytest.mark.parametrize("impl", ["olb._core", "h11"])
+@pytest.mark.parametrize("impl", ["olb._http", "h11"])
 def test_scan_ndjson(benchmark, impl, shape):
     pieces = [BODY] if shape == "one buffer" else CHUNKS
     benchmark.group = f"scan NDJSON 200x~120 B, {shape}"
     benchmark.extra_info.update(impl=impl, body_bytes=len(BODY), feeds=len(pieces))
-    if impl == "olb._core":
+    if impl == "olb._http":
         scanner = BodyScanner()
         expect, feed = scanner.expect_chunked, scanner.feed
 
