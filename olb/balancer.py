@@ -104,6 +104,10 @@ class Balancer:
         self.models = ModelDirectory(self.backends, config.models_interval, config.connect_timeout) \
             if config.models_interval > 0 and llm else None
         self._session_bound = config.session_bound if llm else 0.0
+        if self.models is not None:
+            self.models.on_load = self.refresh_models
+        #: Backends whose catalogue is being re-read outside the poll.
+        self._refreshing: set[int] = set()
         #: One byte per backend, 1 = draining: shared by all workers (an mmap
         #: from the supervisor) so a drain asked of one worker holds in all.
         self.drained = drained if drained is not None else bytearray(len(specs))
@@ -356,9 +360,17 @@ class Balancer:
             self._spawn(self._poll_models())
 
     def refresh_models(self, index: int) -> None:
-        """Re-read one backend's catalogue soon, without waiting for it."""
-        if self.models is not None and not self._closed:
-            self._spawn(self.models.refresh(index))
+        """Re-read one backend's catalogue soon, without waiting for it (once:
+        asked again while a read is under way, that read answers)."""
+        if self.models is not None and not self._closed and index not in self._refreshing:
+            self._refreshing.add(index)
+            self._spawn(self._refresh(index))
+
+    async def _refresh(self, index: int) -> None:
+        try:
+            await self.models.refresh(index)
+        finally:
+            self._refreshing.discard(index)
 
     async def _poll_models(self) -> None:
         models = self.models
