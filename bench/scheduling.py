@@ -1,8 +1,8 @@
 """Scheduling: olb's scheduler against nginx and HAProxy on a simulated LLM cluster.
 
-    python -m bench.scheduling                      # the default sweep, ~12 min on 2 cores
+    python -m bench.scheduling                      # the default sweep, ~9 min on 2 cores
     python -m bench.scheduling --quick              # a smoke run (~1.5 min)
-    python -m bench.scheduling --full               # every load x both arrival patterns x 3 seeds (~75 min)
+    python -m bench.scheduling --full               # every load x both arrival patterns x 3 seeds (~60 min)
     python -m bench.scheduling --targets olb,nginx-lc --loads 1.1 --arrivals poisson --control-loads ''
 
 The default run: the LLM mix at 20, 50, 80, 100 and 120 % load with Poisson
@@ -646,7 +646,7 @@ def parse_args(argv=None):
     ap.add_argument("--control-loads", default="0.8", help="loads of the no-sharing control mix ('' = none)")
     ap.add_argument("--seeds", default="1", help="comma-separated workload seeds; figures are medians over them")
     ap.add_argument("--full", action="store_true",
-                    help=f"every load ({FULL_LOADS}) with both arrival patterns, seeds 1,2,3 (~75 min)")
+                    help=f"every load ({FULL_LOADS}) with both arrival patterns, seeds 1,2,3 (~60 min)")
     ap.add_argument("--duration", type=float, default=90.0, help="simulated seconds of arrivals per run")
     ap.add_argument("--drain", type=float, default=40.0,
                     help="simulated seconds after the arrivals for open requests to finish")
@@ -710,15 +710,18 @@ async def main_async(args) -> dict:
                              f"tok/s {row['tokens_per_s']:.0f}  loads {row['loads']}  "
                              f"({time.monotonic() - t1:.0f} s)")
     return {"benchmark": "scheduling", "machine": machine(), "argv": sys.argv[1:],
-            "command": "python -m bench.scheduling " + shlex.join(sys.argv[1:]),
+            "command": args.command,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "args": {k: v for k, v in vars(args).items() if k != "serve_sims"},
+            "args": {k: v for k, v in vars(args).items() if k not in ("serve_sims", "command")},
             "burst": {"factor": BURST_FACTOR, "on_s": BURST_ON_S, "off_s": BURST_OFF_S},
             "cluster": CLUSTER, "models": MODELS, "wall_s": time.monotonic() - started, "rows": rows}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # The command as typed: `python -m bench scheduling ...` hands its flags over as argv.
+    args.command = (f"python -m bench scheduling {shlex.join(argv)}" if argv is not None
+                    else f"python -m bench.scheduling {shlex.join(sys.argv[1:])}").rstrip()
     if args.serve_sims:
         asyncio.run(_serve_sims(json.loads(args.serve_sims)))
         return
