@@ -65,7 +65,13 @@ def cmd_plot(p, args) -> int:
     with open(args.file) as f:
         result = json.load(f)
     name = os.path.splitext(os.path.basename(args.file))[0]
-    _write(args.out or os.path.dirname(os.path.abspath(args.file)), name, result)
+    outdir = args.out or os.path.dirname(os.path.abspath(args.file))
+    if result.get("benchmark") == "scheduling":
+        from . import scheduling
+
+        scheduling.write(result, outdir, name)
+    else:
+        _write(outdir, name, result)
     return 0
 
 

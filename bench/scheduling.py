@@ -1,8 +1,18 @@
 """Scheduling: olb's scheduler against nginx and HAProxy on a simulated LLM cluster.
 
-    python -m bench.scheduling                      # ~5 min on 2 cores
-    python -m bench.scheduling --quick              # a smoke run (~1 min)
-    python -m bench.scheduling --targets olb,nginx-lc --loads 0.8 --duration 60
+    python -m bench.scheduling                      # the default sweep, ~9 min on 2 cores
+    python -m bench.scheduling --quick              # a smoke run (~1.5 min)
+    python -m bench.scheduling --full               # every load x both arrival patterns x 3 seeds (~60 min)
+    python -m bench.scheduling --targets olb,nginx-lc --loads 1.1 --arrivals poisson --control-loads ''
+
+The default run: the LLM mix at 20, 50, 80, 100 and 120 % load with Poisson
+arrivals, at 80 % with bursty arrivals, and the control mix at 80 %, seed 1,
+every target each time.  `--seeds 1,2,3` repeats the whole plan per seed and
+reports the median of each figure with its range.  Results go to --out
+(bench/results/): scheduling.json (every run, every measured TTFT),
+scheduling.md (the tables and the issue's targets) and, with matplotlib,
+scheduling_vs_load.png (p99 TTFT and throughput against load per target) and
+scheduling_ttft_cdf.png (the TTFT distribution at 80 %).
 
 The cluster: four simulated Ollama instances (olb.sim with a simulated GPU),
 two fast (H100, 80 GiB) and two slow (RTX 3090 speeds, 12 GiB), in ONE child
@@ -16,7 +26,14 @@ The workload (fixed seed, the same request list for every target):
 
 * Six chat models with Zipf(s=1) popularity; the ranking rotates by one
   model at each third of the run (drift).
-* Multi-turn sessions: sessions start as a Poisson process; each has a
+* Arrivals: sessions start as a Poisson process, or (`bursty`) as a
+  Markov-modulated Poisson process with the same mean rate: "on" spells
+  (exponential, mean 10 simulated s) at 2x the mean rate alternate with
+  "off" spells (mean 20 s) at 0.5x, so 80 % load swings between 40 % and
+  160 % (BURST_FACTOR, BURST_ON_S, BURST_OFF_S).  Start times come from
+  their own generator, seeded by (seed, mix, pattern): the same seed gives
+  every target the same request list.
+* Multi-turn sessions: each session has a
   geometric number of turns (mean 4); turn k+1 is sent a think time
   (exponential) after the planned time of turn k, or right after turn k's
   reply if that came later.  Every request carries the whole conversation:
@@ -33,10 +50,11 @@ The workload (fixed seed, the same request list for every target):
   prompts, no shared prefix: nothing for a model- or cache-aware scheduler
   to win; olb should be within 5 % of least_conn there.
 
-Targets: `olb` (its full scheduler: model awareness from /api/ps, session
-affinity, DCGM utilisation from the sims' /metrics), `olb-lif` (olb with
-OLB_MODELS_INTERVAL=0 OLB_SESSION_BOUND=0 and no metrics: plain
-least-in-flight), `nginx-lc` (least_conn), `nginx-rr` (round-robin) and
+Targets: `olb` (OLB_POLICY=llm, the full scheduler: model awareness from
+/api/ps, session affinity, DCGM utilisation from the sims' /metrics),
+`olb-lif` (OLB_POLICY=least-inflight: plain least-in-flight) and `olb-rr`
+(OLB_POLICY=round-robin) -- the same olb and settings, only the policy
+differs -- `nginx-lc` (least_conn), `nginx-rr` (round-robin) and
 `haproxy-lc` (leastconn), as configured by bench/targets.py.
 
 Reported per target, mix and load, over the requests issued after the
@@ -59,6 +77,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import tempfile
@@ -71,7 +90,18 @@ from .targets import (Running, TargetSpec, _listening_socket, _private_dir, ngin
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
-TARGETS = ("olb", "olb-lif", "nginx-lc", "nginx-rr", "haproxy-lc")
+TARGETS = ("olb", "olb-lif", "olb-rr", "nginx-lc", "nginx-rr", "haproxy-lc")
+#: olb's targets: the same olb and backends, only OLB_POLICY differs.
+OLB_POLICIES = {"olb": "llm", "olb-lif": "least-inflight", "olb-rr": "round-robin"}
+ARRIVALS = ("poisson", "bursty")
+#: Bursty arrivals: a Markov-modulated Poisson process with two states. "On"
+#: spells (exponential, mean BURST_ON_S simulated seconds) run at BURST_FACTOR
+#: times the mean rate, "off" spells (mean BURST_OFF_S) at the rate that keeps
+#: the long-run mean: (1 - f * BURST_FACTOR) / (1 - f) with f = on / (on + off),
+#: 0.5x for the values here -- a 4:1 swing, so 80 % load peaks at 160 %.
+BURST_FACTOR = 2.0
+BURST_ON_S = 10.0
+BURST_OFF_S = 20.0
 #: The chat models of the mix; the last two are stand-ins (specs derived from llama3.1:8b).
 MODELS = ("llama3.1:8b", "qwen2.5:7b", "mistral:latest", "llama3.2:latest", "gemma2:9b", "phi3:14b")
 CONTROL_MODEL = "llama3.1:8b"
@@ -188,10 +218,10 @@ async def _serve_sims(spec: dict) -> None:
 class Sims:
     """The four instances in a child process; `stop()` returns their counters."""
 
-    def __init__(self, args, models: tuple, tmp: str):
+    def __init__(self, args, models: tuple, seed: int, tmp: str):
         self.dump = os.path.join(tmp, f"sims-{time.monotonic_ns()}.json")
         spec = {"cluster": CLUSTER, "models": list(models), "parallel": args.parallel,
-                "time_scale": args.time_scale, "seed": args.seed, "dump": self.dump}
+                "time_scale": args.time_scale, "seed": seed, "dump": self.dump}
         self.child = Child([sys.executable, "-m", "bench.scheduling", "--serve-sims", json.dumps(spec)],
                            dict(os.environ), rb"^sim (\S+)", len(CLUSTER))
         self.urls = self.child.found
@@ -215,15 +245,14 @@ def _hostport(url: str) -> tuple[str, int]:
 
 def start_target(name: str, urls: list[str], args, tmp: str) -> Running:
     backends = [_hostport(u) for u in urls]
-    if name in ("olb", "olb-lif"):
-        full = name == "olb"
-        spec = ",".join(f"{u};max={args.olb_max}" + (f";metrics={u}/metrics" if full else "")
-                        for u in urls)
+    if name in OLB_POLICIES:
+        # Every olb target gets the same backends (with their DCGM pages) and settings; OLB_POLICY
+        # alone decides how much of the scheduler is used (the plain policies read neither
+        # models, conversations nor GPU metrics).
+        spec = ",".join(f"{u};max={args.olb_max};metrics={u}/metrics" for u in urls)
         env = dict(os.environ, OLB_BACKENDS=spec, OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="1",
-                   OLB_HEALTH_INTERVAL="1", OLB_LOG_LEVEL="warning",
-                   OLB_GPU_POLL="0.5" if full else "0",
-                   OLB_MODELS_INTERVAL="1" if full else "0",
-                   OLB_SESSION_BOUND="1.25" if full else "0")
+                   OLB_HEALTH_INTERVAL="1", OLB_LOG_LEVEL="warning", OLB_GPU_POLL="0.5",
+                   OLB_MODELS_INTERVAL="1", OLB_SESSION_BOUND="1.25", OLB_POLICY=OLB_POLICIES[name])
         child = Child([sys.executable, "-m", "olb"], env, rb"listening on http://(\S+)", 1)
         host, port = child.found[0].rsplit(":", 1)
         return Running(name, "olb", 1, [(host, int(port))], child=child)
@@ -289,18 +318,48 @@ def _popularity(t: float, duration: float, s: float = 1.0) -> list[float]:
     return w
 
 
-def make_sessions(mix: str, rate_req: float, duration: float, seed: int) -> list[Session]:
-    """Sessions for `duration` simulated seconds at `rate_req` requests per simulated second."""
+def arrival_times(rng: random.Random, rate: float, duration: float, arrivals: str):
+    """Event times in [0, duration) at `rate` per simulated second on average: a Poisson
+    process, or the bursty on/off process described at BURST_FACTOR."""
+    if arrivals == "poisson":
+        t = 0.0
+        while True:
+            t += rng.expovariate(rate)
+            if t >= duration:
+                return
+            yield t
+    if arrivals != "bursty":
+        raise ValueError(f"unknown arrivals {arrivals!r}; known: {', '.join(ARRIVALS)}")
+    on_share = BURST_ON_S / (BURST_ON_S + BURST_OFF_S)
+    low = (1 - on_share * BURST_FACTOR) / (1 - on_share)
+    on = rng.random() < on_share          # start in the stationary distribution
+    t = 0.0
+    while t < duration:
+        end = min(duration, t + rng.expovariate(1 / (BURST_ON_S if on else BURST_OFF_S)))
+        state_rate = rate * (BURST_FACTOR if on else low)
+        # Exponential gaps are memoryless: restarting the clock at each switch is exact.
+        while True:
+            t += rng.expovariate(state_rate)
+            if t >= end:
+                break
+            yield t
+        t, on = end, not on
+
+
+def make_sessions(mix: str, rate_req: float, duration: float, seed: int,
+                  arrivals: str = "poisson") -> list[Session]:
+    """Sessions for `duration` simulated seconds at `rate_req` requests per simulated second.
+
+    The same arguments give the same sessions (start times, models, texts, lengths): every
+    target of a run is sent the same list."""
     rng = random.Random(f"{seed}:{mix}")
     systems = {m: f"You are assistant {m}. " + _text(random.Random(f"{seed}:sys:{m}"), 3000)
                for m in MODELS}
     mean_turns = 4.0 if mix == "llm" else 1.0
     rate_sessions = rate_req / mean_turns
-    sessions, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate_sessions)
-        if t >= duration:
-            return sessions
+    sessions = []
+    # Start times from their own generator: the sessions' contents do not depend on them.
+    for t in arrival_times(random.Random(f"{seed}:{mix}:{arrivals}"), rate_sessions, duration, arrivals):
         if mix == "llm":
             model = rng.choices(MODELS, _popularity(t, duration))[0]
             turns, at = [], 0.0
@@ -314,6 +373,7 @@ def make_sessions(mix: str, rate_req: float, duration: float, seed: int) -> list
         else:
             sessions.append(Session(t, CONTROL_MODEL, None,
                                     [(0.0, f"{len(sessions)} " + _text(rng, 3600), _num_predict(rng))]))
+    return sessions
 
 
 def capacity(mix: str, sessions: list[Session], parallel: int, duration: float) -> dict:
@@ -502,6 +562,8 @@ def summarise(results: list[Result], sims: list, cpu: dict, args) -> dict:
         "cache_hit": (sum(s["cached_tokens"] for s in sims) / prompt) if prompt else None,
         "gpu_busy": {s["name"]: s["busy_s"] / s["span_s"] if s["span_s"] else None for s in sims},
         "proxy_cpu_s": cpu.get("cpu_s_schedstat"), "sims": sims,
+        # For the CDF plot: every measured TTFT, ms resolution.
+        "ttfts": [round(x, 3) for x in sorted(ttft)],
     }
 
 
@@ -512,12 +574,23 @@ def _count(items) -> dict:
     return out
 
 
-async def run_one(target: str, mix: str, load: float, args, tmp: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One configuration of the plan; every target runs every point."""
+
+    mix: str          # "llm" or "control"
+    arrivals: str     # "poisson" or "bursty"
+    load: float       # fraction of the estimated capacity
+    seed: int
+
+
+async def run_one(target: str, point: Point, args, tmp: str) -> dict:
+    mix = point.mix
     models = MODELS if mix == "llm" else (CONTROL_MODEL,)
-    probe = make_sessions(mix, 1.0, args.duration, args.seed)
+    probe = make_sessions(mix, 1.0, args.duration, point.seed)
     cap = capacity(mix, probe, args.parallel, args.duration)
-    sessions = make_sessions(mix, load * cap["req_per_s"], args.duration, args.seed)
-    sims = Sims(args, models, tmp)
+    sessions = make_sessions(mix, point.load * cap["req_per_s"], args.duration, point.seed, point.arrivals)
+    sims = Sims(args, models, point.seed, tmp)
     running = None
     try:
         running = start_target(target, sims.urls, args, tmp)
@@ -531,65 +604,33 @@ async def run_one(target: str, mix: str, load: float, args, tmp: str) -> dict:
             running.stop()
         counters = sims.stop()
     row = summarise(results, counters, cpu, args)
-    row.update(target=target, mix=mix, load=load, capacity_req_s=cap["req_per_s"],
-               offered_req_s=load * cap["req_per_s"])
+    row.update(target=target, **dataclasses.asdict(point), capacity_req_s=cap["req_per_s"],
+               offered_req_s=point.load * cap["req_per_s"])
     return row
 
 
-# --- output ---------------------------------------------------------------------------------------
+# --- the plan and the command line ----------------------------------------------------------------
+
+DEFAULT_LOADS = "0.2,0.5,0.8,1.0,1.2"
+FULL_LOADS = "0.2,0.4,0.6,0.8,0.9,1.0,1.1,1.2"
 
 
-def _f(x, fmt="{:.2f}"):
-    return "–" if x is None else fmt.format(x)
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| mix | load | target | req | TTFT p50 s | TTFT p99 s | E2E p99 s | tok/s | goodput | "
-            "503 | other err | loads | load GPU-s | cache hit | GPU busy f0/f1/s0/s1 | proxy CPU s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        busy = "/".join(_f(v, "{:.0%}") for v in r["gpu_busy"].values())
-        lines.append(
-            f"| {r['mix']} | {r['load']:.0%} | {r['target']} | {r['requests']} | {_f(r['ttft_p50'])} | "
-            f"{_f(r['ttft_p99'])} | {_f(r['e2e_p99'])} | {r['tokens_per_s']:.0f} | "
-            f"{r['goodput_share']:.0%} | {r['rate_503']:.1%} | {r['rate_other_errors']:.1%} | "
-            f"{r['loads']} | {r['load_gpu_s']:.0f} | {_f(r['cache_hit'], '{:.0%}')} | {busy} | "
-            f"{_f(r['proxy_cpu_s'])} |")
-    return "\n".join(lines)
-
-
-def verdict(rows: list[dict]) -> list[str]:
-    """The issue's targets at the loads in 70-90 %, and the control mix's 5 %."""
-    out = []
-    by = {(r["mix"], r["load"], r["target"]): r for r in rows}
-    for (mix, load, target), r in sorted(by.items()):
-        if target != "olb":
-            continue
-        lc, rr = by.get((mix, load, "nginx-lc")), by.get((mix, load, "nginx-rr"))
-        if mix == "llm" and 0.7 <= load <= 0.9 and lc:
-            checks = [("p99 TTFT <= 1/2 nginx least_conn", r["ttft_p99"], lc["ttft_p99"], 0.5, "le"),
-                      ("model loads <= 1/5 nginx least_conn", r["loads"], lc["loads"], 0.2, "le"),
-                      ("throughput >= nginx least_conn", r["tokens_per_s"], lc["tokens_per_s"], 1.0, "ge")]
-            if rr:
-                checks.insert(1, ("p99 TTFT <= 1/4 nginx round-robin", r["ttft_p99"], rr["ttft_p99"], 0.25,
-                                  "le"))
-            for what, mine, theirs, f, op in checks:
-                if mine is None or theirs is None:
-                    out.append(f"{mix} {load:.0%}: {what}: no data")
-                    continue
-                met = mine <= f * theirs if op == "le" else mine >= f * theirs
-                out.append(f"{mix} {load:.0%}: {what}: olb {mine:.2f} vs {theirs:.2f} -> "
-                           f"{'MET' if met else 'NOT MET'}")
-        if mix == "control" and lc:
-            for what, key, worse in (("p99 TTFT", "ttft_p99", "higher"),
-                                     ("throughput", "tokens_per_s", "lower")):
-                mine, theirs = r[key], lc[key]
-                if mine is None or theirs is None:
-                    continue
-                ok = mine <= 1.05 * theirs if worse == "higher" else mine >= 0.95 * theirs
-                out.append(f"control {load:.0%}: {what} within 5% of nginx least_conn: olb {mine:.2f} vs "
-                           f"{theirs:.2f} -> {'MET' if ok else 'NOT MET'}")
-    return out
+def plan(args) -> list[Point]:
+    """The points of a run: the LLM mix at each load per arrival pattern, the control mix, each
+    seed; seeds outermost, so a run cut short has whole sweeps."""
+    arrivals = [a.strip() for a in args.arrivals.split(",") if a.strip()]
+    points = []
+    for seed in [int(x) for x in args.seeds.split(",") if x.strip()]:
+        if "poisson" in arrivals:
+            points += [Point("llm", "poisson", x, seed) for x in _floats(args.loads)]
+        if "bursty" in arrivals:
+            points += [Point("llm", "bursty", x, seed) for x in _floats(args.bursty_loads)]
+        points += [Point("control", "poisson", x, seed) for x in _floats(args.control_loads)]
+    return points
 
 
 def parse_args(argv=None):
@@ -597,8 +638,15 @@ def parse_args(argv=None):
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
-    ap.add_argument("--loads", default="0.4,0.8,1.1", help="fractions of the estimated capacity (llm mix)")
+    ap.add_argument("--loads", default=DEFAULT_LOADS,
+                    help="LLM-mix loads with Poisson arrivals, fractions of the estimated capacity")
+    ap.add_argument("--arrivals", default="poisson,bursty",
+                    help="arrival patterns to run: poisson (at --loads), bursty (at --bursty-loads)")
+    ap.add_argument("--bursty-loads", default="0.8", help="LLM-mix loads with bursty arrivals")
     ap.add_argument("--control-loads", default="0.8", help="loads of the no-sharing control mix ('' = none)")
+    ap.add_argument("--seeds", default="1", help="comma-separated workload seeds; figures are medians over them")
+    ap.add_argument("--full", action="store_true",
+                    help=f"every load ({FULL_LOADS}) with both arrival patterns, seeds 1,2,3 (~60 min)")
     ap.add_argument("--duration", type=float, default=90.0, help="simulated seconds of arrivals per run")
     ap.add_argument("--drain", type=float, default=40.0,
                     help="simulated seconds after the arrivals for open requests to finish")
@@ -608,18 +656,27 @@ def parse_args(argv=None):
     ap.add_argument("--parallel", type=int, default=2, help="slots per loaded model (OLLAMA_NUM_PARALLEL)")
     ap.add_argument("--olb-max", type=int, default=8, help="olb's max= per backend")
     ap.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT objective for goodput, simulated s")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", 
-                    help="olb, olb-lif, nginx-lc; 80 %% and the control; 50 simulated s each")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/scheduling-<time>.json)")
+    ap.add_argument("--quick", action="store_true",
+                    help="olb, olb-lif, olb-rr, nginx-lc; 80 %% Poisson and the control; 50 simulated s each")
+    ap.add_argument("--out", default=RESULTS,
+                    help="directory for scheduling.json, scheduling.md and the PNG plots")
     ap.add_argument("--serve-sims", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.full:
+        args.loads = args.bursty_loads = FULL_LOADS
+        args.arrivals, args.seeds = "poisson,bursty", "1,2,3"
     if args.quick:
-        args.targets, args.loads, args.duration, args.drain = "olb,olb-lif,nginx-lc", "0.8", 50.0, 30.0
+        args.targets, args.loads, args.arrivals = "olb,olb-lif,olb-rr,nginx-lc", "0.8", "poisson"
+        args.duration, args.drain = 50.0, 30.0
+    for a in args.arrivals.split(","):
+        if a.strip() and a.strip() not in ARRIVALS:
+            ap.error(f"--arrivals: unknown pattern {a.strip()!r}; known: {', '.join(ARRIVALS)}")
     return args
 
 
 async def main_async(args) -> dict:
+    from .progress import Progress
+
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for t in targets:
         if t not in TARGETS:
@@ -631,39 +688,66 @@ async def main_async(args) -> dict:
             print(why, file=sys.stderr)
         else:
             runnable.append(t)
-    plan = [("llm", float(x)) for x in args.loads.split(",") if x.strip()]
-    plan += [("control", float(x)) for x in args.control_loads.split(",") if x.strip()]
+    points = plan(args)
+    progress = Progress(len(points) * len(runnable))
+    seconds = (args.duration + args.drain) / args.time_scale
     rows = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="olb-sched-") as tmp:
-        for mix, load in plan:
+        for point in points:
             for t in runnable:
+                step = progress.begin()
+                label = f"{step} {point.mix} {point.arrivals} {point.load:.0%} seed {point.seed} {t}"
                 t1 = time.monotonic()
-                row = await run_one(t, mix, load, args, tmp)
+                bar = asyncio.ensure_future(progress.watch(label, seconds))
+                try:
+                    row = await run_one(t, point, args, tmp)
+                finally:
+                    bar.cancel()
+                    await asyncio.gather(bar, return_exceptions=True)
                 rows.append(row)
-                print(f"{mix:7} {load:4.0%} {t:10} req {row['requests']:4}  ttft p99 {_f(row['ttft_p99'])}  "
-                      f"tok/s {row['tokens_per_s']:.0f}  loads {row['loads']}  "
-                      f"({time.monotonic() - t1:.0f} s)", file=sys.stderr, flush=True)
+                progress.say(f"{label:48} req {row['requests']:4}  ttft p99 {_f(row['ttft_p99'])}  "
+                             f"tok/s {row['tokens_per_s']:.0f}  loads {row['loads']}  "
+                             f"({time.monotonic() - t1:.0f} s)")
     return {"benchmark": "scheduling", "machine": machine(), "argv": sys.argv[1:],
-            "args": {k: v for k, v in vars(args).items() if k != "serve_sims"},
+            "command": args.command,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "args": {k: v for k, v in vars(args).items() if k not in ("serve_sims", "command")},
+            "burst": {"factor": BURST_FACTOR, "on_s": BURST_ON_S, "off_s": BURST_OFF_S},
             "cluster": CLUSTER, "models": MODELS, "wall_s": time.monotonic() - started, "rows": rows}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # The command as typed: `python -m bench scheduling ...` hands its flags over as argv.
+    args.command = (f"python -m bench scheduling {shlex.join(argv)}" if argv is not None
+                    else f"python -m bench.scheduling {shlex.join(sys.argv[1:])}").rstrip()
     if args.serve_sims:
         asyncio.run(_serve_sims(json.loads(args.serve_sims)))
         return
     result = asyncio.run(main_async(args))
-    out = args.out or os.path.join(RESULTS, time.strftime("scheduling-%Y%m%d-%H%M%S.json"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    write(result, args.out)
+    print(f"\n{len(result['rows'])} runs in {result['wall_s']:.0f} s")
+
+
+def write(result: dict, outdir: str, name: str = "scheduling") -> None:
+    """scheduling.json, scheduling.md and the plots into `outdir`; the Markdown to stdout."""
+    from . import scheduling_report as report
+
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(table(result["rows"]))
-    print()
-    for line in verdict(result["rows"]):
-        print("- " + line)
-    print(f"\n{len(result['rows'])} runs in {result['wall_s']:.0f} s; JSON: {out}")
+    md = report.markdown(result)
+    with open(os.path.join(outdir, f"{name}.md"), "w") as f:
+        f.write(md)
+    plots = report.plot(result, outdir, name)
+    print(md)
+    print(f"results: {os.path.join(outdir, name)}.json, .md")
+    print("plots: " + (", ".join(plots) if plots else "none (matplotlib is missing: pip install '.[bench]')"))
+
+
+def _f(x, fmt="{:.2f}"):
+    return "–" if x is None else fmt.format(x)
 
 
 if __name__ == "__main__":

@@ -101,13 +101,12 @@ def run_worker(cfg, sock: socket.socket, shared, drained, worker: int) -> None:
 
 
 async def _serve(cfg, sock, shared, drained, worker: int) -> None:
-    from ._core import BackendTable
+    from .balancer import new_table
     from .server import start_proxy
 
     table = None
     if shared is not None:
-        table = BackendTable([b.max_inflight for b in cfg.backends], [b.weight for b in cfg.backends],
-                             shared=shared, worker=worker, workers=cfg.workers)
+        table = new_table(cfg, shared=shared, worker=worker, workers=cfg.workers)
     server = await start_proxy(cfg, sock=sock, table=table, worker=worker, drained=drained)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -127,13 +126,13 @@ async def _drain(server) -> None:
 
 
 def supervise(cfg) -> None:
-    from ._core import BackendTable, shared_size
+    from ._core import shared_size
+    from .balancer import new_table
 
     n = len(cfg.backends)
     shared = mmap.mmap(-1, shared_size(n, cfg.workers))  # MAP_SHARED | MAP_ANONYMOUS
     drained = mmap.mmap(-1, n)  # one byte per backend: draining (see admin.py)
-    table = BackendTable([b.max_inflight for b in cfg.backends], [b.weight for b in cfg.backends],
-                         shared=shared, worker=0, workers=cfg.workers)
+    table = new_table(cfg, shared=shared, worker=0, workers=cfg.workers)
     # Resolve the port (OLB_LISTEN may say :0) and hold it while workers come
     # and go: a bound socket that never listens takes no connections from the
     # SO_REUSEPORT group.

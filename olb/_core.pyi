@@ -42,7 +42,7 @@ class BackendTable:
         seed: int | None = None,
         policy: str = "least_loaded",
     ) -> None:
-        """Raises ValueError on a bad capacity/weight/buffer/worker/policy."""
+        """policy: "least_loaded" or "round_robin". Raises ValueError on a bad capacity/weight/buffer/worker/policy."""
 
     def acquire(self, allowed: Buffer | None = None) -> int:
         """Pick a backend and count one request on it; NO_BACKEND if none fits."""

@@ -49,8 +49,10 @@ one too high, so that backend runs one below capacity until the supervisor
 creates a fresh buffer); it can never drive a total negative or above
 capacity.
 
-The policy ranks backends by (inflight + 1) / (capacity * weight * headroom)
-where headroom comes from the GPU utilisation; see _pick_least_loaded.
+The default policy ranks backends by (inflight + 1) / (capacity * weight *
+headroom) where headroom comes from the GPU utilisation; see
+_pick_least_loaded.  The round_robin policy rotates over the eligible
+backends instead (OLB_POLICY=round-robin); see _pick_round_robin.
 
 The HTTP byte scanners (request heads, response body ends) live in
 olb/_http.pyx: this module decides, that one frames.
@@ -119,8 +121,9 @@ cdef enum:
 
 cdef enum _Policy:
     POLICY_LEAST_LOADED = 0
+    POLICY_ROUND_ROBIN = 1
 
-_POLICIES = {"least_loaded": POLICY_LEAST_LOADED}
+_POLICIES = {"least_loaded": POLICY_LEAST_LOADED, "round_robin": POLICY_ROUND_ROBIN}
 
 # A GPU at 100% utilisation still serves requests: NVML's "utilization" is the
 # fraction of the last sample period (1/6 s to 1 s) in which any kernel ran,
@@ -195,7 +198,10 @@ cdef class BackendTable:
             workers: how many worker slots the shared buffer has.
             seed: seeds the tie-breaking generator; None draws from
                 os.urandom.
-            policy: the selection policy's name; only "least_loaded" exists.
+            policy: the selection policy's name: "least_loaded" (the
+                lowest load fraction, see _pick_least_loaded) or
+                "round_robin" (the next eligible backend after the last
+                one chosen; weights and GPU readings are not used).
 
         Raises:
             ValueError: a capacity < 1, a weight not > 0 or not finite, no
@@ -393,9 +399,7 @@ cdef class BackendTable:
         cdef Py_ssize_t index
         cdef int64_t seen = 0
         for attempt in range(MAX_CAS_ATTEMPTS):
-            # Only one policy so far; more become branches here, each a
-            # cdef method with _pick_least_loaded's signature.
-            index = self._pick_least_loaded(allowed, &seen)
+            index = self._pick(allowed, &seen)
             if index < 0:
                 return _NO_BACKEND
             # The policy scored `seen`, which was below capacity; the CAS
@@ -414,7 +418,7 @@ cdef class BackendTable:
         for attempt in range(MAX_CAS_ATTEMPTS):
             index = self._pick_affine(allowed, key, bound, &seen)
             if index < 0:
-                index = self._pick_least_loaded(allowed, &seen)
+                index = self._pick(allowed, &seen)
                 if index < 0:
                     return _NO_BACKEND
             if olb_cas(&self._totals[index], &seen, seen + 1):
@@ -463,6 +467,49 @@ cdef class BackendTable:
         seen[0] = best_count
         return best
 
+    cdef inline int64_t _eligible_count(self, const unsigned char* allowed,
+                                        Py_ssize_t i) noexcept:
+        # Backend i's in-flight count when it may take a request (healthy,
+        # allowed, below capacity), else -1.
+        cdef int64_t count
+        if not self._healthy[i] or (allowed != NULL and not allowed[i]):
+            return -1
+        count = olb_load(&self._totals[i])
+        return count if count < self._capacity[i] else -1
+
+    cdef inline Py_ssize_t _pick(self, const unsigned char* allowed, int64_t* seen) noexcept:
+        # The policy chosen at construction; each is a cdef method with this
+        # signature: pick an eligible backend below capacity and set *seen
+        # to its count as read, for _acquire's CAS.
+        if self._policy == POLICY_ROUND_ROBIN:
+            return self._pick_round_robin(allowed, seen)
+        return self._pick_least_loaded(allowed, seen)
+
+    cdef Py_ssize_t _pick_round_robin(self, const unsigned char* allowed,
+                                      int64_t* seen) noexcept:
+        # The first healthy, allowed backend below capacity at or after the
+        # cursor, wrapping around; the cursor moves past it.  A backend that
+        # is full, unhealthy or not allowed loses its turn (nginx's
+        # round-robin skips such peers the same way).  The cursor is this
+        # process's: with several workers each rotates on its own, and each
+        # still spreads evenly.  It moves at the pick, before the CAS: when
+        # the CAS loses, the retry tries the next backend, which is what a
+        # rotation would do next anyway.
+        cdef Py_ssize_t k, i
+        cdef int64_t count
+        for k in range(self.n):
+            i = self._cursor + k
+            if i >= self.n:
+                i -= self.n
+            count = self._eligible_count(allowed, i)
+            if count < 0:
+                continue
+            self._cursor = i + 1 if i + 1 < self.n else 0
+            seen[0] = count
+            return i
+        seen[0] = 0
+        return _NO_BACKEND
+
     cdef Py_ssize_t _pick_least_loaded(self, const unsigned char* allowed,
                                        int64_t* seen) noexcept:
         # Among healthy, allowed backends below capacity, the minimum of
@@ -488,12 +535,8 @@ cdef class BackendTable:
         cdef double score
         cdef double best_score = 0.0
         for i in range(self.n):
-            if not self._healthy[i]:
-                continue
-            if allowed != NULL and not allowed[i]:
-                continue
-            count = olb_load(&self._totals[i])
-            if count >= self._capacity[i]:
+            count = self._eligible_count(allowed, i)
+            if count < 0:
                 continue
             score = <double>(count + 1) / self._denom[i]
             if best < 0 or score < best_score:

@@ -29,6 +29,7 @@ def status(ctx) -> dict:
         "pid": os.getpid(),
         "worker": ctx.worker,
         "workers": ctx.config.workers,
+        "policy": ctx.config.policy,
         "uptime_s": round(time.monotonic() - ctx.started, 3),
         "clients": len(ctx.clients),
         "telemetry": ctx.telemetry.status() if ctx.telemetry is not None else None,

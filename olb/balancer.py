@@ -68,14 +68,27 @@ class Backend:
         self.probing = False
 
 
+#: OLB_POLICY -> the core's selection policy. `llm` and `least-inflight` share
+#: the core's least-loaded choice; they differ in what the balancer feeds it
+#: (model masks, conversation keys, GPU readings: `llm` only).
+CORE_POLICY = {"llm": "least_loaded", "least-inflight": "least_loaded", "round-robin": "round_robin"}
+
+
+def new_table(config: Config, **shared) -> BackendTable:
+    """The backend table for `config` (capacities, weights, policy); `shared`
+    passes BackendTable's shared=, worker=, workers= for several workers."""
+    specs = config.backends
+    return BackendTable([s.max_inflight for s in specs], [s.weight for s in specs],
+                        policy=CORE_POLICY[config.policy], **shared)
+
+
 class Balancer:
     def __init__(self, config: Config, loop, protocol_factory, table: BackendTable | None = None,
                  drained=None):
         self.config = config
         self.loop = loop
         specs = config.backends
-        self.table = table if table is not None else BackendTable(
-            [s.max_inflight for s in specs], [s.weight for s in specs])
+        self.table = table if table is not None else new_table(config)
         self.backends = [
             # Keep as many idle connections as the backend may have requests in
             # flight: fewer would close and reopen connections under full load.
@@ -84,8 +97,17 @@ class Balancer:
                                       max_idle=max(64, s.max_inflight)))
             for i, s in enumerate(specs)
         ]
+        # Only the `llm` policy routes by model and conversation; the plain
+        # policies leave /api/tags and the rest to whichever backend they pick,
+        # as OLB_MODELS_INTERVAL=0 does.
+        llm = config.policy == "llm"
         self.models = ModelDirectory(self.backends, config.models_interval, config.connect_timeout) \
-            if config.models_interval > 0 else None
+            if config.models_interval > 0 and llm else None
+        self._session_bound = config.session_bound if llm else 0.0
+        if self.models is not None:
+            self.models.on_load = self.refresh_models
+        #: Backends whose catalogue is being re-read outside the poll.
+        self._refreshing: set[int] = set()
         #: One byte per backend, 1 = draining: shared by all workers (an mmap
         #: from the supervisor) so a drain asked of one worker holds in all.
         self.drained = drained if drained is not None else bytearray(len(specs))
@@ -107,9 +129,9 @@ class Balancer:
         With an affinity key (a conversation), the backend the key hashes to
         is preferred while within OLB_SESSION_BOUND of the average load.
         """
-        if affinity is None or not self.config.session_bound:
+        if affinity is None or not self._session_bound:
             return self.table.acquire(allowed)
-        return self.table.acquire_affine(affinity, allowed, self.config.session_bound)
+        return self.table.acquire_affine(affinity, allowed, self._session_bound)
 
     def release(self, index: int) -> None:
         self.table.release(index)
@@ -338,9 +360,17 @@ class Balancer:
             self._spawn(self._poll_models())
 
     def refresh_models(self, index: int) -> None:
-        """Re-read one backend's catalogue soon, without waiting for it."""
-        if self.models is not None and not self._closed:
-            self._spawn(self.models.refresh(index))
+        """Re-read one backend's catalogue soon, without waiting for it (once:
+        asked again while a read is under way, that read answers)."""
+        if self.models is not None and not self._closed and index not in self._refreshing:
+            self._refreshing.add(index)
+            self._spawn(self._refresh(index))
+
+    async def _refresh(self, index: int) -> None:
+        try:
+            await self.models.refresh(index)
+        finally:
+            self._refreshing.discard(index)
 
     async def _poll_models(self) -> None:
         models = self.models

@@ -77,6 +77,7 @@ class Config:
     gpu_poll: float = 1.0
     models_interval: float = 10.0
     spread_queue: int = 4
+    policy: str = "llm"
     client_header: str = ""
     client_queue: int = 0
     priority_header: str = "x-priority"
@@ -171,6 +172,17 @@ def _bound(raw: str) -> float:
     return value
 
 
+#: OLB_POLICY's values: what each routes by (see the README's "Scheduling").
+POLICIES = ("llm", "least-inflight", "round-robin")
+
+
+def _policy(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in POLICIES:
+        raise ValueError(f"one of {', '.join(POLICIES)}, got {raw!r}")
+    return value
+
+
 def _raw(raw: str) -> str:
     return raw
 
@@ -226,9 +238,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_MODELS_INTERVAL", "models_interval", "10", _non_negative_float,
             "Seconds between reads of each backend's /api/tags and /api/ps (what it has installed "
             "and loaded); 0 = route without knowing models."),
+    Setting("OLB_POLICY", "policy", "llm", _policy,
+            "How a backend is chosen: `llm` (models, conversations, GPU load and in-flight counts), "
+            "`least-inflight` (the fewest requests in flight for their capacity and weight, nothing "
+            "else) or `round-robin` (each healthy backend with room in turn)."),
     Setting("OLB_SPREAD_QUEUE", "spread_queue", "4", _int_at_least(1),
             "Requests waiting for a model's warm backends beyond which another backend loads it "
-            "(hot models spread, cold ones stay on one GPU)."),
+            "(hot models spread, cold ones stay on one GPU), if one can without unloading a model in use."),
     Setting("OLB_CLIENT_HEADER", "client_header", "", lambda raw: raw.strip().lower(),
             "Request header that names the client for fair queuing; unset: the API key "
             "(Authorization: Bearer), else the client's address."),

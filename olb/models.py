@@ -144,6 +144,14 @@ class ModelDirectory:
         self.ps: list[list[dict]] = [[] for _ in range(self.n)]
         self.polled_at: list[float | None] = [None] * self.n
         self._unknown = bytearray(b"\x01" * self.n)
+        #: Requests in flight per model and backend (this worker's), for the
+        #: spread rule: a model with requests running on a backend is busy there.
+        self.inflight: dict[str, list[int]] = {}
+        #: (model, backend) pairs olb sent to load there, until answered.
+        self.placed: set[tuple[str, int]] = set()
+        #: Called with a backend's index when a model olb placed there has
+        #: loaded (the balancer re-reads that backend's catalogue).
+        self.on_load = None
 
     # --- reads (hot path: no I/O, no waiting) -----------------------------------------------
 
@@ -172,6 +180,65 @@ class ModelDirectory:
         """Traffic says the backend has the model loaded (or is loading it)."""
         self.loaded_mask(model)[index] = 1
         self.installed_mask(model)[index] = 1
+
+    def mark_placed(self, model: str, index: int) -> None:
+        """olb sent the model to a backend where it was not loaded: the
+        requests that follow may count on it there (mark_loaded), and when it
+        has answered, the backend's catalogue is read again (answered)."""
+        self.mark_loaded(model, index)
+        self.placed.add((model, index))
+
+    def answered(self, model: str, index: int) -> None:
+        """The backend answered 200 for the model: it has it loaded now.
+
+        When olb placed the model there, the backend has just loaded it, and
+        may have unloaded others to make room. Until the next poll (up to
+        OLB_MODELS_INTERVAL later) olb would still count those as warm there
+        and send their requests back, each reloading its model and unloading
+        the other again: two models that do not fit one GPU together then
+        take turns on it (measured on the 12 GiB GPUs of bench/scheduling.py).
+        So the backend's catalogue is read again now (on_load), once per load.
+        """
+        self.mark_loaded(model, index)
+        if (model, index) in self.placed:
+            self.placed.discard((model, index))
+            if self.on_load is not None:
+                self.on_load(index)
+
+    def admitted(self, model: str, index: int, delta: int) -> None:
+        """A request for `model` started (+1) or ended (-1) on a backend."""
+        counts = self.inflight.get(model)
+        if counts is None:
+            counts = self.inflight[model] = [0] * self.n
+        counts[index] += delta
+
+    def spare(self, model: str, mask, waiting=None) -> bytearray:
+        """The part of `mask` where loading `model` cannot evict a model in
+        use: backends none of whose other resident models has a request in
+        flight there (this worker's count) or waiting in olb's queue
+        (`waiting`: queued requests per model).
+
+        Ollama makes room for a load by unloading a resident model, and when
+        the one it picks is serving it waits for those requests to end (all
+        other requests behind the load wait too); the evicted model's next
+        request loads it again. Spreading a hot model onto a backend another
+        one is using trades one model's queue for two models' loads -- under
+        overload it cascaded into dozens of loads on the small GPUs
+        (bench/scheduling.py at 110-120 %). An idle model with nobody
+        waiting costs at most its own reload.
+        """
+        out = bytearray(mask)
+        for other, loaded in self.loaded.items():
+            if other == model:
+                continue
+            counts = self.inflight.get(other)
+            wanted = bool(waiting and waiting[other] > 0)
+            if counts is None and not wanted:
+                continue
+            for i in range(self.n):
+                if out[i] and loaded[i] and (wanted or counts[i] > 0):
+                    out[i] = 0
+        return out
 
     def least_loaded(self, mask) -> bytearray | None:
         """The part of `mask` whose backends have the fewest models loaded

@@ -309,7 +309,8 @@ class Exchange:
         another, so requests for a model that is loaded (or loading)
         somewhere wait for that backend rather than start a second load —
         until OLB_SPREAD_QUEUE of them are waiting: then a hot model spreads
-        to another backend that has it installed.
+        to another backend that has it installed, where loading it cannot
+        evict a model in use (ModelDirectory.spare).
         """
         balancer = self.ctx.balancer
         model = self.model
@@ -326,6 +327,16 @@ class Exchange:
                 return
         installed = self._allowed(models.installed_mask(model))
         cold = bytearray(a & (not b) for a, b in zip(installed, loaded)) if any(loaded) else installed
+        # Load only where no model in use can be evicted (ModelDirectory.spare).
+        # With no such backend a model that is warm somewhere waits for its
+        # warm backends; a cold one must load somewhere all the same.
+        spare = models.spare(model, cold, balancer.queued_models)
+        if any(spare):
+            cold = spare
+        elif any(loaded) and balancer.usable(loaded):
+            if self._enqueue(loaded):
+                self.state = QUEUED
+            return
         # Load where it is cheapest: first among the backends with the fewest
         # models resident (a load there is least likely to evict another),
         # then anywhere it is installed.
@@ -336,7 +347,7 @@ class Exchange:
         if index != NO_BACKEND:
             # Requests that follow for this model now wait for this load, and
             # those already waiting for the model's warm backends may take it.
-            models.mark_loaded(model, index)
+            models.mark_placed(model, index)
             self.admit(index)
             if balancer.queue:
                 balancer.wake()
@@ -394,6 +405,8 @@ class Exchange:
     def admit(self, index: int) -> None:
         """A backend slot is ours (already counted in the table)."""
         self.index = index
+        if self.model is not None:
+            self.ctx.balancer.models.admitted(self.model, index, 1)
         self.state = CONNECTING
         conn = self.ctx.balancer.backends[index].pool.take()
         if conn is not None:
@@ -495,7 +508,7 @@ class Exchange:
         balancer = self.ctx.balancer
         if self.model is not None and self.head.status == 200:
             # It answered for the model: it has it loaded now.
-            balancer.models.mark_loaded(self.model, self.index)
+            balancer.models.answered(self.model, self.index)
         balancer.backends[self.index].strikes = 0
         self._release()
         if reusable:
@@ -572,6 +585,8 @@ class Exchange:
     def _release(self) -> None:
         index, self.index = self.index, NO_BACKEND
         if index != NO_BACKEND:
+            if self.model is not None:
+                self.ctx.balancer.models.admitted(self.model, index, -1)
             self.ctx.balancer.release(index)
 
     def _fail(self, error: OlbError) -> None:

@@ -44,17 +44,19 @@ class ProxyServer:
         self.port = sock.getsockname()[1]
         self.balancer.start()
         # A backend with metrics= is remote: its gpus= are the scraped page's
-        # `gpu` labels, not this machine's NVML indices.
+        # `gpu` labels, not this machine's NVML indices.  Only the `llm`
+        # policy scores GPU load; the plain ones do not read it.
         gpu_map = [() if b.metrics else b.gpus for b in cfg.backends]
-        if cfg.gpu_poll > 0 and any(gpu_map):
+        poll = cfg.gpu_poll if cfg.policy == "llm" else 0
+        if poll > 0 and any(gpu_map):
             from .gpu import GpuMonitor
 
-            self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=cfg.gpu_poll)
+            self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=poll)
             self.ctx.gpu.start()
-        if cfg.gpu_poll > 0 and any(b.metrics for b in cfg.backends):
+        if poll > 0 and any(b.metrics for b in cfg.backends):
             from .telemetry import TelemetryScraper
 
-            self.telemetry = TelemetryScraper(self.balancer.table, cfg.backends, interval=cfg.gpu_poll,
+            self.telemetry = TelemetryScraper(self.balancer.table, cfg.backends, interval=poll,
                                               loop=self.loop)
             self.telemetry.start()
             self.ctx.telemetry = self.telemetry

@@ -117,14 +117,15 @@ def test_demo_serves_a_simulated_cluster():
         assert stop(proc) == 0
 
 
-def test_workers_share_counts_and_are_restarted(loop_thread):
+@pytest.mark.parametrize("policy", ["least-inflight", "round-robin"])
+def test_workers_share_counts_and_are_restarted(loop_thread, policy):
     sims = [loop_thread.run(start_sim(SimConfig(token_rate=50, ttft=0, seed=1, num_parallel=8,
                                                 num_predict_default=5000))) for _ in range(2)]
     backends = ",".join(f"{s.url};max=3" for s in sims)
-    # Plain least-in-flight (no model or conversation affinity): the test is
-    # about counts shared across workers.
+    # A plain policy (no model or conversation affinity): the test is about
+    # counts shared across workers, which both plain policies must respect.
     proc = start_olb(OLB_BACKENDS=backends, OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="2",
-                     OLB_HEALTH_INTERVAL="0", OLB_MODELS_INTERVAL="0", OLB_SESSION_BOUND="0")
+                     OLB_HEALTH_INTERVAL="0", OLB_POLICY=policy)
     try:
         url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
         # Six streams (capacity 2 x 3) opened on separate connections, which
@@ -145,7 +146,7 @@ def test_workers_share_counts_and_are_restarted(loop_thread):
             pids.add(doc["pid"])
             inflight = [b["inflight"] for b in doc["backends"]]
             assert inflight == [3, 3]  # shared counts: every worker sees all six
-        assert doc["workers"] == 2
+        assert doc["workers"] == 2 and doc["policy"] == policy
         # Kill a worker that holds some of the streams: they die with it, and
         # the supervisor reclaims their counts from the shared table.
         for _ in range(50):

@@ -342,3 +342,72 @@ def test_gpu_cluster_loads_a_cold_model_once(loop):
     # everywhere and its requests went to where it was resident).
     assert sorted(loads) == [0, 0, 1], loads
     assert max(load_durations) > 1e9  # the simulated load took seconds (of simulated time)
+
+
+@pytest.mark.parametrize("other_busy", [True, False])
+def test_hot_model_spreads_only_where_no_busy_model_is_evicted(loop, other_busy):
+    """Simulated GPUs that hold one model each: llama3.2 is warm on backend 0,
+    qwen2.5 on backend 1. A burst for llama3.2 queues past OLB_SPREAD_QUEUE;
+    while a qwen2.5 stream runs on backend 1, loading llama3.2 there would
+    evict it mid-stream (Ollama waits for it, then the next qwen2.5 request
+    reloads), so the burst waits for backend 0. With qwen2.5 idle, the burst
+    spreads onto backend 1."""
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=50, num_parallel=2, max_loaded_models=1)
+        proxy, sims = await start([gpu.replace(preload=("llama3.2:latest",)),
+                                   gpu.replace(preload=("qwen2.5:7b",))],
+                                  spread_queue=1, max_inflight=2, session_bound=0)
+        try:
+            stream = None
+            if other_busy:
+                stream = await RawClient.connect(proxy.port)
+                stream.send("POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "long",
+                                                      "options": {"num_predict": 4000}})
+                # Running on backend 1 before the burst starts.
+                await asyncio.wait_for(stream.reader.readuntil(b'"done":false'), 10)
+            clients = [await RawClient.connect(proxy.port) for _ in range(6)]
+            for i, c in enumerate(clients):
+                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": f"q{i}", "stream": False,
+                                                 "options": {"num_predict": 20}})
+            statuses = [(await c.response(timeout=30)).status for c in clients]
+            for c in clients:
+                c.close()
+            if stream is not None:
+                stream.close()
+            return statuses, [inference(s) for s in sims], [s.engine.loads for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    statuses, per_backend, loads = run(loop, main(), timeout=60)
+    assert statuses == [200] * 6
+    if other_busy:
+        # qwen2.5 was serving: no llama3.2 load on backend 1, the burst stayed on 0.
+        assert per_backend == [6, 1] and loads == [0, 0], (per_backend, loads)
+    else:
+        assert per_backend[1] >= 1 and loads == [0, 1], (per_backend, loads)
+
+
+def test_a_load_that_evicts_is_seen_before_the_next_poll(loop):
+    """A GPU that holds one model: llama3.2 is resident (and olb has read
+    /api/ps), then a request for qwen2.5 loads it there, which unloads
+    llama3.2. olb re-reads the backend's catalogue as soon as qwen2.5 is
+    answered for, not at the next poll (60 s away), so llama3.2 is no longer
+    taken for warm there."""
+    from test_sim_api import until
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=50, max_loaded_models=1, preload=("llama3.2:latest",))
+        proxy, sims = await start([gpu])
+        models = proxy.balancer.models
+        try:
+            warm_before = models.loaded_mask("llama3.2:latest")[0]
+            r = await fetch(proxy.port, "POST", "/api/generate",
+                            {"model": "qwen2.5:7b", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
+            assert r.status == 200
+            await until(lambda: not models.loaded_mask("llama3.2:latest")[0])
+            return warm_before, models.loaded_mask("qwen2.5:7b")[0], sims[0].engine.evictions
+        finally:
+            await stop(proxy, sims)
+
+    assert run(loop, main()) == (1, 1, 1)

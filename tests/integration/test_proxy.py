@@ -346,7 +346,9 @@ def test_queue_full_and_queue_timeout_give_503_with_retry_after(loop):
 def test_queued_request_proceeds_when_a_slot_frees(loop):
     async def main():
         sim = SimConfig(token_rate=200, ttft=0, seed=3, num_predict_default=20)
-        cluster = await start_cluster(1, sim, max_inflight=1, queue_size=10, queue_timeout=10)
+        # No model directory: its own reads of /api/tags and /api/ps (one follows the first
+        # load) are not proxied requests, but the sim's max_active would count them.
+        cluster = await start_cluster(1, sim, max_inflight=1, queue_size=10, queue_timeout=10, models_interval=0)
         try:
             clients = [await RawClient.connect(cluster.port) for _ in range(4)]
             for i, c in enumerate(clients):

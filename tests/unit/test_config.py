@@ -45,12 +45,24 @@ def test_sizes_and_durations():
     ({"OLB_BACKENDS": "a:1", "OLB_MAX_BODY": "lots"}, "OLB_MAX_BODY"),
     ({"OLB_BACKENDS": "a:1", "OLB_WORKERS": "0"}, "OLB_WORKERS: expected an integer >= 1"),
     ({"OLB_BACKENDS": "a:1", "OLB_LOG_LEVEL": "loud"}, "OLB_LOG_LEVEL"),
+    ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "random"},
+     "OLB_POLICY: expected one of llm, least-inflight, round-robin, got 'random'"),
+    ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "round_robin"}, "OLB_POLICY"),
     ({}, "olb-fast --demo"),
 ])
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(ConfigError) as info:
         load(**env)
     assert needle in str(info.value)
+
+
+def test_policy_default_values_and_flag():
+    assert load(OLB_BACKENDS="a:1").policy == "llm"
+    assert load(OLB_BACKENDS="a:1", OLB_POLICY=" Round-Robin ").policy == "round-robin"
+    assert config.load(["--backends", "a:1", "--policy", "least-inflight"],
+                       {"OLB_POLICY": "round-robin"}).policy == "least-inflight"
+    with pytest.raises(ConfigError, match="--policy: expected one of"):
+        config.load(["--backends", "a:1", "--policy", "fastest"], {})
 
 
 def test_flag_errors_name_the_flag():

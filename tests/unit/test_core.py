@@ -201,7 +201,7 @@ def test_index_errors():
         (([1],), {"workers": 0}, "workers must be >= 1"),
         (([1],), {"worker": 1, "workers": 1}, r"worker must be in range\(1\)"),
         (([1],), {"worker": -1, "workers": 2}, r"worker must be in range\(2\)"),
-        (([1],), {"policy": "round_robin"}, "unknown policy 'round_robin'"),
+        (([1],), {"policy": "random"}, "unknown policy 'random'; known: least_loaded, round_robin"),
         (([1],), {"shared": b"\x00" * 64}, "writable"),
         (([1, 1],), {"shared": bytearray(47)}, "need 48"),
     ],
@@ -350,6 +350,59 @@ def test_set_gpu_load_validates(util, mem):
     table = BackendTable([1])
     with pytest.raises(ValueError, match="must be in"):
         table.set_gpu_load(0, util, mem)
+
+
+# -- the round_robin policy -------------------------------------------------------
+
+
+def test_round_robin_rotates_in_order_regardless_of_load_and_weight():
+    # least_loaded would send the 2nd..4th requests to the heavy, idle backend 2.
+    table = BackendTable([8, 8, 8], [1.0, 1.0, 10.0], policy="round_robin", seed=1)
+    table.set_gpu_load(0, 1.0, 0.0)  # a saturated GPU is not scored either
+    assert [table.acquire() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_round_robin_skips_full_unhealthy_and_disallowed_without_losing_its_place():
+    table = BackendTable([1, 4, 4, 4], policy="round_robin")
+    assert table.acquire() == 0          # backend 0 is now full
+    table.set_health(2, False)
+    assert [table.acquire() for _ in range(3)] == [1, 3, 1]   # 0 full, 2 down
+    table.release(0)
+    assert table.acquire() == 3          # the cursor is past 1: 3 comes before 0
+    assert table.acquire() == 0
+    allowed = bytearray([1, 0, 1, 1])
+    table.set_health(2, True)
+    assert [table.acquire(allowed) for _ in range(3)] == [2, 3, 2]  # 0 full again, 1 not allowed
+    assert table.acquire(bytearray(4)) == NO_BACKEND
+
+
+def test_round_robin_capacity_holds_and_full_means_no_backend():
+    caps = [1, 2, 3]
+    table = BackendTable(caps, policy="round_robin")
+    picks = [table.acquire() for _ in range(6)]
+    assert sorted(picks) == [0, 1, 1, 2, 2, 2]
+    assert table.acquire() == NO_BACKEND
+    assert [table.inflight(i) for i in range(3)] == caps
+    table.release(1)
+    assert table.acquire() == 1 and table.acquire() == NO_BACKEND
+
+
+def test_round_robin_spreads_evenly_under_acquire_release():
+    table = BackendTable([4] * 5, policy="round_robin")
+    for _ in range(1000):
+        table.release(table.acquire())
+    assert [table.served(i) for i in range(5)] == [200] * 5
+
+
+def test_round_robin_with_shared_counters_never_exceeds_capacity(shared_buffer):
+    buf = shared_buffer(2, 2)
+    w0 = BackendTable([1, 2], shared=buf, worker=0, workers=2, policy="round_robin")
+    w1 = BackendTable([1, 2], shared=buf, worker=1, workers=2, policy="round_robin")
+    assert w0.acquire() == 0
+    assert w1.acquire() == 1             # its cursor says 0, but w0 filled it
+    assert w1.acquire() == 1
+    assert w0.acquire() == NO_BACKEND and w1.acquire() == NO_BACKEND
+    del w0, w1
 
 
 # -- shared counters --------------------------------------------------------------

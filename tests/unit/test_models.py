@@ -1,5 +1,6 @@
 """olb.models without sockets: names, request bodies, masks."""
 
+import collections
 from types import SimpleNamespace
 
 import orjson
@@ -58,6 +59,43 @@ def test_masks_are_live_objects():
     assert loaded == bytearray(b"\x00\x00\x01")  # the same object, updated in place
     d.set_catalogue(2, [{"name": "m:latest"}], [])  # no longer loaded there
     assert loaded == bytearray(3)
+
+
+def test_spare_excludes_backends_where_another_resident_model_is_serving():
+    d = directory(4)
+    d.mark_loaded("a:latest", 0)
+    d.mark_loaded("b:latest", 1)
+    d.mark_loaded("b:latest", 2)
+    d.mark_loaded("c:latest", 2)
+    everywhere = bytearray(b"\x01" * 4)
+    assert d.spare("a:latest", everywhere) == everywhere      # nothing in flight: all spare
+    d.admitted("b:latest", 2, 1)
+    assert d.spare("a:latest", everywhere) == bytearray([1, 1, 0, 1])  # b serves on 2 only
+    d.admitted("a:latest", 0, 1)                              # the model's own requests do not count
+    assert d.spare("a:latest", everywhere) == bytearray([1, 1, 0, 1])
+    assert d.spare("b:latest", everywhere) == bytearray([0, 1, 1, 1])
+    d.admitted("b:latest", 2, -1)
+    assert d.spare("a:latest", bytearray([0, 0, 1, 1])) == bytearray([0, 0, 1, 1])  # within the mask
+    # Requests waiting for c (resident on 2) make it in use there too; waiting for a model
+    # resident nowhere, or for `model` itself, changes nothing.
+    waiting = collections.Counter({"c:latest": 1, "z:latest": 3, "a:latest": 9})
+    assert d.spare("a:latest", everywhere, waiting) == bytearray([1, 1, 0, 1])
+
+
+def test_answered_asks_for_one_refresh_per_load_olb_placed():
+    d = directory(2)
+    asked = []
+    d.on_load = asked.append
+    d.set_catalogue(0, [{"name": "a"}, {"name": "b"}], [{"name": "a"}])
+    d.answered("a:latest", 0)                  # warm all along: nothing new
+    assert asked == []
+    d.mark_placed("b:latest", 0)               # olb sends b there: a may be unloaded for it
+    assert d.loaded_mask("b:latest")[0]
+    d.answered("b:latest", 0)
+    d.answered("b:latest", 0)                  # the next answers: no further reads
+    assert asked == [0]
+    d.answered("b:latest", 1)                  # answered where olb did not place it
+    assert asked == [0]
 
 
 def test_forget_makes_a_backend_unknown_again():
