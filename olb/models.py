@@ -212,6 +212,19 @@ class ModelDirectory:
             counts = self.inflight[model] = [0] * self.n
         counts[index] += delta
 
+    def waiting_for_load(self, model: str) -> int:
+        """Requests for `model` in flight (this worker's) on backends where
+        olb placed it and it has not answered yet: they wait behind its load.
+
+        A load takes seconds to minutes, and Ollama holds every request for
+        the model until it is done; they are olb's queue as much as those in
+        its own queue, and count the same toward OLB_SPREAD_QUEUE.
+        """
+        counts = self.inflight.get(model)
+        if counts is None or not self.placed:
+            return 0
+        return sum(counts[i] for i in range(self.n) if (model, i) in self.placed)
+
     def spare(self, model: str, mask, waiting=None) -> bytearray:
         """The part of `mask` where loading `model` cannot evict a model in
         use: backends none of whose other resident models has a request in

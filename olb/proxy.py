@@ -315,13 +315,18 @@ class Exchange:
         balancer = self.ctx.balancer
         model = self.model
         loaded = self._allowed(models.loaded_mask(model))
-        if any(loaded):
+        spread_queue = self.ctx.config.spread_queue
+        # Waiting for the model: in olb's queue, and behind a load olb started
+        # (a cold start: every request for the model piles onto the one
+        # backend loading it, where least-in-flight would have started a
+        # load on each idle GPU).
+        if any(loaded) and (balancer.queued_models[model] + models.waiting_for_load(model)
+                            < spread_queue):
             index = balancer.acquire(loaded, self.affinity)
             if index != NO_BACKEND:
                 self.admit(index)
                 return
-            if (balancer.usable(loaded)
-                    and balancer.queued_models[model] < self.ctx.config.spread_queue):
+            if balancer.usable(loaded) and balancer.queued_models[model] < spread_queue:
                 if self._enqueue(loaded):
                     self.state = QUEUED
                 return
@@ -334,7 +339,12 @@ class Exchange:
         if any(spare):
             cold = spare
         elif any(loaded) and balancer.usable(loaded):
-            if self._enqueue(loaded):
+            # Nowhere to spread without evicting a model in use: a warm
+            # backend's slot if one is free, else its queue.
+            index = balancer.acquire(loaded, self.affinity)
+            if index != NO_BACKEND:
+                self.admit(index)
+            elif self._enqueue(loaded):
                 self.state = QUEUED
             return
         # Load where it is cheapest: first among the backends with the fewest
@@ -476,6 +486,10 @@ class Exchange:
             return None
         self.state = STREAMING
         self.head = head
+        if self.model is not None and head.status == 200:
+            # Ollama answers once the model is loaded: it is ready there now
+            # (for a stream, long before the response ends).
+            self.ctx.balancer.models.answered(self.model, self.index)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
         return downstream_head(head, raw, self.closing)
@@ -506,9 +520,6 @@ class Exchange:
         conn.detach()
         pool = conn.pool
         balancer = self.ctx.balancer
-        if self.model is not None and self.head.status == 200:
-            # It answered for the model: it has it loaded now.
-            balancer.models.answered(self.model, self.index)
         balancer.backends[self.index].strikes = 0
         self._release()
         if reusable:

@@ -344,6 +344,36 @@ def test_gpu_cluster_loads_a_cold_model_once(loop):
     assert max(load_durations) > 1e9  # the simulated load took seconds (of simulated time)
 
 
+@pytest.mark.parametrize("spread_queue, cluster_loads", [(2, 3), (100, 1)])
+def test_requests_waiting_behind_a_cold_load_spread_it(loop, spread_queue, cluster_loads):
+    """Simulated GPUs, a cold model, a burst of 8 with room for all of them
+    on any backend (max=8, so nothing waits in olb's queue). The requests
+    admitted to the backend loading the model wait behind that load; once
+    OLB_SPREAD_QUEUE of them do, the next loads it on an idle GPU too (as
+    least-in-flight would), instead of piling all 8 behind one load."""
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=50, num_parallel=4)
+        proxy, sims = await start([gpu] * 3, spread_queue=spread_queue, max_inflight=8, session_bound=0)
+        try:
+            clients = [await RawClient.connect(proxy.port) for _ in range(8)]
+            for i, c in enumerate(clients):
+                c.send("POST", "/api/generate", {"model": "llama3.1:8b", "prompt": f"q{i}", "stream": False,
+                                                 "options": {"num_predict": 8}})
+            statuses = [(await c.response(timeout=30)).status for c in clients]
+            for c in clients:
+                c.close()
+            return statuses, [s.engine.loads for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    statuses, loads = run(loop, main(), timeout=60)
+    assert statuses == [200] * 8
+    # With 2: requests 1-2 wait behind the first load, the 3rd starts a
+    # second, 5th a third; with 100, one load serves the whole burst.
+    assert sum(loads) == cluster_loads and max(loads) == 1, loads
+
+
 @pytest.mark.parametrize("other_busy", [True, False])
 def test_hot_model_spreads_only_where_no_busy_model_is_evicted(loop, other_busy):
     """Simulated GPUs that hold one model each: llama3.2 is warm on backend 0,
