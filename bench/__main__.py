@@ -5,7 +5,8 @@
     python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core and olb._http (~20 s)
     python -m bench e2e [...]           bench/e2e.py: olb vs direct only, more detail per process
     python -m bench scheduling [...]    bench/scheduling.py: olb's scheduler vs nginx/HAProxy, simulated cluster
-    python -m bench plot FILE.json      the Markdown and plots again, from a saved result
+    python -m bench plot FILE.json...   the Markdown and plots again, from saved results
+                                        (scheduling results merged: later rows replace earlier)
     python -m bench tools               which proxies this machine has
 
 Results go to bench/results/ (git-ignored): JSON, a Markdown table, PNG plots
@@ -62,16 +63,20 @@ def cmd_overhead(p, args) -> int:
 
 
 def cmd_plot(p, args) -> int:
-    with open(args.file) as f:
-        result = json.load(f)
-    name = os.path.splitext(os.path.basename(args.file))[0]
-    outdir = args.out or os.path.dirname(os.path.abspath(args.file))
-    if result.get("benchmark") == "scheduling":
-        from . import scheduling
+    results = []
+    for path in args.files:
+        with open(path) as f:
+            results.append(json.load(f))
+    name = os.path.splitext(os.path.basename(args.files[0]))[0]
+    outdir = args.out or os.path.dirname(os.path.abspath(args.files[0]))
+    if all(r.get("benchmark") == "scheduling" for r in results):
+        from . import scheduling, scheduling_report
 
-        scheduling.write(result, outdir, name)
+        scheduling.write(scheduling_report.merge(results), outdir, name)
+    elif len(results) == 1:
+        _write(outdir, name, results[0])
     else:
-        _write(outdir, name, result)
+        p.error("only scheduling results can be merged")
     return 0
 
 
@@ -153,8 +158,9 @@ def main(argv=None) -> int:
     sc = sub.add_parser("scheduling", help="bench/scheduling.py: olb's scheduler on a simulated LLM cluster; "
                                            "its flags follow", add_help=False)
     sc.set_defaults(func=lambda a: cmd_scheduling(sc, a), passthrough="scheduling")
-    pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result")
-    pl.add_argument("file")
+    pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result; several "
+                                     "scheduling results are merged, later rows replacing earlier ones")
+    pl.add_argument("files", nargs="+", metavar="FILE.json")
     pl.add_argument("--out", default=None, help="directory (default: the JSON's)")
     pl.set_defaults(func=lambda a: cmd_plot(pl, a))
     t = sub.add_parser("tools", help="which proxies and plotting this machine has")

@@ -113,6 +113,31 @@ def targets_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(results: list[dict]) -> dict:
+    """Several scheduling results as one: rows of later results replace the
+    rows of earlier ones with the same (target, mix, arrivals, load, seed).
+
+    For re-measuring part of a run -- more seeds, or one target after a
+    change to it -- and reporting the whole table from one file; the result
+    keeps every run's command and date.
+    """
+    def key(row):
+        return (row["target"], row["mix"], row.get("arrivals", "poisson"), row["load"], row.get("seed", 1))
+
+    merged = dict(results[0])
+    rows: dict = {}
+    runs = []
+    for result in results:
+        for row in result["rows"]:
+            rows[key(row)] = row
+        runs += result.get("runs") or [{"command": result.get("command"), "date": result.get("date"),
+                                        "wall_s": result.get("wall_s")}]
+    merged.update(rows=list(rows.values()), runs=runs,
+                  command="; ".join(r["command"] for r in runs if r.get("command")),
+                  wall_s=sum(r.get("wall_s") or 0 for r in runs), date=results[-1].get("date"))
+    return merged
+
+
 def markdown(result: dict) -> str:
     summary = aggregate(result["rows"])
     m = result.get("machine", {})

@@ -76,3 +76,18 @@ def test_medians_ranges_and_targets():
     met = {c["what"]: c["met"] for c in scheduling_report.check_targets(summary)}
     assert met == {"p99 TTFT ≤ ½ nginx least_conn": True, "p99 TTFT ≤ ¼ nginx round-robin": False,
                    "model loads ≤ ⅕ nginx least_conn": True, "throughput ≥ nginx least_conn": True}
+
+
+def test_merge_replaces_rows_measured_again_and_keeps_every_command():
+    def row(target, seed, p99):
+        return {"target": target, "mix": "llm", "arrivals": "poisson", "load": 0.8, "seed": seed, "ttft_p99": p99}
+
+    first = {"benchmark": "scheduling", "command": "python -m bench scheduling", "date": "d1", "wall_s": 10.0,
+             "rows": [row("olb", 1, 9.0), row("nginx-lc", 1, 40.0)]}
+    again = {"benchmark": "scheduling", "command": "python -m bench scheduling --targets olb", "date": "d2",
+             "wall_s": 2.0, "rows": [row("olb", 1, 5.0), row("olb", 2, 6.0)]}
+    merged = scheduling_report.merge([first, again])
+    got = sorted((r["target"], r["seed"], r["ttft_p99"]) for r in merged["rows"])
+    assert got == [("nginx-lc", 1, 40.0), ("olb", 1, 5.0), ("olb", 2, 6.0)]
+    assert merged["command"] == "python -m bench scheduling; python -m bench scheduling --targets olb"
+    assert merged["wall_s"] == 12.0 and merged["date"] == "d2"
