@@ -243,8 +243,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`least-inflight` (the fewest requests in flight for their capacity and weight, nothing "
             "else) or `round-robin` (each healthy backend with room in turn)."),
     Setting("OLB_SPREAD_QUEUE", "spread_queue", "4", _int_at_least(1),
-            "Requests waiting for a model's warm backends beyond which another backend loads it "
-            "(hot models spread, cold ones stay on one GPU), if one can without unloading a model in use."),
+            "Requests waiting for a model (in olb's queue, or behind a load olb started) beyond which "
+            "another backend loads it (hot models spread, cold ones stay on one GPU), if one can without "
+            "unloading a model in use."),
     Setting("OLB_CLIENT_HEADER", "client_header", "", lambda raw: raw.strip().lower(),
             "Request header that names the client for fair queuing; unset: the API key "
             "(Authorization: Bearer), else the client's address."),
