@@ -165,27 +165,33 @@ def plot(result: dict, outdir: str, name: str = "scheduling") -> list[str]:
         return []
     summary = aggregate(result["rows"])
     written = []
-    sweep = [s for s in summary if s["mix"] == "llm" and s["arrivals"] == "poisson"]
     targets = list(dict.fromkeys(s["target"] for s in summary))
-    if sweep:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        for t in targets:
-            pts = sorted((s for s in sweep if s["target"] == t), key=lambda s: s["load"])
-            if not pts:
-                continue
-            x = [100 * s["load"] for s in pts]
-            for ax, key in zip(axes, ("ttft_p99", "tokens_per_s")):
-                y = [s[key] for s in pts]
-                lo = [s[key] - s[key + "_range"][0] if s[key + "_range"] else 0 for s in pts]
-                hi = [s[key + "_range"][1] - s[key] if s[key + "_range"] else 0 for s in pts]
-                ax.errorbar(x, y, yerr=[lo, hi], fmt="-o", capsize=3, color=COLORS.get(t), label=t)
-        axes[0].set(title="p99 time to first token (LLM mix, Poisson)", xlabel="offered load, % of capacity",
-                    ylabel="simulated s (log)")
-        axes[0].set_yscale("log")
-        axes[1].set(title="throughput (LLM mix, Poisson)", xlabel="offered load, % of capacity",
-                    ylabel="eval tokens / simulated s")
-        axes[1].set_ylim(bottom=0)
-        written.append(_save(plt, fig, axes, os.path.join(outdir, f"{name}_vs_load.png")))
+    # One row of plots per arrival pattern swept over two loads or more.
+    sweeps = {}
+    for pattern in ("poisson", "bursty"):
+        pts = [s for s in summary if s["mix"] == "llm" and s["arrivals"] == pattern]
+        if len({s["load"] for s in pts}) >= 2:
+            sweeps[pattern] = pts
+    if sweeps:
+        fig, grid = plt.subplots(len(sweeps), 2, figsize=(12, 4.2 * len(sweeps)), squeeze=False)
+        for axes, (pattern, sweep) in zip(grid, sweeps.items()):
+            for t in targets:
+                pts = sorted((s for s in sweep if s["target"] == t), key=lambda s: s["load"])
+                if not pts:
+                    continue
+                x = [100 * s["load"] for s in pts]
+                for ax, key in zip(axes, ("ttft_p99", "tokens_per_s")):
+                    y = [s[key] for s in pts]
+                    lo = [s[key] - s[key + "_range"][0] if s[key + "_range"] else 0 for s in pts]
+                    hi = [s[key + "_range"][1] - s[key] if s[key + "_range"] else 0 for s in pts]
+                    ax.errorbar(x, y, yerr=[lo, hi], fmt="-o", capsize=3, color=COLORS.get(t), label=t)
+            axes[0].set(title=f"p99 time to first token (LLM mix, {pattern})", xlabel="offered load, % of capacity",
+                        ylabel="simulated s (log)")
+            axes[0].set_yscale("log")
+            axes[1].set(title=f"throughput (LLM mix, {pattern})", xlabel="offered load, % of capacity",
+                        ylabel="eval tokens / simulated s")
+            axes[1].set_ylim(bottom=0)
+        written.append(_save(plt, fig, grid.ravel(), os.path.join(outdir, f"{name}_vs_load.png")))
     cdf = [s for s in summary if s["mix"] == "llm" and abs(s["load"] - CDF_LOAD) < 1e-9 and s["ttfts"]]
     patterns = list(dict.fromkeys(s["arrivals"] for s in cdf))
     if cdf:
