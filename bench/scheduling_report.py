@@ -28,12 +28,16 @@ def _median(values):
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One summary per (mix, arrivals, load, target), in the order the rows ran."""
+    """One summary per (mix, arrivals, load, target): the LLM mix first, Poisson before
+    bursty, by load, the targets in the order they ran (so merged results read as one run)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["mix"], r.get("arrivals", "poisson"), r["load"], r["target"]), []).append(r)
+    targets = list(dict.fromkeys(k[3] for k in groups))
+    order = sorted(groups, key=lambda k: (k[0] != "llm", k[1] != "poisson", k[2], targets.index(k[3])))
     out = []
-    for (mix, arrivals, load, target), rs in groups.items():
+    for mix, arrivals, load, target in order:
+        rs = groups[(mix, arrivals, load, target)]
         s = {"mix": mix, "arrivals": arrivals, "load": load, "target": target,
              "seeds": sorted(r.get("seed", 1) for r in rs)}
         for key in FIGURES:
