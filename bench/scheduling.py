@@ -743,7 +743,13 @@ def write(result: dict, outdir: str, name: str = "scheduling") -> None:
     plots = report.plot(result, outdir, name)
     print(md)
     print(f"results: {os.path.join(outdir, name)}.json, .md")
-    print("plots: " + (", ".join(plots) if plots else "none (matplotlib is missing: pip install '.[bench]')"))
+    if plots:
+        print("plots: " + ", ".join(plots))
+    elif report.can_plot():
+        print("plots: none (nothing to plot: a load sweep needs two loads of one arrival pattern, "
+              "the CDF an LLM-mix run at 80 %)")
+    else:
+        print("plots: none (matplotlib is missing: pip install '.[bench]')")
 
 
 def _f(x, fmt="{:.2f}"):

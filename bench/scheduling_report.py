@@ -158,6 +158,15 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def can_plot() -> bool:
+    """Whether matplotlib is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(result: dict, outdir: str, name: str = "scheduling") -> list[str]:
     """PNG plots into `outdir`; the paths written (none when matplotlib is missing)."""
     try:
