@@ -308,7 +308,8 @@ class Exchange:
         Loading a model costs seconds (8B) to minutes (70B) and may evict
         another, so requests for a model that is loaded (or loading)
         somewhere wait for that backend rather than start a second load —
-        until OLB_SPREAD_QUEUE of them are waiting: then a hot model spreads
+        until OLB_SPREAD_QUEUE of them are waiting (in olb's queue, or held
+        by a backend behind a load olb started): then a hot model spreads
         to another backend that has it installed, where loading it cannot
         evict a model in use (ModelDirectory.spare).
         """
@@ -316,17 +317,17 @@ class Exchange:
         model = self.model
         loaded = self._allowed(models.loaded_mask(model))
         spread_queue = self.ctx.config.spread_queue
+        queued = balancer.queued_models[model]
         # Waiting for the model: in olb's queue, and behind a load olb started
         # (a cold start: every request for the model piles onto the one
         # backend loading it, where least-in-flight would have started a
         # load on each idle GPU).
-        if any(loaded) and (balancer.queued_models[model] + models.waiting_for_load(model)
-                            < spread_queue):
+        if any(loaded) and queued + models.waiting_for_load(model) < spread_queue:
             index = balancer.acquire(loaded, self.affinity)
             if index != NO_BACKEND:
                 self.admit(index)
                 return
-            if balancer.usable(loaded) and balancer.queued_models[model] < spread_queue:
+            if balancer.usable(loaded) and queued < spread_queue:
                 if self._enqueue(loaded):
                     self.state = QUEUED
                 return
@@ -341,11 +342,7 @@ class Exchange:
         elif any(loaded) and balancer.usable(loaded):
             # Nowhere to spread without evicting a model in use: a warm
             # backend's slot if one is free, else its queue.
-            index = balancer.acquire(loaded, self.affinity)
-            if index != NO_BACKEND:
-                self.admit(index)
-            elif self._enqueue(loaded):
-                self.state = QUEUED
+            self._admit_or_queue(loaded)
             return
         # Load where it is cheapest: first among the backends with the fewest
         # models resident (a load there is least likely to evict another),
