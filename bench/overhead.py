@@ -386,15 +386,7 @@ def plan_targets(args) -> tuple[list[targets.TargetSpec], list[targets.TargetSpe
     """(main targets, sweep-only targets, skip messages)."""
     skipped = []
     main = []
-    for kind in args.targets:
-        spec = targets.TargetSpec(kind)
-        why = spec.missing()
-        if why:
-            skipped.append(why)
-        else:
-            main.append(spec)
-    for text in args.extra:
-        spec = targets.parse_extra(text)
+    for spec in [targets.TargetSpec(kind) for kind in args.targets] + [targets.parse_extra(t) for t in args.extra]:
         why = spec.missing()
         if why:
             skipped.append(why)

@@ -272,19 +272,22 @@ class ModelDirectory:
         """Replace what one backend has, from its /api/tags and /api/ps."""
         self.known[index] = 1
         self.tags[index] = tags
-        installed = {normalize(m.get("name") or m.get("model") or "") for m in tags}
-        for model in installed:
-            self.installed_mask(model)
-        for model, mask in self.installed.items():
-            mask[index] = 1 if model in installed else 0
+        self._set_column(self.installed, self.installed_mask, tags, index)
         if ps is not None:
             self.ps[index] = ps
-            loaded = {normalize(m.get("name") or m.get("model") or "") for m in ps}
-            for model in loaded:
-                self.loaded_mask(model)
-            for model, mask in self.loaded.items():
-                mask[index] = 1 if model in loaded else 0
+            self._set_column(self.loaded, self.loaded_mask, ps, index)
         self.polled_at[index] = time.time()
+
+    @staticmethod
+    def _set_column(masks: dict, make_mask, entries: list[dict], index: int) -> None:
+        # Backend `index` has exactly the models `entries` name: create the
+        # masks of new ones (make_mask decides their other backends), then set
+        # this backend's bit in every mask.
+        names = {normalize(m.get("name") or m.get("model") or "") for m in entries}
+        for model in names:
+            make_mask(model)
+        for model, mask in masks.items():
+            mask[index] = 1 if model in names else 0
 
     def forget(self, index: int) -> None:
         """A backend went down: its models are unknown again until it answers."""
