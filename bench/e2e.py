@@ -52,9 +52,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.load import (build_request, close_conns, http_get_json, merge_counts, open_conns,  # noqa: E402
-                        percentile, run_phase)
+                        percentile, run_phase, sum_errors)
 from bench.proc import (TICK_S, Child, CpuSample, cpu_delta, machine, machine_busy_ticks,  # noqa: E402
-                        process_tree)
+                        other_share, process_tree)
 
 CASES = ("version", "generate", "stream")
 #: Share of the machine's CPU used by other processes during a phase above which the report warns
@@ -84,16 +84,11 @@ async def measure_once(loop, args, case: str, host: str, port: int, pids: dict) 
                  for name, pid in pids.items()}
     finally:
         close_conns(conns)
-    errors = dict(warmup.errors)
-    for key, n in phase.errors.items():
-        errors[key] = errors.get(key, 0) + n
+    errors = sum_errors(warmup, phase)
     ops = phase.lines if stream else phase.completed
     cpu = {name: cpu_delta(before[name], after[name]) for name in pids}
-    # Busy time of the machine not spent by our three processes: other people's work (it skews
-    # throughput, not the per-op CPU figures), plus softirq time the kernel charges to no process.
-    other = (busy1 - busy0) * TICK_S - sum(d["cpu_s"] for d in cpu.values())
     return {
-        "other_cpu_share": max(0.0, other) / (phase.elapsed * (os.cpu_count() or 1)),
+        "other_cpu_share": other_share(busy1 - busy0, cpu, phase.elapsed),
         "requests": phase.completed,
         "warmup_requests": warmup.completed,
         "seconds": phase.elapsed,

@@ -324,6 +324,15 @@ async def http_get_json(host: str, port: int, path: str) -> dict:
     return json.loads(body)
 
 
+def sum_errors(*phases) -> dict[str, int]:
+    """The error counts of several phases (run_phase results), summed."""
+    errors: dict[str, int] = {}
+    for phase in phases:
+        for key, n in phase.errors.items():
+            errors[key] = errors.get(key, 0) + n
+    return errors
+
+
 def merge_counts(rounds: list[dict]) -> tuple[dict[str, int], dict[int, int]]:
     """The error counts and lines-per-response histogram of several rounds, summed."""
     errors: dict[str, int] = {}

@@ -91,12 +91,6 @@ def _cpu(before: dict, after: dict) -> dict:
     return {name: proc.cpu_delta(before[name], after[name]) for name in before}
 
 
-def _other_share(busy_ticks: int, cpu: dict, seconds: float) -> float:
-    ours = sum(d["cpu_s"] for d in cpu.values())
-    other = busy_ticks * proc.TICK_S - ours
-    return max(0.0, other) / (seconds * (os.cpu_count() or 1)) if seconds > 0 else 0.0
-
-
 def _requests(case: str, conns_addresses, count: int, **kw) -> list[bytes]:
     return [load.build_request(case, f"{h}:{p}", **kw)
             for h, p in (conns_addresses[i % len(conns_addresses)] for i in range(count))]
@@ -132,9 +126,7 @@ async def measure_closed(loop, args, case: str, running, groups, progress: Progr
         after = _sample(groups)
     finally:
         load.close_conns(conns)
-    errors = dict(warmup.errors)
-    for key, n in phase.errors.items():
-        errors[key] = errors.get(key, 0) + n
+    errors = load.sum_errors(warmup, phase)
     ops = phase.lines if stream else phase.completed
     cpu = _cpu(before, after)
     return {
@@ -146,7 +138,7 @@ async def measure_closed(loop, args, case: str, running, groups, progress: Progr
         "lines_per_response": phase.lines_per_response,
         "errors": errors,
         "cpu": cpu,
-        "other_cpu_share": _other_share(busy1 - busy0, cpu, phase.elapsed),
+        "other_cpu_share": proc.other_share(busy1 - busy0, cpu, phase.elapsed),
     }
 
 
@@ -300,7 +292,7 @@ async def measure_paced(loop, args, level: int, running, groups, progress: Progr
             phase.recording = False
             phase.stop_issuing()
             out["cpu"] = _cpu(before, after)
-            out["other_cpu_share"] = _other_share(busy1 - busy0, out["cpu"], out["window_s"])
+            out["other_cpu_share"] = proc.other_share(busy1 - busy0, out["cpu"], out["window_s"])
             await phase.done
         finally:
             bar.cancel()

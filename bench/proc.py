@@ -109,6 +109,19 @@ def cpu_delta(before: CpuSample, after: CpuSample) -> dict:
     }
 
 
+def other_share(busy_ticks: int, cpu: dict, seconds: float) -> float:
+    """Share of the machine's CPU that processes other than `cpu`'s took over `seconds`.
+
+    `busy_ticks` is machine_busy_ticks()'s difference over the window, `cpu`
+    the cpu_delta()s of the processes measured. The rest is other people's
+    work (it skews throughput, not the per-op CPU figures) plus softirq time
+    the kernel charges to no process.
+    """
+    ours = sum(d["cpu_s"] for d in cpu.values())
+    other = busy_ticks * TICK_S - ours
+    return max(0.0, other) / (seconds * (os.cpu_count() or 1)) if seconds > 0 else 0.0
+
+
 def machine_busy_ticks() -> int:
     """CPU ticks the whole machine spent busy (user, nice, system, irq, softirq, steal)."""
     with open("/proc/stat", "rb") as f:
