@@ -38,8 +38,8 @@ cdef class BackendTable:
     cdef int _policy             # _Policy
     cdef Py_ssize_t _cursor      # round_robin: where the next scan starts
 
-    cdef int64_t _eligible_count(self, const unsigned char* allowed, Py_ssize_t i) noexcept
-    cdef Py_ssize_t _pick(self, const unsigned char* allowed, int64_t* seen) noexcept
+    cdef inline int64_t _eligible_count(self, const unsigned char* allowed, Py_ssize_t i) noexcept
+    cdef inline Py_ssize_t _pick(self, const unsigned char* allowed, int64_t* seen) noexcept
     cdef Py_ssize_t _pick_round_robin(self, const unsigned char* allowed, int64_t* seen) noexcept
     cdef Py_ssize_t _pick_least_loaded(self, const unsigned char* allowed, int64_t* seen) noexcept
     cdef Py_ssize_t _acquire(self, const unsigned char* allowed) noexcept
