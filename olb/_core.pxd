@@ -43,6 +43,7 @@ cdef class BackendTable:
     cdef Py_ssize_t _pick_round_robin(self, const unsigned char* allowed, int64_t* seen) noexcept
     cdef Py_ssize_t _pick_least_loaded(self, const unsigned char* allowed, int64_t* seen) noexcept
     cdef Py_ssize_t _acquire(self, const unsigned char* allowed) noexcept
+    cdef inline bint _claim(self, Py_ssize_t index, int64_t* seen) noexcept
     cdef Py_ssize_t _acquire_affine(self, const unsigned char* allowed, uint64_t key, double bound) noexcept
     cdef Py_ssize_t _pick_affine(self, const unsigned char* allowed, uint64_t key, double bound, int64_t* seen) noexcept
     cdef int _release(self, Py_ssize_t index) except -1

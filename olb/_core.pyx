@@ -402,13 +402,19 @@ cdef class BackendTable:
             index = self._pick(allowed, &seen)
             if index < 0:
                 return _NO_BACKEND
-            # The policy scored `seen`, which was below capacity; the CAS
-            # succeeds only if the count is still `seen`, so capacity holds
-            # whatever other workers did meanwhile.
-            if olb_cas(&self._totals[index], &seen, seen + 1):
-                olb_add(&self._mine[index], 1)
+            if self._claim(index, &seen):
                 return index
         return _NO_BACKEND
+
+    cdef inline bint _claim(self, Py_ssize_t index, int64_t* seen) noexcept:
+        # The policy scored *seen, which was below capacity; the CAS
+        # succeeds only if the count is still *seen, so capacity holds
+        # whatever other workers did meanwhile.  When it fails, *seen is the
+        # count now and the caller scores again.
+        if olb_cas(&self._totals[index], seen, seen[0] + 1):
+            olb_add(&self._mine[index], 1)
+            return True
+        return False
 
     cdef Py_ssize_t _acquire_affine(self, const unsigned char* allowed, uint64_t key,
                                     double bound) noexcept:
@@ -421,8 +427,7 @@ cdef class BackendTable:
                 index = self._pick(allowed, &seen)
                 if index < 0:
                     return _NO_BACKEND
-            if olb_cas(&self._totals[index], &seen, seen + 1):
-                olb_add(&self._mine[index], 1)
+            if self._claim(index, &seen):
                 return index
         return _NO_BACKEND
 
