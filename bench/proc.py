@@ -68,13 +68,12 @@ def process_tree(root: int) -> list[int]:
 class CpuSample:
     """utime+stime ticks (and stime alone) and schedstat nanoseconds of a set of processes at one instant."""
 
-    __slots__ = ("pids", "ticks", "sys_ticks", "ns", "ns_by_pid")
+    __slots__ = ("pids", "ticks", "sys_ticks", "ns_by_pid")
 
     def __init__(self, pids):
         self.pids = frozenset(pids)
         self.ticks = 0
         self.sys_ticks = 0
-        self.ns = 0
         self.ns_by_pid: dict[int, int] = {}
         for pid in self.pids:
             try:
@@ -91,8 +90,12 @@ class CpuSample:
                         ns += int(fh.read().split()[0])
                 except (OSError, IndexError, ValueError):
                     pass
-            self.ns += ns
             self.ns_by_pid[pid] = ns
+
+    @property
+    def ns(self) -> int:
+        """schedstat nanoseconds of all the processes."""
+        return sum(self.ns_by_pid.values())
 
 
 def cpu_delta(before: CpuSample, after: CpuSample) -> dict:
