@@ -109,24 +109,25 @@ def _port(raw: str) -> int:
     return port
 
 
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"a number of seconds > 0, got {raw!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"a number of seconds > 0, got {raw!r}")
-    return value
+def _seconds(zero_is_off: bool) -> Callable[[str], float]:
+    """A parser of a finite number of seconds: > 0, or >= 0 where 0 turns the thing off."""
+    what = "a number of seconds >= 0 (0 = off)" if zero_is_off else "a number of seconds > 0"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{what}, got {raw!r}") from None
+        # The comparisons are false for NaN, so NaN is refused with the rest.
+        if not (value >= 0 if zero_is_off else value > 0) or value == float("inf"):
+            raise ValueError(f"{what}, got {raw!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"a number of seconds >= 0 (0 = off), got {raw!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"a number of seconds >= 0 (0 = off), got {raw!r}")
-    return value
+_positive_float = _seconds(zero_is_off=False)
+_non_negative_float = _seconds(zero_is_off=True)
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
