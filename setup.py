@@ -52,6 +52,7 @@ setup(
     ext_modules=[
         Extension("olb._core", ["olb/_core.pyx"], extra_compile_args=["-O2"]),
         Extension("olb._http", ["olb/_http.pyx"], extra_compile_args=["-O2"]),
+        Extension("olb._relay", ["olb/_relay.pyx"], extra_compile_args=["-O2"]),
     ],
     cmdclass={"build_ext": build_ext},
 )

@@ -8,6 +8,9 @@ Groups:
     scan NDJSON ...               BodyScanner.feed vs h11 on a streamed
                                   /api/generate body (200 chunks of ~120 B),
                                   whole in one buffer and one chunk per feed.
+    relay 200 NDJSON chunks       olb._relay.Relay.data_received (compiled) vs
+                                  the same method in Python, as proxy.py had
+                                  it: the per-chunk cost above the syscalls.
 
 Per-operation figures: divide the acquire+release means by PAIRS.  Pin the
 process to one CPU (taskset -c N ...) for numbers worth quoting.
@@ -20,6 +23,7 @@ import pytest
 
 from olb._core import NO_BACKEND, BackendTable
 from olb._http import BodyScanner
+from olb._relay import Relay
 
 PAIRS = 100  # acquire+release pairs per timed call: amortises the call overhead
 SIZES = [4, 64, 1024]
@@ -163,3 +167,66 @@ def test_scan_ndjson(benchmark, impl, shape):
         # The head parse is setup, not timed: only the body is compared.
         benchmark.pedantic(h11_to_end, setup=lambda: ((h11_after_head(), pieces), {}),
                            rounds=300, warmup_rounds=10)
+
+
+# -- the relay: what olb does per streamed chunk ----------------------------------
+
+
+class PyRelay:
+    """The backend protocol's data_received as it was in Python (the baseline)."""
+
+    __slots__ = ("head", "scanner", "forward", "last_io", "loop", "ended")
+
+    def __init__(self, loop, forward):
+        self.head, self.scanner, self.forward, self.loop = object(), BodyScanner(), forward, loop
+        self.ended = None
+
+    def data_received(self, data):
+        if self.head is None:
+            return
+        self.last_io = self.loop.time()
+        try:
+            end = self.scanner.feed(data)
+        except ValueError:
+            return
+        if end < 0:
+            self.forward(data)
+        else:
+            self.ended = end
+
+
+class CRelay(Relay):
+    """olb._relay.Relay with the subclass callbacks BackendSideProtocol defines."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self, forward):
+        self.head, self.forward, self.ended = object(), forward, None
+
+    def _end(self, data, end):
+        self.ended = end
+
+
+@pytest.mark.parametrize("impl", ["python", "olb._relay"])
+def test_relay_stream(benchmark, impl):
+    """200 chunks through data_received into a forward that keeps nothing."""
+    import asyncio
+
+    benchmark.group = "relay 200 NDJSON chunks"
+    benchmark.extra_info.update(impl=impl, chunks=len(CHUNKS))
+    forward = len  # a C callable that keeps nothing, like transport.write's cost floor
+    loop = asyncio.new_event_loop()
+    relay = PyRelay(loop, forward) if impl == "python" else CRelay(forward)
+    scanner, received = relay.scanner, relay.data_received
+
+    def stream():
+        scanner.expect_chunked()
+        relay.ended = None
+        for chunk in CHUNKS:
+            received(chunk)
+        return relay.ended
+
+    try:
+        assert benchmark(stream) == len(CHUNKS[-1])
+    finally:
+        loop.close()

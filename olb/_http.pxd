@@ -22,5 +22,6 @@ cdef class BodyScanner:
     cdef int64_t _error_at       # body offset of the offending byte
 
     cdef void _reset(self, int mode) noexcept
+    cdef Py_ssize_t feed_c(self, object data) except -3
     cdef Py_ssize_t _scan(self, const unsigned char* p, Py_ssize_t n) noexcept
     cdef Py_ssize_t _scan_chunked(self, const unsigned char* p, Py_ssize_t n) noexcept

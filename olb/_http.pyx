@@ -435,6 +435,11 @@ cdef class BodyScanner:
                 what and where); the scanner stays failed until expect_*().
             RuntimeError: no expect_*() was called.
         """
+        return self.feed_c(data)
+
+    cdef Py_ssize_t feed_c(self, object data) except -3:
+        # feed() for Cython callers (olb/_relay.pyx calls it once per chunk
+        # without a Python call).
         cdef Py_buffer view
         cdef Py_ssize_t result
         if self._mode == MODE_IDLE:

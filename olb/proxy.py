@@ -13,7 +13,8 @@ Where a request goes
       -> BackendSideProtocol.attach       request head + body written upstream
       -> BackendSideProtocol.data_received
            head: http.parse_response_head -> Exchange.on_head -> client
-           body: _http.BodyScanner finds the end; the bytes go to the client as read
+           body: _relay.Relay (compiled): the bytes go to the client as read, and
+                 _http.BodyScanner finds the end
       -> Exchange.on_end                  release, park the connection, next request
 
 Exchange states (one request's life; each arrow is the only way in):
@@ -41,7 +42,7 @@ import orjson
 
 from . import admin
 from ._core import NO_BACKEND
-from ._http import BodyScanner
+from ._relay import Relay, monotonic
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
                      NotFound, OlbError, TooManyRequests)
 from .fairqueue import BATCH, INTERACTIVE, OVER_SHARE
@@ -694,12 +695,17 @@ class MergedExchange:
             task.cancel()
 
 
-class BackendSideProtocol(asyncio.Protocol):
-    """One TCP connection to a backend: idle in its pool, or serving one exchange."""
+class BackendSideProtocol(Relay, asyncio.Protocol):
+    """One TCP connection to a backend: idle in its pool, or serving one exchange.
 
-    __slots__ = ("pool", "loop", "transport", "gate", "exchange", "write_paused", "_buf", "_head",
-                 "_scanner", "_write", "_got_bytes", "_reused", "_last_io", "_attached_at",
-                 "_timer", "_closed", "_head_request")
+    The per-chunk path (data_received once the head is through) is
+    Relay's, compiled in _relay.pyx; it calls back _read_head, _end and
+    _protocol_error below.  Fields it shares with this class: head,
+    scanner, forward (the client's transport.write) and last_io.
+    """
+
+    __slots__ = ("pool", "loop", "transport", "gate", "exchange", "write_paused", "_buf",
+                 "_got_bytes", "_reused", "_attached_at", "_timer", "_closed", "_head_request")
 
     def __init__(self, pool):
         self.pool = pool
@@ -708,9 +714,6 @@ class BackendSideProtocol(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.write_paused = False
         self._buf = b""
-        self._head = None
-        self._scanner = BodyScanner()
-        self._write = None
         self._got_bytes = False
         self._reused = False
         self._timer = None
@@ -729,24 +732,23 @@ class BackendSideProtocol(asyncio.Protocol):
     def attach(self, exchange: Exchange, reused: bool) -> None:
         self.exchange = exchange
         self._buf = b""
-        self._head = None
+        self.head = None
         self._got_bytes = False
         self._reused = reused
         self._head_request = exchange.req.method == b"HEAD"
         client = exchange.client
-        self._write = client.transport.write
+        self.forward = client.transport.write
         if client.write_paused:
             self.gate.pause(PEER_SLOW)
-        now = self.loop.time()
-        self._attached_at = self._last_io = now
+        self._attached_at = self.last_io = monotonic()
         self._timer = self.loop.call_later(exchange.ctx.config.first_byte_timeout, self._on_timer)
 
     def detach(self) -> None:
         ex, self.exchange = self.exchange, None
         if ex is not None and self.write_paused:
             ex.client.gate.resume(PEER_SLOW)
-        self._write = None
-        self._head = None
+        self.forward = None
+        self.head = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -760,23 +762,7 @@ class BackendSideProtocol(asyncio.Protocol):
         self._closed = True
         self.transport.abort()
 
-    # --- transport callbacks ----------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        """Called by the transport with bytes from the backend: forward them as they are."""
-        if self._head is None:
-            self._read_head(data)
-            return
-        self._last_io = self.loop.time()
-        try:
-            end = self._scanner.feed(data)
-        except ValueError as exc:
-            self._protocol_error(f"backend sent a malformed chunked body: {exc}")
-            return
-        if end < 0:
-            self._write(data)
-        else:
-            self._end(data, end)
+    # --- transport callbacks (data_received: Relay's) ---------------------------------------
 
     def _read_head(self, data: bytes) -> None:
         ex = self.exchange
@@ -785,7 +771,7 @@ class BackendSideProtocol(asyncio.Protocol):
             self.abort()
             return
         self._got_bytes = True
-        self._last_io = self.loop.time()
+        self.last_io = monotonic()
         buf = self._buf + data if self._buf else data
         try:
             parsed = parse_response_head(buf, self._head_request)
@@ -804,9 +790,9 @@ class BackendSideProtocol(asyncio.Protocol):
             if rest:
                 self._read_head(rest)
             return
-        self._head = head
+        self.head = head
         framing = head.framing
-        scanner = self._scanner
+        scanner = self.scanner
         if framing == CHUNKED:
             scanner.expect_chunked()
         elif framing == LENGTH:
@@ -818,16 +804,16 @@ class BackendSideProtocol(asyncio.Protocol):
         if out is None:
             return
         if framing == NO_BODY or (framing == LENGTH and head.length == 0):
-            self._write(out)
+            self.forward(out)
             self._finish(rest, 0)
             return
         if not rest:
-            self._write(out)
+            self.forward(out)
             return
         try:
             end = scanner.feed(rest)
         except ValueError as exc:
-            self._write(out)
+            self.forward(out)
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return
         # The head and the first body bytes leave in one write: one syscall,
@@ -835,21 +821,21 @@ class BackendSideProtocol(asyncio.Protocol):
         # with its head). When the head goes out unchanged, that is the read
         # buffer itself, not a copy.
         if out is raw and (end < 0 or end == len(rest)):
-            self._write(buf)
+            self.forward(buf)
         else:
-            self._write(out + (rest if end < 0 else rest[:end]))
+            self.forward(out + (rest if end < 0 else rest[:end]))
         if end >= 0:
             self._finish(rest, end)
 
     def _end(self, data: bytes, end: int) -> None:
         if end:
-            self._write(data if end == len(data) else data[:end])
+            self.forward(data if end == len(data) else data[:end])
         self._finish(data, end)
 
     def _finish(self, data: bytes, end: int) -> None:
         # Bytes beyond the response mean the backend is not speaking plain
         # request/response on this connection; do not reuse it.
-        reusable = self._head.keep_alive and end == len(data)
+        reusable = self.head.keep_alive and end == len(data)
         self.exchange.on_end(reusable)
 
     def _protocol_error(self, message: str) -> None:
@@ -860,12 +846,12 @@ class BackendSideProtocol(asyncio.Protocol):
             self.abort()
 
     def _at_boundary(self) -> bool:
-        return self._head is not None and self._scanner.at_chunk_boundary
+        return self.head is not None and self.scanner.at_chunk_boundary
 
     def eof_received(self) -> bool:
         """Called by the transport when the backend closed its sending side."""
         ex = self.exchange
-        if ex is not None and self._head is not None and self._head.framing == UNTIL_CLOSE:
+        if ex is not None and self.head is not None and self.head.framing == UNTIL_CLOSE:
             ex.on_end(False)
         return False  # close; connection_lost reports anything unfinished
 
@@ -906,11 +892,11 @@ class BackendSideProtocol(asyncio.Protocol):
             self._timer = None
             return
         cfg = ex.ctx.config
-        now = self.loop.time()
-        if self._head is None and not self._got_bytes:
+        now = monotonic()
+        if self.head is None and not self._got_bytes:
             remaining = self._attached_at + cfg.first_byte_timeout - now
         else:
-            remaining = self._last_io + cfg.idle_timeout - now
+            remaining = self.last_io + cfg.idle_timeout - now
         if remaining > 0:
             self._timer = self.loop.call_later(remaining, self._on_timer)
             return
