@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 
@@ -159,6 +160,7 @@ async def serve(config: SimConfig, host: str, port: int, count: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    gc.freeze()  # as olb's workers do: start-up objects out of the collector's sight
     for s in servers:
         print(s.url, flush=True)
     if config.gpu is None:
