@@ -152,6 +152,13 @@ class ModelDirectory:
         #: Called with a backend's index when a model olb placed there has
         #: loaded (the balancer re-reads that backend's catalogue).
         self.on_load = None
+        #: Per backend, the most models and the most VRAM (bytes) its /api/ps
+        #: has shown resident at once: room it is known to have (see fits).
+        self.room_models = [0] * self.n
+        self.room_vram = [0] * self.n
+        #: Per model, the largest footprint (/api/ps "size", bytes) seen for it
+        #: on any backend: what loading it again will take.
+        self.footprint: dict[str, int] = {}
 
     # --- reads (hot path: no I/O, no waiting) -----------------------------------------------
 
@@ -251,7 +258,62 @@ class ModelDirectory:
             for i in range(self.n):
                 if out[i] and loaded[i] and (wanted or counts[i] > 0):
                     out[i] = 0
+        # Where the model fits beside the others, loading it evicts nothing.
+        fit = self.fits(model, mask)
+        for i in range(self.n):
+            if fit[i]:
+                out[i] = 1
         return out
+
+    def fits(self, model: str, mask) -> bytearray:
+        """The part of `mask` where `model`, not loaded there, can load without
+        evicting anything: one more model and its footprint stay within what
+        that backend has been seen to hold at once.
+
+        Ollama evicts to load when the new model would pass
+        OLLAMA_MAX_LOADED_MODELS or not fit in free VRAM (ollama-api.md
+        §4.4). olb learns both limits from /api/ps alone, as lower bounds:
+        a backend that has held three models, 15 GB together, can hold them
+        again. So an 80 GiB GPU serving two models takes a third one beside
+        them, where counting models alone would pick a 12 GiB GPU serving
+        one and evict it (under overload that started cascades of loads on
+        the small GPUs of bench/scheduling.py). Nothing is claimed before a
+        backend has been seen holding models, or for a model never seen
+        loaded; models olb has just placed count as resident (and as too big
+        when their footprint is unknown) until /api/ps shows them.
+        """
+        out = bytearray(self.n)
+        need = self.footprint.get(model)
+        if need is None:
+            return out
+        loaded = self.loaded_mask(model)
+        for i in range(self.n):
+            if not mask[i] or loaded[i] or not self.room_models[i]:
+                continue
+            count, vram = self._resident(i)
+            if count + 1 <= self.room_models[i] and vram + need <= self.room_vram[i]:
+                out[i] = 1
+        return out
+
+    def _resident(self, index: int) -> tuple[int, float]:
+        """(models, VRAM bytes) resident on a backend, counting olb's placements in flight."""
+        entries = self.ps[index]
+        names = {normalize(e.get("name") or e.get("model") or "") for e in entries}
+        vram: float = sum(_int(e.get("size_vram")) for e in entries)
+        for model, i in self.placed:
+            if i == index and model not in names:
+                names.add(model)
+                vram += self.footprint.get(model, float("inf"))
+        return len(names), vram
+
+    def cheapest(self, model: str, mask) -> bytearray | None:
+        """Where in `mask` loading `model` costs least: where it fits beside
+        what is resident (fits), else where the fewest models are resident
+        (least_loaded); None when that is all of `mask`."""
+        fit = self.fits(model, mask)
+        if any(fit):
+            return None if fit == mask else fit
+        return self.least_loaded(mask)
 
     def least_loaded(self, mask) -> bytearray | None:
         """The part of `mask` whose backends have the fewest models loaded
@@ -276,7 +338,21 @@ class ModelDirectory:
         if ps is not None:
             self.ps[index] = ps
             self._set_column(self.loaded, self.loaded_mask, ps, index)
+            self._learn_room(index, ps)
         self.polled_at[index] = time.time()
+
+    def _learn_room(self, index: int, ps: list[dict]) -> None:
+        # See fits(): the room a backend has shown, and each model's footprint.
+        vram = 0
+        for e in ps:
+            vram += _int(e.get("size_vram"))
+            size = _int(e.get("size"))
+            if size:
+                model = normalize(e.get("name") or e.get("model") or "")
+                if size > self.footprint.get(model, 0):
+                    self.footprint[model] = size
+        self.room_models[index] = max(self.room_models[index], len(ps))
+        self.room_vram[index] = max(self.room_vram[index], vram)
 
     @staticmethod
     def _set_column(masks: dict, make_mask, entries: list[dict], index: int) -> None:
@@ -361,6 +437,11 @@ def _unix(stamp: str) -> int:
 
 #: GET paths olb answers itself by merging every backend's answer.
 MERGED_PATHS = frozenset({b"/api/tags", b"/api/ps", b"/v1/models"})
+
+
+def _int(value) -> int:
+    """A byte count from a backend's JSON; anything else (missing, negative, not an int) is 0."""
+    return value if type(value) is int and value > 0 else 0
 
 
 async def _get_json(spec, path: str, timeout: float) -> dict:

@@ -345,10 +345,11 @@ class Exchange:
             # backend's slot if one is free, else its queue.
             self._admit_or_queue(loaded)
             return
-        # Load where it is cheapest: first among the backends with the fewest
-        # models resident (a load there is least likely to evict another),
-        # then anywhere it is installed.
-        cheapest = models.least_loaded(cold)
+        # Load where it is cheapest: where it fits beside the models resident
+        # (evicting nothing), else among the backends with the fewest models
+        # resident (least likely to evict another); then anywhere it is
+        # installed.
+        cheapest = models.cheapest(model, cold)
         index = balancer.acquire(cheapest, self.affinity) if cheapest is not None else NO_BACKEND
         if index == NO_BACKEND:
             index = balancer.acquire(cold, self.affinity)

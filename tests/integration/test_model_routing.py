@@ -441,3 +441,35 @@ def test_a_load_that_evicts_is_seen_before_the_next_poll(loop):
             await stop(proxy, sims)
 
     assert run(loop, main()) == (1, 1, 1)
+
+
+def test_a_cold_model_loads_beside_others_where_it_has_room(loop):
+    """Two simulated GPUs. Backend 0 holds up to three models and olb has
+    seen it hold three; one is then unloaded behind olb's back, leaving two.
+    Backend 1 holds one model, its limit. A request for the unloaded model
+    reloads it on 0, beside the two, where counting models alone would pick
+    1 (one resident against two) and evict its model."""
+
+    async def main():
+        big = BASE.replace(gpu="default", time_scale=50, max_loaded_models=3,
+                           preload=("mistral:latest", "qwen2.5:7b", "llama3.2:latest"))
+        small = BASE.replace(gpu="default", time_scale=50, max_loaded_models=1, preload=("llama3.1:8b",))
+        proxy, sims = await start([big, small])
+        models = proxy.balancer.models
+        try:
+            seen = models.room_models[:]
+            r = await fetch(sims[0].port, "POST", "/api/generate", {"model": "llama3.2", "keep_alive": 0})
+            assert r.status == 200
+            await models.refresh_all()
+            resident = [len(models.ps[i]) for i in range(2)]
+            r = await fetch(proxy.port, "POST", "/api/generate",
+                            {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
+            return (seen, resident, r.status, [s.engine.loads for s in sims],
+                    [s.engine.evictions for s in sims])
+        finally:
+            await stop(proxy, sims)
+
+    seen, resident, status, loads, evictions = run(loop, main())
+    assert seen == [3, 1] and resident == [2, 1]
+    assert status == 200
+    assert loads == [1, 0] and evictions == [0, 0], (loads, evictions)

@@ -133,3 +133,72 @@ def test_conversation_identity_survives_later_turns():
     assert ids[1] == orjson.dumps(turn1)
     model, prompt_id = parse_request(b'{"model":"m","prompt":"Once upon a time","system":"s"}')
     assert model == "m" and prompt_id is None  # generate: the session header only
+
+
+GB = 10**9
+
+
+def ps(*models):
+    """/api/ps entries: (name, size, size_vram) triples."""
+    return [{"name": n, "model": n, "size": size, "size_vram": vram} for n, size, vram in models]
+
+
+def big_and_small():
+    """Backend 0 (a big GPU) has held three 5 GB models at once and now holds two;
+    backend 1 (a small one) has held one and holds one. Both have everything installed."""
+    d = directory(2)
+    tags = [{"name": m} for m in ("a", "b", "c", "d")]
+    d.set_catalogue(0, tags, ps(("a", 5 * GB, 5 * GB), ("b", 5 * GB, 5 * GB), ("c", 5 * GB, 5 * GB)))
+    d.set_catalogue(0, tags, ps(("a", 5 * GB, 5 * GB), ("b", 5 * GB, 5 * GB)))
+    d.set_catalogue(1, tags, ps(("d", 6 * GB, 6 * GB)))
+    return d
+
+
+def test_fits_where_a_backend_has_held_as_much_before():
+    d = big_and_small()
+    both = bytearray([1, 1])
+    assert d.room_models == [3, 1] and d.room_vram == [15 * GB, 6 * GB]
+    assert d.fits("c:latest", both) == bytearray([1, 0])   # third model on 0; 1 is full
+    assert d.fits("d:latest", both) == bytearray([0, 0])   # 6 GB: more than 0 has shown room for; loaded on 1
+    assert d.fits("new:latest", both) == bytearray([0, 0])  # never seen loaded: footprint unknown
+    assert d.fits("c:latest", bytearray([0, 1])) == bytearray([0, 0])  # within the mask
+
+
+def test_fits_counts_placements_not_yet_in_ps():
+    d = big_and_small()
+    d.footprint["x:latest"] = 1 * GB                   # x was seen loaded once, somewhere
+    both = bytearray([1, 1])
+    assert d.fits("x:latest", both) == bytearray([1, 0])
+    d.mark_placed("c:latest", 0)                        # olb sent c to 0: its third slot is taken
+    assert d.fits("x:latest", both) == bytearray([0, 0])
+    d2 = big_and_small()
+    d2.footprint["x:latest"] = 1 * GB
+    d2.mark_placed("unknown:latest", 0)                 # unknown footprint: assume no room left
+    assert d2.fits("x:latest", both) == bytearray([0, 0])
+
+
+def test_cheapest_prefers_room_over_fewest_models():
+    d = big_and_small()
+    both = bytearray([1, 1])
+    # Counting models alone picks 1 (one model against two) and evicts d there.
+    assert d.least_loaded(both) == bytearray([0, 1])
+    assert d.cheapest("c:latest", both) == bytearray([1, 0])
+    assert d.cheapest("new:latest", both) == bytearray([0, 1])  # no footprint: fewest models
+
+
+def test_spare_includes_backends_where_the_model_fits_beside_busy_ones():
+    d = big_and_small()
+    d.admitted("a:latest", 0, 1)                        # a serves on 0
+    d.admitted("d:latest", 1, 1)                        # d serves on 1
+    both = bytearray([1, 1])
+    assert d.spare("c:latest", both) == bytearray([1, 0])  # room beside a on 0; evicting d on 1
+    d.set_catalogue(0, d.tags[0], ps(("a", 5 * GB, 5 * GB), ("b", 5 * GB, 5 * GB), ("x", 5 * GB, 5 * GB)))
+    assert d.spare("c:latest", both) == bytearray([0, 0])  # 0 is full now and a is busy
+
+
+@pytest.mark.parametrize("bad", [None, -5, "12", 1.5, True])
+def test_room_ignores_sizes_that_are_not_byte_counts(bad):
+    d = directory(1)
+    d.set_catalogue(0, [{"name": "a"}], [{"name": "a", "size": bad, "size_vram": bad}])
+    assert d.room_models == [1] and d.room_vram == [0]
+    assert "a:latest" not in d.footprint
