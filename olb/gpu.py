@@ -36,10 +36,10 @@ import importlib
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any, TypedDict
+from typing import Any, Callable, TypedDict
 
 __all__ = ["GpuMonitor", "GpuReading", "NvmlUnavailable", "combine", "make_reading", "open_nvml",
-           "read_gpu"]
+           "publish", "read_gpu", "unpublish"]
 
 #: Seconds stop() waits for the polling thread; a poll is a handful of NVML
 #: calls (microseconds to milliseconds), so this only matters for a hung driver.
@@ -65,6 +65,7 @@ class GpuMonitor:
         interval: float = 1.0,
         nvml: Any = None,
         logger: logging.Logger | None = None,
+        memory: Callable[[int, int | None, int], None] | None = None,
     ) -> None:
         """Configure the monitor; nothing is polled until start() or poll_once().
 
@@ -77,6 +78,10 @@ class GpuMonitor:
             nvml: a module with pynvml's API (tests pass a fake); None imports
                 pynvml (package nvidia-ml-py) on first use.
             logger: where warnings go; default the "olb.gpu" logger.
+            memory: called as memory(i, free_bytes, gpus) with each backend's
+                free GPU memory when the table gets its load, and with None
+                when the table's reading is cleared
+                (models.ModelDirectory.set_gpu_memory: where a model fits).
 
         Raises:
             ValueError: len(gpu_map) != table.n, a negative GPU index, or
@@ -90,6 +95,7 @@ class GpuMonitor:
         if not interval > 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval}")
         self._table = table
+        self._memory = memory
         self._gpu_map = gpus
         self._all_gpus = sorted({g for entry in gpus for g in entry})
         self._interval = float(interval)
@@ -248,12 +254,12 @@ class GpuMonitor:
             if any(g in failed for g in present):
                 stale.append(i)
                 continue
-            self._table.set_gpu_load(i, *combine([readings[g] for g in present]))
+            publish(self._table, self._memory, i, [readings[g] for g in present])
         self._clear_backends(stale)
 
     def _clear_backends(self, backends: Iterable[int]) -> None:
         for i in backends:
-            self._table.clear_gpu_load(i)
+            unpublish(self._table, self._memory, i)
 
 
 # -- shared with olb.telemetry (DCGM scrapes) and olb.agent (the exporter) -------
@@ -310,6 +316,20 @@ def make_reading(util_percent: float, free_bytes: int, total_bytes: int) -> GpuR
         "mem_free_bytes": free,
         "mem_total": total,
     }
+
+
+def publish(table: Any, memory: Any, index: int, readings: Sequence[GpuReading]) -> None:
+    """Push one backend's readings: its load to the table, its free memory to `memory`."""
+    table.set_gpu_load(index, *combine(readings))
+    if memory is not None:
+        memory(index, sum(r["mem_free_bytes"] for r in readings), len(readings))
+
+
+def unpublish(table: Any, memory: Any, index: int) -> None:
+    """The backend's readings are gone: back to "unknown" in both places."""
+    table.clear_gpu_load(index)
+    if memory is not None:
+        memory(index, None, 0)
 
 
 def combine(readings: Sequence[GpuReading]) -> tuple[float, float]:

@@ -36,6 +36,12 @@ import orjson
 
 log = logging.getLogger("olb.models")
 
+#: Ollama's defaults for what a backend holds (ollama-api.md §4.2, §4.4):
+#: OLLAMA_MAX_LOADED_MODELS = 3 per GPU, and a model loads beside the
+#: resident ones only if its predicted size is at most 80 % of free VRAM.
+MODELS_PER_GPU = 3
+FIT_FRACTION = 0.8
+
 _DEFAULT_HOST = "registry.ollama.ai"
 _DEFAULT_NAMESPACE = "library"
 
@@ -159,6 +165,10 @@ class ModelDirectory:
         #: Per model, the largest footprint (/api/ps "size", bytes) seen for it
         #: on any backend: what loading it again will take.
         self.footprint: dict[str, int] = {}
+        #: Per backend, free GPU memory in bytes and the number of its GPUs,
+        #: from NVML or a DCGM scrape (set_gpu_memory); None: not known.
+        self.vram_free: list[int | None] = [None] * self.n
+        self.gpu_count = [0] * self.n
 
     # --- reads (hot path: no I/O, no waiting) -----------------------------------------------
 
@@ -267,20 +277,24 @@ class ModelDirectory:
 
     def fits(self, model: str, mask) -> bytearray:
         """The part of `mask` where `model`, not loaded there, can load without
-        evicting anything: one more model and its footprint stay within what
-        that backend has been seen to hold at once.
+        evicting anything.
 
         Ollama evicts to load when the new model would pass
-        OLLAMA_MAX_LOADED_MODELS or not fit in free VRAM (ollama-api.md
-        §4.4). olb learns both limits from /api/ps alone, as lower bounds:
-        a backend that has held three models, 15 GB together, can hold them
-        again. So an 80 GiB GPU serving two models takes a third one beside
-        them, where counting models alone would pick a 12 GiB GPU serving
-        one and evict it (under overload that started cascades of loads on
-        the small GPUs of bench/scheduling.py). Nothing is claimed before a
-        backend has been seen holding models, or for a model never seen
-        loaded; models olb has just placed count as resident (and as too big
-        when their footprint is unknown) until /api/ps shows them.
+        OLLAMA_MAX_LOADED_MODELS (3 per GPU by default) or need more than
+        80 % of the free VRAM (ollama-api.md §4.4). Where olb reads the
+        backend's GPUs (NVML or a DCGM scrape), it checks the same two
+        limits: the model's footprint against free VRAM, the models resident
+        against 3 per GPU (or more, if /api/ps has shown more). Elsewhere it
+        falls back on what /api/ps has shown, as lower bounds: a backend
+        that has held three models, 15 GB together, can hold them again.
+
+        So an 80 GiB GPU serving two models takes a third one beside them,
+        where counting models alone would pick a 12 GiB GPU serving one and
+        evict it (under load that made cascades of loads on the small GPUs
+        of bench/scheduling.py). Nothing is claimed for a model never seen
+        loaded (its footprint is unknown); models olb has just placed count
+        as resident, and as too big when their footprint is unknown, until
+        /api/ps shows them.
         """
         out = bytearray(self.n)
         need = self.footprint.get(model)
@@ -288,23 +302,36 @@ class ModelDirectory:
             return out
         loaded = self.loaded_mask(model)
         for i in range(self.n):
-            if not mask[i] or loaded[i] or not self.room_models[i]:
+            if not mask[i] or loaded[i]:
                 continue
-            count, vram = self._resident(i)
-            if count + 1 <= self.room_models[i] and vram + need <= self.room_vram[i]:
+            count, vram, placed = self._resident(i)
+            free = self.vram_free[i]
+            if free is not None:
+                limit = max(self.room_models[i], MODELS_PER_GPU * self.gpu_count[i])
+                ok = count + 1 <= limit and need + placed <= FIT_FRACTION * free
+            else:
+                ok = (count + 1 <= self.room_models[i]
+                      and vram + placed + need <= self.room_vram[i])
+            if ok:
                 out[i] = 1
         return out
 
-    def _resident(self, index: int) -> tuple[int, float]:
-        """(models, VRAM bytes) resident on a backend, counting olb's placements in flight."""
+    def _resident(self, index: int) -> tuple[int, int, float]:
+        """(models, VRAM bytes in /api/ps, footprint of olb's placements not in it yet)."""
         entries = self.ps[index]
         names = {normalize(e.get("name") or e.get("model") or "") for e in entries}
-        vram: float = sum(_int(e.get("size_vram")) for e in entries)
+        vram = sum(_int(e.get("size_vram")) for e in entries)
+        placed: float = 0
         for model, i in self.placed:
             if i == index and model not in names:
                 names.add(model)
-                vram += self.footprint.get(model, float("inf"))
-        return len(names), vram
+                placed += self.footprint.get(model, float("inf"))
+        return len(names), vram, placed
+
+    def set_gpu_memory(self, index: int, free_bytes: int | None, gpus: int = 0) -> None:
+        """A backend's free GPU memory (bytes, over its `gpus` GPUs); None: no reading."""
+        self.vram_free[index] = free_bytes
+        self.gpu_count[index] = gpus if free_bytes is not None else 0
 
     def cheapest(self, model: str, mask) -> bytearray | None:
         """Where in `mask` loading `model` costs least: where it fits beside

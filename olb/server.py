@@ -48,16 +48,19 @@ class ProxyServer:
         # policy scores GPU load; the plain ones do not read it.
         gpu_map = [() if b.metrics else b.gpus for b in cfg.backends]
         poll = cfg.gpu_poll if cfg.policy == "llm" else 0
+        # Free GPU memory tells the model directory where a model fits.
+        models = self.balancer.models
+        memory = models.set_gpu_memory if models is not None else None
         if poll > 0 and any(gpu_map):
             from .gpu import GpuMonitor
 
-            self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=poll)
+            self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=poll, memory=memory)
             self.ctx.gpu.start()
         if poll > 0 and any(b.metrics for b in cfg.backends):
             from .telemetry import TelemetryScraper
 
             self.telemetry = TelemetryScraper(self.balancer.table, cfg.backends, interval=poll,
-                                              loop=self.loop)
+                                              loop=self.loop, memory=memory)
             self.telemetry.start()
             self.ctx.telemetry = self.telemetry
 

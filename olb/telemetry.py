@@ -52,13 +52,13 @@ import logging
 import math
 import re
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import h11
 
 from . import __version__
-from .gpu import GpuReading, combine, make_reading
+from .gpu import GpuReading, make_reading, publish, unpublish
 
 __all__ = ["DCGM_FIELDS", "DCGM_NAMES", "MetricsParseError", "Sample", "ScrapeError",
            "TelemetryScraper", "dcgm_readings", "parse_text"]
@@ -333,6 +333,7 @@ class TelemetryScraper:
         loop: asyncio.AbstractEventLoop | None = None,
         timeout: float | None = None,
         logger: logging.Logger | None = None,
+        memory: Callable[[int, int | None, int], None] | None = None,
     ) -> None:
         """Configure the scraper; nothing is scraped until start() or scrape_once().
 
@@ -347,6 +348,8 @@ class TelemetryScraper:
             timeout: seconds one scrape may take; default the interval,
                 within [TIMEOUT_FLOOR, TIMEOUT_CEILING].
             logger: where warnings go; default the "olb.telemetry" logger.
+            memory: called with each backend's free GPU memory, as
+                gpu.GpuMonitor's `memory` is.
 
         Raises:
             ValueError: len(backends) != table.n, interval <= 0 or timeout <= 0.
@@ -360,6 +363,7 @@ class TelemetryScraper:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self._table = table
+        self._memory = memory
         self._interval = float(interval)
         self._timeout = float(timeout)
         self.stale_after = STALE_INTERVALS * self._interval
@@ -466,12 +470,12 @@ class TelemetryScraper:
             wanted = gpus or sorted(readings.keys() | problems.keys())
             missing = [g for g in wanted if g not in readings]
             if wanted and not missing:
-                table.set_gpu_load(i, *combine([readings[g] for g in wanted]))
+                publish(table, self._memory, i, [readings[g] for g in wanted])
                 if i in self._unread:
                     self._unread.discard(i)
                     self._log.info("GPUs of %s read again at %s", self._names[i], target.url)
                 continue
-            table.clear_gpu_load(i)
+            unpublish(table, self._memory, i)
             if i not in self._unread:
                 self._unread.add(i)
                 why = ("; ".join(f"gpu {g}: {problems.get(g, 'not on the page')}" for g in missing)
@@ -495,7 +499,7 @@ class TelemetryScraper:
             target.expiry = None
         target.readings, target.problems = {}, {}
         for i, _ in target.backends:
-            self._table.clear_gpu_load(i)
+            unpublish(self._table, self._memory, i)
 
     # -- introspection --------------------------------------------------------
 

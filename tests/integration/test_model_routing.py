@@ -5,11 +5,13 @@ import asyncio
 import pytest
 
 from olb.sim import SimConfig, start_sim
+from olb.sim.gpu import PROFILES
 from olb.server import start_proxy
 
 from harness import RawClient, fetch, proxy_config
 
 BASE = SimConfig(token_rate=0, ttft=0, seed=11)
+GiB = 1 << 30
 
 
 def run(loop, coro, timeout=30):
@@ -473,3 +475,43 @@ def test_a_cold_model_loads_beside_others_where_it_has_room(loop):
     assert seen == [3, 1] and resident == [2, 1]
     assert status == 200
     assert loads == [1, 0] and evictions == [0, 0], (loads, evictions)
+
+
+def test_with_gpu_telemetry_a_cold_model_loads_where_free_vram_fits_it(loop):
+    """The simulated GPUs' own DCGM pages (metrics=) tell olb the free VRAM.
+    Backend 0 (80 GiB) holds two models and has never been seen with more;
+    backend 1 (8 GiB) holds one 8B model and has no room for another. llama3.2's footprint is known from when
+    backend 1 held it. A request for it loads it on 0, where it fits in free
+    VRAM and under Ollama's 3 models per GPU, not on 1 (fewer models, but an
+    eviction)."""
+
+    async def main():
+        big = BASE.replace(gpu="default", time_scale=50, preload=("mistral:latest", "qwen2.5:7b"))
+        small = BASE.replace(gpu=PROFILES["rtx3090"].replace(vram=8 * GiB), time_scale=50,
+                             preload=("llama3.2:latest",))
+        sims = [await start_sim(c) for c in (big, small)]
+        opts = [f";metrics={s.url}/metrics" for s in sims]
+        proxy = await start_proxy(proxy_config([s.url for s in sims], backend_opts=opts, gpu_poll=30,
+                                               models_interval=60))
+        models = proxy.balancer.models
+        try:
+            await models.refresh_all()
+            # llama3.2 out of backend 1, llama3.1 in, behind olb's back.
+            for body in ({"model": "llama3.2", "keep_alive": 0},
+                         {"model": "llama3.1:8b", "prompt": "x", "stream": False, "options": {"num_predict": 1}}):
+                assert (await fetch(sims[1].port, "POST", "/api/generate", body)).status == 200
+            await models.refresh_all()
+            assert await proxy.telemetry.scrape_once() == {f"{s.url}/metrics": None for s in sims}
+            state = (models.room_models[:], models.vram_free[0] is not None, "llama3.2:latest" in models.footprint)
+            loads_before = [s.engine.loads for s in sims]
+            r = await fetch(proxy.port, "POST", "/api/generate",
+                            {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
+            loads = [s.engine.loads - b for s, b in zip(sims, loads_before)]
+            return state, r.status, loads, sims[1].engine.evictions
+        finally:
+            await stop(proxy, sims)
+
+    state, status, loads, evictions_on_1 = run(loop, main())
+    assert state == ([2, 1], True, True)
+    assert status == 200 and loads == [1, 0], loads
+    assert evictions_on_1 == 0

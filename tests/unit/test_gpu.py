@@ -137,6 +137,18 @@ def test_missing_gpu_index_warns_once_and_is_ignored(monitors, caplog):
     assert rows[2]["gpu_util"] == pytest.approx(0.3)  # GPU 9 ignored
 
 
+def test_free_memory_goes_to_the_memory_sink_and_is_withdrawn_with_the_reading(monitors):
+    table = BackendTable([1, 1])
+    fake = FakeNvml([gpu(20, free_gib=10, total_gib=40), gpu(60, free_gib=30, total_gib=40)])
+    seen = {}
+    monitor = monitors(table, [[0, 1], []], nvml=fake, memory=lambda i, free, n: seen.update({i: (free, n)}))
+    monitor.poll_once()
+    assert seen == {0: (40 * GiB, 2)}          # pooled over the backend's two GPUs; 1 has none
+    fake.failing = {1}
+    monitor.poll_once()
+    assert seen == {0: (None, 0)}              # a stale reading is withdrawn from both
+
+
 # -- failures after a good start ------------------------------------------------
 
 

@@ -202,3 +202,24 @@ def test_room_ignores_sizes_that_are_not_byte_counts(bad):
     d.set_catalogue(0, [{"name": "a"}], [{"name": "a", "size": bad, "size_vram": bad}])
     assert d.room_models == [1] and d.room_vram == [0]
     assert "a:latest" not in d.footprint
+
+
+def test_fits_by_free_vram_where_the_gpus_are_read():
+    d = directory(2)
+    tags = [{"name": m} for m in ("a", "b", "c")]
+    # 0 has held two models (never three); 1 held one. Both GPUs read: 0 has
+    # 60 GB free on one GPU, 1 has 4 GB.
+    d.set_catalogue(0, tags, ps(("a", 5 * GB, 5 * GB), ("b", 5 * GB, 5 * GB)))
+    d.set_catalogue(1, tags, ps(("c", 6 * GB, 6 * GB)))
+    both = bytearray([1, 1])
+    d.footprint["x:latest"] = 9 * GB
+    assert d.fits("x:latest", both) == bytearray([0, 0])       # by what /api/ps showed: no room
+    d.set_gpu_memory(0, 60 * GB, 1)
+    d.set_gpu_memory(1, 4 * GB, 1)
+    assert d.fits("x:latest", both) == bytearray([1, 0])       # 9 <= 0.8 x 60; a third model of 3
+    d.footprint["huge:latest"] = 50 * GB
+    assert d.fits("huge:latest", both) == bytearray([0, 0])    # 50 > 0.8 x 60
+    d.mark_placed("c:latest", 0)                               # a third model on its way to 0
+    assert d.fits("x:latest", both) == bytearray([0, 0])       # 3 per GPU reached
+    d.set_gpu_memory(0, None)                                  # reading gone: back to /api/ps
+    assert d.gpu_count[0] == 0 and d.vram_free[0] is None

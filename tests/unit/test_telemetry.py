@@ -281,6 +281,22 @@ def test_gpus_default_to_every_gpu_on_the_page_combined_like_local_ones(loop, mo
     run(loop, scraper.close())
 
 
+def test_free_memory_of_remote_gpus_goes_to_the_memory_sink(loop, monkeypatch):
+    eps = FakeEndpoints(monkeypatch)
+    eps.pages[A] = dcgm_page((20, 1000, 3000), (60, 3000, 1000))
+    table = BackendTable([1, 1])
+    seen = {}
+    scraper = TelemetryScraper(table, [Spec(A), Spec(A, (1,))], interval=1.0,
+                               memory=lambda i, free, n: seen.update({i: (free, n)}))
+    run(loop, scraper.scrape_once())
+    MiB = 1 << 20
+    assert seen == {0: (4000 * MiB, 2), 1: (3000 * MiB, 1)}
+    eps.pages[A] = dcgm_page((20, 1000, 3000))  # gpu 1 gone: backend 1 unknown again
+    run(loop, scraper.scrape_once())
+    assert seen[1] == (None, 0) and seen[0] is not None
+    run(loop, scraper.close())
+
+
 def test_missing_gpu_clears_at_once_and_warns_once_per_streak(loop, monkeypatch, caplog):
     caplog.set_level(logging.INFO, "olb.telemetry")
     eps = FakeEndpoints(monkeypatch)
