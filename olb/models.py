@@ -268,11 +268,6 @@ class ModelDirectory:
             for i in range(self.n):
                 if out[i] and loaded[i] and (wanted or counts[i] > 0):
                     out[i] = 0
-        # Where the model fits beside the others, loading it evicts nothing.
-        fit = self.fits(model, mask)
-        for i in range(self.n):
-            if fit[i]:
-                out[i] = 1
         return out
 
     def fits(self, model: str, mask) -> bytearray:
@@ -332,15 +327,6 @@ class ModelDirectory:
         """A backend's free GPU memory (bytes, over its `gpus` GPUs); None: no reading."""
         self.vram_free[index] = free_bytes
         self.gpu_count[index] = gpus if free_bytes is not None else 0
-
-    def cheapest(self, model: str, mask) -> bytearray | None:
-        """Where in `mask` loading `model` costs least: where it fits beside
-        what is resident (fits), else where the fewest models are resident
-        (least_loaded); None when that is all of `mask`."""
-        fit = self.fits(model, mask)
-        if any(fit):
-            return None if fit == mask else fit
-        return self.least_loaded(mask)
 
     def least_loaded(self, mask) -> bytearray | None:
         """The part of `mask` whose backends have the fewest models loaded

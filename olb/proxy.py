@@ -334,9 +334,24 @@ class Exchange:
                 return
         installed = self._allowed(models.installed_mask(model))
         cold = bytearray(a & (not b) for a, b in zip(installed, loaded)) if any(loaded) else installed
-        # Load only where no model in use can be evicted (ModelDirectory.spare).
-        # With no such backend a model that is warm somewhere waits for its
-        # warm backends; a cold one must load somewhere all the same.
+        # First choice: where the model fits beside the resident ones
+        # (ModelDirectory.fits), a load that evicts nothing. When all those
+        # backends are full of requests right now, wait for one of them (or
+        # for a warm backend) rather than evict a model elsewhere: under load
+        # that fallback made two models take turns on a small GPU, a load
+        # every few requests.
+        fit = models.fits(model, cold)
+        if any(fit):
+            index = balancer.acquire(fit, self.affinity)
+            if index != NO_BACKEND:
+                self._place(index)
+            else:
+                self._admit_or_queue(bytearray(a | b for a, b in zip(loaded, fit)))
+            return
+        # Else load only where no model in use can be evicted
+        # (ModelDirectory.spare). With no such backend a model that is warm
+        # somewhere waits for its warm backends; a cold one must load
+        # somewhere all the same.
         spare = models.spare(model, cold, balancer.queued_models)
         if any(spare):
             cold = spare
@@ -345,26 +360,27 @@ class Exchange:
             # backend's slot if one is free, else its queue.
             self._admit_or_queue(loaded)
             return
-        # Load where it is cheapest: where it fits beside the models resident
-        # (evicting nothing), else among the backends with the fewest models
-        # resident (least likely to evict another); then anywhere it is
-        # installed.
-        cheapest = models.cheapest(model, cold)
+        # Load where it is cheapest: first among the backends with the fewest
+        # models resident (a load there is least likely to evict another),
+        # then anywhere it is installed.
+        cheapest = models.least_loaded(cold)
         index = balancer.acquire(cheapest, self.affinity) if cheapest is not None else NO_BACKEND
         if index == NO_BACKEND:
             index = balancer.acquire(cold, self.affinity)
         if index != NO_BACKEND:
-            # Requests that follow for this model now wait for this load, and
-            # those already waiting for the model's warm backends may take it.
-            models.mark_placed(model, index)
-            self.admit(index)
-            if balancer.queue:
-                balancer.wake()
+            self._place(index)
             return
         if not balancer.usable(installed):
             self.queue_unusable()
         elif self._enqueue(installed):
             self.state = QUEUED
+
+    def _place(self, index: int) -> None:
+        """Admit to a backend where the model is not loaded: it loads there."""
+        self.admit(index)  # marks the placement
+        # Those already waiting for the model's warm backends may take it.
+        if self.ctx.balancer.queue:
+            self.ctx.balancer.wake()
 
     def _allowed(self, mask):
         """The mask less the backends that failed this request. Without
@@ -415,7 +431,14 @@ class Exchange:
         """A backend slot is ours (already counted in the table)."""
         self.index = index
         if self.model is not None:
-            self.ctx.balancer.models.admitted(self.model, index, 1)
+            models = self.ctx.balancer.models
+            models.admitted(self.model, index, 1)
+            if not models.loaded_mask(self.model)[index]:
+                # The model loads there (whether _route_model placed it or
+                # the queue admitted it): the requests that follow wait for
+                # this load, and its backend's catalogue is re-read when it
+                # answers (ModelDirectory.mark_placed).
+                models.mark_placed(self.model, index)
         self.state = CONNECTING
         conn = self.ctx.balancer.backends[index].pool.take()
         if conn is not None:

@@ -477,23 +477,28 @@ def test_a_cold_model_loads_beside_others_where_it_has_room(loop):
     assert loads == [1, 0] and evictions == [0, 0], (loads, evictions)
 
 
-def test_with_gpu_telemetry_a_cold_model_loads_where_free_vram_fits_it(loop):
+@pytest.mark.parametrize("busy", [False, True])
+def test_with_gpu_telemetry_a_cold_model_loads_where_free_vram_fits_it(loop, busy):
     """The simulated GPUs' own DCGM pages (metrics=) tell olb the free VRAM.
-    Backend 0 (80 GiB) holds two models and has never been seen with more;
-    backend 1 (8 GiB) holds one 8B model and has no room for another. llama3.2's footprint is known from when
-    backend 1 held it. A request for it loads it on 0, where it fits in free
-    VRAM and under Ollama's 3 models per GPU, not on 1 (fewer models, but an
-    eviction)."""
+    Backend 0 (80 GiB, max=1 request) holds two models and has never been
+    seen with more; backend 1 (8 GiB) holds one 8B model and has no room for
+    another. llama3.2's footprint is known from when backend 1 held it. A
+    request for it loads it on 0, where it fits in free VRAM and under
+    Ollama's 3 models per GPU, not on 1 (fewer models, but an eviction) --
+    and when 0's one slot is taken by a stream, it waits for that slot
+    rather than evict on 1."""
+    from test_sim_api import until
 
     async def main():
         big = BASE.replace(gpu="default", time_scale=50, preload=("mistral:latest", "qwen2.5:7b"))
         small = BASE.replace(gpu=PROFILES["rtx3090"].replace(vram=8 * GiB), time_scale=50,
                              preload=("llama3.2:latest",))
         sims = [await start_sim(c) for c in (big, small)]
-        opts = [f";metrics={s.url}/metrics" for s in sims]
+        opts = [f";metrics={sims[0].url}/metrics;max=1", f";metrics={sims[1].url}/metrics"]
         proxy = await start_proxy(proxy_config([s.url for s in sims], backend_opts=opts, gpu_poll=30,
                                                models_interval=60))
         models = proxy.balancer.models
+        stream = None
         try:
             await models.refresh_all()
             # llama3.2 out of backend 1, llama3.1 in, behind olb's back.
@@ -504,11 +509,26 @@ def test_with_gpu_telemetry_a_cold_model_loads_where_free_vram_fits_it(loop):
             assert await proxy.telemetry.scrape_once() == {f"{s.url}/metrics": None for s in sims}
             state = (models.room_models[:], models.vram_free[0] is not None, "llama3.2:latest" in models.footprint)
             loads_before = [s.engine.loads for s in sims]
-            r = await fetch(proxy.port, "POST", "/api/generate",
-                            {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
+            if busy:
+                stream = await RawClient.connect(proxy.port)
+                stream.send("POST", "/api/generate", {"model": "mistral", "prompt": "long",
+                                                      "options": {"num_predict": 4000}})
+                await asyncio.wait_for(stream.reader.readuntil(b'"done":false'), 10)
+            client = await RawClient.connect(proxy.port)
+            client.send("POST", "/api/generate",
+                        {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
+            if busy:
+                # It waits in olb's queue for backend 0's slot, not on backend 1.
+                await until(lambda: len(proxy.balancer.queue) == 1)
+                stream.close()  # the slot frees: the queued request takes it
+                stream = None
+            r = await client.response(timeout=20)
+            client.close()
             loads = [s.engine.loads - b for s, b in zip(sims, loads_before)]
             return state, r.status, loads, sims[1].engine.evictions
         finally:
+            if stream is not None:
+                stream.close()
             await stop(proxy, sims)
 
     state, status, loads, evictions_on_1 = run(loop, main())

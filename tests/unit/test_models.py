@@ -177,25 +177,6 @@ def test_fits_counts_placements_not_yet_in_ps():
     assert d2.fits("x:latest", both) == bytearray([0, 0])
 
 
-def test_cheapest_prefers_room_over_fewest_models():
-    d = big_and_small()
-    both = bytearray([1, 1])
-    # Counting models alone picks 1 (one model against two) and evicts d there.
-    assert d.least_loaded(both) == bytearray([0, 1])
-    assert d.cheapest("c:latest", both) == bytearray([1, 0])
-    assert d.cheapest("new:latest", both) == bytearray([0, 1])  # no footprint: fewest models
-
-
-def test_spare_includes_backends_where_the_model_fits_beside_busy_ones():
-    d = big_and_small()
-    d.admitted("a:latest", 0, 1)                        # a serves on 0
-    d.admitted("d:latest", 1, 1)                        # d serves on 1
-    both = bytearray([1, 1])
-    assert d.spare("c:latest", both) == bytearray([1, 0])  # room beside a on 0; evicting d on 1
-    d.set_catalogue(0, d.tags[0], ps(("a", 5 * GB, 5 * GB), ("b", 5 * GB, 5 * GB), ("x", 5 * GB, 5 * GB)))
-    assert d.spare("c:latest", both) == bytearray([0, 0])  # 0 is full now and a is busy
-
-
 @pytest.mark.parametrize("bad", [None, -5, "12", 1.5, True])
 def test_room_ignores_sizes_that_are_not_byte_counts(bad):
     d = directory(1)
