@@ -28,6 +28,7 @@ compared case-insensitively, like Ollama's Name.EqualFold.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import time
@@ -41,6 +42,9 @@ log = logging.getLogger("olb.models")
 #: resident ones only if its predicted size is at most 80 % of free VRAM.
 MODELS_PER_GPU = 3
 FIT_FRACTION = 0.8
+#: How many of the latest requests (all models) "recent demand" counts: a
+#: window in requests, not seconds, so that it means the same at any speed.
+DEMAND_WINDOW = 500
 
 _DEFAULT_HOST = "registry.ollama.ai"
 _DEFAULT_NAMESPACE = "library"
@@ -169,6 +173,10 @@ class ModelDirectory:
         #: from NVML or a DCGM scrape (set_gpu_memory); None: not known.
         self.vram_free: list[int | None] = [None] * self.n
         self.gpu_count = [0] * self.n
+        #: The models of the last DEMAND_WINDOW requests admitted, and how
+        #: many each has among them: recent demand (see spare).
+        self._recent: collections.deque[str] = collections.deque()
+        self.demand: collections.Counter[str] = collections.Counter()
 
     # --- reads (hot path: no I/O, no waiting) -----------------------------------------------
 
@@ -228,6 +236,12 @@ class ModelDirectory:
         if counts is None:
             counts = self.inflight[model] = [0] * self.n
         counts[index] += delta
+        if delta > 0:
+            recent = self._recent
+            recent.append(model)
+            self.demand[model] += 1
+            if len(recent) > DEMAND_WINDOW:
+                self.demand[recent.popleft()] -= 1
 
     def waiting_for_load(self, model: str) -> int:
         """Requests for `model` in flight (this worker's) on backends where
@@ -254,15 +268,24 @@ class ModelDirectory:
         request loads it again. Spreading a hot model onto a backend another
         one is using trades one model's queue for two models' loads -- under
         overload it cascaded into dozens of loads on the small GPUs
-        (bench/scheduling.py at 110-120 %). An idle model with nobody
-        waiting costs at most its own reload.
+        (bench/scheduling.py at 110-120 %).
+
+        A model idle at this instant is not spare either when its recent
+        demand is at least half of `model`'s (over the last DEMAND_WINDOW
+        requests): it will be back soon, and evicting it only starts the
+        next load. Without this, two models of similar demand took turns on
+        one small GPU, each spreading onto it in the other's idle moment
+        (12-16 loads of the pair per run). A model with little recent demand
+        costs at most its own, rare, reload.
         """
         out = bytearray(mask)
+        demand = self.demand
+        keep_at = demand[model] / 2
         for other, loaded in self.loaded.items():
             if other == model:
                 continue
             counts = self.inflight.get(other)
-            wanted = bool(waiting and waiting[other] > 0)
+            wanted = bool(waiting and waiting[other] > 0) or (demand[other] > 0 and demand[other] >= keep_at)
             if counts is None and not wanted:
                 continue
             for i in range(self.n):

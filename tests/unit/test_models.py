@@ -63,6 +63,7 @@ def test_masks_are_live_objects():
 
 def test_spare_excludes_backends_where_another_resident_model_is_serving():
     d = directory(4)
+    d.demand = NoDemand()  # in-flight counts alone here; demand has its own test
     d.mark_loaded("a:latest", 0)
     d.mark_loaded("b:latest", 1)
     d.mark_loaded("b:latest", 2)
@@ -80,6 +81,40 @@ def test_spare_excludes_backends_where_another_resident_model_is_serving():
     # resident nowhere, or for `model` itself, changes nothing.
     waiting = collections.Counter({"c:latest": 1, "z:latest": 3, "a:latest": 9})
     assert d.spare("a:latest", everywhere, waiting) == bytearray([1, 1, 0, 1])
+
+
+class NoDemand(collections.Counter):
+    """A demand counter that forgets everything."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def test_spare_keeps_idle_models_with_recent_demand():
+    d = directory(3)
+    d.mark_loaded("a:latest", 0)
+    d.mark_loaded("b:latest", 1)
+    d.mark_loaded("c:latest", 2)
+    every = bytearray(b"\x01" * 3)
+    for model, n in (("a:latest", 10), ("b:latest", 5), ("c:latest", 4)):
+        for _ in range(n):
+            d.admitted(model, 0, 1)
+            d.admitted(model, 0, -1)   # done: nothing in flight anywhere
+    assert d.demand["a:latest"] == 10
+    # For a (10): b (5) is at half its demand, kept; c (4) is below, spare.
+    assert d.spare("a:latest", every) == bytearray([1, 0, 1])
+    # For a model with no demand of its own, any model with some is kept.
+    assert d.spare("z:latest", every) == bytearray([0, 0, 0])
+
+
+def test_demand_counts_the_last_window_of_requests(monkeypatch):
+    from olb import models as models_mod
+
+    monkeypatch.setattr(models_mod, "DEMAND_WINDOW", 4)
+    d = directory(1)
+    for m in ("a", "a", "b", "b", "b", "b"):
+        d.admitted(m, 0, 1)
+    assert d.demand["a"] == 0 and d.demand["b"] == 4 and len(d._recent) == 4
 
 
 def test_answered_asks_for_one_refresh_per_load_olb_placed():
