@@ -152,6 +152,8 @@ class ModelDirectory:
         #: Raw entries per backend, for the merged /api/tags, /api/ps.
         self.tags: list[list[dict]] = [[] for _ in range(self.n)]
         self.ps: list[list[dict]] = [[] for _ in range(self.n)]
+        #: The models of each backend's last /api/ps; None until one was read.
+        self.ps_names: list[set[str] | None] = [None] * self.n
         self.polled_at: list[float | None] = [None] * self.n
         self._unknown = bytearray(b"\x01" * self.n)
         #: Requests in flight per model and backend (this worker's), for the
@@ -223,12 +225,20 @@ class ModelDirectory:
         the other again: two models that do not fit one GPU together then
         take turns on it (measured on the 12 GiB GPUs of bench/scheduling.py).
         So the backend's catalogue is read again now (on_load), once per load.
+
+        The same holds for any answer for a model the backend's last /api/ps
+        did not list, olb's placement or not: olb took it for warm there from
+        traffic, Ollama may have loaded it again (and evicted another) to
+        answer. Backends whose /api/ps has never been read (not an Ollama,
+        or not polled) are left to traffic alone.
         """
-        self.mark_loaded(model, index)
-        if (model, index) in self.placed:
+        placed = (model, index) in self.placed
+        if placed:
             self.placed.discard((model, index))
-            if self.on_load is not None:
-                self.on_load(index)
+        self.mark_loaded(model, index)
+        names = self.ps_names[index]
+        if self.on_load is not None and (placed or (names is not None and model not in names)):
+            self.on_load(index)
 
     def admitted(self, model: str, index: int, delta: int) -> None:
         """A request for `model` started (+1) or ended (-1) on a backend."""
@@ -373,6 +383,7 @@ class ModelDirectory:
         self._set_column(self.installed, self.installed_mask, tags, index)
         if ps is not None:
             self.ps[index] = ps
+            self.ps_names[index] = {normalize(m.get("name") or m.get("model") or "") for m in ps}
             self._set_column(self.loaded, self.loaded_mask, ps, index)
             self._learn_room(index, ps)
         self.polled_at[index] = time.time()
@@ -406,6 +417,7 @@ class ModelDirectory:
         self.known[index] = 0
         self.tags[index] = []
         self.ps[index] = []
+        self.ps_names[index] = None
         for mask in self.installed.values():
             mask[index] = 1
         for mask in self.loaded.values():

@@ -127,6 +127,8 @@ def test_answered_asks_for_one_refresh_per_load_olb_placed():
     d.mark_placed("b:latest", 0)               # olb sends b there: a may be unloaded for it
     assert d.loaded_mask("b:latest")[0]
     d.answered("b:latest", 0)
+    assert asked == [0]
+    d.set_catalogue(0, [{"name": "a"}, {"name": "b"}], [{"name": "b"}])  # the read: b in, a out
     d.answered("b:latest", 0)                  # the next answers: no further reads
     assert asked == [0]
     d.answered("b:latest", 1)                  # answered where olb did not place it
@@ -239,3 +241,23 @@ def test_fits_by_free_vram_where_the_gpus_are_read():
     assert d.fits("x:latest", both) == bytearray([0, 0])       # 3 per GPU reached
     d.set_gpu_memory(0, None)                                  # reading gone: back to /api/ps
     assert d.gpu_count[0] == 0 and d.vram_free[0] is None
+
+
+def test_an_answer_for_a_model_the_last_ps_did_not_list_rereads_the_catalogue():
+    d = directory(3)
+    asked = []
+    d.on_load = asked.append
+    d.set_catalogue(0, [{"name": "a"}, {"name": "b"}], [{"name": "a"}])
+    d.answered("a:latest", 0)          # listed by /api/ps: warm, nothing to read
+    assert asked == []
+    d.mark_loaded("b:latest", 0)       # traffic said b is warm on 0; /api/ps did not
+    d.answered("b:latest", 0)          # Ollama may have reloaded it (and evicted a)
+    assert asked == [0]
+    d.answered("c:latest", 1)          # /api/ps of 1 never read (not polled, not an Ollama)
+    assert asked == [0]
+    d.set_catalogue(0, [{"name": "a"}, {"name": "b"}], [{"name": "b"}])
+    d.answered("b:latest", 0)          # now listed
+    assert asked == [0]
+    d.forget(0)
+    d.answered("b:latest", 0)          # down and back: unknown until read again
+    assert asked == [0]
