@@ -361,15 +361,31 @@ class ModelDirectory:
         self.vram_free[index] = free_bytes
         self.gpu_count[index] = gpus if free_bytes is not None else 0
 
-    def least_loaded(self, mask) -> bytearray | None:
-        """The part of `mask` whose backends have the fewest models loaded
-        (by their last /api/ps), or None when that is all of it."""
-        counts = [len(self.ps[i]) for i in range(self.n) if mask[i]]
-        if not counts:
+    def least_harm(self, mask) -> bytearray | None:
+        """The part of `mask` where a load that may evict costs the least
+        recent demand, or None when that is all of it.
+
+        A backend's harm is the sum, over the models loaded there, of each
+        model's recent demand (see spare) divided by the number of backends
+        it is loaded on: evicting one of three copies of a busy model costs
+        a third of its demand, evicting the only copy of a quieter one all
+        of it. Ties go to the backend with the fewest models loaded, then to
+        the table. Under load, counting models alone kept sending cold
+        models to the small GPUs, where they evicted each other in turns
+        while a hot model held copies on three backends.
+        """
+        demand = self.demand
+        resident = [(m, loaded, demand[m] / max(1, sum(loaded))) for m, loaded in self.loaded.items()]
+        scores = {}
+        for i in range(self.n):
+            if mask[i]:
+                here = [share for _, loaded, share in resident if loaded[i]]
+                scores[i] = (sum(here), len(here))
+        if not scores:
             return None
-        fewest = min(counts)
-        best = bytearray(1 if mask[i] and len(self.ps[i]) == fewest else 0 for i in range(self.n))
-        return None if best == mask else best
+        best = min(scores.values())
+        out = bytearray(1 if scores.get(i) == best else 0 for i in range(self.n))
+        return None if out == mask else out
 
     def mark_missing(self, model: str, index: int) -> None:
         """The backend answered 404 for the model: it does not have it (any more)."""

@@ -360,10 +360,10 @@ class Exchange:
             # backend's slot if one is free, else its queue.
             self._admit_or_queue(loaded)
             return
-        # Load where it is cheapest: first among the backends with the fewest
-        # models resident (a load there is least likely to evict another),
-        # then anywhere it is installed.
-        cheapest = models.least_loaded(cold)
+        # Load where an eviction costs least (ModelDirectory.least_harm: the
+        # least recent demand lost, then the fewest models), then anywhere it
+        # is installed.
+        cheapest = models.least_harm(cold)
         index = balancer.acquire(cheapest, self.affinity) if cheapest is not None else NO_BACKEND
         if index == NO_BACKEND:
             index = balancer.acquire(cold, self.affinity)

@@ -261,3 +261,22 @@ def test_an_answer_for_a_model_the_last_ps_did_not_list_rereads_the_catalogue():
     d.forget(0)
     d.answered("b:latest", 0)          # down and back: unknown until read again
     assert asked == [0]
+
+
+def test_least_harm_evicts_a_spare_copy_before_an_only_copy():
+    d = directory(4)
+    for i in (0, 1, 2):
+        d.mark_loaded("hot:latest", i)        # three copies of a busy model
+    d.mark_loaded("quiet:latest", 3)          # the only copy of a quieter one
+    for model, n in (("hot:latest", 9), ("quiet:latest", 4)):
+        for _ in range(n):
+            d.admitted(model, 0, 1)
+    d.mark_loaded("other:latest", 0)          # 0 also holds a model without demand
+    every = bytearray(b"\x01" * 4)
+    # hot costs 9/3 = 3 per backend, quiet 4 on 3: backends 1 and 2 tie (one model each).
+    assert d.least_harm(every) == bytearray([0, 1, 1, 0])
+    assert d.least_harm(bytearray([1, 0, 0, 1])) == bytearray([1, 0, 0, 0])  # 3 + 0 < 4
+    assert d.least_harm(bytearray([0, 0, 0, 1])) is None                     # all of the mask
+    d2 = directory(2)
+    d2.mark_loaded("a:latest", 0)
+    assert d2.least_harm(bytearray([1, 1])) == bytearray([0, 1])  # no demand: fewest models
