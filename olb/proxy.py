@@ -341,7 +341,7 @@ class Exchange:
         # that fallback made two models take turns on a small GPU, a load
         # every few requests.
         fit = models.fits(model, cold)
-        if any(fit):
+        if any(fit) and balancer.usable(fit):  # (a backend that is down has no room)
             index = balancer.acquire(fit, self.affinity)
             if index != NO_BACKEND:
                 self._place(index)

@@ -445,12 +445,14 @@ def test_a_load_that_evicts_is_seen_before_the_next_poll(loop):
     assert run(loop, main()) == (1, 1, 1)
 
 
-def test_a_cold_model_loads_beside_others_where_it_has_room(loop):
+@pytest.mark.parametrize("big_down", [False, True])
+def test_a_cold_model_loads_beside_others_where_it_has_room(loop, big_down):
     """Two simulated GPUs. Backend 0 holds up to three models and olb has
     seen it hold three; one is then unloaded behind olb's back, leaving two.
     Backend 1 holds one model, its limit. A request for the unloaded model
     reloads it on 0, beside the two, where counting models alone would pick
-    1 (one resident against two) and evict its model."""
+    1 (one resident against two) and evict its model. With backend 0 marked
+    down, its room counts for nothing: the model loads on 1."""
 
     async def main():
         big = BASE.replace(gpu="default", time_scale=50, max_loaded_models=3,
@@ -464,6 +466,8 @@ def test_a_cold_model_loads_beside_others_where_it_has_room(loop):
             assert r.status == 200
             await models.refresh_all()
             resident = [len(models.ps[i]) for i in range(2)]
+            if big_down:
+                proxy.balancer.table.set_health(0, False)
             r = await fetch(proxy.port, "POST", "/api/generate",
                             {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
             return (seen, resident, r.status, [s.engine.loads for s in sims],
@@ -474,7 +478,10 @@ def test_a_cold_model_loads_beside_others_where_it_has_room(loop):
     seen, resident, status, loads, evictions = run(loop, main())
     assert seen == [3, 1] and resident == [2, 1]
     assert status == 200
-    assert loads == [1, 0] and evictions == [0, 0], (loads, evictions)
+    if big_down:
+        assert loads == [0, 1] and evictions == [0, 1], (loads, evictions)
+    else:
+        assert loads == [1, 0] and evictions == [0, 0], (loads, evictions)
 
 
 @pytest.mark.parametrize("busy", [False, True])
