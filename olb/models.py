@@ -346,9 +346,8 @@ class ModelDirectory:
 
     def _resident(self, index: int) -> tuple[int, int, float]:
         """(models, VRAM bytes in /api/ps, footprint of olb's placements not in it yet)."""
-        entries = self.ps[index]
-        names = {normalize(e.get("name") or e.get("model") or "") for e in entries}
-        vram = sum(_int(e.get("size_vram")) for e in entries)
+        names = set(self.ps_names[index] or ())
+        vram = sum(_int(e.get("size_vram")) for e in self.ps[index])
         placed: float = 0
         for model, i in self.placed:
             if i == index and model not in names:
@@ -396,11 +395,11 @@ class ModelDirectory:
         """Replace what one backend has, from its /api/tags and /api/ps."""
         self.known[index] = 1
         self.tags[index] = tags
-        self._set_column(self.installed, self.installed_mask, tags, index)
+        self._set_column(self.installed, self.installed_mask, {_entry_name(m) for m in tags}, index)
         if ps is not None:
             self.ps[index] = ps
-            self.ps_names[index] = {normalize(m.get("name") or m.get("model") or "") for m in ps}
-            self._set_column(self.loaded, self.loaded_mask, ps, index)
+            self.ps_names[index] = names = {_entry_name(m) for m in ps}
+            self._set_column(self.loaded, self.loaded_mask, names, index)
             self._learn_room(index, ps)
         self.polled_at[index] = time.time()
 
@@ -411,18 +410,17 @@ class ModelDirectory:
             vram += _int(e.get("size_vram"))
             size = _int(e.get("size"))
             if size:
-                model = normalize(e.get("name") or e.get("model") or "")
+                model = _entry_name(e)
                 if size > self.footprint.get(model, 0):
                     self.footprint[model] = size
         self.room_models[index] = max(self.room_models[index], len(ps))
         self.room_vram[index] = max(self.room_vram[index], vram)
 
     @staticmethod
-    def _set_column(masks: dict, make_mask, entries: list[dict], index: int) -> None:
-        # Backend `index` has exactly the models `entries` name: create the
-        # masks of new ones (make_mask decides their other backends), then set
-        # this backend's bit in every mask.
-        names = {normalize(m.get("name") or m.get("model") or "") for m in entries}
+    def _set_column(masks: dict, make_mask, names: set[str], index: int) -> None:
+        # Backend `index` has exactly the models `names`: create the masks of
+        # new ones (make_mask decides their other backends), then set this
+        # backend's bit in every mask.
         for model in names:
             make_mask(model)
         for model, mask in masks.items():
@@ -463,7 +461,7 @@ class ModelDirectory:
         seen: dict[str, dict] = {}
         for entries in self.tags:
             for entry in entries:
-                key = normalize(entry.get("name") or entry.get("model") or "")
+                key = _entry_name(entry)
                 if key not in seen or entry.get("modified_at", "") > seen[key].get("modified_at", ""):
                     seen[key] = entry
         return {"models": sorted(seen.values(), key=lambda e: e.get("modified_at", ""), reverse=True)}
@@ -501,6 +499,11 @@ def _unix(stamp: str) -> int:
 
 #: GET paths olb answers itself by merging every backend's answer.
 MERGED_PATHS = frozenset({b"/api/tags", b"/api/ps", b"/v1/models"})
+
+
+def _entry_name(entry: dict) -> str:
+    """The normalised model name of an /api/tags or /api/ps entry."""
+    return normalize(entry.get("name") or entry.get("model") or "")
 
 
 def _int(value) -> int:
