@@ -36,6 +36,23 @@ def inference(sim, path="/api/generate"):
     return sim.stats.by_path.get(path, 0)
 
 
+async def generate_burst(port, model, n, num_predict=None, prompt=None, timeout=30):
+    """n non-streamed /api/generate requests for `model` at once, one
+    connection each (prompt: "q0", "q1", ... unless given); their responses,
+    in order."""
+    clients = [await RawClient.connect(port) for _ in range(n)]
+    try:
+        for i, c in enumerate(clients):
+            body = {"model": model, "prompt": prompt or f"q{i}", "stream": False}
+            if num_predict is not None:
+                body["options"] = {"num_predict": num_predict}
+            c.send("POST", "/api/generate", body)
+        return [await c.response(timeout=timeout) for c in clients]
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_routes_only_to_backends_that_have_the_model(loop):
     async def main():
         proxy, sims = await start([BASE.replace(models=("llama3.2:latest",)),
@@ -117,12 +134,7 @@ async def burst(n: int, sim_config: SimConfig, **overrides):
     returns the statuses and how many each backend served."""
     proxy, sims = await start([sim_config] * 3, **overrides)
     try:
-        clients = [await RawClient.connect(proxy.port) for _ in range(n)]
-        for c in clients:
-            c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False})
-        out = [await c.response() for c in clients]
-        for c in clients:
-            c.close()
+        out = await generate_burst(proxy.port, "llama3.2", n, prompt="x", timeout=10)
         return [r.status for r in out], [inference(s) for s in sims]
     finally:
         await stop(proxy, sims)
@@ -323,13 +335,7 @@ def test_gpu_cluster_loads_a_cold_model_once(loop):
         gpu = BASE.replace(gpu="default", time_scale=50, num_parallel=4, preload=("mistral:latest",))
         proxy, sims = await start([gpu] * 3, spread_queue=100)
         try:
-            clients = [await RawClient.connect(proxy.port) for _ in range(6)]
-            for i, c in enumerate(clients):
-                c.send("POST", "/api/generate", {"model": "llama3.1:8b", "prompt": f"q{i}", "stream": False,
-                                                 "options": {"num_predict": 8}})
-            out = [await c.response(timeout=30) for c in clients]
-            for c in clients:
-                c.close()
+            out = await generate_burst(proxy.port, "llama3.1:8b", 6, num_predict=8)
             warm = [await fetch(proxy.port, "POST", "/api/generate",
                                 {"model": "mistral", "prompt": f"w{i}", "stream": False,
                                  "options": {"num_predict": 4}}) for i in range(3)]
@@ -358,13 +364,7 @@ def test_requests_waiting_behind_a_cold_load_spread_it(loop, spread_queue, clust
         gpu = BASE.replace(gpu="default", time_scale=50, num_parallel=4)
         proxy, sims = await start([gpu] * 3, spread_queue=spread_queue, max_inflight=8, session_bound=0)
         try:
-            clients = [await RawClient.connect(proxy.port) for _ in range(8)]
-            for i, c in enumerate(clients):
-                c.send("POST", "/api/generate", {"model": "llama3.1:8b", "prompt": f"q{i}", "stream": False,
-                                                 "options": {"num_predict": 8}})
-            statuses = [(await c.response(timeout=30)).status for c in clients]
-            for c in clients:
-                c.close()
+            statuses = [r.status for r in await generate_burst(proxy.port, "llama3.1:8b", 8, num_predict=8)]
             return statuses, [s.engine.loads for s in sims]
         finally:
             await stop(proxy, sims)
@@ -398,13 +398,7 @@ def test_hot_model_spreads_only_where_no_busy_model_is_evicted(loop, other_busy)
                                                       "options": {"num_predict": 4000}})
                 # Running on backend 1 before the burst starts.
                 await asyncio.wait_for(stream.reader.readuntil(b'"done":false'), 10)
-            clients = [await RawClient.connect(proxy.port) for _ in range(6)]
-            for i, c in enumerate(clients):
-                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": f"q{i}", "stream": False,
-                                                 "options": {"num_predict": 20}})
-            statuses = [(await c.response(timeout=30)).status for c in clients]
-            for c in clients:
-                c.close()
+            statuses = [r.status for r in await generate_burst(proxy.port, "llama3.2", 6, num_predict=20)]
             if stream is not None:
                 stream.close()
             return statuses, [inference(s) for s in sims], [s.engine.loads for s in sims]
