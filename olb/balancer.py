@@ -1,8 +1,10 @@
 """Backend choice, admission queue and backend health for one worker.
 
 Rules for this module: decisions are made by the compiled BackendTable
-(olb/_core.pyx); this module only feeds it (health, releases) and keeps the
-FIFO queue of requests that found every backend at capacity.
+(olb/_core.pyx) and, for requests that name a model, by the Router over it
+(olb/routing.py); this module owns both, feeds them (health, releases,
+catalogues) and keeps the queue of requests that found no backend to admit
+them.
 
 Theory of operation
 -------------------
@@ -34,6 +36,7 @@ from .config import Config
 from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
+from .routing import Router
 
 log = logging.getLogger("olb.balancer")
 
@@ -113,8 +116,12 @@ class Balancer:
         self.drained = drained if drained is not None else bytearray(len(specs))
         self._drained_seen = bytes(self.drained)
         self.queue = FairQueue(config.queue_size, config.client_queue or config.queue_size)
-        #: Waiters per model, for the spread rule (see route()).
+        #: Waiters per model, for the spread rule (see routing.Router.route).
         self.queued_models: collections.Counter = collections.Counter()
+        #: The placement rules (olb/routing.py) over the table, the model
+        #: directory and the queue's per-model counts.
+        self.router = Router(self.table, self.models, self.queued_models, config.spread_queue,
+                             self._session_bound)
         self._poll_handle = None
         self._poll_queue = config.workers > 1
         self._tasks: set[asyncio.Task] = set()
@@ -129,9 +136,7 @@ class Balancer:
         With an affinity key (a conversation), the backend the key hashes to
         is preferred while within OLB_SESSION_BOUND of the average load.
         """
-        if affinity is None or not self._session_bound:
-            return self.table.acquire(allowed)
-        return self.table.acquire_affine(affinity, allowed, self._session_bound)
+        return self.router.acquire(allowed, affinity)
 
     def release(self, index: int) -> None:
         self.table.release(index)
@@ -140,11 +145,7 @@ class Balancer:
 
     def usable(self, allowed=None) -> bool:
         """Is any allowed backend healthy (full or not)?"""
-        table = self.table
-        for i in range(table.n):
-            if (allowed is None or allowed[i]) and table.is_healthy(i):
-                return True
-        return False
+        return self.router.usable(allowed)
 
     def enqueue(self, waiter, client, priority: int) -> int:
         """Queue a request until a slot frees.
@@ -218,6 +219,10 @@ class Balancer:
             if index == NO_BACKEND:
                 if self.usable(allowed):
                     full.add(key)
+                    continue
+                if waiter.model is not None and self.models is not None and self.models.held(waiter.model):
+                    # Its model is leaving a backend for a load olb started
+                    # (routing rule E): it waits for that load to be seen.
                     continue
                 # Everything it may use went down (or unloaded its model)
                 # while it waited: route it again from scratch.
@@ -371,6 +376,8 @@ class Balancer:
             await self.models.refresh(index)
         finally:
             self._refreshing.discard(index)
+        if self.queue:
+            self.wake()  # a load was seen: models that were leaving may be warm again
 
     async def _poll_models(self) -> None:
         models = self.models

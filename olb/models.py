@@ -31,7 +31,9 @@ import asyncio
 import collections
 import hashlib
 import logging
+import re
 import time
+from typing import NamedTuple
 
 import orjson
 
@@ -89,11 +91,41 @@ def normalize(name: str) -> str:
 
 #: Bytes of a conversation's leading messages or prompt that identify it.
 AFFINITY_PREFIX = 2048
+#: A request body up to this size is parsed whole (orjson: tens of µs); a
+#: bigger one (base64 images: /api/generate `images`, chat messages'
+#: `images`, up to tens of MB) is scanned for the few fields routing reads,
+#: stepping over the big strings with bytes.find instead of decoding them.
+SMALL_BODY = 64 * 1024
+#: Structure tokens (brackets, strings) a scan may step through before it
+#: gives up and parses the body whole: a body of a million small values costs
+#: one orjson parse, not a million Python steps.
+SCAN_BUDGET = 20_000
+#: The runner options of Ollama's needsReload (server/sched.go): a request
+#: whose values differ from the loaded runner's unloads and reloads the model.
+#: num_gpu < 0 is ignored there ("Don't reload runner if num_gpu=-1").
+RELOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
 
 
-def parse_request(body: bytes) -> tuple[str | None, bytes | None]:
+class Routed(NamedTuple):
+    """What routing reads from a request body (parse_request)."""
+
+    #: The `model` field (or `name`, its deprecated alias on /api/show), as sent.
+    model: str | None
+    #: The bytes that identify its conversation, or None.
+    affinity: bytes | None
+    #: Its runner options: sorted (name, value) pairs of RELOAD_OPTIONS it
+    #: sets; () for the server's defaults. Two requests for one model with
+    #: different keys need different runners (Ollama's needsReload).
+    runner: tuple = ()
+
+
+NOTHING = Routed(None, None, ())
+
+
+def parse_request(body: bytes) -> Routed:
     """The `model` of a JSON request body (or `name`, its deprecated alias on
-    /api/show) and the bytes that identify its conversation.
+    /api/show), the bytes that identify its conversation, and its runner
+    options (RELOAD_OPTIONS).
 
     A conversation is known by what every turn of it repeats: the chat
     messages up to and including the first user message (so one system
@@ -101,22 +133,47 @@ def parse_request(body: bytes) -> tuple[str | None, bytes | None]:
     already holds an assistant or tool message — gets conversation bytes: a first turn has no cache anywhere to return
     to, and pinning every one-shot request to its hash's backend costs
     balance (measured: p99 TTFT on a one-model, no-session mix). Returns
-    (None, None) when there is nothing to route by; bad JSON is left for the
+    NOTHING when there is nothing to route by; bad JSON is left for the
     backend to answer with Ollama's 400.
+
+    A body over SMALL_BODY is not decoded whole: its top-level object is
+    scanned (_Scan) for `model`, `name`, `options` and `messages`, in any
+    order and after any `images` array, and only those values are decoded.
     """
     if not body:
-        return None, None
+        return NOTHING
+    if len(body) <= SMALL_BODY:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return NOTHING
+        if not isinstance(doc, dict):
+            return NOTHING
+        return _routed(doc.get("model") or doc.get("name"), doc.get("messages"), doc.get("options"))
+    try:
+        return _parse_big(body)
+    except _OverBudget:
+        # Too much structure to step through in Python: orjson is faster.
+        return parse_request_whole(body)
+    except (ValueError, IndexError):  # malformed: Ollama answers 400
+        return NOTHING
+
+
+def parse_request_whole(body: bytes) -> Routed:
+    """parse_request by decoding the whole body, whatever its size."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None, None
+        return NOTHING
     if not isinstance(doc, dict):
-        return None, None
-    model = doc.get("model") or doc.get("name")
+        return NOTHING
+    return _routed(doc.get("model") or doc.get("name"), doc.get("messages"), doc.get("options"))
+
+
+def _routed(model, messages, options) -> Routed:
     if not isinstance(model, str) or not model.strip():
-        return None, None
+        return NOTHING
     affinity = None
-    messages = doc.get("messages")
     if isinstance(messages, list) and messages:
         if any(isinstance(m, dict) and m.get("role") in ("assistant", "tool") for m in messages):
             lead = []
@@ -129,7 +186,201 @@ def parse_request(body: bytes) -> tuple[str | None, bytes | None]:
     # starts with the chat template's tokens, the same for every
     # conversation): generate traffic is kept together by the session
     # header alone.
-    return model, affinity
+    return Routed(model, affinity, runner_key(options))
+
+
+def runner_key(options) -> tuple:
+    """The RELOAD_OPTIONS an `options` object sets, as sorted (name, value)
+    pairs: what Ollama's needsReload compares. Values that are not plain
+    scalars are left out (Ollama would answer 400 for them)."""
+    if not isinstance(options, dict) or not options:
+        return ()
+    key = []
+    for name in RELOAD_OPTIONS:
+        value = options.get(name)
+        if value is None or isinstance(value, (list, dict)):
+            continue
+        if type(value) is float and value.is_integer():
+            value = int(value)
+        if name == "num_gpu" and isinstance(value, (int, float)) and value < 0:
+            continue
+        key.append((name, value))
+    return tuple(key)
+
+
+class _OverBudget(Exception):
+    """A scan met more than SCAN_BUDGET tokens."""
+
+
+_WHITESPACE = frozenset(b" \t\r\n")
+_STRUCTURE = re.compile(rb'["\[\]{}]')
+_SCALAR_END = re.compile(rb'[,\]}\s]')
+
+
+class _Scan:
+    """Steps over JSON values without decoding them: a string's end is found
+    with bytes.find (a 20 MB base64 string is one call), a container's by
+    counting brackets between strings. Every step spends budget."""
+
+    __slots__ = ("buf", "budget")
+
+    def __init__(self, buf: bytes):
+        self.buf = buf
+        self.budget = SCAN_BUDGET
+
+    def ws(self, pos: int) -> int:
+        buf = self.buf
+        while buf[pos] in _WHITESPACE:
+            pos += 1
+        return pos
+
+    def string_end(self, pos: int) -> int:
+        """The index after the string that opens at `pos`."""
+        buf = self.buf
+        start = pos + 1
+        while True:
+            end = buf.index(b'"', start)
+            back = end - 1
+            while buf[back] == 0x5C:  # a backslash: an even run leaves the quote unescaped
+                back -= 1
+            if (end - 1 - back) % 2 == 0:
+                return end + 1
+            start = end + 1
+
+    def value_end(self, pos: int) -> int:
+        """The index after the value that starts at `pos`."""
+        self._spend()
+        buf = self.buf
+        c = buf[pos]
+        if c == 0x22:
+            return self.string_end(pos)
+        if c != 0x5B and c != 0x7B:
+            m = _SCALAR_END.search(buf, pos)
+            return m.start() if m else len(buf)
+        depth = 0
+        search = _STRUCTURE.search
+        while True:
+            m = search(buf, pos)
+            if m is None:
+                raise ValueError("unterminated JSON value")
+            self._spend()
+            pos = m.start()
+            c = buf[pos]
+            if c == 0x22:
+                pos = self.string_end(pos)
+                continue
+            depth += 1 if c in (0x5B, 0x7B) else -1
+            pos += 1
+            if depth == 0:
+                return pos
+
+    def members(self, pos: int, end: int):
+        """(key, value start, value end) of the object spanning [pos, end)."""
+        buf = self.buf
+        pos = self.ws(pos)
+        if buf[pos] != 0x7B:
+            raise ValueError("not a JSON object")
+        pos = self.ws(pos + 1)
+        if buf[pos] == 0x7D:
+            return
+        while True:
+            if buf[pos] != 0x22:
+                raise ValueError("expected a key")
+            key_end = self.string_end(pos)
+            key = buf[pos + 1:key_end - 1]
+            if 0x5C in key:
+                key = orjson.loads(buf[pos:key_end]).encode()
+            pos = self.ws(key_end)
+            if buf[pos] != 0x3A:
+                raise ValueError("expected ':'")
+            start = self.ws(pos + 1)
+            stop = self.value_end(start)
+            yield key, start, stop
+            pos = self.ws(stop)
+            if buf[pos] == 0x7D:
+                return
+            if buf[pos] != 0x2C or pos >= end:
+                raise ValueError("expected ','")
+            pos = self.ws(pos + 1)
+
+    def elements(self, pos: int, end: int):
+        """(start, end) of each element of the array spanning [pos, end)."""
+        buf = self.buf
+        pos = self.ws(pos + 1)
+        if buf[pos] == 0x5D:
+            return
+        while True:
+            stop = self.value_end(pos)
+            yield pos, stop
+            pos = self.ws(stop)
+            if buf[pos] == 0x5D:
+                return
+            if buf[pos] != 0x2C or pos >= end:
+                raise ValueError("expected ','")
+            pos = self.ws(pos + 1)
+
+    def _spend(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _OverBudget
+
+
+_ROUTING_KEYS = (b"model", b"name", b"options", b"messages")
+
+
+def _parse_big(body: bytes) -> Routed:
+    scan = _Scan(body)
+    found = {}
+    for key, start, stop in scan.members(0, len(body)):
+        if key in _ROUTING_KEYS:
+            found[key] = (start, stop)  # the last of duplicate keys wins, as in orjson
+
+    def decode(key):
+        span = found.get(key)
+        return orjson.loads(body[span[0]:span[1]]) if span else None
+
+    model = decode(b"model") or decode(b"name")
+    if not isinstance(model, str) or not model.strip():
+        return NOTHING
+    options = decode(b"options")
+    span = found.get(b"messages")
+    if span is None or body[span[0]] != 0x5B:
+        return _routed(model, None, options)
+    if span[1] - span[0] <= SMALL_BODY:
+        return _routed(model, decode(b"messages"), options)
+    return Routed(model, _big_affinity(scan, span), runner_key(options))
+
+
+def _big_affinity(scan: _Scan, span) -> bytes | None:
+    """_routed's conversation bytes for a messages array too big to decode:
+    each message of at most SMALL_BODY is decoded (so the bytes are the same
+    as a small body's), a bigger one (an image inline) is kept as sent."""
+    body = scan.buf
+    follow_up = False
+    lead: list[bytes] | None = []
+    for start, stop in scan.elements(*span):
+        role = None
+        if body[start] == 0x7B:
+            for key, v0, v1 in scan.members(start, stop):
+                if key == b"role":
+                    role = orjson.loads(body[v0:v1])
+        if lead is not None:
+            if stop - start <= SMALL_BODY:
+                lead.append(orjson.dumps(orjson.loads(body[start:stop])))
+            else:  # only the prefix counts: no copy of the image
+                lead.append(body[start:start + AFFINITY_PREFIX])
+            if role == "user":
+                lead_bytes = b"[" + b",".join(lead) + b"]"
+                lead = None
+        if role in ("assistant", "tool"):
+            follow_up = True
+            if lead is None:
+                break
+    if not follow_up:
+        return None
+    if lead is not None:
+        lead_bytes = b"[" + b",".join(lead) + b"]"
+    return lead_bytes[:AFFINITY_PREFIX]
 
 
 def affinity_key(*parts: bytes) -> int:
@@ -179,6 +430,21 @@ class ModelDirectory:
         #: many each has among them: recent demand (see spare).
         self._recent: collections.deque[str] = collections.deque()
         self.demand: collections.Counter[str] = collections.Counter()
+        #: Per (model, backend): the runner options (parse_request's key) of
+        #: the runner olb last sent there; absent: not known (taken for the
+        #: defaults, ()). See warm_mask.
+        self.runners: dict[tuple[str, int], tuple] = {}
+        #: Per (model, backend): the context_length its /api/ps entry lists.
+        self.ps_context: dict[tuple[str, int], int] = {}
+        #: Models some backend runs with options other than the defaults:
+        #: only their warm masks need the per-runner check.
+        self.keyed: set[str] = set()
+        #: Loads olb started that are expected to evict (see evicts):
+        #: (model, backend) -> [the models that may be evicted, answered yet].
+        self.evicting: dict[tuple[str, int], list] = {}
+        #: Per model, per backend: how many of those loads may evict it there.
+        #: A model is *leaving* a backend while its count there is above 0.
+        self.leaving: dict[str, list[int]] = {}
 
     # --- reads (hot path: no I/O, no waiting) -----------------------------------------------
 
@@ -196,6 +462,88 @@ class ModelDirectory:
             mask = self.loaded[model] = bytearray(self.n)
         return mask
 
+    def warm_mask(self, model: str, runner: tuple = ()):
+        """Backends where a request for `model` with runner options `runner`
+        (parse_request) runs without a load: the model is loaded there, with
+        those options (runner_matches), and is not leaving (see evicts).
+
+        The live loaded mask itself when neither check can remove a backend
+        (the common case: no options, no eviction pending), else a snapshot.
+        """
+        loaded = self.loaded_mask(model)
+        leaving = self.leaving.get(model)
+        if leaving is None and not runner and model not in self.keyed:
+            return loaded
+        out = bytearray(loaded)
+        for i in range(self.n):
+            if out[i] and ((leaving is not None and leaving[i]) or not self.runner_matches(model, i, runner)):
+                out[i] = 0
+        return out
+
+    def runner_matches(self, model: str, index: int, runner: tuple) -> bool:
+        """Would Ollama's needsReload keep the model's runner on the backend
+        for a request with these options? Known from the last request olb
+        sent there; else from /api/ps's context_length; else the runner is
+        taken to have the defaults."""
+        known = self.runners.get((model, index))
+        if known is not None:
+            return known == runner
+        if not runner:
+            return True
+        context = self.ps_context.get((model, index))
+        return context is not None and runner == (("num_ctx", context),)
+
+    def held(self, model: str) -> bool:
+        """Is `model` leaving some backend (a load olb started may evict it)?
+        Its requests that wait for it are held, not routed again, until the
+        load is seen (set_catalogue) or abandoned (admitted)."""
+        return model in self.leaving
+
+    def evicts(self, model: str, index: int) -> bool:
+        """Will loading `model` on the backend make Ollama unload another model?
+
+        Ollama's processPending evicts when the backend holds its
+        OLLAMA_MAX_LOADED_MODELS or the new model does not fit beside the
+        resident ones (see fits). olb says yes where it knows: the model's
+        footprint is known and it does not fit, or the backend already holds
+        as many models as it has room for (room_models, or 3 per GPU read).
+        A model loaded there already is a reload of its own runner
+        (needsReload), not an eviction of another.
+        """
+        if self.loaded_mask(model)[index]:
+            return False
+        count, _, _ = self._resident(index)
+        if count == 0:
+            return False
+        only = bytearray(self.n)
+        only[index] = 1
+        if self.fits(model, only)[index]:
+            return False
+        if model in self.footprint:
+            return True
+        limit = self.room_models[index]
+        if self.vram_free[index] is not None:
+            limit = max(limit, MODELS_PER_GPU * self.gpu_count[index])
+        return count + 1 > limit > 0
+
+    def victims(self, model: str, index: int) -> set[str]:
+        """The models Ollama may unload on the backend to load `model` there.
+
+        findRunnerToUnload (server/sched.go) sorts the runners by session
+        duration, then model path, and takes the first idle one, else the
+        first: olb knows neither order, so every idle resident (no request
+        of this worker in flight there) is a candidate, or every resident
+        when none is idle. Models whose own load olb started there and that
+        have not answered yet are still loading, not resident.
+        """
+        idle, busy = set(), set()
+        for other, loaded in self.loaded.items():
+            if other == model or not loaded[index] or (other, index) in self.placed:
+                continue
+            counts = self.inflight.get(other)
+            (busy if counts is not None and counts[index] > 0 else idle).add(other)
+        return idle or busy
+
     def _fill_unknown(self, mask: bytearray) -> None:
         for i in range(self.n):
             if not self.known[i]:
@@ -208,14 +556,53 @@ class ModelDirectory:
         self.loaded_mask(model)[index] = 1
         self.installed_mask(model)[index] = 1
 
-    def mark_placed(self, model: str, index: int) -> None:
-        """olb sent the model to a backend where it was not loaded: the
-        requests that follow may count on it there (mark_loaded), and when it
-        has answered, the backend's catalogue is read again (answered)."""
+    def mark_placed(self, model: str, index: int, runner: tuple = ()) -> None:
+        """olb sent the model to a backend where it was not loaded (or loaded
+        with other runner options): the requests that follow may count on it
+        there (mark_loaded), and when it has answered, the backend's
+        catalogue is read again (answered).
+
+        When the load evicts (evicts), its victims are *leaving* the
+        backend until the load is seen: Ollama keeps a victim in s.loaded
+        and its getRunner fast path keeps attaching new requests to it
+        (useLoadedRunner), and the load waits until its in-flight count
+        reaches 0; so olb sends their requests elsewhere or holds them
+        (warm_mask, held). A reload of the model's own runner needs no
+        such mark: the new runner options recorded here already turn
+        requests with the old ones away (runner_matches).
+        """
+        if (model, index) not in self.evicting and self.evicts(model, index):
+            victims = self.victims(model, index)
+            if victims:
+                self.evicting[(model, index)] = [victims, False]
+                for victim in victims:
+                    counts = self.leaving.get(victim)
+                    if counts is None:
+                        counts = self.leaving[victim] = [0] * self.n
+                    counts[index] += 1
         self.mark_loaded(model, index)
         self.placed.add((model, index))
+        self._set_runner(model, index, runner)
 
-    def answered(self, model: str, index: int) -> None:
+    def _set_runner(self, model: str, index: int, runner: tuple) -> None:
+        self.runners[(model, index)] = runner
+        if runner:
+            self.keyed.add(model)
+
+    def _end_eviction(self, model: str, index: int) -> None:
+        """The load of `model` on the backend was seen, or given up: its victims stop leaving."""
+        entry = self.evicting.pop((model, index), None)
+        if entry is None:
+            return
+        for victim in entry[0]:
+            counts = self.leaving.get(victim)
+            if counts is None:
+                continue
+            counts[index] -= 1
+            if not any(counts):
+                del self.leaving[victim]
+
+    def answered(self, model: str, index: int, runner: tuple | None = None) -> None:
         """The backend answered 200 for the model: it has it loaded now.
 
         When olb placed the model there, the backend has just loaded it, and
@@ -236,6 +623,13 @@ class ModelDirectory:
         if placed:
             self.placed.discard((model, index))
         self.mark_loaded(model, index)
+        if runner is not None:
+            self._set_runner(model, index, runner)
+        entry = self.evicting.get((model, index))
+        if entry is not None:
+            # Loaded: its victims stop leaving when the catalogue re-read
+            # below shows which of them are gone (set_catalogue).
+            entry[1] = True
         names = self.ps_names[index]
         if self.on_load is not None and (placed or (names is not None and model not in names)):
             self.on_load(index)
@@ -246,6 +640,12 @@ class ModelDirectory:
         if counts is None:
             counts = self.inflight[model] = [0] * self.n
         counts[index] += delta
+        if delta < 0 and counts[index] == 0:
+            entry = self.evicting.get((model, index))
+            if entry is not None and not entry[1]:
+                # Every request behind the load ended before it answered
+                # (failed, or their clients left): Ollama may never load it.
+                self._end_eviction(model, index)
         if delta > 0:
             recent = self._recent
             recent.append(model)
@@ -361,25 +761,44 @@ class ModelDirectory:
         self.gpu_count[index] = gpus if free_bytes is not None else 0
 
     def least_harm(self, mask) -> bytearray | None:
-        """The part of `mask` where a load that may evict costs the least
-        recent demand, or None when that is all of it.
+        """The part of `mask` where a load that may evict stalls the least
+        traffic and costs the least recent demand, or None when that is all
+        of it.
 
-        A backend's harm is the sum, over the models loaded there, of each
-        model's recent demand (see spare) divided by the number of backends
-        it is loaded on: evicting one of three copies of a busy model costs
-        a third of its demand, evicting the only copy of a quieter one all
-        of it. Ties go to the backend with the fewest models loaded, then to
-        the table. Under load, counting models alone kept sending cold
-        models to the small GPUs, where they evicted each other in turns
-        while a hot model held copies on three backends.
+        A backend's cost is, in order:
+          - its stall: the fewest requests (this worker's) in flight of any
+            model loaded there. Ollama's findRunnerToUnload takes an idle
+            runner when there is one; with none it takes a busy one and the
+            load, and every later load on that server, waits until its
+            requests end (processPending), while its model's new requests
+            keep joining it. 0 when some resident model is idle.
+          - its harm: the sum, over the models loaded there, of each model's
+            recent demand (see spare) divided by the number of backends it is
+            loaded on: evicting one of three copies of a busy model costs a
+            third of its demand, evicting the only copy of a quieter one all
+            of it. Under load, counting models alone kept sending cold models
+            to the small GPUs, where they evicted each other in turns while a
+            hot model held copies on three backends.
+          - the number of models loaded there; then the table decides.
         """
         demand = self.demand
-        resident = [(m, loaded, demand[m] / max(1, sum(loaded))) for m, loaded in self.loaded.items()]
+        inflight = self.inflight
+        resident = [(loaded, demand[m] / max(1, sum(loaded)), inflight.get(m))
+                    for m, loaded in self.loaded.items()]
         scores = {}
         for i in range(self.n):
             if mask[i]:
-                here = [share for _, loaded, share in resident if loaded[i]]
-                scores[i] = (sum(here), len(here))
+                stall = None
+                harm = 0.0
+                count = 0
+                for loaded, share, counts in resident:
+                    if loaded[i]:
+                        count += 1
+                        harm += share
+                        busy = counts[i] if counts is not None else 0
+                        if stall is None or busy < stall:
+                            stall = busy
+                scores[i] = (stall or 0, harm, count)
         if not scores:
             return None
         best = min(scores.values())
@@ -390,6 +809,8 @@ class ModelDirectory:
         """The backend answered 404 for the model: it does not have it (any more)."""
         self.installed_mask(model)[index] = 0
         self.loaded_mask(model)[index] = 0
+        self.runners.pop((model, index), None)
+        self._end_eviction(model, index)
 
     def set_catalogue(self, index: int, tags: list[dict], ps: list[dict] | None) -> None:
         """Replace what one backend has, from its /api/tags and /api/ps."""
@@ -401,6 +822,7 @@ class ModelDirectory:
             self.ps_names[index] = names = {_entry_name(m) for m in ps}
             self._set_column(self.loaded, self.loaded_mask, names, index)
             self._learn_room(index, ps)
+            self._learn_runners(index, ps, names)
         self.polled_at[index] = time.time()
 
     def _learn_room(self, index: int, ps: list[dict]) -> None:
@@ -415,6 +837,23 @@ class ModelDirectory:
                     self.footprint[model] = size
         self.room_models[index] = max(self.room_models[index], len(ps))
         self.room_vram[index] = max(self.room_vram[index], vram)
+
+    def _learn_runners(self, index: int, ps: list[dict], names: set[str]) -> None:
+        # A runner no longer listed is gone with its options; a load olb
+        # started that has answered is over, its victims either gone from
+        # this /api/ps or staying (see mark_placed).
+        for key in [k for k in self.runners if k[1] == index and k[0] not in names]:
+            del self.runners[key]
+        for key in [k for k in self.ps_context if k[1] == index]:
+            del self.ps_context[key]
+        for e in ps:
+            context = _int(e.get("context_length"))
+            if context:
+                model = _entry_name(e)
+                self.ps_context[(model, index)] = context
+                self.keyed.add(model)
+        for key in [k for k, entry in self.evicting.items() if k[1] == index and (entry[1] or k[0] in names)]:
+            self._end_eviction(*key)
 
     @staticmethod
     def _set_column(masks: dict, make_mask, names: set[str], index: int) -> None:
@@ -436,6 +875,10 @@ class ModelDirectory:
             mask[index] = 1
         for mask in self.loaded.values():
             mask[index] = 0
+        for key in [k for k in self.runners if k[1] == index]:
+            del self.runners[key]
+        for key in [k for k in self.evicting if k[1] == index]:
+            self._end_eviction(*key)
 
     # --- polling ----------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ flow.py's ReadGate.
 Where a request goes
 --------------------
     ClientSideProtocol.data_received      h11 parses the request (http.RequestReader)
-      -> Exchange.start                   _core picks a backend and counts it, or the queue holds it
+      -> Exchange.start                   the balancer's Router decides (olb/routing.py): a backend
+                                          picked and counted by _core, the queue, or an error
       -> Exchange.admit                   a pooled keep-alive connection, or a new one
       -> BackendSideProtocol.attach       request head + body written upstream
       -> BackendSideProtocol.data_received
@@ -40,12 +41,12 @@ import logging
 
 import orjson
 
-from . import admin
+from . import admin, routing
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
                      NotFound, OlbError, TooManyRequests)
-from .fairqueue import BATCH, INTERACTIVE, OVER_SHARE
+from .fairqueue import OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
 from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
 from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
@@ -241,7 +242,7 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "__weakref__")
+                 "affinity", "runner", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
         self.client = client
@@ -259,15 +260,15 @@ class Exchange:
         self.connect_task = None
         self.reused_retry = False
         self.model = None
+        #: Its runner options (models.parse_request): () for the defaults.
+        self.runner = ()
         #: 64-bit key of the conversation this request belongs to, or None.
         self.affinity = None
         #: Backends this request may no longer try (they failed it), or None.
         self.excluded = None
 
     def start(self) -> None:
-        """Find the request a backend: route by model when it names one."""
-        balancer = self.ctx.balancer
-        models = balancer.models
+        """Find the request a backend: the balancer's router decides (olb/routing.py)."""
         req = self.req
         if self.attempts == 0:
             cfg = self.ctx.config
@@ -276,124 +277,45 @@ class Exchange:
                 self.affinity = affinity_key(session)
             template = MODEL_ENDPOINTS.get(req.path) if req.method == b"POST" else None
             if template is not None:
-                name, conversation = parse_request(req.body)
+                name, conversation, runner = parse_request(req.body)
                 if name is not None:
                     model = normalize(name)
                     if conversation is not None and self.affinity is None and cfg.session_bound:
                         self.affinity = affinity_key(model.encode(), conversation)
-                    if models is not None:
+                    if self.ctx.balancer.models is not None:
                         self.model = model
-                        if not any(models.installed_mask(model)):
-                            # Every backend's catalogue is known and none has it:
-                            # answer as Ollama would, without touching a backend.
-                            self._fail(NotFound(template.format(name=name)))
-                            return
+                        self.runner = runner
+        self._route()
+
+    def _route(self) -> None:
+        """Ask the router, then carry out its decision."""
+        router = self.ctx.balancer.router
         if self.model is None:
-            self._admit_or_queue(self.allowed)
+            decision = router.route_any(self.allowed, self.affinity)
         else:
-            self._route_model(models)
-
-    def _admit_or_queue(self, allowed) -> None:
-        balancer = self.ctx.balancer
-        index = balancer.acquire(allowed, self.affinity)
-        if index != NO_BACKEND:
-            self.admit(index)
-        elif not balancer.usable(allowed):
+            decision = router.route(self.model, self.runner, self.affinity, self.excluded)
+        kind = decision.kind
+        if kind == routing.ADMIT:
+            self.admit(decision.index)  # marks a placement (ModelDirectory.mark_placed)
+            # Those already waiting for the model's warm backends may take it.
+            if decision.placed and self.ctx.balancer.queue:
+                self.ctx.balancer.wake()
+        elif kind == routing.WAIT:
+            if self._enqueue(decision.mask):
+                self.state = QUEUED
+        elif decision.reason == routing.MISSING:
+            # Answer as Ollama would, without touching a backend; in the
+            # name as the client sent it.
+            template = MODEL_ENDPOINTS[self.req.path]
+            self._fail(NotFound(template.format(name=parse_request(self.req.body).model)))
+        else:
             self.queue_unusable()
-        elif self._enqueue(allowed):
-            self.state = QUEUED
-
-    def _route_model(self, models) -> None:
-        """Warm backends first; a cold one only when none is warm or too many wait.
-
-        Loading a model costs seconds (8B) to minutes (70B) and may evict
-        another, so requests for a model that is loaded (or loading)
-        somewhere wait for that backend rather than start a second load —
-        until OLB_SPREAD_QUEUE of them are waiting (in olb's queue, or held
-        by a backend behind a load olb started): then a hot model spreads
-        to another backend that has it installed, where loading it cannot
-        evict a model in use (ModelDirectory.spare).
-        """
-        balancer = self.ctx.balancer
-        model = self.model
-        loaded = self._allowed(models.loaded_mask(model))
-        spread_queue = self.ctx.config.spread_queue
-        queued = balancer.queued_models[model]
-        # Waiting for the model: in olb's queue, and behind a load olb started
-        # (a cold start: every request for the model piles onto the one
-        # backend loading it, where least-in-flight would have started a
-        # load on each idle GPU).
-        if any(loaded) and queued + models.waiting_for_load(model) < spread_queue:
-            index = balancer.acquire(loaded, self.affinity)
-            if index != NO_BACKEND:
-                self.admit(index)
-                return
-            if balancer.usable(loaded) and queued < spread_queue:
-                if self._enqueue(loaded):
-                    self.state = QUEUED
-                return
-        installed = self._allowed(models.installed_mask(model))
-        cold = bytearray(a & (not b) for a, b in zip(installed, loaded)) if any(loaded) else installed
-        # First choice: where the model fits beside the resident ones
-        # (ModelDirectory.fits), a load that evicts nothing. When all those
-        # backends are full of requests right now, wait for one of them (or
-        # for a warm backend) rather than evict a model elsewhere: under load
-        # that fallback made two models take turns on a small GPU, a load
-        # every few requests.
-        fit = models.fits(model, cold)
-        if any(fit) and balancer.usable(fit):  # (a backend that is down has no room)
-            index = balancer.acquire(fit, self.affinity)
-            if index != NO_BACKEND:
-                self._place(index)
-            else:
-                self._admit_or_queue(bytearray(a | b for a, b in zip(loaded, fit)))
-            return
-        # Else load only where no model in use can be evicted
-        # (ModelDirectory.spare). With no such backend a model that is warm
-        # somewhere waits for its warm backends; a cold one must load
-        # somewhere all the same.
-        spare = models.spare(model, cold, balancer.queued_models)
-        if any(spare):
-            cold = spare
-        elif any(loaded) and balancer.usable(loaded):
-            # Nowhere to spread without evicting a model in use: a warm
-            # backend's slot if one is free, else its queue.
-            self._admit_or_queue(loaded)
-            return
-        # Load where an eviction costs least (ModelDirectory.least_harm: the
-        # least recent demand lost, then the fewest models), then anywhere it
-        # is installed.
-        cheapest = models.least_harm(cold)
-        index = balancer.acquire(cheapest, self.affinity) if cheapest is not None else NO_BACKEND
-        if index == NO_BACKEND:
-            index = balancer.acquire(cold, self.affinity)
-        if index != NO_BACKEND:
-            self._place(index)
-            return
-        if not balancer.usable(installed):
-            self.queue_unusable()
-        elif self._enqueue(installed):
-            self.state = QUEUED
-
-    def _place(self, index: int) -> None:
-        """Admit to a backend where the model is not loaded: it loads there."""
-        self.admit(index)  # marks the placement
-        # Those already waiting for the model's warm backends may take it.
-        if self.ctx.balancer.queue:
-            self.ctx.balancer.wake()
-
-    def _allowed(self, mask):
-        """The mask less the backends that failed this request. Without
-        exclusions it is the live mask itself, so a queued request sees a
-        backend that starts serving its model while it waits."""
-        excluded = self.excluded
-        if excluded is None:
-            return mask
-        return bytearray(a & (not x) for a, x in zip(mask, excluded))
 
     def _enqueue(self, allowed) -> bool:
         self.allowed = allowed
-        client, priority = self._queue_identity()
+        cfg = self.ctx.config
+        client, priority = routing.queue_identity(self.req, cfg.client_header, cfg.priority_header,
+                                                  self.client.peer_ip)
         result = self.ctx.balancer.enqueue(self, client, priority)
         if result == QUEUED_OK:
             return True
@@ -402,24 +324,6 @@ class Exchange:
         else:
             self._fail(NoBackendAvailable(QUEUE_FULL))
         return False
-
-    def _queue_identity(self):
-        """Who is asking, for fair queuing, and in which class (interactive or batch).
-
-        Worked out only for requests that must wait: the fast path never pays.
-        """
-        req = self.req
-        cfg = self.ctx.config
-        client = req.header(cfg.client_header.encode()) if cfg.client_header else None
-        if client is None:
-            auth = req.header(b"authorization")
-            if auth and auth[:7].lower() == b"bearer ":
-                client = b"key:" + auth[7:]
-            else:
-                client = b"ip:" + self.client.peer_ip
-        value = req.header(cfg.priority_header.encode())
-        priority = BATCH if value is not None and value.strip().lower() in (b"batch", b"low") else INTERACTIVE
-        return client, priority
 
     def queue_evicted(self) -> None:
         """A lighter client took this request's place in a full queue."""
@@ -433,12 +337,13 @@ class Exchange:
         if self.model is not None:
             models = self.ctx.balancer.models
             models.admitted(self.model, index, 1)
-            if not models.loaded_mask(self.model)[index]:
-                # The model loads there (whether _route_model placed it or
-                # the queue admitted it): the requests that follow wait for
-                # this load, and its backend's catalogue is re-read when it
-                # answers (ModelDirectory.mark_placed).
-                models.mark_placed(self.model, index)
+            if not models.loaded_mask(self.model)[index] or not models.runner_matches(self.model, index,
+                                                                                        self.runner):
+                # The model loads there (whether the router placed it or the
+                # queue admitted it): the requests that follow wait for this
+                # load, its victims leave that backend, and its catalogue is
+                # re-read when it answers (ModelDirectory.mark_placed).
+                models.mark_placed(self.model, index, self.runner)
         self.state = CONNECTING
         conn = self.ctx.balancer.backends[index].pool.take()
         if conn is not None:
@@ -454,7 +359,7 @@ class Exchange:
     def reroute(self) -> None:
         """Its queue mask no longer has a usable backend: decide again."""
         if self.model is not None:
-            self._route_model(self.ctx.balancer.models)
+            self._route()
         else:
             self.queue_unusable()
 
@@ -511,7 +416,7 @@ class Exchange:
         if self.model is not None and head.status == 200:
             # Ollama answers once the model is loaded: it is ready there now
             # (for a stream, long before the response ends).
-            self.ctx.balancer.models.answered(self.model, self.index)
+            self.ctx.balancer.models.answered(self.model, self.index, self.runner)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
         return downstream_head(head, raw, self.closing)

@@ -168,7 +168,7 @@ def test_conversation_identity_survives_later_turns():
     assert ids[0] is None
     assert ids[1] == ids[2] != ids[3]
     assert ids[1] == orjson.dumps(turn1)
-    model, prompt_id = parse_request(b'{"model":"m","prompt":"Once upon a time","system":"s"}')
+    model, prompt_id, _ = parse_request(b'{"model":"m","prompt":"Once upon a time","system":"s"}')
     assert model == "m" and prompt_id is None  # generate: the session header only
 
 
@@ -280,3 +280,95 @@ def test_least_harm_evicts_a_spare_copy_before_an_only_copy():
     d2 = directory(2)
     d2.mark_loaded("a:latest", 0)
     assert d2.least_harm(bytearray([1, 1])) == bytearray([0, 1])  # no demand: fewest models
+
+
+# --- big bodies: the fields routing reads, without decoding the images --------------------------------
+
+IMAGE = "iVBORw0KGgo/" + "A" * (3 * 1024 * 1024) + "=="  # 3 MB of base64, '/' included
+
+
+@pytest.mark.parametrize("doc", [
+    {"model": "llava", "prompt": "what is this", "images": [IMAGE], "options": {"num_ctx": 8192}},
+    {"images": [IMAGE, IMAGE], "options": {"num_ctx": 8192}, "model": "llava"},   # model after the images
+    {"options": {"num_ctx": 8192.0, "num_gpu": -1, "temperature": 0}, "images": [IMAGE], "model": "llava"},
+    {"prompt": "x\\\"y\"" * 10, "images": [IMAGE], "model": "llava", "options": {"num_ctx": 8192}},
+    {"model ": 1, "images": [IMAGE], "modelx": "no", "options": {"num_ctx": 8192}, "model": "llava"},
+    {"stream": False, "keep_alive": -1, "format": {"type": "object", "properties": {"a": [1, {"b": "}"}]}},
+     "images": [IMAGE], "name": "llava", "options": {"num_ctx": 8192}},
+])
+def test_big_body_fields_in_any_order(doc):
+    body = orjson.dumps(doc)
+    assert len(body) > 3_000_000
+    assert parse_request(body) == ("llava", None, (("num_ctx", 8192),))
+
+
+def test_big_body_duplicate_keys_the_last_wins_as_in_orjson():
+    body = b'{"model":"wrong","images":["' + IMAGE.encode() + b'"],"options":{"num_ctx":8192},"model":"llava"}'
+    assert orjson.loads(body)["model"] == "llava"
+    assert parse_request(body) == ("llava", None, (("num_ctx", 8192),))
+
+
+def test_big_body_with_whitespace_and_escaped_keys():
+    body = (b'{ "images" : [ "' + IMAGE.encode() + b'" ] ,\n "\\u006dodel" :\t"llava" , "options" : { } }')
+    assert parse_request(body) == ("llava", None, ())
+
+
+def test_big_chat_body_has_the_small_bodys_conversation_bytes():
+    system = {"role": "system", "content": "be brief"}
+    user = {"role": "user", "content": "look", "images": ["small"]}
+    follow = [{"role": "assistant", "content": "a cat"}, {"role": "user", "content": "sure?"}]
+    small = parse_request(orjson.dumps({"model": "llava", "messages": [system, user] + follow}))
+    # The same conversation with an image in a later turn: over SMALL_BODY,
+    # scanned, and the same bytes (the lead is small, decoded the same way).
+    big_later = [system, user] + follow + [{"role": "user", "content": "and this", "images": [IMAGE]}]
+    big = parse_request(orjson.dumps({"messages": big_later, "model": "llava"}))
+    assert big == small and small.affinity == orjson.dumps([system, user])
+    # A first turn with an image: no follow-up, no conversation bytes.
+    first = parse_request(orjson.dumps({"model": "llava", "messages": [system, dict(user, images=[IMAGE])]}))
+    assert first == ("llava", None, ())
+    # An image in the lead itself: its first bytes stand for it, turn after turn.
+    lead = [system, dict(user, images=[IMAGE])]
+    turn2 = parse_request(orjson.dumps({"model": "llava", "messages": lead + follow}))
+    turn3 = parse_request(orjson.dumps({"model": "llava", "messages": lead + follow + follow}))
+    assert turn2.affinity == turn3.affinity and turn2.affinity.startswith(orjson.dumps([system])[:-1])
+    assert len(turn2.affinity) == 2048
+
+
+@pytest.mark.parametrize("body", [
+    b'{"images":["' + b"A" * 100_000 + b'"],"model":"llava"',          # cut short
+    b'{"images":["' + b"A" * 100_000,                                   # unterminated string
+    b'["' + b"A" * 100_000 + b'"]',                                     # not an object
+    b'{"images":["' + b"A" * 100_000 + b'"] "model":"llava"}',          # no comma
+    b'{"images":["' + b"A" * 100_000 + b'"],"model":7}',                # not a string
+])
+def test_big_bad_bodies_route_by_nothing(body):
+    assert parse_request(body) == (None, None, ())
+
+
+def test_big_body_of_many_small_values_is_parsed_whole():
+    """Past SCAN_BUDGET tokens the scan stops and orjson decodes the body:
+    the same answer, in bounded Python steps."""
+    from olb import models
+    doc = {"messages": [{"role": "user", "content": "x"}] * 30_000 + [{"role": "assistant", "content": "y"}],
+           "model": "m", "options": {"num_batch": 64}}
+    body = orjson.dumps(doc)
+    assert len(body) > models.SMALL_BODY
+    got = parse_request(body)
+    assert got.model == "m" and got.runner == (("num_batch", 64),)
+    assert got.affinity == orjson.dumps(doc["messages"][:1])
+
+
+@pytest.mark.parametrize("options, key", [
+    (None, ()),
+    ({}, ()),
+    ({"temperature": 0.2, "num_predict": 5}, ()),                 # not runner options
+    ({"num_thread": 8, "num_ctx": 4096}, (("num_ctx", 4096), ("num_thread", 8))),
+    ({"num_gpu": -1}, ()),                                          # needsReload ignores -1
+    ({"num_gpu": 0, "use_mmap": False, "main_gpu": 1, "num_batch": 512.0},
+     (("num_batch", 512), ("num_gpu", 0), ("main_gpu", 1), ("use_mmap", False))),
+    ({"num_ctx": [1]}, ()),
+])
+def test_runner_key(options, key):
+    from olb.models import runner_key
+    assert runner_key(options) == key
+    assert parse_request(orjson.dumps({"model": "m", "options": options})).runner == key
