@@ -536,3 +536,70 @@ def test_with_gpu_telemetry_a_cold_model_loads_where_free_vram_fits_it(loop, bus
     assert state == ([2, 1], True, True)
     assert status == 200 and loads == [1, 0], loads
     assert evictions_on_1 == 0
+
+
+def test_a_model_leaving_a_backend_goes_to_its_other_copy(loop):
+    """Two simulated GPUs of one model each, llama3.2 warm on both. olb sends
+    qwen2.5 to one of them, which evicts llama3.2 there (Ollama keeps the
+    victim taking requests until it drains, and the load waits for it).
+    While that load is under way, llama3.2's requests all go to its other
+    copy; once the load is seen (answer, then /api/ps), it is no longer
+    leaving."""
+    from test_sim_api import until
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=20, max_loaded_models=1, num_parallel=4,
+                           preload=("llama3.2:latest",))
+        proxy, sims = await start([gpu] * 2, max_inflight=8, session_bound=0)
+        models = proxy.balancer.models
+        try:
+            cold = await RawClient.connect(proxy.port)
+            cold.send("POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "x", "stream": False,
+                                                "options": {"num_predict": 2}})
+            await until(lambda: models.held("llama3.2:latest"))
+            [(_, target)] = models.evicting
+            await until(lambda: inference(sims[target]) == 1)  # qwen2.5 is loading there
+            before = [inference(s) for s in sims]
+            statuses = [r.status for r in await generate_burst(proxy.port, "llama3.2", 6, num_predict=2)]
+            served = [inference(s) - b for s, b in zip(sims, before)]
+            r = await cold.response(timeout=20)
+            cold.close()
+            await until(lambda: not models.held("llama3.2:latest"), timeout=10)
+            return target, statuses, served, r.status, [s.engine.loads for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    target, statuses, served, cold_status, loads = run(loop, main())
+    assert statuses == [200] * 6 and cold_status == 200
+    assert served[target] == 0 and served[1 - target] == 6, (target, served)
+    assert loads[target] == 1 and loads[1 - target] == 0, loads
+
+
+def test_requests_go_to_the_runner_with_their_options(loop):
+    """llama3.2 warm (default options) on two simulated GPUs. Requests with
+    options.num_ctx=8192 and without it, in turns: the first 8192 one
+    reloads the model on one backend (Ollama's needsReload), and from then
+    on each kind goes to its own runner -- one reload in all, where
+    alternating the options on one backend reloads on every turn."""
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=50, preload=("llama3.2:latest",))
+        proxy, sims = await start([gpu] * 2, session_bound=0)
+        try:
+            homes = {8192: set(), None: set()}
+            for i in range(8):
+                ctx = 8192 if i % 2 == 0 else None
+                body = {"model": "llama3.2", "prompt": f"t{i}", "stream": False, "options": {"num_predict": 2}}
+                if ctx:
+                    body["options"]["num_ctx"] = ctx
+                before = [inference(s) for s in sims]
+                r = await fetch(proxy.port, "POST", "/api/generate", body)
+                assert r.status == 200
+                homes[ctx].add([inference(s) - b for s, b in zip(sims, before)].index(1))
+            return homes, [s.engine.loads for s in sims]
+        finally:
+            await stop(proxy, sims)
+
+    homes, loads = run(loop, main())
+    assert len(homes[8192]) == 1 and len(homes[None]) == 1 and homes[8192] != homes[None], homes
+    assert sum(loads) == 1, loads
