@@ -7,6 +7,12 @@ Groups (each with its baseline first):
                         warm-backend mask; conversation affinity
                         (acquire_affine); affinity under a mask with GPU
                         loads pushed in.
+    placement n=64 models=20
+                        one routing decision (olb/routing.py) on a fleet with
+                        2-3 models resident per backend: acquire alone
+                        (baseline), a warm model (rule 1, the per-request
+                        path) and a cold placement (rules 2-5 in full; see
+                        docs/scheduling.md, "What a decision costs").
     request head        h11 alone on an ollama-python request head (baseline)
                         vs olb's compiled parse_request_head alone, and
                         olb's RequestReader cycle (head, body and the
@@ -117,3 +123,64 @@ def reader_cycle(data: bytes):
         reader.finish_response(200, False)
 
     return cycle
+
+
+# --- a whole placement decision (olb/routing.py) -----------------------------------------------------------
+
+MODELS = 20
+
+
+def placement_world():
+    """64 backends, 20 models installed everywhere, two or three resident on
+    each backend (/api/ps read), a few requests in flight, recent demand:
+    what the Router reads for one decision."""
+    from types import SimpleNamespace
+
+    from olb.models import ModelDirectory
+    from olb.routing import Router
+
+    names = [f"m{k}:latest" for k in range(MODELS)]
+    table = BackendTable([8] * N, seed=1)
+    models = ModelDirectory([SimpleNamespace(index=i, spec=None) for i in range(N)], 10, 1)
+    for i in range(N):
+        resident = [names[(i + j * 7) % (MODELS - 1)] for j in range(2 + i % 2)]
+        ps = [{"name": m, "size": 5 * 10**9, "size_vram": 5 * 10**9} for m in resident]
+        models.set_catalogue(i, [{"name": m} for m in names], ps)
+    for i in range(0, N, 3):
+        resident = [m for m, mask in models.loaded.items() if mask[i]]
+        only = bytearray(N)
+        only[i] = 1
+        table.acquire(only)
+        models.admitted(resident[0], i, 1)
+    for k in range(400):
+        models.admitted(names[k % (MODELS - 1)], 0, 1)
+        models.admitted(names[k % (MODELS - 1)], 0, -1)
+    # The cold model has been loaded before (its footprint is known, so the
+    # room rule reads every backend) and has no room anywhere now.
+    models.footprint[names[-1]] = 40 * 10**9
+    queued = __import__("collections").Counter()
+    return table, models, Router(table, models, queued, 4, 1.25), names[-1]
+
+
+@pytest.mark.parametrize("case", ["acquire (baseline)", "warm", "cold"])
+def test_placement(benchmark, case):
+    """One routing decision at 64 backends x 20 models, its slot released:
+    acquire alone (baseline), a request for a model warm on a quarter of the
+    fleet (rule 1, the per-request path), and a cold placement (a model
+    resident nowhere: rules 2-4 run in full)."""
+    table, models, router, cold = placement_world()
+    if case == "acquire (baseline)":
+        mask = models.loaded_mask("m1:latest")
+
+        def decide():
+            table.release(table.acquire(mask))
+    else:
+        model = "m1:latest" if case == "warm" else cold
+
+        def decide():
+            decision = router.route(model)
+            assert decision.kind == 0  # ADMIT
+            table.release(decision.index)
+    benchmark.group = f"placement n={N} models={MODELS}"
+    benchmark.extra_info["case"] = case
+    benchmark(decide)

@@ -9,6 +9,7 @@ Where a request goes (read in this order):
     olb/http.py       sans-IO HTTP: request heads in (h11 + a compiled fast path), bytes out
     olb/flow.py       flow control between the two sides of a proxied request
     olb/balancer.py   backend choice (olb/_core.pyx), admission queue, health, drain
+    olb/routing.py    the placement rules: state in, a decision out (docs/scheduling.md)
     olb/fairqueue.py  the queue's fair order across clients and priorities
     olb/pool.py       keep-alive backend connections
     olb/models.py     what each backend has installed and loaded (model routing)

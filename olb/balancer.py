@@ -429,4 +429,5 @@ class Balancer:
             "queued_clients": self.queue.clients(),
             "queue_size": self.config.queue_size,
             "rejected": self.rejected,
+            "routing": {"decisions": self.router.decisions, "cold_decisions": self.router.cold_decisions},
         }

@@ -1,9 +1,11 @@
 """What each backend has: installed models (/api/tags) and loaded ones (/api/ps).
 
-Rules for this module: model names and per-model backend masks. It never
-chooses a backend (that is the core's acquire over the masks kept here) and
-never blocks a decision: masks are read as they are, and a backend whose
-catalogue has not been read yet counts as possibly having every model.
+Rules for this module: model names, per-model backend masks and what the
+placement rules read from them (fits, spare, least_harm, warm_mask, evicts).
+It never chooses a backend (that is olb/routing.py's Router, over the core's
+acquire) and never blocks a decision: masks are read as they are, and a
+backend whose catalogue has not been read yet counts as possibly having
+every model. The rules themselves: docs/scheduling.md.
 
 Theory of operation
 -------------------
@@ -18,7 +20,8 @@ Sources, all pushed in, none waited on:
   - traffic: a backend that just answered 200 for model X has X loaded;
     a backend chosen for a cold model is marked as loading it, so the
     requests that follow wait for that load instead of starting another
-    one elsewhere (see balancer.route).
+    one elsewhere, and the models that load may evict are marked as
+    leaving it (mark_placed; docs/scheduling.md, rules 1 and E).
 
 Names are normalised the way Ollama does (`llama3` is
 `registry.ollama.ai/library/llama3:latest`, displayed `llama3:latest`) and
@@ -383,6 +386,37 @@ def _big_affinity(scan: _Scan, span) -> bytes | None:
     return lead_bytes[:AFFINITY_PREFIX]
 
 
+def bits(mask) -> int:
+    """A 0/1 byte mask as an integer (byte i is bit 8*i): whole-mask and,
+    or and not in one C operation each, for the cold path (see to_mask)."""
+    return int.from_bytes(mask, "little")
+
+
+def to_mask(value: int, n: int) -> bytearray:
+    """The byte mask of n backends an integer from bits() stands for."""
+    return bytearray((value & _ONES[n]).to_bytes(n, "little")) if n else bytearray()
+
+
+class _Ones(dict):
+    """n -> the integer whose n bytes are all 1 (memoised)."""
+
+    def __missing__(self, n: int) -> int:
+        value = self[n] = int.from_bytes(b"\x01" * n, "little")
+        return value
+
+
+_ONES = _Ones()
+
+
+def positions(mask):
+    """The indices of the set bytes of a mask (bytes.find runs in C)."""
+    find = mask.find
+    i = find(1)
+    while i != -1:
+        yield i
+        i = find(1, i + 1)
+
+
 def affinity_key(*parts: bytes) -> int:
     """A 64-bit key, the same in every worker process (unlike hash())."""
     return int.from_bytes(hashlib.blake2b(b"\0".join(parts), digest_size=8).digest(), "little")
@@ -419,6 +453,11 @@ class ModelDirectory:
         #: has shown resident at once: room it is known to have (see fits).
         self.room_models = [0] * self.n
         self.room_vram = [0] * self.n
+        #: (models loaded per backend, copies per model), from the loaded
+        #: masks; None when one of them has changed since (see _residents).
+        self._layout: tuple[list[list[str]], dict[str, int]] | None = None
+        #: Per backend, the VRAM its last /api/ps lists (bytes, all models).
+        self.ps_vram = [0] * self.n
         #: Per model, the largest footprint (/api/ps "size", bytes) seen for it
         #: on any backend: what loading it again will take.
         self.footprint: dict[str, int] = {}
@@ -553,7 +592,10 @@ class ModelDirectory:
 
     def mark_loaded(self, model: str, index: int) -> None:
         """Traffic says the backend has the model loaded (or is loading it)."""
-        self.loaded_mask(model)[index] = 1
+        loaded = self.loaded_mask(model)
+        if not loaded[index]:
+            loaded[index] = 1
+            self._layout = None
         self.installed_mask(model)[index] = 1
 
     def mark_placed(self, model: str, index: int, runner: tuple = ()) -> None:
@@ -688,7 +730,8 @@ class ModelDirectory:
         (12-16 loads of the pair per run). A model with little recent demand
         costs at most its own, rare, reload.
         """
-        out = bytearray(mask)
+        n = self.n
+        out = bits(mask)
         demand = self.demand
         keep_at = demand[model] / 2
         for other, loaded in self.loaded.items():
@@ -696,12 +739,13 @@ class ModelDirectory:
                 continue
             counts = self.inflight.get(other)
             wanted = bool(waiting and waiting[other] > 0) or (demand[other] > 0 and demand[other] >= keep_at)
-            if counts is None and not wanted:
-                continue
-            for i in range(self.n):
-                if out[i] and loaded[i] and (wanted or counts[i] > 0):
-                    out[i] = 0
-        return out
+            if wanted:
+                out &= ~bits(loaded)
+            elif counts is not None:
+                for i in positions(loaded):
+                    if counts[i] > 0:
+                        out &= ~(1 << (8 * i))
+        return to_mask(out, n)
 
     def fits(self, model: str, mask) -> bytearray:
         """The part of `mask` where `model`, not loaded there, can load without
@@ -728,10 +772,8 @@ class ModelDirectory:
         need = self.footprint.get(model)
         if need is None:
             return out
-        loaded = self.loaded_mask(model)
-        for i in range(self.n):
-            if not mask[i] or loaded[i]:
-                continue
+        candidates = to_mask(bits(mask) & ~bits(self.loaded_mask(model)), self.n)
+        for i in positions(candidates):
             count, vram, placed = self._resident(i)
             free = self.vram_free[i]
             if free is not None:
@@ -746,14 +788,14 @@ class ModelDirectory:
 
     def _resident(self, index: int) -> tuple[int, int, float]:
         """(models, VRAM bytes in /api/ps, footprint of olb's placements not in it yet)."""
-        names = set(self.ps_names[index] or ())
-        vram = sum(_int(e.get("size_vram")) for e in self.ps[index])
+        names = self.ps_names[index]
+        count = len(names) if names else 0
         placed: float = 0
         for model, i in self.placed:
-            if i == index and model not in names:
-                names.add(model)
+            if i == index and (names is None or model not in names):
+                count += 1
                 placed += self.footprint.get(model, float("inf"))
-        return len(names), vram, placed
+        return count, self.ps_vram[index], placed
 
     def set_gpu_memory(self, index: int, free_bytes: int | None, gpus: int = 0) -> None:
         """A backend's free GPU memory (bytes, over its `gpus` GPUs); None: no reading."""
@@ -783,32 +825,49 @@ class ModelDirectory:
         """
         demand = self.demand
         inflight = self.inflight
-        resident = [(loaded, demand[m] / max(1, sum(loaded)), inflight.get(m))
-                    for m, loaded in self.loaded.items()]
-        scores = {}
-        for i in range(self.n):
-            if mask[i]:
-                stall = None
-                harm = 0.0
-                count = 0
-                for loaded, share, counts in resident:
-                    if loaded[i]:
-                        count += 1
-                        harm += share
-                        busy = counts[i] if counts is not None else 0
-                        if stall is None or busy < stall:
-                            stall = busy
-                scores[i] = (stall or 0, harm, count)
-        if not scores:
+        residents, copies = self._residents()
+        ranked = {}
+        for i in positions(mask):
+            stall = None
+            harm = 0.0
+            for m in residents[i]:
+                harm += demand[m] / copies[m]
+                counts = inflight.get(m)
+                busy = counts[i] if counts is not None else 0
+                if stall is None or busy < stall:
+                    stall = busy
+            ranked[i] = (stall or 0, harm, len(residents[i]))
+        if not ranked:
             return None
-        best = min(scores.values())
-        out = bytearray(1 if scores.get(i) == best else 0 for i in range(self.n))
+        best = min(ranked.values())
+        out = bytearray(1 if ranked.get(i) == best else 0 for i in range(self.n))
         return None if out == mask else out
+
+    def _residents(self) -> tuple[list[list[str]], dict[str, int]]:
+        """The models loaded on each backend (in the order of self.loaded)
+        and the number of backends each is loaded on; rebuilt only after a
+        loaded mask changed (mark_loaded, mark_missing, set_catalogue,
+        forget), so a decision reads a few names per backend, not every
+        model's mask."""
+        layout = self._layout
+        if layout is None:
+            residents: list[list[str]] = [[] for _ in range(self.n)]
+            copies = {}
+            for m, loaded in self.loaded.items():
+                count = 0
+                for i in positions(loaded):
+                    residents[i].append(m)
+                    count += 1
+                if count:
+                    copies[m] = count
+            layout = self._layout = (residents, copies)
+        return layout
 
     def mark_missing(self, model: str, index: int) -> None:
         """The backend answered 404 for the model: it does not have it (any more)."""
         self.installed_mask(model)[index] = 0
         self.loaded_mask(model)[index] = 0
+        self._layout = None
         self.runners.pop((model, index), None)
         self._end_eviction(model, index)
 
@@ -837,6 +896,7 @@ class ModelDirectory:
                     self.footprint[model] = size
         self.room_models[index] = max(self.room_models[index], len(ps))
         self.room_vram[index] = max(self.room_vram[index], vram)
+        self.ps_vram[index] = vram
 
     def _learn_runners(self, index: int, ps: list[dict], names: set[str]) -> None:
         # A runner no longer listed is gone with its options; a load olb
@@ -855,8 +915,7 @@ class ModelDirectory:
         for key in [k for k, entry in self.evicting.items() if k[1] == index and (entry[1] or k[0] in names)]:
             self._end_eviction(*key)
 
-    @staticmethod
-    def _set_column(masks: dict, make_mask, names: set[str], index: int) -> None:
+    def _set_column(self, masks: dict, make_mask, names: set[str], index: int) -> None:
         # Backend `index` has exactly the models `names`: create the masks of
         # new ones (make_mask decides their other backends), then set this
         # backend's bit in every mask.
@@ -864,6 +923,7 @@ class ModelDirectory:
             make_mask(model)
         for model, mask in masks.items():
             mask[index] = 1 if model in names else 0
+        self._layout = None
 
     def forget(self, index: int) -> None:
         """A backend went down: its models are unknown again until it answers."""
@@ -871,10 +931,12 @@ class ModelDirectory:
         self.tags[index] = []
         self.ps[index] = []
         self.ps_names[index] = None
+        self.ps_vram[index] = 0
         for mask in self.installed.values():
             mask[index] = 1
         for mask in self.loaded.values():
             mask[index] = 0
+        self._layout = None
         for key in [k for k in self.runners if k[1] == index]:
             del self.runners[key]
         for key in [k for k in self.evicting if k[1] == index]:

@@ -2,7 +2,7 @@
 
 Rules for this module: Protocol classes and the Exchange that glues one
 client request to one backend attempt at a time. No HTTP parsing here (that
-is http.py), no selection (balancer.py / _core), no pause/resume outside
+is http.py), no selection (routing.py / balancer.py / _core), no pause/resume outside
 flow.py's ReadGate.
 
 Where a request goes

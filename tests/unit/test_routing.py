@@ -333,3 +333,12 @@ def test_queue_identity():
                           b"ip") == (b"key:k1", 1)
     assert queue_identity(req({b"x-client": b"team-a", b"authorization": b"Bearer k1"}), "x-client",
                           "x-priority", b"ip") == (b"team-a", 0)
+
+
+def test_cold_decisions_are_counted():
+    w = World().everywhere([A], {1: [A]})
+    w.route(A)          # rule 1
+    w.serve(A, 1, 1)
+    w.queued[A] = 4     # past OLB_SPREAD_QUEUE: rules 2-5 run
+    w.route(A)
+    assert (w.router.decisions, w.router.cold_decisions) == (2, 1)
