@@ -475,8 +475,10 @@ class ModelDirectory:
         self.runners: dict[tuple[str, int], tuple] = {}
         #: Per (model, backend): the context_length its /api/ps entry lists.
         self.ps_context: dict[tuple[str, int], int] = {}
-        #: Models some backend runs with options other than the defaults:
-        #: only their warm masks need the per-runner check.
+        #: Models olb has sent to some backend with options other than the
+        #: defaults: only their warm masks need the per-runner check for a
+        #: request with the defaults (a runner olb knows only from /api/ps is
+        #: taken to have them, whatever its context_length).
         self.keyed: set[str] = set()
         #: Loads olb started that are expected to evict (see evicts):
         #: (model, backend) -> [the models that may be evicted, answered yet].
@@ -514,8 +516,8 @@ class ModelDirectory:
         if leaving is None and not runner and model not in self.keyed:
             return loaded
         out = bytearray(loaded)
-        for i in range(self.n):
-            if out[i] and ((leaving is not None and leaving[i]) or not self.runner_matches(model, i, runner)):
+        for i in positions(loaded):
+            if (leaving is not None and leaving[i]) or not self.runner_matches(model, i, runner):
                 out[i] = 0
         return out
 
@@ -911,7 +913,6 @@ class ModelDirectory:
             if context:
                 model = _entry_name(e)
                 self.ps_context[(model, index)] = context
-                self.keyed.add(model)
         for key in [k for k, entry in self.evicting.items() if k[1] == index and (entry[1] or k[0] in names)]:
             self._end_eviction(*key)
 

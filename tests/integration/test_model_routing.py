@@ -603,3 +603,48 @@ def test_requests_go_to_the_runner_with_their_options(loop):
     homes, loads = run(loop, main())
     assert len(homes[8192]) == 1 and len(homes[None]) == 1 and homes[8192] != homes[None], homes
     assert sum(loads) == 1, loads
+
+
+def test_a_model_leaving_its_only_backend_waits_in_olbs_queue(loop):
+    """One simulated GPU that holds one model, llama3.2 on it. olb sends
+    qwen2.5 there, which evicts llama3.2. llama3.2's requests that arrive
+    during that load wait in olb's queue (held), not on the backend, where
+    they would attach to the victim and hold the load up; once the load is
+    seen they are routed again and load llama3.2 back."""
+    from test_sim_api import until
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=20, max_loaded_models=1, num_parallel=4,
+                           preload=("llama3.2:latest",))
+        proxy, sims = await start([gpu], max_inflight=8, session_bound=0)
+        models = proxy.balancer.models
+        clients = []
+        try:
+            cold = await RawClient.connect(proxy.port)
+            clients.append(cold)
+            cold.send("POST", "/api/generate", {"model": "qwen2.5:7b", "prompt": "x", "stream": False,
+                                                "options": {"num_predict": 2}})
+            await until(lambda: models.held("llama3.2:latest") and inference(sims[0]) == 1)
+            for i in range(3):
+                c = await RawClient.connect(proxy.port)
+                c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": f"w{i}", "stream": False,
+                                                 "options": {"num_predict": 2}})
+                clients.append(c)
+            await until(lambda: len(proxy.balancer.queue) == 3)
+            held = inference(sims[0])
+            first = (await cold.response(timeout=20)).status
+            statuses = [(await c.response(timeout=20)).status for c in clients[1:]]
+            return (held, first, statuses, sims[0].engine.loads, sims[0].engine.evictions,
+                    proxy.balancer.router.decisions)
+        finally:
+            for c in clients:
+                c.close()
+            await stop(proxy, sims)
+
+    held, first, statuses, loads, evictions, decisions = run(loop, main())
+    assert held == 1  # only qwen2.5 reached the backend while it loaded
+    # Each llama3.2 request was routed twice: on arrival, and once the load
+    # was seen (not again at every slot freed while it was held).
+    assert decisions == 1 + 3 + 3
+    assert first == 200 and statuses == [200] * 3
+    assert loads == 2 and evictions == 2  # qwen2.5 in, then llama3.2 back in

@@ -196,6 +196,15 @@ def options_known_from_api_ps():
     return w, (A, (("num_ctx", 16384),)), "ADMIT 1"
 
 
+def default_options_take_a_runner_known_from_api_ps():
+    w = World(2)
+    for i in range(2):
+        w.models.set_catalogue(i, [{"name": A}], [{"name": A, "size": GB, "context_length": 8192}])
+    w.serve(A, 0)
+    assert w.models.warm_mask(A) is w.models.loaded_mask(A)  # the live mask: no per-runner check
+    return w, (A,), "ADMIT 1"
+
+
 def reload_when_nowhere_else():
     w = World(2).catalogue(0, [A], [A]).catalogue(1, [B], [B])
     w.models.answered(A, 0, K8)
@@ -251,7 +260,8 @@ CASES = [missing, unknown_catalogue_may_have_it, warm_first, warm_full_waits_for
          spare_before_evicting_a_model_in_use, no_spare_a_warm_model_waits_for_its_warm_backends,
          least_harm_prefers_an_idle_victim, least_harm_counts_the_stall, all_down_is_unreachable,
          runner_with_matching_options, default_options_avoid_a_runner_with_others,
-         other_options_load_a_fresh_runner_before_a_reload, options_known_from_api_ps, reload_when_nowhere_else,
+         other_options_load_a_fresh_runner_before_a_reload, options_known_from_api_ps,
+         default_options_take_a_runner_known_from_api_ps, reload_when_nowhere_else,
          a_leaving_model_goes_to_its_other_copy, a_leaving_model_without_another_copy_is_held,
          a_leaving_model_may_load_where_it_fits, the_load_seen_ends_the_leaving,
          an_abandoned_load_ends_the_leaving]
