@@ -372,3 +372,21 @@ def test_runner_key(options, key):
     from olb.models import runner_key
     assert runner_key(options) == key
     assert parse_request(orjson.dumps({"model": "m", "options": options})).runner == key
+
+
+def test_a_20_mb_body_is_not_decoded_whole(monkeypatch):
+    """The model after a 20 MB image: only the small values are decoded."""
+    from olb import models
+    decoded = []
+    loads = orjson.loads
+
+    def counting(data):
+        decoded.append(len(data))
+        return loads(data)
+
+    monkeypatch.setattr(models.orjson, "loads", counting)
+    body = orjson.dumps({"prompt": "what is in this picture?", "images": ["QUFB" * (5 * 1024 * 1024)],
+                         "options": {"num_ctx": 16384}, "model": "llava:13b"})
+    assert len(body) > 20 * 1024 * 1024
+    assert parse_request(body) == ("llava:13b", None, (("num_ctx", 16384),))
+    assert decoded and max(decoded) < 100
