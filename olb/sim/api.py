@@ -140,6 +140,8 @@ class Api:
             # Not Ollama's: dcgm-exporter's endpoint, served here so one
             # instance is both the backend and its GPU telemetry.
             self.routes["/metrics"] = {"GET": self.dcgm_metrics}
+        # Not Ollama's either: the scheduler's counters, for benchmarks.
+        self.routes["/sim/stats"] = {"GET": self.sim_stats}
         # DCGM labels (server.py sets the instance's own).
         self.gpu_uuid = "GPU-00000000-0000-0000-0000-000000000000"
         self.hostname = "localhost"
@@ -258,11 +260,9 @@ class Api:
 
     def _acquire(self, w, style, entry, body, then) -> None:
         """Get the model's runner (at once, or after the scheduler loads it)
-        and continue with then(runner); 503 if the pending queue is full."""
-        ctx = (body.get("options") or {}).get("num_ctx")
-        if isinstance(ctx, bool) or not isinstance(ctx, (int, float)) or ctx <= 0:
-            ctx = None
-        pending = self.engine.acquire(entry, body.get("keep_alive"), then, ctx)
+        and continue with then(runner); 503 if the pending queue is full.
+        The request's options carry its runner options (needsReload)."""
+        pending = self.engine.acquire(entry, body.get("keep_alive"), then, body.get("options"))
         if pending is REJECTED:
             self.stats.rejected += 1
             self._error(w, style, 503, QUEUE_FULL)
@@ -354,6 +354,10 @@ class Api:
                 "context_length": min(r.num_ctx, r.spec.context_length),
             })
         w.respond(200, JSON_UTF8, go_dumps({"models": models}))
+
+    def sim_stats(self, req, w):
+        """GET /sim/stats: Engine.stats() as JSON (olb-sim only)."""
+        w.respond(200, JSON_UTF8, go_dumps(self.engine.stats()))
 
     def dcgm_metrics(self, req, w):
         """dcgm-exporter's /metrics for the simulated GPU."""
