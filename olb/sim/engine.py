@@ -273,10 +273,6 @@ class Runner:
         return best, best_common
 
 
-def _nothing(runner) -> None:
-    """The `then` of a cancelled request the scheduler still hands a runner."""
-
-
 class Pending:
     """A request waiting for the scheduler (Ollama's LlmRequest)."""
 
@@ -525,9 +521,10 @@ class Engine:
         r = self.runners.get(p.model.name.key)
         if r is not None:
             if not needs_reload(r.opts, p.opts):
-                # useLoadedRunner also for a cancelled request: the keep-alive
-                # applies and the idle timer restarts; nothing runs on it.
-                self._hand(r, p.keep_alive, _nothing if p.cancelled else p.then)
+                # Only on a first pass, right after the dequeue's check: the
+                # scheduler is the only one that loads, so after a wait p's
+                # model is gone or still needs the reload.
+                self._hand(r, p.keep_alive, p.then)
                 return True
             self._evict(r, RELOAD)
             return False
