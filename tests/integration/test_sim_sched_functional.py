@@ -1,6 +1,7 @@
 """olb-sim's Ollama scheduler over real sockets (127.0.0.1, port 0): a victim
 that keeps receiving requests delays the load that evicts it (sched.go
-getRunner's fast path), needsReload on another num_ctx, and GET /sim/stats.
+getRunner's fast path), needsReload on another num_ctx, a load aborted by its client, and GET
+/sim/stats.
 
 Simulated time runs fast (time_scale); durations in replies and in
 /sim/stats are simulated seconds.  Nothing sleeps for readiness.
@@ -107,3 +108,23 @@ def test_sim_stats_shape_with_and_without_gpu(loop):
         assert list(stats) == STATS_KEYS and post == 405
         assert stats == {"loads": 0, "unloads": 0, "evictions": 0, "reloads": 0, "eviction_wait_s": 0.0,
                          "pending": 0}
+
+
+def test_client_gone_during_its_load_aborts_the_load(loop):
+    config = GPU.replace(time_scale=10)
+
+    async def go(s):
+        big = await Open.send(s, "POST", "/api/generate", gen_body("llama3.1:70b"))
+        await until(lambda: s.engine.loads == 1)
+        listed = [m["name"] for m in await ps(s)]
+        big.writer.close()
+        await until(lambda: s.stats.aborted == 1)
+        gone = await ps(s), await sim_stats(s)
+        after = await generate(s, "mistral")                  # no 25 s load ahead of it
+        return listed, gone, after, await sim_stats(s)
+    listed, (models, stats), after, final = run(loop, go, config)
+    assert listed == ["llama3.1:70b"]
+    assert models == [] and stats["loads"] == 1 and stats["pending"] == 0 and stats["unloads"] == 0
+    load = PROFILE.load_seconds(_spec("mistral"))
+    assert after["load_duration"] / 1e9 == pytest.approx(load, abs=SLACK)
+    assert final["loads"] == 2
