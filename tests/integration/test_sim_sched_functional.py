@@ -1,7 +1,7 @@
 """olb-sim's Ollama scheduler over real sockets (127.0.0.1, port 0): a victim
 that keeps receiving requests delays the load that evicts it (sched.go
-getRunner's fast path), needsReload on another num_ctx, a load aborted by its client, and GET
-/sim/stats.
+getRunner's fast path), needsReload on another num_ctx, a load aborted by
+its client, and GET /sim/stats.
 
 Simulated time runs fast (time_scale); durations in replies and in
 /sim/stats are simulated seconds.  Nothing sleeps for readiness.
