@@ -199,6 +199,20 @@ def test_find_runner_to_unload(keep_alives, busy, victim):
 
 # --- processPending: the queue, cancellation, one load at a time ---------------------------
 
+def test_requests_for_a_loading_model_queue_and_share_its_load():
+    """load puts the runner in s.loaded only once llama.Load has returned:
+    until then requests for it are pending, then useLoadedRunner serves them."""
+    loop, engine, cat = gpu_engine()
+    m = model(cat, "llama3.1:8b")
+    first, a = request(engine, m, 0)
+    second, b = request(engine, m, 0)
+    assert isinstance(second, Pending) and engine.stats()["pending"] == 2
+    loop.run(until=T0 + 10)
+    assert a.at == b.at == pytest.approx(T0 + load_s(cat, "llama3.1:8b"))
+    assert a.calls[0][0] is b.calls[0][0] and engine.loads == 1
+
+
+
 def test_cancelled_during_its_load_aborts_it_and_the_scheduler_moves_on():
     loop, engine, cat = gpu_engine()
     big, _ = request(engine, model(cat, "llama3.1:70b"), 0)
