@@ -1202,7 +1202,12 @@ class Api:
                            and isinstance(b.get("text"), str))
             if text:
                 native.append({"role": "system", "content": text})
-        chars = len(system) if isinstance(system, str) else 0
+        # EstimateCountTokens counts the system text, roles, contents and tools.
+        chars = len(system) if isinstance(system, str) else len(native[0]["content"]) if native else 0
+        for t in body.get("tools") or []:
+            if isinstance(t, dict):
+                chars += sum(len(t.get(k) or "") for k in ("name", "description") if isinstance(t.get(k), str))
+                chars += len(go_dumps(t.get("input_schema"))) if t.get("input_schema") is not None else 0
         for m in messages:
             if not isinstance(m, dict):
                 kind = gojson._json_kind(m)
@@ -1231,6 +1236,8 @@ class Api:
                # EstimateInputTokens: len/4, at least 1 (message_start's usage).
                "estimate": max(1, chars // 4), "style": _Style.ANTHROPIC,
                "sinks": (AnthropicJson, AnthropicStream)}
+        if not native:
+            return self._compat_load(req, w, native_body, ctx)
         self._chat(req, w, native_body, ctx)
 
     def oai_responses(self, req, w):
@@ -1274,7 +1281,24 @@ class Api:
                "id": f"resp_{random.randrange(999999)}", "item": f"msg_{random.randrange(999999)}",
                "request": body, "created": self.clock.created_unix(),
                "sinks": (ResponsesJson, ResponsesStream)}
+        if not native:
+            return self._compat_load(req, w, native_body, ctx)
         self._chat(req, w, native_body, ctx)
+
+    def _compat_load(self, req, w, body: dict, ctx: dict) -> None:
+        """ChatHandler with no messages answers the load reply (done_reason
+        "load", no tokens); the Anthropic and Responses writers convert it
+        like any other final chunk."""
+        style = ctx.get("style", _Style.OAI)
+        model_in = body["model"]
+        found = self._resolve(w, style, model_in, 400, "model is required", self._not_found_chat)
+        if found is None:
+            return
+        entry = found[1]
+        if entry.spec.embedding_only:
+            return self._error(w, style, 400, f"{go_quote(model_in)} does not support chat")
+        sink = ctx["sinks"][bool(ctx["stream"])](self, w, req, model_in, 0, "load", 0, ctx)
+        self._acquire(w, style, entry, body, lambda runner: sink.finish(_LOAD_REPLY))
 
     # --- OpenAI compatibility ---------------------------------------------------
 
@@ -1839,6 +1863,16 @@ class OaiCompletionJson(_OaiJson):
 # --- /v1/messages (anthropic.StreamConverter / ToMessagesResponse) ---------------
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+class _LoadReply:
+    """The final chunk of a load reply, as the sinks read a Generation."""
+
+    limit = 0
+    n_tokens = 0
+
+
+_LOAD_REPLY = _LoadReply()
 
 
 def _sse(event: str, data: bytes) -> bytes:

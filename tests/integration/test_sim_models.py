@@ -3,7 +3,9 @@
 compatibility layers /v1/messages (Anthropic) and /v1/responses (openai client)."""
 
 import hashlib
+import tracemalloc
 
+import httpx
 import ollama
 import openai
 import orjson
@@ -234,3 +236,40 @@ def test_responses_with_the_openai_client(sim):
     with pytest.raises(openai.BadRequestError) as info:
         c.responses.create(model="llama3.2", input=[{"type": "bogus"}])
     assert info.value.body["message"] == 'input[0]: unknown input item type: "bogus"'
+
+
+def test_compat_layers_without_messages_give_the_load_reply(sim, loop_thread):
+    # ChatHandler answers no messages with the load reply; both writers convert it.
+    r = call(loop_thread, sim, "POST", "/v1/responses", {"model": "llama3.2", "input": ""})
+    out = r.json()
+    assert r.status == 200 and out["output"][0]["content"][0]["text"] == ""
+    assert out["usage"]["output_tokens"] == 0
+    s = call(loop_thread, sim, "POST", "/v1/responses", {"model": "llama3.2", "input": [], "stream": True})
+    assert [e.split(b"\n")[0] for e in s.events()] == [
+        b"event: response.created", b"event: response.in_progress", b"event: response.completed"]
+    m = call(loop_thread, sim, "POST", "/v1/messages", {"model": "llama3.2", "max_tokens": 3,
+                                                        "messages": [{"role": "user", "content": []}]})
+    assert m.status == 200 and m.json()["content"] is None and m.json()["stop_reason"] == "stop_sequence"
+    missing = call(loop_thread, sim, "POST", "/v1/responses", {"model": "nope", "input": ""})
+    assert missing.status == 404 and missing.json()["error"]["message"] == "model 'nope' not found"
+
+
+def test_blob_upload_is_hashed_as_it_streams(sim):
+    # A 16 MiB chunked upload: the server's peak allocation stays far below
+    # the body's size (only the first MiB is kept, for the GGUF header).
+    chunk = bytes(range(256)) * 256
+    n = 256
+    sha = hashlib.sha256()
+    for _ in range(n):
+        sha.update(chunk)
+    digest = "sha256:" + sha.hexdigest()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        r = httpx.post(f"{sim.url}/api/blobs/{digest}", content=(chunk for _ in range(n)), timeout=60)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 201
+    assert sim.catalogue.blob(digest).size == n * len(chunk)
+    assert peak < 4 * 2**20
