@@ -787,7 +787,10 @@ class Api:
             return self._error(w, _Style.NATIVE, 400, "invalid model name")
         spec = known_spec(model_in)
         existing = self.catalogue.lookup(name)
-        if spec is None and existing is not None:
+        if spec is None and existing is not None and existing.config is None:
+            # An installed model the registry "has" (a configured ModelSpec);
+            # one made by /api/create exists only here, and the registry
+            # answers for it as for any unknown name.
             spec = existing.spec
         stream = body.get("stream")
         stream = stream is None or stream

@@ -60,6 +60,10 @@ def test_create_from_a_blob_then_generate_copy_push_delete(sim, gguf_file, loop_
         g = c.generate(model="mine", prompt="hi", options={"num_predict": 4})
         assert g.done_reason == "length" and g.eval_count == 4 and g.response
 
+        # Made here, so the (simulated) registry does not have it.
+        with pytest.raises(ollama.ResponseError) as info:
+            c.pull("mine")
+        assert info.value.error == "pull model manifest: file does not exist"
         assert c.copy("mine", "me/copy:v1").status == "success"
         tags = {m.model: m for m in c.list().models}
         assert tags["me/copy:v1"].digest == tags["mine:latest"].digest
