@@ -107,6 +107,10 @@ def test_create_from_a_base_with_system_and_parameters(sim, loop_thread):
         assert again[1:3] == [f"using existing layer {system}", f"using existing layer {params}"]
         listed = {m.model: m for m in c.list().models}
         assert listed["terse:latest"].details.family == "llama"
+        shown = call(loop_thread, sim, "POST", "/api/show", {"model": "terse"}).json()
+        assert shown["system"] == "Be brief." and shown["parameters"] == f"{'temperature':<30} 0.2"
+        assert 'SYSTEM """Be brief."""' in shown["modelfile"]
+        assert "PARAMETER temperature 0.2" in shown["modelfile"]
         r = c.chat(model="terse", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 3})
         assert r.eval_count == 3
         # A base the simulated registry knows is pulled first (parseFromModel).
