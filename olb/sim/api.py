@@ -46,8 +46,7 @@ from olb.sim import gguf
 from olb.sim.catalogue import (DEFAULT_HOST, MEDIA_ADAPTER, MEDIA_CONFIG, MEDIA_LICENSE, MEDIA_MESSAGES,
                                MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, Blob, Catalogue,
                                Layer, ModelName, blob_path, known_spec, manifest_digest, model_layer_digest,
-                               parse_name,
-                               spec_from_gguf)
+                               parse_name, spec_from_gguf)
 from olb.sim.clock import Clock
 from olb.sim.config import SimConfig
 from olb.sim.engine import REJECTED, Engine, Generation, SlotHold, decode_interval, prefill_seconds
@@ -1082,13 +1081,12 @@ class Api:
                 yield {"status": status}
         yield {"status": "writing manifest"}
         old = cat.lookup(name)
-        entry = cat.install(replace(spec, name=name.display), self.clock.now(), name=name,
-                            layers=tuple(final), config=config,
-                            digest=manifest_digest(config, final))
+        cat.install(replace(spec, name=name.display), self.clock.now(), name=name, layers=tuple(final),
+                    config=config, digest=manifest_digest(config, final))
         if old is not None:
+            # The replaced manifest's layers no model uses any more (oldManifest.RemoveLayers).
             cat.prune(old.all_layers())
         yield {"status": "success"}
-        return entry
 
     def push(self, req, w):
         """PushHandler -> PushModel, without a network: a model on the
