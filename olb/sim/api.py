@@ -1308,9 +1308,16 @@ class Api:
         stream = bool(body.get("stream"))
         native_body = {"model": body.get("model") or "", "messages": native, "options": options,
                        "stream": stream}
-        effort = (body.get("reasoning") or {}).get("effort")
+        effort = (body.get("reasoning") or {}).get("effort") or ""
         if effort:
-            native_body["think"] = effort
+            # thinkFromReasoningEffort.
+            think = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                     "max": "max", "xhigh": "max", "ultra": "max"}.get(effort)
+            if think is None:
+                return self._middleware_error(
+                    w, 400, f"invalid reasoning value: {go_quote(effort)} (must be \"minimal\", \"low\", "
+                            '"medium", "high", "xhigh", "ultra", "max", or "none")')
+            native_body["think"] = think
         tools = body.get("tools")
         if tools:
             native_body["tools"] = tools

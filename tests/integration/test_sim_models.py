@@ -244,6 +244,12 @@ def test_responses_with_the_openai_client(sim):
     with pytest.raises(openai.BadRequestError) as info:
         c.responses.create(model="llama3.2", input=[{"type": "bogus"}])
     assert info.value.body["message"] == 'input[0]: unknown input item type: "bogus"'
+    with pytest.raises(openai.BadRequestError) as info:
+        c.responses.create(model="llama3.2", input="x", reasoning={"effort": "huge"})
+    assert info.value.body["message"].startswith('invalid reasoning value: "huge" (must be "minimal"')
+    # "none" turns thinking off, which a model without thinking accepts.
+    assert c.responses.create(model="llama3.2", input="x", reasoning={"effort": "none"},
+                              max_output_tokens=2).usage.output_tokens == 2
 
 
 def test_compat_layers_without_messages_give_the_load_reply(sim, loop_thread):
