@@ -461,6 +461,12 @@ class ModelDirectory:
         #: Per model, the largest footprint (/api/ps "size", bytes) seen for it
         #: on any backend: what loading it again will take.
         self.footprint: dict[str, int] = {}
+        #: Per model, its size on disk (/api/tags "size", bytes), and the
+        #: largest footprint / disk size ratio seen for any model: a model
+        #: never seen loaded is expected to take its disk size times that
+        #: (see need).
+        self.disk_size: dict[str, int] = {}
+        self.overhead = 0.0
         #: Per backend, free GPU memory in bytes and the number of its GPUs,
         #: from NVML or a DCGM scrape (set_gpu_memory); None: not known.
         self.vram_free: list[int | None] = [None] * self.n
@@ -560,7 +566,7 @@ class ModelDirectory:
         only[index] = 1
         if self.fits(model, only)[index]:
             return False
-        if model in self.footprint:
+        if self.need(model) is not None:
             return True
         limit = self.room_models[index]
         if self.vram_free[index] is not None:
@@ -765,13 +771,14 @@ class ModelDirectory:
         So an 80 GiB GPU serving two models takes a third one beside them,
         where counting models alone would pick a 12 GiB GPU serving one and
         evict it (under load that made cascades of loads on the small GPUs
-        of bench/scheduling.py). Nothing is claimed for a model never seen
-        loaded (its footprint is unknown); models olb has just placed count
-        as resident, and as too big when their footprint is unknown, until
-        /api/ps shows them.
+        of bench/scheduling.py). A model never seen loaded is expected to
+        take its disk size scaled as the models seen loaded were (need);
+        nothing is claimed when that is not known either. Models olb has
+        just placed count as resident, and as too big when their need is
+        unknown, until /api/ps shows them.
         """
         out = bytearray(self.n)
-        need = self.footprint.get(model)
+        need = self.need(model)
         if need is None:
             return out
         candidates = to_mask(bits(mask) & ~bits(self.loaded_mask(model)), self.n)
@@ -796,8 +803,22 @@ class ModelDirectory:
         for model, i in self.placed:
             if i == index and (names is None or model not in names):
                 count += 1
-                placed += self.footprint.get(model, float("inf"))
+                need = self.need(model)
+                placed += need if need is not None else float("inf")
         return count, self.ps_vram[index], placed
+
+    def need(self, model: str) -> float | None:
+        """The VRAM (bytes) loading `model` is expected to take: its largest
+        /api/ps footprint, else, for a model never seen loaded, its size on
+        disk times the largest footprint-to-disk ratio of any model seen
+        loaded (weights plus the KV cache and graph Ollama adds, as this
+        cluster runs them); None when neither is known."""
+        need = self.footprint.get(model)
+        if need is None and self.overhead:
+            disk = self.disk_size.get(model)
+            if disk:
+                need = disk * self.overhead
+        return need
 
     def set_gpu_memory(self, index: int, free_bytes: int | None, gpus: int = 0) -> None:
         """A backend's free GPU memory (bytes, over its `gpus` GPUs); None: no reading."""
@@ -878,6 +899,10 @@ class ModelDirectory:
         self.known[index] = 1
         self.tags[index] = tags
         self._set_column(self.installed, self.installed_mask, {_entry_name(m) for m in tags}, index)
+        for e in tags:
+            size = _int(e.get("size"))
+            if size:
+                self.disk_size[_entry_name(e)] = size
         if ps is not None:
             self.ps[index] = ps
             self.ps_names[index] = names = {_entry_name(m) for m in ps}
@@ -896,6 +921,9 @@ class ModelDirectory:
                 model = _entry_name(e)
                 if size > self.footprint.get(model, 0):
                     self.footprint[model] = size
+                disk = self.disk_size.get(model)
+                if disk:
+                    self.overhead = max(self.overhead, size / disk)
         self.room_models[index] = max(self.room_models[index], len(ps))
         self.room_vram[index] = max(self.room_vram[index], vram)
         self.ps_vram[index] = vram

@@ -390,3 +390,21 @@ def test_a_20_mb_body_is_not_decoded_whole(monkeypatch):
     assert len(body) > 20 * 1024 * 1024
     assert parse_request(body) == ("llava:13b", None, (("num_ctx", 16384),))
     assert decoded and max(decoded) < 100
+
+
+@pytest.mark.parametrize("tags_size, seen, expected", [
+    # a: 4 GB on disk took 5 GB loaded (ratio 1.25); new: 8 GB on disk -> 10 GB.
+    (8 * GB, True, 10 * GB),
+    (None, True, None),            # no disk size: nothing to scale
+    (8 * GB, False, None),         # no model seen loaded: no ratio
+])
+def test_need_of_a_model_never_seen_loaded(tags_size, seen, expected):
+    d = directory(2)
+    tags = [{"name": "a", "size": 4 * GB}, {"name": "new", "size": tags_size}]
+    d.set_catalogue(0, tags, ps(("a", 5 * GB, 5 * GB)) if seen else [])
+    assert d.need("new:latest") == expected
+    assert d.need("a:latest") == (5 * GB if seen else None)  # its own footprint, once seen
+    # and the room rule uses it: 1 has 14 GB free on one GPU, 0.8 x 14 >= 10.
+    d.set_catalogue(1, tags, [])
+    d.set_gpu_memory(1, 14 * GB, 1)
+    assert d.fits("new:latest", bytearray([0, 1])) == bytearray([0, 1 if expected else 0])

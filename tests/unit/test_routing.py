@@ -112,6 +112,20 @@ def room_beside_the_resident_ones():
     return w, (A,), "ADMIT 2 placed"
 
 
+def room_for_a_model_never_seen_loaded():
+    # x was never loaded: its disk size, scaled as b's was (4 -> 5 GB), says
+    # 10 GB, which fits beside b on 0's 60 GB free; by demand alone it would
+    # evict c on the small 1.
+    w = World(2)
+    tags = [{"name": B, "size": 4 * GB}, {"name": C, "size": 4 * GB}, {"name": X, "size": 8 * GB}]
+    w.models.set_catalogue(0, tags, [{"name": B, "size": 5 * GB, "size_vram": 5 * GB}])
+    w.models.set_catalogue(1, tags, [{"name": C, "size": 5 * GB, "size_vram": 5 * GB}])
+    w.models.set_gpu_memory(0, 60 * GB, 1)
+    w.models.set_gpu_memory(1, 6 * GB, 1)
+    past(w, B, 0, 4)
+    return w, (X,), "ADMIT 0 placed"
+
+
 def room_full_of_requests_waits_for_it():
     w = World()
     w.catalogue(2, [A, B, C], [A, B, C])
@@ -256,7 +270,7 @@ def an_abandoned_load_ends_the_leaving():
 
 CASES = [missing, unknown_catalogue_may_have_it, warm_first, warm_full_waits_for_it,
          spreads_past_spread_queue, requests_behind_a_load_count_as_waiting, excluded_backends_are_not_tried,
-         room_beside_the_resident_ones, room_full_of_requests_waits_for_it,
+         room_beside_the_resident_ones, room_for_a_model_never_seen_loaded, room_full_of_requests_waits_for_it,
          spare_before_evicting_a_model_in_use, no_spare_a_warm_model_waits_for_its_warm_backends,
          least_harm_prefers_an_idle_victim, least_harm_counts_the_stall, all_down_is_unreachable,
          runner_with_matching_options, default_options_avoid_a_runner_with_others,
