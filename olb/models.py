@@ -929,10 +929,11 @@ class ModelDirectory:
         self.ps_vram[index] = vram
 
     def _learn_runners(self, index: int, ps: list[dict], names: set[str]) -> None:
-        # A runner no longer listed is gone with its options; a load olb
-        # started that has answered is over, its victims either gone from
-        # this /api/ps or staying (see mark_placed).
-        for key in [k for k in self.runners if k[1] == index and k[0] not in names]:
+        # A runner no longer listed is gone with its options (one olb has
+        # sent to load there and not heard from yet is on its way); a load
+        # olb started that has answered is over, its victims either gone
+        # from this /api/ps or staying (see mark_placed).
+        for key in [k for k in self.runners if k[1] == index and k[0] not in names and k not in self.placed]:
             del self.runners[key]
         for key in [k for k in self.ps_context if k[1] == index]:
             del self.ps_context[key]

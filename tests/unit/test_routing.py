@@ -349,6 +349,17 @@ def test_leaving_lasts_from_the_placement_to_the_catalogue_that_shows_the_load()
     assert not d.held(A)
 
 
+def test_runner_options_outlive_a_poll_during_their_load_not_an_unload():
+    w = World(2).everywhere([A], {0: [A], 1: [A]})
+    d = w.models
+    d.mark_placed(A, 0, K8)              # a reload with num_ctx 8192 on its way
+    w.everywhere([A], {1: [A]})          # a poll while it loads: not listed yet
+    assert d.runners[(A, 0)] == K8
+    d.answered(A, 0, K8)
+    w.everywhere([A], {1: [A]})          # listed no more after its answer: unloaded
+    assert (A, 0) not in d.runners
+
+
 def test_queue_identity():
     def req(headers):
         return SimpleNamespace(header=lambda name: headers.get(name))
