@@ -210,19 +210,25 @@ class Balancer:
         """
         full: set[int] = set()
         order = self.queue.service_order()
+        models = self.models
         for waiter in order:
             allowed = waiter.allowed
             key = id(allowed)
             if key in full:
                 continue
+            held = waiter.model is not None and models is not None and models.held(waiter.model)
+            if held:
+                # Its model is leaving a backend for a load olb started since
+                # it was queued (routing rule E): not there.
+                allowed = self.router.not_leaving(waiter.model, allowed)
             index = self.acquire(allowed, waiter.affinity)
             if index == NO_BACKEND:
                 if self.usable(allowed):
-                    full.add(key)
+                    if not held:
+                        full.add(key)
                     continue
-                if waiter.model is not None and self.models is not None and self.models.held(waiter.model):
-                    # Its model is leaving a backend for a load olb started
-                    # (routing rule E): it waits for that load to be seen.
+                if held:
+                    # It waits for that load to be seen, not routed again.
                     continue
                 # Everything it may use went down (or unloaded its model)
                 # while it waited: route it again from scratch.

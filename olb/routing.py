@@ -141,6 +141,16 @@ class Router:
                 return True
         return False
 
+    def not_leaving(self, model: str, mask):
+        """`mask` (None: every backend) less the backends `model` is leaving
+        (rule E): for a request queued before the load that evicts it began."""
+        leaving = self.models.leaving.get(model)
+        n = self.table.n
+        if leaving is None:
+            return mask
+        away = bits(bytes(1 if count else 0 for count in leaving))
+        return to_mask((bits(mask) if mask is not None else bits(b"\x01" * n)) & ~away, n)
+
     # --- decisions ---------------------------------------------------------------------
 
     def route_any(self, allowed=None, affinity: int | None = None) -> Decision:

@@ -648,3 +648,53 @@ def test_a_model_leaving_its_only_backend_waits_in_olbs_queue(loop):
     assert decisions == 1 + 3 + 3
     assert first == 200 and statuses == [200] * 3
     assert loads == 2 and evictions == 2  # qwen2.5 in, then llama3.2 back in
+
+
+def test_a_request_queued_before_an_evicting_load_does_not_join_the_victim(loop):
+    """One simulated GPU that holds one model, llama3.2 on it, olb's max=2
+    taken by two llama3.2 streams. A qwen2.5 request waits in olb's queue
+    (rule 5), then a llama3.2 one (for its warm backend). The streams end:
+    qwen2.5 takes the first slot and starts a load that evicts llama3.2;
+    the llama3.2 request, queued before that, does not take the second slot
+    (it would join the victim and hold the load up, as Ollama's fast path
+    attaches it to the runner being evicted): it waits until the load is
+    seen, then loads llama3.2 back."""
+    from test_sim_api import until
+
+    async def main():
+        gpu = BASE.replace(gpu="default", time_scale=20, max_loaded_models=1, num_parallel=4,
+                           preload=("llama3.2:latest",))
+        proxy, sims = await start([gpu], max_inflight=2, session_bound=0)
+        balancer = proxy.balancer
+        clients = []
+        try:
+            streams = []
+            for i in range(2):
+                s = await RawClient.connect(proxy.port)
+                s.send("POST", "/api/generate", {"model": "llama3.2", "prompt": f"long {i}",
+                                                 "options": {"num_predict": 4000}})
+                await asyncio.wait_for(s.reader.readuntil(b'"done":false'), 10)
+                streams.append(s)
+            for model in ("qwen2.5:7b", "llama3.2"):
+                c = await RawClient.connect(proxy.port)
+                c.send("POST", "/api/generate", {"model": model, "prompt": "x", "stream": False,
+                                                 "options": {"num_predict": 2}})
+                clients.append(c)
+                await until(lambda: len(balancer.queue) == len(clients))
+            for s in streams:
+                s.close()
+            # Both slots freed: qwen2.5 holds one; the llama3.2 request is still queued.
+            await until(lambda: balancer.table.inflight(0) == 1 and balancer.models.held("llama3.2:latest"))
+            await until(lambda: sims[0].stats.active == 1)
+            queued = len(balancer.queue)
+            statuses = [(await c.response(timeout=20)).status for c in clients]
+            return queued, statuses, sims[0].engine.loads
+        finally:
+            for c in clients:
+                c.close()
+            await stop(proxy, sims)
+
+    queued, statuses, loads = run(loop, main())
+    assert queued == 1
+    assert statuses == [200, 200]
+    assert loads == 2  # qwen2.5, then llama3.2 again

@@ -377,3 +377,11 @@ def test_cold_decisions_are_counted():
     w.queued[A] = 4     # past OLB_SPREAD_QUEUE: rules 2-5 run
     w.route(A)
     assert (w.router.decisions, w.router.cold_decisions) == (2, 1)
+
+
+@pytest.mark.parametrize("mask, expected", [(None, "01"), (bytearray([1, 1]), "01"), (bytearray([1, 0]), "00")])
+def test_not_leaving(mask, expected):
+    w = World(2).catalogue(0, [A, X], [A]).catalogue(1, [A], [A])
+    assert w.router.not_leaving(A, mask) is mask  # nothing leaving yet
+    leaving(w)
+    assert "".join(str(b) for b in w.router.not_leaving(A, mask)) == expected
