@@ -120,6 +120,10 @@ class Balancer:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.rejected = 0
+        #: Where pick() starts looking next (requests that take no slot go round).
+        self._next_pick = 0
+        #: Probes under way after a timeout, by backend (see check()).
+        self._checks: dict[int, asyncio.Task] = {}
 
     # --- admission -------------------------------------------------------------------
 
@@ -137,6 +141,23 @@ class Balancer:
         self.table.release(index)
         if self.queue:
             self._drain_queue()
+
+    def pick(self, allowed=None) -> int:
+        """A healthy backend for a request that runs no model, or NO_BACKEND.
+
+        Such a request (models.takes_slot) takes no slot: nothing is counted,
+        so there is nothing to release, and it never queues. Each call starts
+        after the last backend picked, so they share the work.
+        """
+        table = self.table
+        n = table.n
+        start = self._next_pick
+        for k in range(n):
+            i = (start + k) % n
+            if (allowed is None or allowed[i]) and table.is_healthy(i):
+                self._next_pick = i + 1
+                return i
+        return NO_BACKEND
 
     def usable(self, allowed=None) -> bool:
         """Is any allowed backend healthy (full or not)?"""
@@ -282,6 +303,36 @@ class Balancer:
         if backend.strikes >= self.config.eject_after:
             backend.strikes = 0
             self.mark_down(index, f"{self.config.eject_after} failures in a row, the last: {reason}")
+
+    def check(self, index: int, reason: str) -> asyncio.Future:
+        """Probe a backend after a request to it timed out; mark it down only if the probe fails.
+
+        A timeout alone does not tell a slow backend from a dead one, so it
+        is no strike (see docs/operations.md, Timeouts). Everyone who asks
+        while a probe of that backend is under way shares it.
+
+        Returns:
+            a future: None when the backend answered the probe, else what went wrong.
+        """
+        task = self._checks.get(index)
+        if task is None:
+            if self._closed:
+                task = self.loop.create_future()
+                task.cancel()
+                return task
+            task = self._checks[index] = self.loop.create_task(self._check(index, reason))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _check(self, index: int, reason: str) -> str | None:
+        try:
+            error = await self.probe(self.backends[index])
+        finally:
+            self._checks.pop(index, None)
+        if error is not None:
+            self.mark_down(index, f"{reason}; then a probe failed: {error}")
+        return error
 
     def mark_up(self, index: int) -> None:
         backend = self.backends[index]
