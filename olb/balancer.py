@@ -19,7 +19,12 @@ Health: a backend that refuses a connection is marked down at once
 (passive check) and probed with exponential back-off until it answers; the
 active check probes every backend every OLB_HEALTH_INTERVAL. A probe is a
 `GET /`, which Ollama answers with 200 "Ollama is running" without touching
-a model.
+a model. A request that times out is no strike: `check` probes the backend
+then, and marks it down only if the probe fails (slow is not dead; see
+docs/operations.md).
+
+Requests that run no model take no slot: `pick` gives them a healthy
+backend, in turn, without counting anything.
 """
 
 from __future__ import annotations

@@ -24,11 +24,18 @@ Exchange states (one request's life; each arrow is the only way in):
       |  +------retry---------+------------------------+  (before the first    |
       |     (same request, another backend, bounded    |   byte only)          |
       |      by OLB_RETRIES)                           |                       |
-      +--expired / full--> error response            timeout -> 504      backend lost -> error
-                                                                         line (chunked) or close
+      +--expired / full--> error response            timeout -> probe    backend lost -> error
+                                                     (504, or wait on if  line (chunked) or close
+                                                      not streamed and the
+                                                      backend answers it)
+
+A request that runs no model (models.takes_slot: /, /api/version, /api/show,
+...) skips QUEUED: Balancer.pick gives it a healthy backend without counting
+a slot, so it never waits behind inference.
 
 Invariants: the backend index is acquired at admit and released exactly
-once (_release clears it); a client that goes away aborts the backend
+once (_release clears it; an exchange without a slot holds an index but
+nothing counted, and releases nothing); a client that goes away aborts the backend
 connection at once, because closing that socket is what makes Ollama stop
 generating; after the first response byte there is no retry.
 """
