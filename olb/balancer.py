@@ -35,7 +35,9 @@ import logging
 import time
 
 from ._core import NO_BACKEND, BackendTable
+from .client import BackendClient
 from .config import Config
+from .errors import OlbError
 from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
@@ -49,19 +51,25 @@ DRAIN_POLL = 0.25
 #: Back-off for probing a backend marked down: first retry, cap (seconds).
 PROBE_FIRST = 0.5
 PROBE_MAX = 30.0
+#: Largest answer to a probe's GET / ("Ollama is running": 17 bytes).
+PROBE_MAX_BODY = 64 * 1024
 
 
 class Backend:
     """What a worker knows of one backend besides the table's counters."""
 
-    __slots__ = ("index", "spec", "url", "pool", "up", "down_since", "last_error", "probe_delay", "probing",
-                 "strikes")
+    __slots__ = ("index", "spec", "url", "pool", "client", "up", "down_since", "last_error", "probe_delay",
+                 "probing", "strikes")
 
-    def __init__(self, index, spec, pool):
+    def __init__(self, index, spec, pool, client=None):
         self.index = index
         self.spec = spec
         self.url = spec.url
+        #: Keep-alive connections of the data path (proxied requests).
         self.pool = pool
+        #: The control-plane client (client.BackendClient): probes, model
+        #: polls, fan-outs. Its own keep-alive connections, never the pool's.
+        self.client = client
         #: Reachable, as far as the health checks know (draining is separate).
         self.up = True
         #: Consecutive failed exchanges (timeouts, broken connections).
@@ -99,7 +107,8 @@ class Balancer:
             # flight: fewer would close and reopen connections under full load.
             Backend(i, s, BackendPool(loop, i, s.host, s.port, s.hostport.encode(),
                                       config.connect_timeout, protocol_factory,
-                                      max_idle=max(64, s.max_inflight)))
+                                      max_idle=max(64, s.max_inflight)),
+                    BackendClient(s.host, s.port, connect_timeout=config.connect_timeout))
             for i, s in enumerate(specs)
         ]
         # Only the `llm` policy routes by model and conversation; the plain
@@ -366,21 +375,18 @@ class Balancer:
             self.loop.call_later(DRAIN_POLL, self._watch_drained)
 
     async def probe(self, backend: Backend) -> str | None:
-        """GET / on the backend; None when healthy, else what went wrong."""
-        spec = backend.spec
-        writer = None
+        """GET / on the backend, connect included within OLB_CONNECT_TIMEOUT;
+        None when healthy, else what went wrong."""
+        timeout = self.config.connect_timeout
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                reader, writer = await asyncio.open_connection(spec.host, spec.port)
-                writer.write(b"GET / HTTP/1.1\r\nhost: %s\r\nconnection: close\r\n\r\n" % spec.hostport.encode())
-                line = await reader.readline()
-        except (OSError, asyncio.TimeoutError) as exc:
-            return f"{type(exc).__name__}: {exc}".rstrip(": ")
-        finally:
-            if writer is not None:
-                writer.close()
-        if not line.startswith(b"HTTP/1.") or line[9:12] != b"200":
-            return f"GET / answered {line.strip()[:64]!r}"
+            async with asyncio.timeout(timeout):
+                resp = await backend.client.request("GET", "/", max_body=PROBE_MAX_BODY)
+        except asyncio.TimeoutError:
+            return f"GET / not answered within {timeout:g}s (OLB_CONNECT_TIMEOUT)"
+        except OlbError as exc:
+            return exc.message
+        if resp.status != 200:
+            return f"GET / answered {resp.status}"
         return None
 
     async def _probe_until_up(self, backend: Backend) -> None:
@@ -450,6 +456,7 @@ class Balancer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for backend in self.backends:
             backend.pool.close()
+            await backend.client.close()
 
     # --- admin -------------------------------------------------------------------------
 

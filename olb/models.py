@@ -36,6 +36,8 @@ import urllib.parse
 
 import orjson
 
+from .errors import OlbError
+
 log = logging.getLogger("olb.models")
 
 #: Ollama's defaults for what a backend holds (ollama-api.md §4.2, §4.4):
@@ -520,12 +522,12 @@ class ModelDirectory:
 
     async def refresh(self, index: int) -> bool:
         """Read one backend's /api/tags and /api/ps; False when it did not answer."""
-        spec = self.backends[index].spec
+        backend = self.backends[index]
         try:
-            tags = await _get_json(spec, "/api/tags", self.timeout)
-            ps = await _get_json(spec, "/api/ps", self.timeout)
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
-            log.debug("model poll of %s failed: %s", spec.url, exc)
+            tags = await _get_json(backend.client, "/api/tags", self.timeout)
+            ps = await _get_json(backend.client, "/api/ps", self.timeout)
+        except (OlbError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("model poll of %s failed: %s", backend.url, exc or type(exc).__name__)
             return False
         self.set_catalogue(index, list(tags.get("models") or []), list(ps.get("models") or []))
         return True
@@ -607,36 +609,19 @@ def _int(value) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
-async def _get_json(spec, path: str, timeout: float) -> dict:
-    """A small GET on a fresh connection (control plane, not the data path)."""
-    writer = None
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(spec.host, spec.port)
-            writer.write(b"GET %s HTTP/1.1\r\nhost: %s\r\naccept: application/json\r\nconnection: close\r\n\r\n"
-                         % (path.encode(), spec.hostport.encode()))
-            data = await reader.read(-1)
-    finally:
-        if writer is not None:
-            writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or head[9:12] != b"200":
-        raise ValueError(f"GET {path} answered {head[:40]!r}")
-    if b"transfer-encoding: chunked" in head.lower():
-        body = _dechunk(body)
-    doc = orjson.loads(body)
+#: Largest /api/tags or /api/ps answer read: a few hundred models are ~100 KB.
+MAX_CATALOGUE_BYTES = 8 * 1024 * 1024
+
+
+async def _get_json(client, path: str, timeout: float) -> dict:
+    """GET a JSON object from a backend's control-plane client (keep-alive,
+    size-capped), the whole exchange within `timeout`."""
+    async with asyncio.timeout(timeout):
+        resp = await client.request("GET", path, headers=((b"accept", b"application/json"),),
+                                    max_body=MAX_CATALOGUE_BYTES)
+    if resp.status != 200:
+        raise ValueError(f"GET {path} answered {resp.status}")
+    doc = resp.json()
     if not isinstance(doc, dict):
         raise ValueError(f"GET {path} did not answer a JSON object")
     return doc
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = []
-    pos = 0
-    while True:
-        end = data.index(b"\r\n", pos)
-        size = int(data[pos:end].split(b";", 1)[0], 16)
-        if size == 0:
-            return b"".join(out)
-        out.append(data[end + 2:end + 2 + size])
-        pos = end + 2 + size + 2

@@ -318,3 +318,54 @@ def test_host_check_covers_every_path_and_keeps_the_connection(loop):
     assert [r.status for r in out] == [403, 403, 403, 200]
     assert old.status == 200
     assert reached == 2  # the allowed /api/version twice; nothing refused got through
+
+
+# --- the control-plane client under probes and polls ----------------------------------------
+
+def test_probes_and_model_polls_share_one_keep_alive_connection(loop):
+    async def main():
+        proxy, sims = await start([FAST], models_interval=60)
+        try:
+            balancer = proxy.balancer
+            stats = sims[0].stats
+            results = [await balancer.probe(balancer.backends[0])]
+            opened, tags = stats.connections_total, stats.by_path["/api/tags"]
+            for _ in range(3):
+                results.append(await balancer.models.refresh(0))
+                results.append(await balancer.probe(balancer.backends[0]))
+            return results, stats.connections_total - opened, stats.by_path["/api/tags"] - tags
+        finally:
+            await stop(proxy, sims)
+
+    results, opened, tags = run(loop, main())
+    assert results == [None] + [True, None] * 3 and tags == 3
+    assert opened == 0  # all of it over a connection already open
+
+
+def test_an_oversized_catalogue_is_refused_not_read_whole(loop, monkeypatch):
+    from olb import models
+
+    async def main():
+        proxy, sims = await start([FAST], models_interval=60)
+        try:
+            monkeypatch.setattr(models, "MAX_CATALOGUE_BYTES", 256)  # the sim's /api/tags is larger
+            return await proxy.balancer.models.refresh(0), await proxy.balancer.probe(proxy.balancer.backends[0])
+        finally:
+            await stop(proxy, sims)
+
+    refreshed, probe = run(loop, main())
+    assert refreshed is False and probe is None  # the poll failed; the backend is fine
+
+
+def test_a_probe_of_a_stopped_backend_says_why(loop):
+    async def main():
+        proxy, sims = await start([FAST], models_interval=0)
+        try:
+            assert await proxy.balancer.probe(proxy.balancer.backends[0]) is None
+            await sims[0].close()  # its keep-alive connection goes too
+            return await proxy.balancer.probe(proxy.balancer.backends[0])
+        finally:
+            await stop(proxy, sims)
+
+    error = run(loop, main())
+    assert error is not None and "connect to 127.0.0.1:" in error
