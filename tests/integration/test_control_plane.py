@@ -258,6 +258,28 @@ def test_slow_first_token_of_a_stream_is_504_without_ejecting(loop):
     assert up is True and after.status == 200
 
 
+def test_a_stream_silent_past_the_idle_timeout_ends_without_ejecting(loop):
+    """Mid-stream silence longer than OLB_IDLE_TIMEOUT ends that stream with
+    Ollama's error line; the backend answers its probe and stays in."""
+    halting = SimConfig(token_rate=0.5, ttft=0, seed=5)  # the first token at once, then one per 2 s
+
+    async def main():
+        proxy, sims = await start([halting], models_interval=0, first_byte_timeout=0.3, idle_timeout=0.3,
+                                  eject_after=2)
+        try:
+            streams = [await fetch(proxy.port, "POST", "/api/generate",
+                                   {"model": "llama3.2", "prompt": f"s{i}", "options": {"num_predict": 4}})
+                       for i in range(3)]
+            await until(lambda: not proxy.balancer._checks)
+            return streams, proxy.balancer.backends[0].up, inflight(proxy)
+        finally:
+            await stop(proxy, sims)
+
+    streams, up, counts = run(loop, main())
+    assert all(r.status == 200 and "OLB_IDLE_TIMEOUT" in r.lines()[-1]["error"] for r in streams)
+    assert up is True and counts == [0]
+
+
 # --- Host check on a loopback listener ------------------------------------------------------
 
 def raw_request(port, data: bytes, method="GET", count=1):
