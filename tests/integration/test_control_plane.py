@@ -391,3 +391,32 @@ def test_a_probe_of_a_stopped_backend_says_why(loop):
 
     error = run(loop, main())
     assert error is not None and "connect to 127.0.0.1:" in error
+
+
+# --- the official clients -----------------------------------------------------------------------
+
+def test_official_clients_non_streamed_and_slower_than_the_first_byte_timeout(loop_thread):
+    """The official clients send non-streamed requests by default: answers
+    slower than OLB_FIRST_BYTE_TIMEOUT, more of them than OLB_EJECT_AFTER,
+    all arrive, and the backend stays in. The openai client's model
+    retrieve reads /v1/models/{id} from the merged view."""
+    ollama = pytest.importorskip("ollama")
+    openai = pytest.importorskip("openai")
+    slow = SimConfig(token_rate=0, ttft=0.4, seed=5)
+    proxy, sims = loop_thread.run(start([slow, FAST.replace(models=("qwen2.5:7b",))],
+                                        first_byte_timeout=0.1, eject_after=2))
+    try:
+        url = f"http://127.0.0.1:{proxy.port}"
+        with ollama.Client(host=url) as client:
+            replies = [client.generate(model="llama3.2", prompt=f"q{i}") for i in range(3)]
+            assert all(r.done and r.response for r in replies)
+            assert client.show("qwen2.5:7b").modelinfo is not None
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+            chat = client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}])
+            assert chat.choices[0].message.content
+            assert client.models.retrieve("qwen2.5:7b").id == "qwen2.5:7b"
+            with pytest.raises(openai.NotFoundError):
+                client.models.retrieve("nope")
+        assert [b.up for b in proxy.balancer.backends] == [True, True]
+    finally:
+        loop_thread.run(stop(proxy, sims))
