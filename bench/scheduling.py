@@ -3,7 +3,9 @@
     python -m bench.scheduling                      # the default sweep, ~9 min on 2 cores
     python -m bench.scheduling --quick              # a smoke run (~1.5 min)
     python -m bench.scheduling --full               # every load x both arrival patterns x 3 seeds (~60 min)
+    python -m bench.scheduling --issue13            # 3 cluster shapes x 70/80/90 % x 5 seeds (~25 min)
     python -m bench.scheduling --targets olb,nginx-lc --loads 1.1 --arrivals poisson --control-loads ''
+    python -m bench.scheduling --cluster uniform8,big70b --seeds 1,2,3
 
 The default run: the LLM mix at 20, 50, 80, 100 and 120 % load with Poisson
 arrivals, at 80 % with bursty arrivals, and the control mix at 80 %, seed 1,
@@ -14,18 +16,23 @@ scheduling.md (the tables and the issue's targets) and, with matplotlib,
 scheduling_vs_load.png (p99 TTFT and throughput against load per target) and
 scheduling_ttft_cdf.png (the TTFT distribution at 80 %).
 
-The cluster: four simulated Ollama instances (olb.sim with a simulated GPU),
-two fast (H100, 80 GiB) and two slow (RTX 3090 speeds, 12 GiB), in ONE child
-process, each started fresh for every (target, mix, load) so that every
-target begins from the same cold GPUs.  Everything runs `--time-scale` times
+The cluster (`--cluster`, CLUSTERS): simulated Ollama instances (olb.sim
+with a simulated GPU each) in ONE child process, started fresh for every
+(target, shape, mix, load, seed) so that every target begins from the same
+cold GPUs.  `mixed` (the default): two fast (H100, 80 GiB) and two slow (RTX
+3090 speeds, 12 GiB), six models; `uniform8`: eight RTX 4090 24 GB, ten
+models; `big70b`: two H100 and two RTX 4090, the six models and a 70B that
+fits only on the H100s (5 % of sessions; on a 24 GB card it spills to the
+CPU, as in Ollama).  Everything runs `--time-scale` times
 faster than real time; every time reported here is in SIMULATED seconds
 (measured real time x time scale), so a 5 ms stall of this 2-core machine
 shows as 5 ms x scale.
 
 The workload (fixed seed, the same request list for every target):
 
-* Six chat models with Zipf(s=1) popularity; the ranking rotates by one
-  model at each third of the run (drift).
+* The shape's chat models with Zipf(s=1) popularity; the ranking rotates by
+  one model at each third of the run (drift); `big70b`'s 70B has a fixed
+  5 % share outside the rotation.
 * Arrivals: sessions start as a Poisson process, or (`bursty`) as a
   Markov-modulated Poisson process with the same mean rate: "on" spells
   (exponential, mean 10 simulated s) at 2x the mean rate alternate with
@@ -45,7 +52,9 @@ The workload (fixed seed, the same request list for every target):
   one request costs prefill (whole prompt, no cache) + decode at a full batch
   of `--parallel` (r1/(1+0.15(B-1)) per sequence); a GPU's capacity is the
   inverse of the popularity-weighted mean cost; the cluster's is the sum.
-  Model loads are not counted, so 100 % is out of reach without affinity.
+  A model that fits only some GPUs (the 70B) is served by those alone and
+  the rest have what it leaves (see `capacity`).  Model loads are not
+  counted, so 100 % is out of reach without affinity.
 * The control mix: one model (llama3.1:8b), one-turn sessions with unique
   prompts, no shared prefix: nothing for a model- or cache-aware scheduler
   to win; olb should be within 5 % of least_conn there.
@@ -57,15 +66,22 @@ Targets: `olb` (OLB_POLICY=llm, the full scheduler: model awareness from
 differs -- `nginx-lc` (least_conn), `nginx-rr` (round-robin) and
 `haproxy-lc` (leastconn), as configured by bench/targets.py.
 
-Reported per target, mix and load, over the requests issued after the
-warm-up: TTFT p50/p99 (to the first streamed NDJSON line), end-to-end p99,
-throughput (eval tokens of completed requests / simulated time from the
-first request to the last completion), goodput (completed requests with
-TTFT <= --slo-ttft, per simulated second), the 503 and other-error shares
-(requests still open at the end of the drain count as errors), and over the
-whole run: model loads and simulated GPU-seconds spent loading, the prompt
-cache hit rate (cached / total prompt tokens, from the sims' engines), the
-share of time each GPU was busy, and the proxy's CPU seconds.
+Reported per target, shape, mix and load, over the requests issued after
+the warm-up: TTFT p50/p99/p99.9 (to the first streamed NDJSON line; a
+request still waiting for it when the drain ends counts with the time it
+waited, see `ttft_values`), end-to-end p99, throughput (eval tokens of
+completed requests / simulated time from the first request to the last
+completion), goodput (completed requests with TTFT <= --slo-ttft, per
+simulated second), the 503 and other-error shares (requests still open at
+the end of the drain count as errors), and over the whole run: requests
+unfinished at the end of the drain, model loads and simulated GPU-seconds
+spent loading, simulated seconds the instances spent waiting on evictions
+(each instance's `GET /sim/stats`, read before the sims stop; "n/a" where an
+olb.sim has no such endpoint), the prompt cache hit rate (cached / total
+prompt tokens, from the sims' engines), the share of time each GPU was
+busy, and the proxy's CPU seconds.  The report (bench/scheduling_report.py)
+gives the median over seeds with the min-max range, and checks issue 13's
+targets per shape, arrival pattern and load.
 """
 
 from __future__ import annotations
@@ -318,16 +334,29 @@ def _hostport(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+#: olb's periods and timeouts in SIMULATED seconds: olb reads real time, so the benchmark divides
+#: them by the time scale, and a faster run sees the cluster as often per simulated second
+#: (at the default scale 10: health 1 s, GPU poll 0.5 s, /api/ps 1 s, queue timeout olb's 30 s).
+OLB_SIM_SECONDS = {"OLB_HEALTH_INTERVAL": 10.0, "OLB_GPU_POLL": 5.0, "OLB_MODELS_INTERVAL": 10.0,
+                   "OLB_QUEUE_TIMEOUT": 300.0}
+
+
+def olb_env(urls: list[str], policy: str, olb_max: int, time_scale: float) -> dict:
+    """The OLB_* settings of an olb target (added to the environment)."""
+    spec = ",".join(f"{u};max={olb_max};metrics={u}/metrics" for u in urls)
+    env = {"OLB_BACKENDS": spec, "OLB_LISTEN": "127.0.0.1:0", "OLB_WORKERS": "1", "OLB_LOG_LEVEL": "warning",
+           "OLB_SESSION_BOUND": "1.25", "OLB_POLICY": policy}
+    env.update({k: f"{v / time_scale:g}" for k, v in OLB_SIM_SECONDS.items()})
+    return env
+
+
 def start_target(name: str, urls: list[str], args, tmp: str) -> Running:
     backends = [_hostport(u) for u in urls]
     if name in OLB_POLICIES:
         # Every olb target gets the same backends (with their DCGM pages) and settings; OLB_POLICY
         # alone decides how much of the scheduler is used (the plain policies read neither
         # models, conversations nor GPU metrics).
-        spec = ",".join(f"{u};max={args.olb_max};metrics={u}/metrics" for u in urls)
-        env = dict(os.environ, OLB_BACKENDS=spec, OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="1",
-                   OLB_HEALTH_INTERVAL="1", OLB_LOG_LEVEL="warning", OLB_GPU_POLL="0.5",
-                   OLB_MODELS_INTERVAL="1", OLB_SESSION_BOUND="1.25", OLB_POLICY=OLB_POLICIES[name])
+        env = dict(os.environ, **olb_env(urls, OLB_POLICIES[name], args.olb_max, args.time_scale))
         root = getattr(args, "olb_root", None)
         if root:
             # Another checkout's olb: `python -m olb` finds its package first.
@@ -825,8 +854,8 @@ PRESETS = {
     # Issue 13's matrix in ~35 min on 2 idle cores (bench/README.md says what each choice costs).
     "issue13": {"targets": "olb,nginx-lc,nginx-rr", "cluster": "mixed,uniform8,big70b", "loads": "0.7,0.8,0.9",
                 "arrivals": "poisson,bursty", "bursty_loads": "0.8", "control_loads": "0.8",
-                "control_cluster": "mixed", "seeds": "1,2,3,4,5", "duration": 60.0, "drain": 45.0,
-                "warmup": 10.0, "time_scale": 20.0},
+                "control_cluster": "mixed", "seeds": "1,2,3,4,5", "duration": 90.0, "drain": 60.0,
+                "warmup": 15.0, "time_scale": 20.0},
 }
 
 
@@ -853,8 +882,8 @@ def parse_args(argv=None):
                     help="olb, olb-lif, olb-rr, nginx-lc; 80 %% Poisson and the control; 50 simulated s each")
     ap.add_argument("--issue13", action="store_true",
                     help="issue 13's matrix: shapes mixed, uniform8, big70b at 70/80/90 %% Poisson and 80 %% bursty, "
-                         "the control on mixed, seeds 1-5; olb, nginx-lc, nginx-rr; 60 + 45 simulated s at "
-                         "time scale 20 (~35 min on 2 idle cores)")
+                         "the control on mixed, seeds 1-5; olb, nginx-lc, nginx-rr; 90 + 60 simulated s at "
+                         "time scale 20 (195 runs, ~25 min on 2 idle cores)")
     ap.add_argument("--duration", type=float, help=f"simulated seconds of arrivals per run (default: {d['duration']:g})")
     ap.add_argument("--drain", type=float,
                     help=f"simulated seconds after the arrivals for open requests to finish (default: {d['drain']:g})")
@@ -935,7 +964,7 @@ async def main_async(args) -> dict:
                 rows.append(row)
                 progress.say(f"{label:56} req {row['requests']:4}  ttft p99 {_f(row['ttft_p99'])}  "
                              f"tok/s {row['tokens_per_s']:.0f}  loads {row['loads']}  "
-                             f"evict wait {_f(row['eviction_wait_s'], '{:.0f}')}  "
+                             f"evict wait {_f(row['eviction_wait_s'], '{:.0f}', 'n/a')}  "
                              f"unfinished {row['unfinished']}  ({time.monotonic() - t1:.0f} s)")
     return {"benchmark": "scheduling", "machine": machine(), "argv": sys.argv[1:],
             "command": args.command,
@@ -998,8 +1027,8 @@ def write(result: dict, outdir: str, name: str = "scheduling") -> None:
         print("plots: none (matplotlib is missing: pip install '.[bench]')")
 
 
-def _f(x, fmt="{:.2f}"):
-    return "–" if x is None else fmt.format(x)
+def _f(x, fmt="{:.2f}", none="–"):
+    return none if x is None else fmt.format(x)
 
 
 if __name__ == "__main__":

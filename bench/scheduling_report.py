@@ -306,7 +306,7 @@ def plot(result: dict, outdir: str, name: str = "scheduling") -> list[str]:
                     y = [s[key] for s in pts]
                     lo = [s[key] - s[key + "_range"][0] if s[key + "_range"] else 0 for s in pts]
                     hi = [s[key + "_range"][1] - s[key] if s[key + "_range"] else 0 for s in pts]
-                    ax.errorbar(x, y, yerr=[lo, hi], fmt="-o", capsize=3, color=COLORS.get(t), label=t)
+                    ax.errorbar(x, y, yerr=[lo, hi], fmt="-o", capsize=3, color=_color(t), label=t)
             axes[0].set(title=f"p99 time to first token ({cluster}, {pattern})", xlabel="offered load, % of capacity",
                         ylabel="simulated s (log)")
             axes[0].set_yscale("log")
@@ -315,19 +315,34 @@ def plot(result: dict, outdir: str, name: str = "scheduling") -> list[str]:
             axes[1].set_ylim(bottom=0)
         written.append(_save(plt, fig, grid.ravel(), os.path.join(outdir, f"{name}_vs_load.png")))
     cdf = [s for s in summary if s["mix"] == "llm" and abs(s["load"] - CDF_LOAD) < 1e-9 and s["ttfts"]]
-    patterns = list(dict.fromkeys((s["cluster"], s["arrivals"]) for s in cdf))
+    # A row per shape, a column per arrival pattern.
+    clusters = list(dict.fromkeys(s["cluster"] for s in cdf))
+    patterns = list(dict.fromkeys(s["arrivals"] for s in cdf))
     if cdf:
-        fig, axes = plt.subplots(1, len(patterns), figsize=(6.5 * len(patterns), 4.2), squeeze=False)
-        for ax, (cluster, pattern) in zip(axes[0], patterns):
-            for s in (s for s in cdf if (s["cluster"], s["arrivals"]) == (cluster, pattern)):
-                xs = [max(x, 1e-3) for x in s["ttfts"]]
-                ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post",
-                        color=COLORS.get(s["target"]), label=s["target"])
-            ax.set(title=f"TTFT CDF, {cluster}, {CDF_LOAD:.0%} load, {pattern}", xlabel="simulated s (log)",
-                   ylabel="share of requests")
-            ax.set_xscale("log")
-        written.append(_save(plt, fig, axes[0], os.path.join(outdir, f"{name}_ttft_cdf.png")))
+        fig, grid = plt.subplots(len(clusters), len(patterns), figsize=(6.5 * len(patterns), 4.2 * len(clusters)),
+                                 squeeze=False)
+        used = []
+        for row, cluster in zip(grid, clusters):
+            for ax, pattern in zip(row, patterns):
+                curves = [s for s in cdf if (s["cluster"], s["arrivals"]) == (cluster, pattern)]
+                if not curves:
+                    ax.set_visible(False)
+                    continue
+                used.append(ax)
+                for s in curves:
+                    xs = [max(x, 1e-3) for x in s["ttfts"]]
+                    ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post",
+                            color=_color(s["target"]), label=s["target"])
+                ax.set(title=f"TTFT CDF, {cluster}, {CDF_LOAD:.0%} load, {pattern}", xlabel="simulated s (log)",
+                       ylabel="share of requests")
+                ax.set_xscale("log")
+        written.append(_save(plt, fig, used, os.path.join(outdir, f"{name}_ttft_cdf.png")))
     return written
+
+
+def _color(target: str):
+    """A target's colour; an olb from another checkout (olb@before) is grey."""
+    return COLORS.get(target, "C7" if "@" in target else None)
 
 
 def _save(plt, fig, axes, path: str) -> str:

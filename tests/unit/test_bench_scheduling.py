@@ -253,3 +253,13 @@ def test_merge_replaces_rows_measured_again_and_keeps_every_command():
                    ("olb", "mixed", 2, 6.0)]
     assert merged["command"] == "python -m bench scheduling; python -m bench scheduling --targets olb"
     assert merged["wall_s"] == 12.0 and merged["date"] == "d2"
+
+
+@pytest.mark.parametrize("scale, health, gpu, models, queue", [(10.0, "1", "0.5", "1", "30"),
+                                                                (20.0, "0.5", "0.25", "0.5", "15")])
+def test_olb_periods_are_fixed_in_simulated_time(scale, health, gpu, models, queue):
+    env = scheduling.olb_env(["http://127.0.0.1:1", "http://127.0.0.1:2"], "llm", 8, scale)
+    assert (env["OLB_HEALTH_INTERVAL"], env["OLB_GPU_POLL"], env["OLB_MODELS_INTERVAL"],
+            env["OLB_QUEUE_TIMEOUT"]) == (health, gpu, models, queue)
+    assert env["OLB_BACKENDS"] == ("http://127.0.0.1:1;max=8;metrics=http://127.0.0.1:1/metrics,"
+                                   "http://127.0.0.1:2;max=8;metrics=http://127.0.0.1:2/metrics")
