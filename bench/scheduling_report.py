@@ -234,7 +234,7 @@ def merge(results: list[dict]) -> dict:
         for row in result["rows"]:
             rows[key(row)] = row
         runs += result.get("runs") or [{"command": result.get("command"), "date": result.get("date"),
-                                        "wall_s": result.get("wall_s")}]
+                                        "wall_s": result.get("wall_s"), "olb": result.get("olb")}]
     merged.update(rows=list(rows.values()), runs=runs, clusters=clusters,
                   command="; ".join(r["command"] for r in runs if r.get("command")),
                   wall_s=sum(r.get("wall_s") or 0 for r in runs), date=results[-1].get("date"))
@@ -245,13 +245,15 @@ def markdown(result: dict) -> str:
     summary = aggregate(result["rows"])
     m = result.get("machine", {})
     seeds = sorted({r.get("seed", 1) for r in result["rows"]})
-    olb = result.get("olb") or {}
+    olbs = [r.get("olb") for r in result.get("runs") or [result]]
+    where = "; ".join(dict.fromkeys(f"olb from {o['root']}" + (f" at {o['commit']}" if o.get("commit") else "")
+                                    for o in olbs if o))
     out = [f"# Scheduling: {result.get('command', 'python -m bench.scheduling')}", "",
            f"{m.get('nproc', '?')} CPUs, {m.get('cpu', '?')}, Python {m.get('python', '?')}; "
            f"{m.get('nginx') or 'no nginx'}; {m.get('haproxy') or 'no HAProxy'}; "
            f"{len(result['rows'])} runs in {result.get('wall_s', 0):.0f} s; seeds {','.join(map(str, seeds))}"
            + (" (medians; min–max over seeds in parentheses)" if len(seeds) > 1 else "")
-           + (f"; olb at {olb['commit']}" if olb.get("commit") else ""), ""]
+           + (f"; {where}" if where else ""), ""]
     shapes = result.get("clusters") or {}
     if shapes:
         out += [f"- `{name}`: {c.get('about', '')}" for name, c in shapes.items()] + [""]

@@ -263,3 +263,14 @@ def test_olb_periods_are_fixed_in_simulated_time(scale, health, gpu, models, que
             env["OLB_QUEUE_TIMEOUT"]) == (health, gpu, models, queue)
     assert env["OLB_BACKENDS"] == ("http://127.0.0.1:1;max=8;metrics=http://127.0.0.1:1/metrics,"
                                    "http://127.0.0.1:2;max=8;metrics=http://127.0.0.1:2/metrics")
+
+
+def test_merged_report_says_where_each_olb_came_from():
+    def result(target, olb, seed):
+        return {"benchmark": "scheduling", "command": f"run {target}", "date": "d", "wall_s": 1.0, "olb": olb,
+                "rows": [row(target, seed, 2.0, 400, 5)]}
+
+    merged = scheduling_report.merge([result("olb", {"root": "/w/after", "commit": "abc1234"}, 1),
+                                      result("olb@before", {"root": "/tmp/olb-before", "commit": None}, 1)])
+    head = scheduling_report.markdown(merged).splitlines()[2]
+    assert head.endswith("; olb from /w/after at abc1234; olb from /tmp/olb-before")
