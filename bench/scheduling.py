@@ -254,7 +254,6 @@ def _install_counters() -> None:
 
 async def _serve_sims(spec: dict) -> None:
     from olb.sim import SimConfig, start_sim
-
     from olb.sim.catalogue import KNOWN_MODELS
 
     _install_counters()
@@ -503,9 +502,10 @@ def capacity(mix: str, sessions: list[Session], parallel: int, duration: float,
     at the inverse of its popularity-weighted mean cost.  A model that fits only some GPUs
     (`fits`) is served only by those, its requests spread in proportion to their speed so that
     each spends the same share of its time on it; the free models have what is left:
-    lam (1 - w_R) = sum_g (1 - lam sum_{m on g} w_m / S_m) / C_g, with S_m the sum over m's GPUs
-    of their requests per second of m alone, solved for lam and capped where a GPU would spend
-    all its time on restricted models."""
+    lam (1 - w_R) = sum_g (1 - lam sum_{m on g} w_m / S_m) / C_g, with w the popularity shares
+    (w_R the restricted models'), C_g the mean cost of a free-model request on g and S_m the sum
+    over m's GPUs of their requests per second of m alone; solved for lam, and capped where a
+    GPU would spend all its time on restricted models."""
     n_req = sum(len(s.turns) for s in sessions) or 1
     out_mean = sum(np for s in sessions for _, _, np in s.turns) / n_req
     prompt_chars = 0
@@ -545,10 +545,9 @@ def capacity(mix: str, sessions: list[Session], parallel: int, duration: float,
     free = [k for k, ok in enumerate(where) if all(ok)]
     restricted = [k for k, ok in enumerate(where) if not all(ok)]
     w_free = sum(w[k] for k in free)
-    # per_gpu: requests per second of the free mix on each GPU alone; restricted_share: the
-    # share of each GPU's time the restricted models take at the capacity.
+    # per_gpu: requests per second of the free mix on each GPU alone (1 / C_g).
     per_gpu = [w_free / sum(w[k] * cost[k][g] for k in free) if free else 0.0 for g in range(len(gpus))]
-    # The share of each GPU's time per unit of lam that the restricted models take.
+    # busy: the share of each GPU's time the restricted models take, per unit of lam.
     busy = [0.0] * len(gpus)
     for k in restricted:
         s_k = sum(1 / cost[k][g] for g in range(len(gpus)) if where[k][g])
@@ -881,16 +880,20 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="olb, olb-lif, olb-rr, nginx-lc; 80 %% Poisson and the control; 50 simulated s each")
     ap.add_argument("--issue13", action="store_true",
-                    help="issue 13's matrix: shapes mixed, uniform8, big70b at 70/80/90 %% Poisson and 80 %% bursty, "
+                    help="issue 13's matrix: shapes mixed, uniform8, big70b at 70/80/90 %% Poisson and "
+                         "80 %% bursty, "
                          "the control on mixed, seeds 1-5; olb, nginx-lc, nginx-rr; 90 + 60 simulated s at "
                          "time scale 20 (195 runs, ~25 min on 2 idle cores)")
-    ap.add_argument("--duration", type=float, help=f"simulated seconds of arrivals per run (default: {d['duration']:g})")
+    ap.add_argument("--duration", type=float,
+                    help=f"simulated seconds of arrivals per run (default: {d['duration']:g})")
     ap.add_argument("--drain", type=float,
-                    help=f"simulated seconds after the arrivals for open requests to finish (default: {d['drain']:g})")
+                    help=f"simulated seconds after the arrivals for open requests to finish "
+                         f"(default: {d['drain']:g})")
     ap.add_argument("--warmup", type=float,
                     help=f"simulated seconds at the start whose requests are not in the latency figures "
                          f"(default: {d['warmup']:g})")
-    ap.add_argument("--time-scale", type=float, help=f"simulated seconds per real second (default: {d['time_scale']:g})")
+    ap.add_argument("--time-scale", type=float,
+                    help=f"simulated seconds per real second (default: {d['time_scale']:g})")
     ap.add_argument("--parallel", type=int, default=2, help="slots per loaded model (OLLAMA_NUM_PARALLEL)")
     ap.add_argument("--olb-max", type=int, default=8, help="olb's max= per backend")
     ap.add_argument("--olb-root", default=None,
@@ -948,6 +951,8 @@ async def main_async(args) -> dict:
     seconds = (args.duration + args.drain) / args.time_scale
     rows = []
     started = time.monotonic()
+    once = {"machine": machine(),
+            "olb": {"root": os.path.abspath(args.olb_root or os.getcwd()), "commit": _commit(args.olb_root)}}
     with tempfile.TemporaryDirectory(prefix="olb-sched-") as tmp:
         for point in points:
             for t in runnable:
@@ -962,19 +967,32 @@ async def main_async(args) -> dict:
                     bar.cancel()
                     await asyncio.gather(bar, return_exceptions=True)
                 rows.append(row)
+                # What has run so far, readable by `python -m bench plot` if the rest never comes.
+                _dump(_result(args, once, points, rows, started),
+                      os.path.join(args.out, "scheduling.partial.json"))
                 progress.say(f"{label:56} req {row['requests']:4}  ttft p99 {_f(row['ttft_p99'])}  "
                              f"tok/s {row['tokens_per_s']:.0f}  loads {row['loads']}  "
                              f"evict wait {_f(row['eviction_wait_s'], '{:.0f}', 'n/a')}  "
                              f"unfinished {row['unfinished']}  ({time.monotonic() - t1:.0f} s)")
-    return {"benchmark": "scheduling", "machine": machine(), "argv": sys.argv[1:],
+    return _result(args, once, points, rows, started)
+
+
+def _dump(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
+def _result(args, once: dict, points: list[Point], rows: list[dict], started: float) -> dict:
+    return {"benchmark": "scheduling", "machine": once["machine"], "argv": sys.argv[1:],
             "command": args.command,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "args": {k: v for k, v in vars(args).items() if k not in ("serve_sims", "command")},
             "burst": {"factor": BURST_FACTOR, "on_s": BURST_ON_S, "off_s": BURST_OFF_S},
             "cluster": CLUSTER, "models": MODELS,
             "clusters": {c: dataclasses.asdict(CLUSTERS[c]) for c in sorted({p.cluster for p in points})},
-            "olb": {"root": os.path.abspath(args.olb_root or os.getcwd()), "commit": _commit(args.olb_root)},
-            "wall_s": time.monotonic() - started, "rows": rows}
+            "olb": once["olb"], "wall_s": time.monotonic() - started, "rows": rows}
 
 
 def _commit(root: str | None) -> str | None:
@@ -1002,6 +1020,9 @@ def main(argv=None) -> None:
         return
     result = asyncio.run(main_async(args))
     write(result, args.out)
+    partial = os.path.join(args.out, "scheduling.partial.json")
+    if os.path.exists(partial):
+        os.remove(partial)
     print(f"\n{len(result['rows'])} runs in {result['wall_s']:.0f} s")
 
 

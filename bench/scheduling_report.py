@@ -16,7 +16,8 @@ FIGURES = ("requests", "ttft_p50", "ttft_p99", "ttft_p999", "e2e_p99", "tokens_p
            "rate_503", "rate_other_errors", "unfinished", "loads", "load_gpu_s", "eviction_wait_s",
            "eviction_wait_max_s", "cache_hit", "proxy_cpu_s")
 #: The ones shown with their range when several seeds ran.
-RANGED = ("ttft_p50", "ttft_p99", "ttft_p999", "tokens_per_s", "loads", "eviction_wait_s", "unfinished")
+RANGED = ("ttft_p50", "ttft_p99", "ttft_p999", "tokens_per_s", "loads", "eviction_wait_s", "eviction_wait_max_s",
+          "unfinished")
 COLORS = {"olb": "C0", "olb-lif": "C9", "olb-rr": "C4", "nginx-lc": "C1", "nginx-rr": "C3",
           "haproxy-lc": "C2"}
 #: The load of the TTFT CDF plot (the middle of the issue's 70-90 % band).
@@ -97,7 +98,8 @@ def _busy(values: list) -> str:
 
 def table(summary: list[dict]) -> str:
     head = ("| shape | mix | arrivals | load | target | req | TTFT p50 s | TTFT p99 s | TTFT p99.9 s | tok/s | "
-            "loads | evict wait s | unfinished | 503 | other err | E2E p99 s | goodput | cache hit | "
+            "loads | evict wait s | worst GPU's evict wait s | unfinished | 503 | other err | E2E p99 s | "
+            "goodput | cache hit | "
             "GPU busy | proxy CPU s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summary:
@@ -106,7 +108,9 @@ def table(summary: list[dict]) -> str:
             f"{_f(s['requests'], '{:.0f}')} | {_ranged(s, 'ttft_p50', '{:.2f}')} | "
             f"{_ranged(s, 'ttft_p99', '{:.2f}')} | {_ranged(s, 'ttft_p999', '{:.2f}')} | "
             f"{_ranged(s, 'tokens_per_s', '{:.0f}')} | {_ranged(s, 'loads', '{:.0f}')} | "
-            f"{_ranged(s, 'eviction_wait_s', '{:.0f}', 'n/a')} | {_ranged(s, 'unfinished', '{:.0f}')} | "
+            f"{_ranged(s, 'eviction_wait_s', '{:.0f}', 'n/a')} | "
+            f"{_ranged(s, 'eviction_wait_max_s', '{:.0f}', 'n/a')} | "
+            f"{_ranged(s, 'unfinished', '{:.0f}')} | "
             f"{_f(s['rate_503'], '{:.1%}')} | {_f(s['rate_other_errors'], '{:.1%}')} | {_f(s['e2e_p99'])} | "
             f"{_f(s['goodput_share'], '{:.0%}')} | {_f(s['cache_hit'], '{:.0%}')} | "
             f"{_busy(list(s['gpu_busy'].values()))} | {_f(s['proxy_cpu_s'])} |")
@@ -293,7 +297,8 @@ def plot(result: dict, outdir: str, name: str = "scheduling") -> list[str]:
     sweeps = {}
     for cluster in dict.fromkeys(s["cluster"] for s in summary):
         for pattern in ("poisson", "bursty"):
-            pts = [s for s in summary if s["mix"] == "llm" and s["arrivals"] == pattern and s["cluster"] == cluster]
+            pts = [s for s in summary
+                   if s["mix"] == "llm" and s["arrivals"] == pattern and s["cluster"] == cluster]
             if len({s["load"] for s in pts}) >= 2:
                 sweeps[(cluster, pattern)] = pts
     if sweeps:
@@ -309,7 +314,8 @@ def plot(result: dict, outdir: str, name: str = "scheduling") -> list[str]:
                     lo = [s[key] - s[key + "_range"][0] if s[key + "_range"] else 0 for s in pts]
                     hi = [s[key + "_range"][1] - s[key] if s[key + "_range"] else 0 for s in pts]
                     ax.errorbar(x, y, yerr=[lo, hi], fmt="-o", capsize=3, color=_color(t), label=t)
-            axes[0].set(title=f"p99 time to first token ({cluster}, {pattern})", xlabel="offered load, % of capacity",
+            axes[0].set(title=f"p99 time to first token ({cluster}, {pattern})",
+                        xlabel="offered load, % of capacity",
                         ylabel="simulated s (log)")
             axes[0].set_yscale("log")
             axes[1].set(title=f"throughput ({cluster}, {pattern})", xlabel="offered load, % of capacity",

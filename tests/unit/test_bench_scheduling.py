@@ -121,7 +121,8 @@ def test_targets_per_shape_per_load_and_a_tagged_olb():
     assert by[("olb", "mixed", "control", 0.8, "p99 TTFT ÷ nginx-lc ≤ 1.05")]["met"]
     text = scheduling_report.targets_table(checks)
     assert "| olb@before | big70b | poisson | 90% | 1.25× **NOT met** |" in text
-    assert "| olb | mixed | poisson | 70% | 0.10× met | 0.07× met | 0.08× met | 1.33× met | 0 (max 2) met | yes |" in text
+    assert ("| olb | mixed | poisson | 70% | 0.10× met | 0.07× met | 0.08× met | 1.33× met | 0 (max 2) met | yes |"
+            in text)
     summary = scheduling_report.targets_summary(checks)
     assert "| olb | mixed | 10 of 10 | – |" in summary
     assert "| olb | big70b | 6 of 10 | p99 TTFT ÷ nginx-lc ≤ 0.5 at 70% poisson;" in summary
@@ -135,12 +136,14 @@ def test_a_check_without_its_reference_is_left_out():
 
 
 def test_table_has_every_figure_of_the_issue_and_na_without_sim_stats():
-    rows = [dict(row("olb", s, 3.0, 400, 5), ttft_p999=7.0 + s, eviction_wait_s=None) for s in (1, 2)]
+    rows = [dict(row("olb", s, 3.0, 400, 5), ttft_p999=7.0 + s, eviction_wait_s=None,
+                 eviction_wait_max_s=20.0 + 10 * s) for s in (1, 2)]
     text = scheduling_report.table(scheduling_report.aggregate(rows))
     head, _, line = text.splitlines()
-    for column in ("TTFT p50 s", "TTFT p99 s", "TTFT p99.9 s", "tok/s", "loads", "evict wait s", "unfinished"):
+    for column in ("TTFT p50 s", "TTFT p99 s", "TTFT p99.9 s", "tok/s", "loads", "evict wait s",
+                   "worst GPU's evict wait s", "unfinished"):
         assert f"| {column} |" in head
-    assert "| 8.50 (8.00–9.00) |" in line and "| n/a |" in line
+    assert "| 8.50 (8.00–9.00) |" in line and "| n/a | 35 (30–40) |" in line
 
 
 def test_ttft_values_keep_a_stalled_request_in_the_tail():
@@ -232,15 +235,16 @@ def test_plan_issue13_preset_and_flags_over_it():
     assert (quick.targets, quick.loads, quick.duration) == ("olb,nginx-lc", "0.8", 50.0)
     alone = scheduling.parse_args(["--cluster", "uniform8"])
     assert alone.control_cluster == "uniform8"
-    for bad in (["--cluster", "tiny"], ["--quick", "--full"], ["--olb-tag", "a@b"], ["--olb-root", "/nonexistent"]):
+    for bad in (["--cluster", "tiny"], ["--quick", "--full"], ["--olb-tag", "a@b"],
+                ["--olb-root", "/nonexistent"]):
         with pytest.raises(SystemExit):
             scheduling.parse_args(bad)
 
 
 def test_merge_replaces_rows_measured_again_and_keeps_every_command():
     def row(target, seed, p99, cluster="mixed"):
-        return {"target": target, "cluster": cluster, "mix": "llm", "arrivals": "poisson", "load": 0.8, "seed": seed,
-                "ttft_p99": p99}
+        return {"target": target, "cluster": cluster, "mix": "llm", "arrivals": "poisson", "load": 0.8,
+                "seed": seed, "ttft_p99": p99}
 
     first = {"benchmark": "scheduling", "command": "python -m bench scheduling", "date": "d1", "wall_s": 10.0,
              "rows": [row("olb", 1, 9.0), row("nginx-lc", 1, 40.0)]}
