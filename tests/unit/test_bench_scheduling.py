@@ -72,6 +72,8 @@ def test_medians_ranges_and_targets():
     summary = scheduling_report.aggregate(rows)
     olb = summary[0]
     assert (olb["ttft_p99"], olb["ttft_p99_range"], olb["loads"]) == (3.0, (2.0, 9.0), 6)
+    # Pooled: the p99 (nearest rank) of the six TTFTs of the three seeds, 0.1 0.1 0.1 2 3 9.
+    assert olb["ttft_p99_pooled"] == 9.0
     assert "3.00 (2.00–9.00)" in scheduling_report.table(summary)
     met = {c["what"]: c["met"] for c in scheduling_report.check_targets(summary)}
     assert met == {"p99 TTFT ÷ nginx-lc ≤ 0.5": True, "p99 TTFT ÷ nginx-rr ≤ 0.25": False,
@@ -140,7 +142,7 @@ def test_table_has_every_figure_of_the_issue_and_na_without_sim_stats():
                  eviction_wait_max_s=20.0 + 10 * s) for s in (1, 2)]
     text = scheduling_report.table(scheduling_report.aggregate(rows))
     head, _, line = text.splitlines()
-    for column in ("TTFT p50 s", "TTFT p99 s", "TTFT p99.9 s", "tok/s", "loads", "evict wait s",
+    for column in ("TTFT p50 s", "TTFT p99 s", "p99 pooled s", "TTFT p99.9 s", "tok/s", "loads", "evict wait s",
                    "worst GPU's evict wait s", "unfinished"):
         assert f"| {column} |" in head
     assert "| 8.50 (8.00–9.00) |" in line and "| n/a | 35 (30–40) |" in line
@@ -278,3 +280,11 @@ def test_merged_report_says_where_each_olb_came_from():
                                       result("olb@before", {"root": "/tmp/olb-before", "commit": None}, 1)])
     head = scheduling_report.markdown(merged).splitlines()[2]
     assert head.endswith("; olb from /w/after at abc1234; olb from /tmp/olb-before")
+
+
+def test_pooled_p99_is_over_every_seeds_ttfts_not_a_median():
+    rows = [dict(row("olb", seed, 100.0 * seed - 2, 400, 5),
+                 ttfts=[float(x) for x in range(100 * (seed - 1), 100 * seed)])
+            for seed in (1, 2, 3)]
+    olb = scheduling_report.aggregate(rows)[0]
+    assert (olb["ttft_p99"], olb["ttft_p99_pooled"]) == (198.0, 296.0)
