@@ -108,7 +108,8 @@ class Router:
         session_bound: OLB_SESSION_BOUND (0: conversations are not kept together).
     """
 
-    __slots__ = ("table", "models", "queued", "spread_queue", "session_bound", "decisions", "cold_decisions")
+    __slots__ = ("table", "models", "queued", "spread_queue", "session_bound", "decisions", "cold_decisions",
+                 "_next_pick")
 
     def __init__(self, table, models, queued, spread_queue: int, session_bound: float):
         self.table = table
@@ -122,6 +123,7 @@ class Router:
         #: (/olb/status "routing").
         self.decisions = 0
         self.cold_decisions = 0
+        self._next_pick = 0
 
     # --- the table ---------------------------------------------------------------------
 
@@ -132,6 +134,23 @@ class Router:
         if affinity is None or not self.session_bound:
             return self.table.acquire(allowed)
         return self.table.acquire_affine(affinity, allowed, self.session_bound)
+
+    def pick(self, allowed=None) -> int:
+        """A healthy backend for a request that runs no model, or NO_BACKEND.
+
+        Such a request (models.takes_slot) takes no slot: nothing is counted,
+        so there is nothing to release, and it never queues. Each call starts
+        after the last backend picked, so they share the work.
+        """
+        table = self.table
+        n = table.n
+        start = self._next_pick
+        for k in range(n):
+            i = (start + k) % n
+            if (allowed is None or allowed[i]) and table.is_healthy(i):
+                self._next_pick = i + 1
+                return i
+        return NO_BACKEND
 
     def usable(self, allowed=None) -> bool:
         """Is any allowed backend healthy (full or not)?"""
@@ -161,6 +180,19 @@ class Router:
         if not self.usable(allowed):
             return UNREACHABLE_DECISION
         return wait(allowed)
+
+    def route_no_slot(self, model: str | None, allowed=None, excluded=None) -> Decision:
+        """Rule 0 for a request that runs no model (models.takes_slot:
+        /api/show, /api/version, ...): a healthy backend now, one that has
+        the model when it names one; never a slot or the queue."""
+        mask = allowed
+        if model is not None:
+            installed = self.models.installed_mask(model)
+            if excluded is None and not any(installed):
+                return MISSING_DECISION
+            mask = installed if mask is None else to_mask(bits(mask) & bits(installed), len(installed))
+        index = self.pick(mask)
+        return admit(index) if index != NO_BACKEND else UNREACHABLE_DECISION
 
     def route(self, model: str, runner: tuple = (), affinity: int | None = None,
               excluded=None) -> Decision:
