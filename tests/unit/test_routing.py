@@ -385,3 +385,26 @@ def test_not_leaving(mask, expected):
     assert w.router.not_leaving(A, mask) is mask  # nothing leaving yet
     leaving(w)
     assert "".join(str(b) for b in w.router.not_leaving(A, mask)) == expected
+
+
+@pytest.mark.parametrize("model, allowed, down, excluded, expected", [
+    (None, None, (), None, "ADMIT 0"),                       # round the healthy backends, from the first
+    (A, None, (), None, "ADMIT 1"),                          # only where it is installed
+    (A, bytearray([1, 0, 1]), (), None, "FAIL UNREACHABLE"),  # ... and allowed
+    (A, None, (1,), None, "FAIL UNREACHABLE"),
+    (X, None, (), None, "FAIL MISSING"),                     # nowhere: Ollama's 404
+    (X, None, (), bytearray(3), "FAIL UNREACHABLE"),         # a retry does not say 404
+])
+def test_route_no_slot(model, allowed, down, excluded, expected):
+    w = World().catalogue(0, [B]).catalogue(1, [A]).catalogue(2, [B])
+    for i in down:
+        w.table.set_health(i, False)
+    got = short(w.router.route_no_slot(model, allowed, excluded))
+    assert got == expected
+    if got.startswith("ADMIT"):
+        assert w.table.inflight(int(got.split()[1])) == 0  # nothing counted
+
+
+def test_pick_takes_turns():
+    w = World()
+    assert [w.router.pick() for _ in range(4)] == [0, 1, 2, 0]
