@@ -12,26 +12,12 @@ follows; the comments below name the rule.
 Theory of operation
 -------------------
 A request that names a model has a *runner key* (models.parse_request:
-the runner options Ollama's needsReload compares). Its warm backends are
-those where the model runs with that key and is not leaving
-(ModelDirectory.warm_mask). In order:
-
-  1. warm: the least loaded warm backend, or wait for one -- until
-     OLB_SPREAD_QUEUE requests for the model wait (in olb's queue, or
-     behind a load olb started);
-  2. room: a backend where it loads beside the resident models
-     (ModelDirectory.fits), or wait for one of those or a warm one;
-  3. spare: a backend where the load cannot evict a model in use
-     (ModelDirectory.spare); with none, a model warm somewhere waits for
-     its warm backends;
-  4. least harm: where an eviction stalls the least traffic and costs the
-     least recent demand (ModelDirectory.least_harm), then anywhere it is
-     installed (a backend with the model under other runner options
-     included: a reload);
-  5. otherwise wait while any of those backends is up, else fail.
-
-A request without a model (or with the `llm` policy off) takes rule 0:
-the least loaded allowed backend, or the queue.
+the runner options Ollama's needsReload compares). Router.route applies
+rules 1 (warm), 2 (room), 3 (spare), 4 (least harm) and 5 (wait) in that
+order, with rule E (a model leaving a backend for a load that evicts it)
+inside the warm masks (ModelDirectory.warm_mask); route_any and
+route_no_slot are rule 0, for requests without a model or without a slot.
+docs/scheduling.md states each rule once; the comments below name them.
 """
 
 from __future__ import annotations
