@@ -43,7 +43,7 @@ from .errors import OlbError
 from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
-from .routing import Router
+from .routing import ADMIT, WAIT, Router
 
 log = logging.getLogger("olb.balancer")
 
@@ -173,8 +173,9 @@ class Balancer:
         """Queue a request until a slot frees.
 
         The waiter has `allowed` (its admission mask, possibly a model's live
-        `loaded` mask), `model`, `affinity`, and `admit(index)`,
-        `queue_expired()`, `queue_evicted()`, `reroute()` methods.
+        `loaded` mask), `model`, `runner`, `affinity`, `excluded`, and
+        `admit(index)`, `queue_expired()`, `queue_evicted()`, `reroute()`
+        methods.
 
         Returns:
             fairqueue.QUEUED, FULL (503) or OVER_SHARE (429).
@@ -256,6 +257,23 @@ class Balancer:
                 # while it waited: route it again from scratch.
                 self._unqueue(waiter)
                 waiter.reroute()
+                continue
+            if waiter.model is not None and models is not None and \
+                    not models.warm_mask(waiter.model, waiter.runner)[index]:
+                # Admitted there, it would start a load: a placement, which
+                # the rules decide on the state of now, not on the mask it
+                # queued with (a backend that had room for it then may hold
+                # another model now, and loading there would evict it).
+                self.table.release(index)
+                decision = self.router.route(waiter.model, waiter.runner, waiter.affinity, waiter.excluded)
+                if decision.kind == WAIT:
+                    waiter.allowed = decision.mask  # keeps its place in the queue
+                    continue
+                self._unqueue(waiter)
+                if decision.kind == ADMIT:
+                    waiter.admit(decision.index)
+                else:
+                    waiter.reroute()  # fails it, as routing it afresh does
                 continue
             self._unqueue(waiter)
             waiter.admit(index)

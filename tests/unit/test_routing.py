@@ -408,3 +408,64 @@ def test_route_no_slot(model, allowed, down, excluded, expected):
 def test_pick_takes_turns():
     w = World()
     assert [w.router.pick() for _ in range(4)] == [0, 1, 2, 0]
+
+
+# --- the queue: a placement it would make is decided again ---------------------------------------------------
+
+
+class Waiter:
+    """A queued request as the balancer sees one (proxy.Exchange's queue side)."""
+
+    def __init__(self, model, allowed):
+        self.model, self.allowed, self.runner, self.affinity, self.excluded = model, allowed, (), None, None
+        self.admitted = []
+        self.queue_timer = None
+
+    def admit(self, index):
+        self.admitted.append(index)
+
+    def reroute(self):
+        raise AssertionError("not expected")
+
+    queue_expired = queue_evicted = reroute
+
+
+@pytest.mark.parametrize("warm_elsewhere", [True, False])
+def test_the_queue_does_not_place_on_a_stale_mask(loop, warm_elsewhere):
+    """A request for x queued for backend 0 (it had room for x then). Now 0
+    holds b, in demand, and x has become warm on 1, which is full: a slot on
+    0 frees, but x waits for its warm backend rather than load a second copy
+    on 0 and evict b. When 0 is the only backend that has x, the rules
+    place it there all the same."""
+    import dataclasses
+
+    from olb import config as config_mod
+    from olb.balancer import Balancer
+    from olb.proxy import BackendSideProtocol
+
+    cfg = dataclasses.replace(config_mod.Config(health_interval=0, gpu_poll=0),
+                              backends=config_mod.parse_backends("http://127.0.0.1:1,http://127.0.0.1:2", 1))
+    balancer = Balancer(cfg, loop, BackendSideProtocol)
+    try:
+        d = balancer.models
+        d.set_catalogue(0, [{"name": X}, {"name": B}], [{"name": B, "size": GB, "size_vram": GB}])
+        if warm_elsewhere:
+            d.set_catalogue(1, [{"name": X}], [{"name": X, "size": GB, "size_vram": GB}])
+        else:
+            d.set_catalogue(1, [{"name": A}], [{"name": A, "size": GB, "size_vram": GB}])
+        for _ in range(3):
+            d.admitted(B, 0, 1)
+            d.admitted(B, 0, -1)
+        only = bytearray([0, 1])
+        assert balancer.table.acquire(only) == 1  # 1 is full
+        held = balancer.table.acquire(bytearray([1, 0]))  # so is 0, for now
+        waiter = Waiter(X, bytearray([1, 0]))
+        assert balancer.enqueue(waiter, b"client", 0) == 0  # QUEUED
+        balancer.release(held)
+        if warm_elsewhere:
+            assert waiter.admitted == [] and bytes(waiter.allowed) == b"\x00\x01" and len(balancer.queue) == 1
+            assert balancer.table.inflight(0) == 0
+        else:
+            assert waiter.admitted == [0] and len(balancer.queue) == 0
+    finally:
+        loop.run_until_complete(balancer.close())
