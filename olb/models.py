@@ -31,7 +31,6 @@ import asyncio
 import collections
 import hashlib
 import logging
-import time
 import urllib.parse
 
 import orjson
@@ -235,8 +234,6 @@ class ModelDirectory:
         self.ps: list[list[dict]] = [[] for _ in range(self.n)]
         #: The models of each backend's last /api/ps; None until one was read.
         self.ps_names: list[set[str] | None] = [None] * self.n
-        self.polled_at: list[float | None] = [None] * self.n
-        self._unknown = bytearray(b"\x01" * self.n)
         #: Requests in flight per model and backend (this worker's), for the
         #: spread rule: a model with requests running on a backend is busy there.
         self.inflight: dict[str, list[int]] = {}
@@ -482,7 +479,6 @@ class ModelDirectory:
             self.ps_names[index] = names = {_entry_name(m) for m in ps}
             self._set_column(self.loaded, self.loaded_mask, names, index)
             self._learn_room(index, ps)
-        self.polled_at[index] = time.time()
 
     def _learn_room(self, index: int, ps: list[dict]) -> None:
         # See fits(): the room a backend has shown, and each model's footprint.
