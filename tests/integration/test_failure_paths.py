@@ -152,6 +152,10 @@ def test_idle_timeout_ends_a_stalled_stream(loop):
         return b"%x\r\n%s\r\n" % (len(line), line)
 
     async def handler(conn, req):
+        if req.target == "/":
+            # The probe olb sends after a timeout (Balancer.check): this
+            # backend is alive, as a real Ollama would say.
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\nOllama is running"
         conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\n")
         for i in range(tokens):
