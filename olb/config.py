@@ -85,6 +85,7 @@ class Config:
     session_bound: float = 1.25
     log_level: str = "info"
     demo: int = 0
+    pull: str = "all"
 
 
 # --- value parsers: each takes the raw string and returns the value or raises
@@ -184,6 +185,17 @@ def _policy(raw: str) -> str:
     return value
 
 
+#: OLB_PULL's values: which healthy backends /api/pull goes to (docs/management.md).
+PULL_TARGETS = ("all", "room")
+
+
+def _pull(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in PULL_TARGETS:
+        raise ValueError(f"one of {', '.join(PULL_TARGETS)}, got {raw!r}")
+    return value
+
+
 def _raw(raw: str) -> str:
     return raw
 
@@ -261,6 +273,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_SESSION_BOUND", "session_bound", "1.25", _bound,
             "Keep a conversation on the backend holding its prompt cache while that backend's load is "
             "within this factor of the average (consistent hashing with bounded loads); 0 = off."),
+    Setting("OLB_PULL", "pull", "all", _pull,
+            "Where /api/pull goes: `all` healthy backends, or only those with `room` (whose known GPU "
+            "memory can hold the model, when its size is known from a backend that has it)."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),

@@ -51,6 +51,7 @@ from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
 from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
+from .manage import ManageExchange, classify
 from .models import MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, normalize, parse_request
 
 log = logging.getLogger("olb.proxy")
@@ -113,6 +114,8 @@ class ClientSideProtocol(asyncio.Protocol):
         if self.exchange is None:
             self._last_active = self.ctx.loop.time()
             self._process()
+        elif self.reader.streaming:
+            self.exchange.body_received()  # a blob upload's body (manage.ManageExchange)
         else:
             # A pipelined request arrived while a response is in progress. h11
             # keeps it (it answers PAUSED until the cycle ends); stop reading so
@@ -179,6 +182,9 @@ class ClientSideProtocol(asyncio.Protocol):
                 if (req.path in MERGED_PATHS and req.method == b"GET"
                         and self.ctx.balancer.models is not None):
                     self.exchange = ex = MergedExchange(self, req)
+                elif (op := classify(req.method, req.path, req.body)) is not None:
+                    # Model management: every backend it concerns, never an inference slot.
+                    self.exchange = ex = ManageExchange(self, req, op)
                 else:
                     self.exchange = ex = Exchange(self, req)
                 ex.start()

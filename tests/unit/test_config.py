@@ -48,6 +48,7 @@ def test_sizes_and_durations():
     ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "random"},
      "OLB_POLICY: expected one of llm, least-inflight, round-robin, got 'random'"),
     ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "round_robin"}, "OLB_POLICY"),
+    ({"OLB_BACKENDS": "a:1", "OLB_PULL": "some"}, "OLB_PULL: expected one of all, room, got 'some'"),
     ({}, "olb-fast --demo"),
 ])
 def test_bad_values_name_the_variable(env, needle):
@@ -80,3 +81,9 @@ def test_readme_table_lists_every_variable():
     table = config.settings_markdown()
     for s in config.SETTINGS:
         assert f"`{s.env}`" in table
+
+
+def test_pull_targets():
+    assert load(OLB_BACKENDS="a:1").pull == "all"
+    assert load(OLB_BACKENDS="a:1", OLB_PULL=" Room ").pull == "room"
+    assert config.load(["--backends", "a:1", "--pull", "all"], {"OLB_PULL": "room"}).pull == "all"
