@@ -57,7 +57,7 @@ import re
 import orjson
 
 from .client import BackendClient
-from .errors import BadRequest, OlbError
+from .errors import BackendProtocolError, BadRequest, OlbError
 from .flow import BODY
 from .http import END, NEED_DATA, error_response, simple_response
 from .models import normalize
@@ -87,8 +87,12 @@ FANOUT_HIGH_WATER = 256 * 1024
 #: prints nothing while it hashes a downloaded layer ("verifying sha256
 #: digest") or while it copies a multi-GB blob, so this is long.
 MANAGE_IDLE_TIMEOUT = 600.0
-#: Largest whole answer read from a backend (errors, /api/delete, unload replies).
+#: Largest whole answer read from a backend (errors, /api/delete, unload
+#: replies), and the longest progress line.
 MAX_ANSWER = 1024 * 1024
+#: A progress stream is read line by line as it comes, and is as long as the
+#: pull (a line every few ms for minutes): no cap on its total.
+STREAM_CAP = 1 << 62
 
 JSON = b"application/json; charset=utf-8"
 NDJSON = b"application/x-ndjson"
@@ -670,11 +674,15 @@ class ManageExchange:
             client = self._client(index)
             try:
                 async with client.stream("POST", self.req.target.decode("latin-1"), body=self.req.body,
-                                         headers=self._json_headers()) as resp:
+                                         headers=self._json_headers(), max_body=STREAM_CAP) as resp:
                     reached[k] = True
                     ctype = resp.header(b"content-type") or b""
                     if resp.status != 200 or not ctype.startswith(NDJSON):
-                        body = b"".join([piece async for piece in resp])
+                        body = b""
+                        async for piece in resp:
+                            body += piece
+                            if len(body) > MAX_ANSWER:
+                                raise BackendProtocolError(f"answer over {MAX_ANSWER} bytes")
                         whole[k] = Result(index, self._url(index), resp.status, body, ctype)
                         if resp.status == 200:
                             merger.feed(k, request_doc(body))  # "stream": false
@@ -685,6 +693,8 @@ class ManageExchange:
                     async for piece in resp:
                         lines = (pending + piece).split(b"\n")
                         pending = lines.pop()
+                        if len(pending) > MAX_ANSWER:
+                            raise BackendProtocolError(f"a progress line over {MAX_ANSWER} bytes")
                         for line in lines:
                             if line.strip():
                                 self._send_lines(merger.feed(k, request_doc(line)), streaming)

@@ -106,8 +106,11 @@ def test_pull_unknown_model_is_ollamas_own_error(cluster, client):
     assert err.value.error == "pull model manifest: file does not exist"
 
 
-async def _failing_backend():
-    """An Ollama-like backend whose pulls fail in-band (a full disk)."""
+FULL_DISK = b'{"status":"pulling manifest"}\n{"error":"write /models/blobs: no space left on device"}\n'
+
+
+async def _failing_backend(pull_answer=FULL_DISK):
+    """An Ollama-like backend whose pulls answer `pull_answer` (by default they fail in-band: a full disk)."""
 
     async def serve(reader, writer):
         try:
@@ -124,10 +127,11 @@ async def _failing_backend():
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json; charset=utf-8\r\n"
                                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
                 else:
-                    lines = b'{"status":"pulling manifest"}\n{"error":"write /models/blobs: no space left on device"}\n'
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(lines), lines))
+                                 b"content-length: %d\r\n\r\n%s" % (len(pull_answer), pull_answer))
                 await writer.drain()
+                if b"connection: close" in head.lower():
+                    break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -154,6 +158,23 @@ def test_pull_failing_on_one_backend_names_it(loop_thread, stream):
         assert all(s.url not in text for s in sims)
         assert err.value.status_code == (-1 if stream else 500)
         assert c.installed("llama3.1:8b") == [True, True, True]
+    finally:
+        loop_thread.run(c.close())
+
+
+def test_a_long_progress_stream_is_read_as_it_comes(loop_thread):
+    # 12,000 layer lines (~1.3 MB): more than any whole answer olb keeps (MAX_ANSWER).
+    line = b'{"status":"pulling 0123456789ab","digest":"sha256:0123456789ab","total":1000,"completed":%d}\n'
+    answer = b"".join(line % (i // 12) for i in range(12_000)) + b'{"status":"success"}\n'
+    server, url = loop_thread.run(_failing_backend(answer))
+    proxy, sims = loop_thread.run(start(models=MODELS[:1], extra_backends=[url]))
+    c = Cluster(proxy, sims, [server])
+    try:
+        with ollama.Client(host=c.url) as client:
+            lines = list(client.pull("llama3.2:1b", stream=True))
+        assert lines[-1].status == "success"
+        mine = [p for p in lines if p.digest == "sha256:0123456789ab"]
+        assert mine and mine[-1].completed == 999 and mine[-1].total == 1000
     finally:
         loop_thread.run(c.close())
 
