@@ -406,3 +406,46 @@ def test_status_shows_which_backends_lack_which_models(cluster, client):
     client.pull("all-minilm")
     with httpx.Client(base_url=cluster.url) as http:
         assert "all-minilm:latest" not in http.get("/olb/status").json()["lacking"]
+
+
+def test_management_does_not_wait_for_an_inference_slot(loop_thread):
+    """Every slot busy and a request queued: pull, copy, delete, blobs and stop still answer."""
+    slow = SimConfig(token_rate=20, ttft=0, seed=3, num_predict_default=100_000)
+
+    async def fill(port):
+        streams = []
+        for i in range(3):
+            client = await RawClient.connect(port)
+            client.send("POST", "/api/generate", {"model": "llama3.2:1b", "prompt": f"p{i}"})
+            await asyncio.wait_for(client.reader.readuntil(b'"done":false'), 5)
+            streams.append(client)
+        queued = await RawClient.connect(port)
+        queued.send("POST", "/api/generate", {"model": "llama3.2:1b", "prompt": "waits"})
+        streams.append(queued)
+        return streams
+
+    async def boot():
+        sims = [await start_sim(slow.replace(models=("llama3.2:1b",))) for _ in range(3)]
+        proxy = await start_proxy(proxy_config([s.url for s in sims], policy="least-inflight", max_inflight=1))
+        return proxy, sims
+
+    proxy, sims = loop_thread.run(boot())
+    c = Cluster(proxy, sims)
+    try:
+        streams = loop_thread.run(fill(proxy.port))
+        loop_thread.run(_until(lambda: len(proxy.balancer.queue) == 1, "the fourth request to queue"))
+        assert [proxy.balancer.table.inflight(i) for i in range(3)] == [1, 1, 1]
+        with ollama.Client(host=c.url, timeout=10) as client:
+            assert client.pull("qwen2.5:0.5b").status == "success"
+            assert client.copy("qwen2.5:0.5b", "q-copy").status == "success"
+            assert client.delete("q-copy").status == "success"
+            assert client.generate(model="qwen2.5:0.5b", keep_alive=0).done_reason == "unload"
+        with httpx.Client(base_url=c.url, timeout=10) as http:
+            data, digest = _blob(1000)
+            assert http.post(f"/api/blobs/{digest}", content=data).status_code == 201
+            assert http.head(f"/api/blobs/{digest}").status_code == 200
+        assert len(proxy.balancer.queue) == 1  # still waiting: nothing above took its place
+        for s in streams:
+            s.close()
+    finally:
+        loop_thread.run(c.close())
