@@ -412,9 +412,6 @@ class Fanout:
         self._sizes[k] = 0
         self._maybe_resume()
 
-    def buffered(self, k: int) -> int:
-        return self._sizes[k]
-
     async def branch(self, k: int):
         queue = self._queues[k]
         while True:
@@ -523,8 +520,9 @@ class ManageExchange:
                              read_timeout=MANAGE_IDLE_TIMEOUT, max_body=MAX_ANSWER, max_idle=0)
 
     def _holders(self, model: str | None, healthy: list[int], loaded: bool = False) -> list[int]:
-        """The healthy backends that hold (or have loaded) the model, as far as olb knows;
-        all healthy ones when olb does not track models or none is known to."""
+        """The healthy backends that hold (or have loaded) the model, as far as
+        olb knows (a backend whose catalogue is not known yet counts as
+        holding it); all healthy ones when olb does not track models."""
         models = self.ctx.balancer.models
         if models is None or model is None:
             return healthy

@@ -449,3 +449,47 @@ def test_management_does_not_wait_for_an_inference_slot(loop_thread):
             s.close()
     finally:
         loop_thread.run(c.close())
+
+
+def test_a_client_that_leaves_a_pull_stops_it_on_every_backend(loop):
+    """Closing a pull's connection is what stops Ollama's download (PullHandler's
+    context is the request's): olb closes every backend's pull at once."""
+
+    async def main():
+        eofs = []
+
+        async def serve(reader, writer):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"/api/pull" not in head:
+                    body = b'{"models":[]}'
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (len(body), body))
+                    return
+                await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+                line = b'{"status":"pulling manifest"}\n'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
+                await reader.read()  # the download goes on until olb closes
+                eofs.append(head)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        servers = [await asyncio.start_server(serve, "127.0.0.1", 0) for _ in range(3)]
+        urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+        proxy = await start_proxy(proxy_config(urls, models_interval=60))
+        try:
+            client = await RawClient.connect(proxy.port)
+            client.send("POST", "/api/pull", {"model": "llama3.1:8b"})
+            await asyncio.wait_for(client.reader.readuntil(b'"pulling manifest"'), 5)
+            client.writer.transport.abort()
+            await _until(lambda: len(eofs) == 3, "every backend's pull to be closed")
+        finally:
+            await proxy.close()
+            for s in servers:
+                s.close()
+                await s.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
