@@ -9,7 +9,6 @@ import hashlib
 
 import httpx
 import ollama
-import orjson
 import pytest
 
 from olb.server import start_proxy
