@@ -30,7 +30,6 @@ then the queue (503), then the load-only reply.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
 import hashlib
 import math
@@ -38,7 +37,7 @@ import random
 import struct
 
 from olb.sim import gojson
-from olb.sim.catalogue import KNOWN_MODELS, Catalogue, ModelName, known_spec, parse_name
+from olb.sim.catalogue import Catalogue, ModelName, known_spec, parse_name
 from olb.sim.clock import Clock
 from olb.sim.config import SimConfig
 from olb.sim.engine import REJECTED, Engine, Generation, SlotHold, decode_interval, prefill_seconds
@@ -130,8 +129,6 @@ class Api:
             "/api/embed": {"POST": self.embed},
             "/api/embeddings": {"POST": self.embeddings},
             "/api/pull": {"POST": self.pull},
-            "/api/push": {"POST": self.push},
-            "/api/create": {"POST": self.create},
             "/api/copy": {"POST": self.copy},
             "/api/delete": {"DELETE": self.delete},
             "/v1/chat/completions": {"POST": self.oai_chat},
@@ -732,71 +729,6 @@ class Api:
         self.catalogue.install(spec, self.clock.now(), name=parse_name(name.display))
         if not stream:
             return w.respond(200, JSON, go_dumps({"status": "success"}))
-        w.stream_start(200, NDJSON)
-        for line in lines:
-            w.stream_write(go_dumps(line) + b"\n")
-        w.stream_end()
-
-    def push(self, req, w):
-        """PushHandler, cheaply: an installed model "uploads" (no network)."""
-        body = self._decode(req, w, gojson.PULL)
-        if body is None:
-            return
-        model_in = body.get("model") or body.get("name") or ""
-        if not model_in:
-            return self._error(w, _Style.NATIVE, 400, "model is required")
-        name = parse_name(model_in)
-        entry = self.catalogue.lookup(name) if name is not None else None
-        if entry is None:
-            # PushModel's GetManifest: the manifest file is not there.
-            return w.respond(500, JSON, go_dumps({"error": "open /root/.ollama/models/manifests/"
-                                                  f"{model_in}: no such file or directory"}))
-        layer = entry.digest
-        lines = [{"status": "retrieving manifest"}]
-        for done in (0, entry.spec.size):
-            p = {"status": f"pushing {layer[:12]}", "digest": f"sha256:{layer}", "total": entry.spec.size}
-            if done:
-                p["completed"] = done
-            lines.append(p)
-        lines += [{"status": "pushing manifest"}, {"status": "success"}]
-        self._progress(w, body, lines)
-
-    def create(self, req, w):
-        """CreateHandler (server/create.go), cheaply: from an installed model or from uploaded blobs."""
-        body = self._decode(req, w, gojson.CREATE)
-        if body is None:
-            return
-        name = parse_name(body.get("model") or body.get("name") or "")
-        if name is None:
-            return self._error(w, _Style.NATIVE, 400, "invalid model name")
-        base_in = body.get("from") or ""
-        files = body.get("files")
-        if base_in:
-            base = parse_name(base_in)
-            entry = self.catalogue.lookup(base) if base is not None else None
-            if entry is None:  # Ollama would pull it; the sim has no registry
-                return w.respond(500, JSON, go_dumps({"error": "pull model manifest: file does not exist"}))
-            spec = entry.spec
-            lines = [{"status": f"using existing layer sha256:{entry.digest}"}]
-        elif isinstance(files, dict) and files:
-            for digest in files.values():
-                if digest not in self.blobs:
-                    path = "/root/.ollama/models/blobs/" + str(digest).replace(":", "-")
-                    return w.respond(500, JSON, go_dumps({"error": f"open {path}: no such file or directory"}))
-            spec = KNOWN_MODELS["qwen2.5:0.5b"]
-            lines = [{"status": "parsing GGUF"}]
-            lines += [{"status": f"using existing layer {d}"} for d in files.values()]
-        else:
-            return self._error(w, _Style.NATIVE, 400, "neither 'from' or 'files' was specified")
-        lines += [{"status": "writing manifest"}, {"status": "success"}]
-        self.catalogue.install(dataclasses.replace(spec, name=name.display), self.clock.now(), name=name)
-        self._progress(w, body, lines)
-
-    def _progress(self, w, body, lines) -> None:
-        """streamResponse, or waitForStream's last object for "stream": false."""
-        stream = body.get("stream")
-        if stream is not None and not stream:
-            return w.respond(200, JSON, go_dumps(lines[-1]))
         w.stream_start(200, NDJSON)
         for line in lines:
             w.stream_write(go_dumps(line) + b"\n")

@@ -130,10 +130,6 @@ PULL = Struct("PullRequest", "api", {
 })
 COPY = Struct("CopyRequest", "api", {"source": "string", "destination": "string"})
 DELETE = Struct("DeleteRequest", "api", {"model": "string", "name": "string"})
-CREATE = Struct("CreateRequest", "api", {
-    "model": "string", "from": "string", "files": "any", "adapters": "any", "stream": "bool",
-    "name": "string",
-})
 OAI_MESSAGE = Struct("Message", "openai", {
     "role": "string", "content": "any", "reasoning": "string", "tool_calls": ("array", "any"),
     "name": "string", "tool_call_id": "string",
