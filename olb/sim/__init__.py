@@ -1,7 +1,8 @@
 """olb.sim: a faithful simulated Ollama (no GPU) for olb's tests, demo and benchmarks.
 
     olb/sim/config.py     SimConfig: the knobs and their defaults
-    olb/sim/catalogue.py  installed models, name normalisation (llama3.2 -> llama3.2:latest)
+    olb/sim/catalogue.py  installed models, blobs and layers, name normalisation (llama3.2 -> llama3.2:latest)
+    olb/sim/gguf.py       GGUF header key/values (what /api/create reads from an uploaded blob)
     olb/sim/tokens.py     deterministic text, prompt token counts
     olb/sim/engine.py     Ollama's scheduler: pending queue, loads, eviction, keep-alive, slots, timing
     olb/sim/gpu.py        the simulated GPU: profiles, memory, speeds, sharing, DCGM /metrics text

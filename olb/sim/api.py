@@ -33,11 +33,20 @@ import base64
 import functools
 import hashlib
 import math
+import os
 import random
+import re
 import struct
+from dataclasses import replace
+
+import orjson
 
 from olb.sim import gojson
-from olb.sim.catalogue import Catalogue, ModelName, known_spec, parse_name
+from olb.sim import gguf
+from olb.sim.catalogue import (DEFAULT_HOST, MEDIA_ADAPTER, MEDIA_CONFIG, MEDIA_LICENSE, MEDIA_MESSAGES,
+                               MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, Blob, Catalogue,
+                               Layer, ModelName, blob_path, known_spec, manifest_digest, model_layer_digest,
+                               parse_name, spec_from_gguf)
 from olb.sim.clock import Clock
 from olb.sim.config import SimConfig
 from olb.sim.engine import REJECTED, Engine, Generation, SlotHold, decode_interval, prefill_seconds
@@ -77,6 +86,72 @@ def parse_version(v: str) -> tuple:
     return tuple(out + [0] * (3 - len(out)))
 
 
+# manifest.BlobsPath: "only accept actual sha256 digests".
+_BLOB_DIGEST = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
+# Bytes of an uploaded blob kept to read its GGUF header (the key/values
+# before the tokenizer arrays; a real GGUF's general.* keys come first).
+UPLOAD_HEAD = 1 << 20
+# ggml.ParseFileType's accepted quantisations, and bits per weight to size
+# the quantised layer (llama.cpp's figures for the K-quants).
+_QUANT_TYPES = {"F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q4_K_S": "Q4_K_S", "Q4_K_M": "Q4_K_M",
+                "Q4_K": "Q4_K_M", "BF16": "BF16"}
+_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q4_K_S": 4.58, "Q4_K_M": 4.85}
+
+
+def anthropic_error(status: int, message: str, request_id: str) -> dict:
+    """anthropic.NewError: the type follows the status."""
+    etype = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error",
+             529: "overloaded_error"}.get(status, "api_error")
+    return {"type": "error", "error": {"type": etype, "message": message}, "request_id": request_id}
+
+
+def _fail(message: str, status: int = 500) -> dict:
+    """An error item of a progress stream (gin.H{"error", "status"})."""
+    return {"error": message, "_status": status}
+
+
+def _go_number(x):
+    """json.Marshal writes a whole float64 without a fraction (1, not 1.0)."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def _go_sharp_v(x) -> str:
+    """fmt's %#v for a decoded JSON value: strings quoted, whole floats bare."""
+    if isinstance(x, str):
+        return go_quote(x)
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e21:
+        return str(int(x))
+    return str(x)
+
+
+def _valid_path(p: str) -> bool:
+    """io/fs.ValidPath: unrooted, slash-separated, no empty, '.' or '..' element."""
+    if p == ".":
+        return True
+    return bool(p) and all(e not in ("", ".", "..") for e in p.split("/"))
+
+
+class BlobUpload:
+    """A POST /api/blobs body, hashed as it arrives (manifest.NewLayer's
+    io.Copy into sha256), with its first UPLOAD_HEAD bytes kept."""
+
+    __slots__ = ("sha", "size", "head")
+
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.head = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+        if len(self.head) < UPLOAD_HEAD:
+            self.head += data[:UPLOAD_HEAD - len(self.head)]
+
+
 def oai_error(status: int, message: str) -> dict:
     """openai.NewError: the type follows the status."""
     etype = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
@@ -86,14 +161,16 @@ def oai_error(status: int, message: str) -> dict:
 class Request:
     """One parsed HTTP request, as the handlers need it."""
 
-    __slots__ = ("method", "path", "headers", "body", "t_start")
+    __slots__ = ("method", "path", "headers", "body", "t_start", "upload")
 
-    def __init__(self, method: str, path: str, headers: dict, body: bytes, t_start: float):
+    def __init__(self, method: str, path: str, headers: dict, body: bytes, t_start: float,
+                 upload: BlobUpload | None = None):
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
         self.t_start = t_start
+        self.upload = upload        # body_consumer's object; then `body` is empty
 
 
 class _Style:
@@ -101,6 +178,7 @@ class _Style:
 
     NATIVE = 0
     OAI = 1
+    ANTHROPIC = 2
 
 
 class Api:
@@ -116,7 +194,6 @@ class Api:
         self.loop = loop
         self.version = parse_version(config.version)
         self.corpus = corpus(config.seed)
-        self.blobs: set = set()
         # path -> {method: handler}; gin's router with HandleMethodNotAllowed.
         self.routes = {
             "/": {"GET": self.root, "HEAD": self.root},
@@ -129,17 +206,23 @@ class Api:
             "/api/embed": {"POST": self.embed},
             "/api/embeddings": {"POST": self.embeddings},
             "/api/pull": {"POST": self.pull},
+            "/api/push": {"POST": self.push},
+            "/api/create": {"POST": self.create},
             "/api/copy": {"POST": self.copy},
             "/api/delete": {"DELETE": self.delete},
             "/v1/chat/completions": {"POST": self.oai_chat},
             "/v1/completions": {"POST": self.oai_completions},
             "/v1/embeddings": {"POST": self.oai_embeddings},
             "/v1/models": {"GET": self.oai_models},
+            "/v1/responses": {"POST": self.oai_responses},
+            "/v1/messages": {"POST": self.anthropic_messages},
         }
         if engine.gpu is not None:
             # Not Ollama's: dcgm-exporter's endpoint, served here so one
             # instance is both the backend and its GPU telemetry.
             self.routes["/metrics"] = {"GET": self.dcgm_metrics}
+        # Not Ollama's either: the scheduler's counters, for benchmarks.
+        self.routes["/sim/stats"] = {"GET": self.sim_stats}
         # DCGM labels (server.py sets the instance's own).
         self.gpu_uuid = "GPU-00000000-0000-0000-0000-000000000000"
         self.hostname = "localhost"
@@ -160,6 +243,13 @@ class Api:
                     return methods, param
         return None, None
 
+    def body_consumer(self, method: bytes, target: bytes):
+        """An object whose feed(data) takes the request body as it arrives,
+        or None to have it collected into Request.body."""
+        if method == b"POST" and target.startswith(b"/api/blobs/"):
+            return BlobUpload()
+        return None
+
     def handle(self, req: Request, w) -> None:
         methods, param = self.route(req.path)
         if methods is None:
@@ -179,6 +269,9 @@ class Api:
     def _error(self, w, style: int, status: int, message: str) -> None:
         if style == _Style.NATIVE:
             w.respond(status, JSON_UTF8, go_dumps({"error": message}))
+        elif style == _Style.ANTHROPIC:
+            # AnthropicWriter.writeError: explicit application/json, json.Encoder's "\n".
+            w.respond(status, JSON, go_dumps(anthropic_error(status, message, self._random_id("req"))) + b"\n")
         else:
             # BaseWriter.writeError: explicit application/json, json.Encoder's "\n".
             w.respond(status, JSON, go_dumps(oai_error(status, message)) + b"\n")
@@ -258,11 +351,9 @@ class Api:
 
     def _acquire(self, w, style, entry, body, then) -> None:
         """Get the model's runner (at once, or after the scheduler loads it)
-        and continue with then(runner); 503 if the pending queue is full."""
-        ctx = (body.get("options") or {}).get("num_ctx")
-        if isinstance(ctx, bool) or not isinstance(ctx, (int, float)) or ctx <= 0:
-            ctx = None
-        pending = self.engine.acquire(entry, body.get("keep_alive"), then, ctx)
+        and continue with then(runner); 503 if the pending queue is full.
+        The request's options carry its runner options (needsReload)."""
+        pending = self.engine.acquire(entry, body.get("keep_alive"), then, body.get("options"))
         if pending is REJECTED:
             self.stats.rejected += 1
             self._error(w, style, 503, QUEUE_FULL)
@@ -328,7 +419,7 @@ class Api:
             "name": e.name.display,
             "model": e.name.display,
             "modified_at": self.clock.local(int(e.modified * 1e9)),
-            "size": e.spec.size,
+            "size": e.size,
             "digest": e.digest,
             "details": e.spec.details(),
         }
@@ -355,6 +446,10 @@ class Api:
             })
         w.respond(200, JSON_UTF8, go_dumps({"models": models}))
 
+    def sim_stats(self, req, w):
+        """GET /sim/stats: Engine.stats() as JSON (olb-sim only)."""
+        w.respond(200, JSON_UTF8, go_dumps(self.engine.stats()))
+
     def dcgm_metrics(self, req, w):
         """dcgm-exporter's /metrics for the simulated GPU."""
         w.respond(200, DCGM_CONTENT_TYPE, dcgm_text(self.engine.gpu, self.gpu_uuid, self.hostname))
@@ -374,23 +469,48 @@ class Api:
             return self._error(w, _Style.NATIVE, 404, f"model '{name_in}' not found")
         w.respond(200, JSON_UTF8, self._show_body(entry, body))
 
+    def _layer_text(self, entry, media: str) -> str | None:
+        """The content of a model's text layer (template, system, ...), if any."""
+        texts = [self.catalogue.blob(x.digest) for x in entry.layers if x.media_type == media]
+        texts = [t.data.decode("utf-8", "replace") for t in texts if t is not None and t.data is not None]
+        return "\n".join(texts) if texts else None
+
     def _show_body(self, entry, body) -> bytes:
         spec = entry.spec
+        template = self._layer_text(entry, MEDIA_TEMPLATE)
+        template = spec.template if template is None else template
+        system = body.get("system") or self._layer_text(entry, MEDIA_SYSTEM) or ""
+        parameters = spec.parameters
+        params = self._layer_text(entry, MEDIA_PARAMS)
+        if params is not None:
+            # GetModelInfo: `%-30s %#v` per option, a line per list element
+            # (Go's map order is random; sorted here).
+            lines = []
+            for k, v in sorted(orjson.loads(params).items()):
+                for x in (v if isinstance(v, list) else [v]):
+                    lines.append(f"{k:<30} {_go_sharp_v(x)}")
+            parameters = "\n".join(lines)
         modelfile = (
             '# Modelfile generated by "ollama show"\n'
             "# To build a new Modelfile based on this, replace FROM with:\n"
             f"# FROM {entry.name.display}\n\n"
             f"FROM {entry.blob_path}\n"
-            f'TEMPLATE """{spec.template}"""\n'
+            f'TEMPLATE """{template}"""\n'
         )
+        if system:
+            modelfile += f'SYSTEM """{system}"""\n'
+        if params is not None:
+            modelfile += "".join(f"PARAMETER {line.split(' ', 1)[0]} {line.split(' ', 1)[1].lstrip()}\n"
+                                 for line in parameters.split("\n"))
+        license_ = self._layer_text(entry, MEDIA_LICENSE) or ""
         out = {
-            "license": "",
+            "license": license_,
             "modelfile": modelfile,
-            "parameters": spec.parameters,
-            "template": spec.template,
+            "parameters": parameters,
+            "template": template,
         }
-        if body.get("system"):
-            out["system"] = body["system"]
+        if system:
+            out["system"] = system
         out["details"] = spec.details()
         # model_info is a Go map: json.Marshal writes its keys sorted.
         out["model_info"] = dict(sorted(spec.model_info().items()))
@@ -520,8 +640,9 @@ class Api:
             self._chat(req, w, body, None)
 
     def _chat(self, req, w, body: dict, oai):
-        """ChatHandler; `oai` is the /v1/chat/completions context or None."""
-        style = _Style.OAI if oai else _Style.NATIVE
+        """ChatHandler; `oai` is the /v1 context (/v1/chat/completions,
+        /v1/responses, /v1/messages) or None."""
+        style = oai.get("style", _Style.OAI) if oai else _Style.NATIVE
         top = body.get("top_logprobs") or 0
         if top < 0 or top > 20:
             return self._error(w, style, 400, "top_logprobs must be between 0 and 20")
@@ -561,7 +682,7 @@ class Api:
         offset = self._offset(name, text, options)
         if oai:
             stream = oai["stream"]
-            sink_cls = OaiChatStream if stream else OaiChatJson
+            sink_cls = oai.get("sinks", (OaiChatJson, OaiChatStream))[bool(stream)]
         else:
             stream = body.get("stream")
             stream = stream is None or stream
@@ -705,7 +826,10 @@ class Api:
             return self._error(w, _Style.NATIVE, 400, "invalid model name")
         spec = known_spec(model_in)
         existing = self.catalogue.lookup(name)
-        if spec is None and existing is not None:
+        if spec is None and existing is not None and existing.config is None:
+            # An installed model the registry "has" (a configured ModelSpec);
+            # one made by /api/create exists only here, and the registry
+            # answers for it as for any unknown name.
             spec = existing.spec
         stream = body.get("stream")
         stream = stream is None or stream
@@ -717,15 +841,7 @@ class Api:
             w.stream_write(b'{"status":"pulling manifest"}\n')
             w.stream_write(go_dumps({"error": err}) + b"\n")
             return w.stream_end()
-        layer = hashlib.sha256(b"olb-sim-layer/" + spec.name.encode()).hexdigest()
-        lines = [{"status": "pulling manifest"}]
-        for done in (0, spec.size // 2, spec.size):
-            p = {"status": f"pulling {layer[:12]}", "digest": f"sha256:{layer}", "total": spec.size}
-            if done:
-                p["completed"] = done
-            lines.append(p)
-        lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"},
-                  {"status": "success"}]
+        lines = self._pull_lines(spec)
         self.catalogue.install(spec, self.clock.now(), name=parse_name(name.display))
         if not stream:
             return w.respond(200, JSON, go_dumps({"status": "success"}))
@@ -734,7 +850,294 @@ class Api:
             w.stream_write(go_dumps(line) + b"\n")
         w.stream_end()
 
+    def _pull_lines(self, spec) -> list:
+        """PullModel's progress for a model the simulated registry has."""
+        digest = model_layer_digest(spec.name)
+        lines = [{"status": "pulling manifest"}]
+        for done in (0, spec.size // 2, spec.size):
+            p = {"status": f"pulling {digest[7:19]}", "digest": digest, "total": spec.size}
+            if done:
+                p["completed"] = done
+            lines.append(p)
+        lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"},
+                  {"status": "success"}]
+        return lines
+
+    def _progress(self, w, stream: bool, items) -> None:
+        """Answer a progress channel: streamResponse (NDJSON; an error before
+        any line is a plain JSON status, after one an in-band line) or,
+        with stream false, waitForStream (the last line, or the first error)."""
+        if not stream:
+            latest = {}
+            for item in items:
+                if "error" in item:
+                    return w.respond(item["_status"], JSON, go_dumps({"error": item["error"]}))
+                latest = item
+            return w.respond(200, JSON, go_dumps(latest))
+        started = False
+        for item in items:
+            if "error" in item:
+                if not started:
+                    return w.respond(item["_status"], JSON, go_dumps({"error": item["error"]}))
+                w.stream_write(go_dumps({"error": item["error"]}) + b"\n")
+                break
+            if not started:
+                started = True
+                w.stream_start(200, NDJSON)
+            w.stream_write(go_dumps(item) + b"\n")
+        if not started:
+            w.stream_start(200, NDJSON)
+        w.stream_end()
+
+    def create(self, req, w):
+        """CreateHandler: a model from uploaded blobs (`files`) or from an
+        installed one (`from`), with template/system/parameters layers."""
+        body = self._decode(req, w, gojson.CREATE)
+        if body is None:
+            return
+        for key in ("files", "draft_files"):
+            for path, digest in (body.get(key) or {}).items():
+                if not _valid_path(path):
+                    return self._error(w, _Style.NATIVE, 400, "file path must be relative")
+                if not digest:
+                    return self._error(w, _Style.NATIVE, 400, "invalid digest format")
+        if body.get("draft_quantize") and not body.get("draft_files"):
+            return self._error(w, _Style.NATIVE, 400, "--draft-quantize requires a DRAFT model")
+        for digest in (body.get("adapters") or {}).values():
+            if not digest:
+                return self._error(w, _Style.NATIVE, 400, "invalid digest format")
+        name = parse_name(body.get("model") or body.get("name") or "")
+        if name is None:
+            return self._error(w, _Style.NATIVE, 400, "invalid model name")
+        stream = body.get("stream")
+        self._progress(w, stream is None or stream, self._create_steps(body, name))
+
+    def _gguf_layers(self, files: dict, adapter: bool, out: list):
+        """convertModelFromFiles for GGUF blobs: yields progress (or a
+        failure) and appends (Layer, Blob) to `out`."""
+        bad = 400 if adapter else 500
+        kind = ""
+        for path, digest in files.items():
+            if path.endswith(".safetensors"):
+                kind = "safetensors"
+            elif path.endswith(".gguf"):
+                kind = "gguf"
+            else:
+                blob = self.catalogue.blob(digest) if _BLOB_DIGEST.match(digest) else None
+                kind = "gguf" if blob is not None and blob.gguf else ""
+            break   # detectModelTypeFromFiles decides on the first file it sees
+        if kind == "safetensors":
+            # Not modelled: the simulator cannot convert tensors.
+            yield _fail("olb-sim cannot convert safetensors; upload a GGUF", 400)
+            return
+        if kind != "gguf":
+            yield _fail("unknown type", 400)
+            return
+        if adapter and len(files) > 1:
+            yield _fail("only one adapter is currently supported", 400)
+            return
+        for path in sorted(files):
+            digest = files[path]
+            yield {"status": "parsing GGUF"}
+            if not _BLOB_DIGEST.match(digest):
+                yield _fail("invalid digest format", bad)
+                return
+            blob = self.catalogue.blob(digest)
+            if blob is None:
+                yield _fail(f"open {blob_path(digest)}: no such file or directory", bad)
+                return
+            if not blob.gguf or blob.kv is None:
+                yield _fail("supplied file was not in GGUF format", 400)
+                return
+            media = MEDIA_ADAPTER if adapter or blob.kv.get("general.type") == "adapter" else MEDIA_MODEL
+            out.append((Layer(media, digest, blob.size), blob))
+
+    def _new_layer(self, media: str, data: bytes, statuses: list) -> Layer:
+        """manifest.NewLayer: store `data` as a blob, noting whether it was new."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        state = "using existing layer" if self.catalogue.blob(digest) is not None else "creating new layer"
+        self.catalogue.add_blob(digest, Blob(len(data), data=data))
+        statuses.append(f"{state} {digest}")
+        return Layer(media, digest, len(data))
+
+    def _create_steps(self, body: dict, name: ModelName):
+        """The CreateHandler goroutine: progress dicts, ending in success or a _fail."""
+        cat = self.catalogue
+        layers = []         # (Layer, status or None)
+        spec = None
+        from_in = body.get("from") or ""
+        files = body.get("files")
+        if from_in:
+            from_name = parse_name(from_in)
+            if from_name is None:
+                yield _fail("invalid model name", 400)
+                return
+            base = cat.lookup(from_name)
+            if base is None:
+                # parseFromModel pulls a base that is not installed (from the
+                # simulated registry: no network).
+                known = known_spec(from_in)
+                if known is None:
+                    yield {"status": "pulling manifest"}
+                    yield _fail("pull model manifest: file does not exist")
+                    return
+                yield from self._pull_lines(known)
+                base = cat.install(known, self.clock.now(), name=from_name)
+            spec = base.spec
+            for layer in base.layers:
+                layers.append((layer, f"using existing layer {layer.digest}"))
+        elif files is not None:
+            found = []
+            for item in self._gguf_layers(files, False, found):
+                yield item
+                if "error" in item:
+                    return
+            models = [(la, b) for la, b in found if la.media_type == MEDIA_MODEL]
+            if models:
+                la, blob = max(models, key=lambda x: x[0].size)
+                spec = spec_from_gguf(name.display, la.size, blob.kv)
+            for la, _ in found:
+                layers.append((la, f"using existing layer {la.digest}"))
+        else:
+            yield _fail("neither 'from' or 'files' was specified", 400)
+            return
+        adapters = body.get("adapters")
+        if adapters is not None:
+            found = []
+            for item in self._gguf_layers(adapters, True, found):
+                yield item
+                if "error" in item:
+                    return
+            for la, _ in found:
+                layers.append((la, f"using existing layer {la.digest}"))
+        if spec is None:
+            la = max((x for x, _ in layers), key=lambda x: x.size)
+            spec = spec_from_gguf(name.display, la.size, {})
+        # createModel: quantize the weights layer, then the text layers.
+        quant = (body.get("quantize") or body.get("quantization") or "").upper()
+        if quant:
+            want = _QUANT_TYPES.get(quant)
+            if want is None:
+                yield _fail(f"unsupported quantization type {quant} - supported types are "
+                            "F32, F16, Q4_K_S, Q4_K_M, Q8_0")
+                return
+            ft = spec.quantization_level
+            if ft not in ("F16", "BF16", "F32"):
+                yield _fail("quantization is only supported for F16, BF16 and F32 models")
+                return
+            if ft != want:
+                i = next(i for i, (la, _) in enumerate(layers) if la.media_type == MEDIA_MODEL)
+                old = layers[i][0]
+                for frac in (0.0, 0.5, 1.0):
+                    p = {"status": f"quantizing {ft} model to {want}", "digest": "0000000000000000000",
+                         "total": old.size}
+                    if frac:
+                        p["completed"] = int(old.size * frac)
+                    yield p
+                yield {"status": "verifying conversion"}
+                size = int(old.size * _BITS[want] / _BITS[ft])
+                digest = "sha256:" + hashlib.sha256(f"{old.digest}/{want}".encode()).hexdigest()
+                state = "using existing layer" if cat.blob(digest) else "creating new layer"
+                cat.add_blob(digest, Blob(size, gguf=True, kv={}))
+                layers[i] = (Layer(MEDIA_MODEL, digest, size), f"{state} {digest}")
+                spec = replace(spec, quantization_level=want, size=size)
+        statuses = []
+
+        def set_layer(media, data: bytes | None):
+            nonlocal layers
+            layers = [x for x in layers if x[0].media_type != media]
+            if data is not None:
+                before = len(statuses)
+                la = self._new_layer(media, data, statuses)
+                layers.append((la, statuses[before]))
+
+        if body.get("template"):
+            set_layer(MEDIA_TEMPLATE, body["template"].encode())
+        if body.get("system"):
+            set_layer(MEDIA_SYSTEM, body["system"].encode())
+        lic = body.get("license")
+        for text in ([lic] if isinstance(lic, str) else lic if isinstance(lic, list) else []):
+            if isinstance(text, str) and text:
+                la = self._new_layer(MEDIA_LICENSE, text.encode(), statuses)
+                layers.append((la, statuses[-1]))
+        params = dict(body.get("parameters") or {})
+        for la, _ in layers:
+            if la.media_type == MEDIA_PARAMS:
+                old = cat.blob(la.digest)
+                if old is not None and old.data:
+                    for k, v in orjson.loads(old.data).items():
+                        params.setdefault(k, v)
+        if params:
+            # setParameters: json.Encoder of a map (sorted keys, "\n").
+            set_layer(MEDIA_PARAMS, go_dumps(params, sort_keys=True) + b"\n")
+        if body.get("messages"):
+            set_layer(MEDIA_MESSAGES, go_dumps(body["messages"]) + b"\n")
+        final = [la for la, _ in layers]
+        config_data = go_dumps({
+            "model_format": "gguf", "model_family": spec.architecture,
+            "model_families": [spec.architecture], "model_type": spec.parameter_size,
+            "file_type": spec.quantization_level, "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [la.digest for la in final]},
+        })
+        config = self._new_layer(MEDIA_CONFIG, config_data, [])
+        for _, status in layers:
+            if status:
+                yield {"status": status}
+        yield {"status": "writing manifest"}
+        old = cat.lookup(name)
+        cat.install(replace(spec, name=name.display), self.clock.now(), name=name, layers=tuple(final),
+                    config=config, digest=manifest_digest(config, final))
+        if old is not None:
+            # The replaced manifest's layers no model uses any more (oldManifest.RemoveLayers).
+            cat.prune(old.all_layers())
+        yield {"status": "success"}
+
+    def push(self, req, w):
+        """PushHandler -> PushModel, without a network: a model on the
+        default registry "uploads" at once; any other host is unreachable."""
+        body = self._decode(req, w, gojson.PUSH)
+        if body is None:
+            return
+        mname = body.get("model") or body.get("name") or ""
+        if not mname:
+            return self._error(w, _Style.NATIVE, 400, "model is required")
+        stream = body.get("stream")
+        self._progress(w, stream is None or stream, self._push_steps(mname, bool(body.get("insecure"))))
+
+    def _push_steps(self, mname: str, insecure: bool):
+        yield {"status": "retrieving manifest"}
+        if mname.startswith("http://") and not insecure:
+            yield _fail("insecure protocol http")
+            return
+        name = parse_name(mname)
+        entry = self.catalogue.lookup(name) if name is not None else None
+        if entry is None:
+            yield {"status": "couldn't retrieve manifest"}
+            if name is None:
+                yield _fail(f"unqualified name: {mname}")
+            else:
+                yield _fail(f"open /root/.ollama/models/manifests/{name.host}/{name.namespace}/"
+                            f"{name.model}/{name.tag}: no such file or directory")
+            return
+        layers = entry.all_layers()
+        if name.host.lower() != DEFAULT_HOST:
+            host = name.host
+            yield _fail(f'Head "https://{host}/v2/{name.namespace}/{name.model}/blobs/{layers[0].digest}": '
+                        f"dial tcp: lookup {host}: no such host")
+            return
+        for layer in layers:
+            for frac in (0.0, 0.5, 1.0):
+                p = {"status": f"pushing {layer.digest[7:19]}", "digest": layer.digest}
+                if layer.size:
+                    p["total"] = layer.size
+                if int(layer.size * frac):
+                    p["completed"] = int(layer.size * frac)
+                yield p
+        yield {"status": "pushing manifest"}
+        yield {"status": "success"}
+
     def copy(self, req, w):
+        """CopyHandler -> CopyModel: a second manifest for the same layers."""
         body = self._decode(req, w, gojson.COPY)
         if body is None:
             return
@@ -749,11 +1152,14 @@ class Api:
         entry = self.catalogue.lookup(src)
         if entry is None:
             return self._error(w, _Style.NATIVE, 404, f"model {go_quote(src_in)} not found")
-        copied = self.catalogue.install(entry.spec, self.clock.now(), name=dst)
-        copied.digest = entry.digest
+        if src.key != dst.key:     # CopyModel: same file path -> nothing to do
+            self.catalogue.install(entry.spec, self.clock.now(), name=dst, layers=entry.layers,
+                                   config=entry.config, digest=entry.digest)
         w.respond(200, None, b"")
 
     def delete(self, req, w):
+        """DeleteHandler: the manifest and the layers no other model uses.
+        A loaded runner stays loaded, as in Ollama (it expires by keep-alive)."""
         body = self._decode(req, w, gojson.DELETE)
         if body is None:
             return
@@ -763,23 +1169,184 @@ class Api:
             return self._error(w, _Style.NATIVE, 400, f"name {go_quote(model_in)} is invalid")
         if not self.catalogue.remove(name):
             return self._error(w, _Style.NATIVE, 404, f"model '{model_in}' not found")
-        self.engine.unload(name.key)
         w.respond(200, None, b"")
 
     def blob_head(self, req, w, digest):
-        if digest in self.blobs:
+        """HeadBlobHandler."""
+        if not _BLOB_DIGEST.match(digest):
+            return self._error(w, _Style.NATIVE, 400, "invalid digest format")
+        if self.catalogue.blob(digest) is not None:
             return w.respond(200, None, b"")
         self._error(w, _Style.NATIVE, 404, f"blob {go_quote(digest)} not found")
 
     def blob_post(self, req, w, digest):
-        if digest in self.blobs:
+        """CreateBlobHandler: 200 if stored, else hash the body (streamed by
+        the server into req.upload), 201, or 400 on a digest mismatch."""
+        if not _BLOB_DIGEST.match(digest):
+            return self._error(w, _Style.NATIVE, 400, "invalid digest format")
+        if self.catalogue.blob(digest) is not None:
             return w.respond(200, None, b"")
-        got = "sha256:" + hashlib.sha256(req.body).hexdigest()
+        up = req.upload
+        if up is None:
+            up = BlobUpload()
+            up.feed(req.body)
+        got = "sha256:" + up.sha.hexdigest()
         if got != digest:
             return self._error(w, _Style.NATIVE, 400,
                                f"digest mismatch, expected {go_quote(digest)}, got {go_quote(got)}")
-        self.blobs.add(digest)
+        head = bytes(up.head)
+        kv = None
+        if gguf.is_gguf(head):
+            try:
+                kv = gguf.read_kv(head)
+            except ValueError:
+                kv = None
+        self.catalogue.add_blob(digest, Blob(up.size, gguf=gguf.is_gguf(head), kv=kv))
         w.respond(201, None, b"")
+
+    # --- Anthropic and Responses compatibility ------------------------------------
+
+    def _random_id(self, prefix: str, req: Request | None = None) -> str:
+        """generateID: prefix + 24 hex digits (fixed per body under
+        deterministic_time, so bodies repeat byte for byte)."""
+        if self.config.deterministic_time and req is not None:
+            raw = hashlib.blake2b(req.body, digest_size=12, key=str(self.config.seed).encode()[:64]).digest()
+        else:
+            raw = os.urandom(12)
+        return f"{prefix}_{raw.hex()}"
+
+    def _anthropic_error(self, w, status: int, message: str) -> None:
+        """An error AnthropicMessagesMiddleware aborts with (gin c.JSON)."""
+        w.respond(status, JSON_UTF8, go_dumps(anthropic_error(status, message, self._random_id("req"))))
+
+    def anthropic_messages(self, req, w):
+        """AnthropicMessagesMiddleware -> ChatHandler (anthropic.FromMessagesRequest)."""
+        try:
+            body = gojson.decode(req.body, gojson.ANTHROPIC_MESSAGES)
+        except DecodeError as exc:
+            return self._anthropic_error(w, 400, str(exc))
+        model = body.get("model") or ""
+        if not model:
+            return self._anthropic_error(w, 400, "model is required")
+        max_tokens = body.get("max_tokens") or 0
+        if max_tokens <= 0:
+            return self._anthropic_error(w, 400, "max_tokens is required and must be positive")
+        messages = body.get("messages") or []
+        if not messages:
+            return self._anthropic_error(w, 400, "messages is required")
+        native = []
+        system = body.get("system")
+        if isinstance(system, str) and system:
+            native.append({"role": "system", "content": system})
+        elif isinstance(system, list):
+            text = "".join(b["text"] for b in system if isinstance(b, dict) and b.get("type") == "text"
+                           and isinstance(b.get("text"), str))
+            if text:
+                native.append({"role": "system", "content": text})
+        # EstimateCountTokens counts the system text, roles, contents and tools.
+        chars = len(system) if isinstance(system, str) else len(native[0]["content"]) if native else 0
+        for t in body.get("tools") or []:
+            if isinstance(t, dict):
+                chars += sum(len(t.get(k) or "") for k in ("name", "description") if isinstance(t.get(k), str))
+                chars += len(go_dumps(t.get("input_schema"))) if t.get("input_schema") is not None else 0
+        for m in messages:
+            if not isinstance(m, dict):
+                kind = gojson._json_kind(m)
+                return self._anthropic_error(
+                    w, 400, f"json: cannot unmarshal {kind} into Go struct field MessagesRequest.messages "
+                            "of type anthropic.MessageParam")
+            converted, err = _anthropic_message(m)
+            if err:
+                return self._anthropic_error(w, 400, err)
+            native.extend(converted)
+            chars += len(m.get("role") or "") + sum(len(x.get("content") or "") for x in converted)
+        options = {"num_predict": max_tokens}
+        for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k")):
+            if body.get(src) is not None:
+                options[dst] = body[src]
+        if body.get("stop_sequences"):
+            options["stop"] = body["stop_sequences"]
+        stream = bool(body.get("stream"))
+        native_body = {"model": model, "messages": native, "options": options, "stream": stream}
+        if body.get("tools"):
+            native_body["tools"] = body["tools"]
+        thinking = body.get("thinking") or {}
+        if thinking.get("type") in ("enabled", "disabled"):
+            native_body["think"] = thinking["type"] == "enabled"
+        ctx = {"stream": stream, "model": model, "id": self._random_id("msg", req),
+               # EstimateInputTokens: len/4, at least 1 (message_start's usage).
+               "estimate": max(1, chars // 4), "style": _Style.ANTHROPIC,
+               "sinks": (AnthropicJson, AnthropicStream)}
+        if not native:
+            return self._compat_load(req, w, native_body, ctx)
+        self._chat(req, w, native_body, ctx)
+
+    def oai_responses(self, req, w):
+        """ResponsesMiddleware -> ChatHandler (openai.FromResponsesRequest)."""
+        body = self._decode(req, w, gojson.RESPONSES, _Style.OAI)
+        if body is None:
+            return
+        native = []
+        if body.get("instructions"):
+            native.append({"role": "system", "content": body["instructions"]})
+        inp = body.get("input")
+        if isinstance(inp, str):
+            if inp:
+                native.append({"role": "user", "content": inp})
+        elif isinstance(inp, list):
+            for i, item in enumerate(inp):
+                msg, err = _responses_item(item)
+                if err:
+                    return self._middleware_error(w, 400, f"input[{i}]: {err}")
+                if msg is not None:
+                    native.append(msg)
+        elif inp is not None:
+            return self._middleware_error(
+                w, 400, f"input must be a string or array: json: cannot unmarshal {gojson._json_kind(inp)} "
+                        "into Go value of type []json.RawMessage")
+        options = {"temperature": 1.0 if body.get("temperature") is None else body["temperature"]}
+        if body.get("top_p") is not None:
+            options["top_p"] = body["top_p"]
+        if body.get("max_output_tokens") is not None:
+            options["num_predict"] = body["max_output_tokens"]
+        stream = bool(body.get("stream"))
+        native_body = {"model": body.get("model") or "", "messages": native, "options": options,
+                       "stream": stream}
+        effort = (body.get("reasoning") or {}).get("effort") or ""
+        if effort:
+            # thinkFromReasoningEffort.
+            think = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                     "max": "max", "xhigh": "max", "ultra": "max"}.get(effort)
+            if think is None:
+                return self._middleware_error(
+                    w, 400, f"invalid reasoning value: {go_quote(effort)} (must be \"minimal\", \"low\", "
+                            '"medium", "high", "xhigh", "ultra", "max", or "none")')
+            native_body["think"] = think
+        tools = body.get("tools")
+        if tools:
+            native_body["tools"] = tools
+        ctx = {"stream": stream, "model": body.get("model") or "",
+               "id": f"resp_{random.randrange(999999)}", "item": f"msg_{random.randrange(999999)}",
+               "request": body, "created": self.clock.created_unix(),
+               "sinks": (ResponsesJson, ResponsesStream)}
+        if not native:
+            return self._compat_load(req, w, native_body, ctx)
+        self._chat(req, w, native_body, ctx)
+
+    def _compat_load(self, req, w, body: dict, ctx: dict) -> None:
+        """ChatHandler with no messages answers the load reply (done_reason
+        "load", no tokens); the Anthropic and Responses writers convert it
+        like any other final chunk."""
+        style = ctx.get("style", _Style.OAI)
+        model_in = body["model"]
+        found = self._resolve(w, style, model_in, 400, "model is required", self._not_found_chat)
+        if found is None:
+            return
+        entry = found[1]
+        if entry.spec.embedding_only:
+            return self._error(w, style, 400, f"{go_quote(model_in)} does not support chat")
+        sink = ctx["sinks"][bool(ctx["stream"])](self, w, req, model_in, 0, "load", 0, ctx)
+        self._acquire(w, style, entry, body, lambda runner: sink.finish(_LOAD_REPLY))
 
     # --- OpenAI compatibility ---------------------------------------------------
 
@@ -901,6 +1468,101 @@ class Api:
             return self._error(w, _Style.OAI, 404, f"model '{model}' not found")
         w.respond(200, JSON, go_dumps({"id": model, "object": "model", "created": int(entry.modified),
                                        "owned_by": name.namespace}) + b"\n")
+
+
+# --- Anthropic and Responses request conversion ---------------------------------
+
+def _anthropic_message(m: dict):
+    """anthropic convertMessage: (native messages, error text or None)."""
+    role = (m.get("role") or "").lower() if isinstance(m.get("role"), str) else ""
+    content = m.get("content")
+    if isinstance(content, str):
+        blocks = [{"type": "text", "text": content}]
+    elif isinstance(content, list):
+        blocks = content
+    elif content is None:
+        blocks = []
+    else:
+        return None, (f"json: cannot unmarshal {gojson._json_kind(content)} into Go value of type "
+                      "[]anthropic.ContentBlock")
+    text, thinking, calls, results = [], "", [], []
+    for b in blocks:
+        if not isinstance(b, dict):
+            return None, (f"json: cannot unmarshal {gojson._json_kind(b)} into Go value of type "
+                          "anthropic.ContentBlock")
+        kind = b.get("type")
+        if kind == "text":
+            if isinstance(b.get("text"), str):
+                text.append(b["text"])
+        elif kind == "image":
+            src = b.get("source")
+            if not isinstance(src, dict):
+                return None, "invalid image source"
+            if src.get("type") != "base64":
+                return None, f"invalid image source type: {src.get('type') or ''}. Only base64 images are supported."
+        elif kind == "tool_use":
+            if not b.get("id"):
+                return None, "tool_use block missing required 'id' field"
+            if not b.get("name"):
+                return None, "tool_use block missing required 'name' field"
+            calls.append({"id": b["id"], "function": {"name": b["name"], "arguments": b.get("input") or {}}})
+        elif kind == "tool_result":
+            c = b.get("content")
+            if isinstance(c, list):
+                c = "".join(x.get("text") or "" for x in c if isinstance(x, dict) and x.get("type") == "text")
+            results.append({"role": "tool", "content": c if isinstance(c, str) else "",
+                            "tool_call_id": b.get("tool_use_id") or ""})
+        elif kind == "thinking":
+            thinking = b.get("thinking") or ""
+    out = []
+    if role == "user":
+        out.extend(results)
+    if text or calls or thinking:
+        msg = {"role": role, "content": "".join(text)}
+        if calls:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    if role != "user":
+        out.extend(results)
+    return out, None
+
+
+def _responses_item(item):
+    """unmarshalResponsesInputItem + convertInputMessage: (native message or
+    None, error text or None)."""
+    if not isinstance(item, dict):
+        return None, (f"json: cannot unmarshal {gojson._json_kind(item)} into Go value of type "
+                      'struct { Type string "json:\\"type\\""; Role string "json:\\"role\\"" }')
+    kind = item.get("type") or ("message" if item.get("role") else "")
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, str):
+            return {"role": item.get("role") or "", "content": content}, None
+        parts = []
+        for j, c in enumerate(content or []):
+            t = c.get("type") if isinstance(c, dict) else None
+            if t in ("input_text", "output_text"):
+                parts.append(c.get("text") or "")
+            elif t == "input_image":
+                pass
+            elif t == "input_file":
+                return None, "file inputs are not currently supported"
+            else:
+                return None, f"content[{j}]: unknown content type: {t or ''}"
+        return {"role": item.get("role") or "", "content": "".join(parts)}, None
+    if kind == "function_call":
+        return {"role": "assistant", "content": "",
+                "tool_calls": [{"id": item.get("call_id") or "",
+                                "function": {"name": item.get("name") or "", "arguments": {}}}]}, None
+    if kind == "function_call_output":
+        out = item.get("output")
+        return {"role": "tool", "content": out if isinstance(out, str) else "",
+                "tool_call_id": item.get("call_id") or ""}, None
+    if kind in ("reasoning", "web_search_call"):
+        return None, None
+    if not kind:
+        return None, "input item missing required 'type' field"
+    return None, f"unknown input item type: {go_quote(kind)}"
 
 
 # --- embeddings -------------------------------------------------------------
@@ -1243,4 +1905,275 @@ class OaiCompletionJson(_OaiJson):
                "system_fingerprint": "fp_ollama",
                "choices": [{"text": self._text(gen), "index": 0, "finish_reason": self._reason(gen)}],
                "usage": _usage(self.prompt_tokens, gen.limit)}
+        self.w.respond(200, JSON, go_dumps(obj) + b"\n")
+
+
+# --- /v1/messages (anthropic.StreamConverter / ToMessagesResponse) ---------------
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+class _LoadReply:
+    """The final chunk of a load reply, as the sinks read a Generation."""
+
+    limit = 0
+    n_tokens = 0
+
+
+_LOAD_REPLY = _LoadReply()
+
+
+def _sse(event: str, data: bytes) -> bytes:
+    """writeSSE: `event: <type>\\ndata: <json>\\n\\n`, one flush per event."""
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+class AnthropicStream(_Output):
+    """/v1/messages, stream: message_start, one text block (start, a
+    text_delta per token, stop), message_delta with the stop reason and
+    usage, message_stop.  Each event is its own chunk, as writeSSE flushes."""
+
+    __slots__ = ("_blocks",)
+
+    def _setup(self):
+        self._blocks = 0
+        self._prefix = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,' \
+                       b'"delta":{"type":"text_delta","text":'
+        self._tail = b"}}\n\n"
+
+    def _message_start(self, input_tokens: int) -> None:
+        self.started = True
+        o = self.oai
+        self.w.stream_start(200, SSE)
+        self.w.stream_write(_sse("message_start", go_dumps({
+            "type": "message_start",
+            "message": {"id": o["id"], "type": "message", "role": "assistant", "model": self.model,
+                        "content": [], "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})))
+
+    def token(self, i):
+        w = self.w
+        if not self.started:
+            # The first chunk has no prompt count yet: the request's estimate.
+            self._message_start(self.oai["estimate"])
+        if not self._blocks:
+            self._blocks = 1
+            w.stream_write(_sse("content_block_start", b'{"type":"content_block_start","index":0,'
+                                                       b'"content_block":{"type":"text","text":""}}'))
+        w.stream_write(b"".join((self._prefix, self._piece(self.offset, i), self._tail)))
+
+    def finish(self, gen):
+        w = self.w
+        if not self.started:
+            self._message_start(self.prompt_tokens)
+        if self._blocks:
+            w.stream_write(_sse("content_block_stop", b'{"type":"content_block_stop","index":0}'))
+        delta = {}
+        reason = _STOP_REASONS.get(self._reason(gen), "stop_sequence")
+        delta["stop_reason"] = reason
+        w.stream_write(_sse("message_delta", go_dumps({
+            "type": "message_delta", "delta": delta,
+            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": gen.limit}})))
+        w.stream_write(_sse("message_stop", b'{"type":"message_stop"}'))
+        w.stream_end()
+
+    def fail(self, gen):
+        # Deviation, on purpose: Ollama's AnthropicWriter drops an in-band
+        # error; Anthropic's own `error` event lets clients see it.
+        msg = self.api.config.error_message
+        if self.started:
+            self.w.stream_write(_sse("error", go_dumps({"type": "error",
+                                                        "error": {"type": "api_error", "message": msg}})))
+            self.w.stream_end()
+        else:
+            self.w.respond(500, JSON, go_dumps(anthropic_error(500, msg, self.api._random_id("req"))) + b"\n")
+
+
+class AnthropicJson(_Output):
+    """/v1/messages, not streamed (ToMessagesResponse, json.Encoder)."""
+
+    __slots__ = ()
+
+    def token(self, i):
+        pass
+
+    def finish(self, gen):
+        text = self._text(gen)
+        obj = {"id": self.oai["id"], "type": "message", "role": "assistant", "model": self.model,
+               # A nil slice when there is no text: "content": null.
+               "content": [{"type": "text", "text": text}] if text else None,
+               "stop_reason": _STOP_REASONS.get(self._reason(gen), "stop_sequence"),
+               "usage": {"input_tokens": self.prompt_tokens, "output_tokens": gen.limit}}
+        self.w.respond(200, JSON, go_dumps(obj) + b"\n")
+
+    def fail(self, gen):
+        msg = self.api.config.error_message
+        self.w.respond(500, JSON, go_dumps(anthropic_error(500, msg, self.api._random_id("req"))) + b"\n")
+
+
+# --- /v1/responses (openai.ResponsesStreamConverter / ToResponse) -----------------
+
+def _responses_tool(t) -> dict:
+    """ResponsesTool as ToResponse echoes it (struct order)."""
+    t = t if isinstance(t, dict) else {}
+    out = {"type": t.get("type") or "", "name": t.get("name") or "", "description": t.get("description"),
+           "strict": t.get("strict"), "parameters": t.get("parameters")}
+    if t.get("tools"):
+        out["tools"] = [_responses_tool(x) for x in t["tools"]]
+    return out
+
+
+def _responses_text_format(request: dict) -> dict:
+    fmt = (request.get("text") or {}).get("format")
+    if not isinstance(fmt, dict):
+        return {"type": "text"}
+    out = {"type": fmt.get("type") or ""}
+    for k in ("name", "schema", "strict"):
+        if fmt.get(k) not in (None, ""):
+            out[k] = fmt[k]
+    return out
+
+
+def _responses_reasoning(request: dict):
+    r = request.get("reasoning") or {}
+    effort, summary = r.get("effort") or "", r.get("summary") or ""
+    if not effort and not summary:
+        return None
+    return {"effort": effort or None, "summary": summary or None}
+
+
+def _output_message(item_id: str, text: str, status: str = "completed") -> dict:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+class ResponsesStream(_Output):
+    """/v1/responses, stream: response.created, response.in_progress, the
+    message item and its output_text part (added, a delta per token, done),
+    response.completed.  The converter builds Go maps, so every event's keys
+    are sorted (json.Marshal of a map)."""
+
+    __slots__ = ("_seq", "_text_started")
+
+    def _setup(self):
+        self._seq = 0
+        self._text_started = False
+
+    def _event(self, kind: str, data: dict) -> None:
+        data["type"] = kind
+        data["sequence_number"] = self._seq
+        self._seq += 1
+        self.w.stream_write(_sse(kind, go_dumps(data, sort_keys=True)))
+
+    def _response(self, status: str, output: list, usage) -> dict:
+        """buildResponseObject."""
+        o = self.oai
+        r = o["request"]
+        return {
+            "id": o["id"], "object": "response", "created_at": self.api.clock.created_unix(),
+            "completed_at": None, "status": status, "incomplete_details": None, "model": o["model"],
+            "previous_response_id": None, "instructions": r.get("instructions") or None,
+            "output": output, "error": None,
+            "tools": [{k: v for k, v in _responses_tool(t).items() if k != "tools"} for t in r.get("tools") or []],
+            "tool_choice": "auto", "truncation": r.get("truncation") or "disabled",
+            "parallel_tool_calls": True, "text": {"format": _responses_text_format(r)},
+            "top_p": _go_number(1.0 if r.get("top_p") is None else r["top_p"]),
+            "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
+            "temperature": _go_number(1.0 if r.get("temperature") is None else r["temperature"]),
+            "reasoning": _responses_reasoning(r), "usage": usage,
+            "max_output_tokens": r.get("max_output_tokens"), "max_tool_calls": None, "store": False,
+            "background": bool(r.get("background")), "service_tier": "default", "metadata": {},
+            "safety_identifier": None, "prompt_cache_key": None,
+        }
+
+    def _begin(self) -> None:
+        self.started = True
+        self.w.stream_start(200, SSE)
+        self._event("response.created", {"response": self._response("in_progress", [], None)})
+        self._event("response.in_progress", {"response": self._response("in_progress", [], None)})
+
+    def token(self, i):
+        if not self.started:
+            self._begin()
+        item = self.oai["item"]
+        if not self._text_started:
+            self._text_started = True
+            self._event("response.output_item.added", {
+                "output_index": 0, "item": {"id": item, "type": "message", "status": "in_progress",
+                                            "role": "assistant", "content": []}})
+            self._event("response.content_part.added", {
+                "item_id": item, "output_index": 0, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+        # Keys in sorted order, the token's text spliced in pre-escaped.
+        self.w.stream_write(b"".join((
+            b'event: response.output_text.delta\ndata: {"content_index":0,"delta":',
+            self._piece(self.offset, i), b',"item_id":', go_string(item),
+            b',"logprobs":[],"output_index":0,"sequence_number":%d' % self._seq,
+            b',"type":"response.output_text.delta"}\n\n')))
+        self._seq += 1
+
+    def finish(self, gen):
+        if not self.started:
+            self._begin()
+        item = self.oai["item"]
+        output = []
+        if self._text_started:
+            text = self._text(gen)
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            self._event("response.output_text.done", {"item_id": item, "output_index": 0, "content_index": 0,
+                                                      "text": text, "logprobs": []})
+            self._event("response.content_part.done", {"item_id": item, "output_index": 0,
+                                                       "content_index": 0, "part": part})
+            self._event("response.output_item.done", {"output_index": 0, "item": _output_message(item, text)})
+            output.append(_output_message(item, text))
+        n, p = gen.limit, self.prompt_tokens
+        usage = {"input_tokens": p, "output_tokens": n, "total_tokens": p + n,
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+        response = self._response("completed", output, usage)
+        response["completed_at"] = self.api.clock.created_unix()
+        self._event("response.completed", {"response": response})
+        self.w.stream_end()
+
+    def fail(self, gen):
+        # Deviation, on purpose: the Responses API's `error` event, where
+        # Ollama's ResponsesWriter would drop the in-band error.
+        msg = self.api.config.error_message
+        if self.started:
+            self._event("error", {"code": "api_error", "message": msg, "param": None})
+            self.w.stream_end()
+        else:
+            self.w.respond(500, JSON, go_dumps(oai_error(500, msg)) + b"\n")
+
+
+class ResponsesJson(_OaiJson):
+    """/v1/responses, not streamed: ToResponse (struct order) + completed_at."""
+
+    __slots__ = ()
+
+    def finish(self, gen):
+        o = self.oai
+        r = o["request"]
+        n, p = gen.limit, self.prompt_tokens
+        tools = r.get("tools")
+        obj = {
+            "id": o["id"], "object": "response", "created_at": o["created"],
+            "completed_at": self.api.clock.created_unix(), "status": "completed",
+            "incomplete_details": None, "model": o["model"], "previous_response_id": None,
+            "instructions": r.get("instructions") or None,
+            "output": [_output_message(o["item"], self._text(gen))], "error": None,
+            "tools": [_responses_tool(t) for t in tools] if tools is not None else [],
+            "tool_choice": "auto", "truncation": r.get("truncation") or "disabled",
+            "parallel_tool_calls": True, "text": {"format": _responses_text_format(r)},
+            "top_p": _go_number(1.0 if r.get("top_p") is None else r["top_p"]),
+            "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
+            "temperature": _go_number(1.0 if r.get("temperature") is None else r["temperature"]),
+            "reasoning": _responses_reasoning(r),
+            "usage": {"input_tokens": p, "output_tokens": n, "total_tokens": p + n,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}},
+            "max_output_tokens": r.get("max_output_tokens"), "max_tool_calls": None, "store": False,
+            "background": bool(r.get("background")), "service_tier": "default", "metadata": {},
+            "safety_identifier": None, "prompt_cache_key": None,
+        }
+        if obj["reasoning"] is not None:
+            obj["reasoning"] = {k: v for k, v in obj["reasoning"].items() if v is not None}
         self.w.respond(200, JSON, go_dumps(obj) + b"\n")

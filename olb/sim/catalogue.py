@@ -16,6 +16,7 @@ which drops the default host and namespace but always keeps the tag:
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 DEFAULT_HOST = "registry.ollama.ai"
@@ -29,6 +30,22 @@ _VALID_NAMESPACE = _VALID - {"."}
 
 # GGUF general.file_type codes for the quantisations we use.
 _FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}
+# ggml.FileType names by code (fs/ggml/type.go), for uploaded GGUFs.
+FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+                   10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+                   16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+# Where Ollama keeps blobs and manifests (the texts of its "no such file" errors).
+MODELS_DIR = "/root/.ollama/models"
+MEDIA_MODEL = "application/vnd.ollama.image.model"
+MEDIA_ADAPTER = "application/vnd.ollama.image.adapter"
+MEDIA_TEMPLATE = "application/vnd.ollama.image.template"
+MEDIA_SYSTEM = "application/vnd.ollama.image.system"
+MEDIA_PARAMS = "application/vnd.ollama.image.params"
+MEDIA_LICENSE = "application/vnd.ollama.image.license"
+MEDIA_MESSAGES = "application/vnd.ollama.image.messages"
+MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,18 +277,80 @@ KNOWN_MODELS: dict[str, ModelSpec] = {s.name: s for s in (
 )}
 
 
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One manifest layer (manifest.Layer): a blob with a media type."""
+
+    media_type: str
+    digest: str                 # "sha256:<hex>"
+    size: int
+
+    def manifest_entry(self) -> dict:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """One stored blob: its size and, for a GGUF, the header's key/values."""
+
+    size: int
+    gguf: bool = False
+    kv: dict | None = None
+    data: bytes | None = None   # the content of a small text layer (template, params, ...)
+
+
+def blob_key(digest: str) -> str:
+    """manifest.BlobsPath's file name: `sha256:x` and `sha256-x` are one blob."""
+    return digest.replace(":", "-", 1)
+
+
+def blob_path(digest: str) -> str:
+    return f"{MODELS_DIR}/blobs/{blob_key(digest)}"
+
+
+def model_layer_digest(name: str) -> str:
+    """The weights layer of a built-in model (stable per name, not the real one)."""
+    return "sha256:" + hashlib.sha256(b"olb-sim-layer/" + name.encode()).hexdigest()
+
+
+def manifest_digest(config: Layer | None, layers) -> str:
+    """sha256 of the manifest file as manifest.WriteManifest writes it."""
+    m = {"schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
+         "config": config.manifest_entry() if config else {"mediaType": "", "digest": "", "size": 0},
+         "layers": [x.manifest_entry() for x in layers]}
+    return hashlib.sha256(json.dumps(m, separators=(",", ":")).encode()).hexdigest()
+
+
 @dataclass(slots=True)
 class Installed:
-    """A model as installed on one instance (a copy shares its spec)."""
+    """A model as installed on one instance (a copy shares its spec and layers)."""
 
     name: ModelName
     spec: ModelSpec
     modified: float             # unix seconds
     digest: str = ""
+    # Manifest layers; a built-in model has one weights layer of spec.size.
+    layers: tuple = ()
+    config: Layer | None = None
 
     def __post_init__(self):
+        if not self.layers:
+            self.layers = (Layer(MEDIA_MODEL, model_layer_digest(self.spec.name), self.spec.size),)
         if not self.digest:
             self.digest = self.spec.digest
+
+    @property
+    def size(self) -> int:
+        """manifest.Size: every layer and the config (/api/tags size)."""
+        return sum(x.size for x in self.layers) + (self.config.size if self.config else 0)
+
+    def all_layers(self) -> tuple:
+        return self.layers + ((self.config,) if self.config else ())
+
+    @property
+    def manifest_path(self) -> str:
+        n = self.name
+        return f"{MODELS_DIR}/manifests/{n.host}/{n.namespace}/{n.model}/{n.tag}"
 
     @property
     def blob_path(self) -> str:
@@ -282,9 +361,11 @@ class Installed:
 
 @dataclass
 class Catalogue:
-    """The installed models of one instance; /api/pull, copy and delete change it."""
+    """The installed models and stored blobs of one instance; /api/pull,
+    create, copy, delete and the blob endpoints change it."""
 
     installed: dict = field(default_factory=dict)     # key -> Installed
+    blobs: dict = field(default_factory=dict)         # blob_key(digest) -> Blob
 
     @classmethod
     def from_models(cls, models, base_time: float) -> "Catalogue":
@@ -298,21 +379,83 @@ class Catalogue:
             cat.install(spec, base_time - 86400.0 * i - 60.0 * i)
         return cat
 
-    def install(self, spec: ModelSpec, modified: float, name: ModelName | None = None) -> Installed:
+    def install(self, spec: ModelSpec, modified: float, name: ModelName | None = None,
+                layers: tuple = (), config: Layer | None = None, digest: str = "") -> Installed:
+        """Write a manifest: the model's layers become stored blobs."""
         name = name or parse_name(spec.name)
-        entry = Installed(name, spec, modified)
+        entry = Installed(name, spec, modified, digest, layers, config)
         self.installed[name.key] = entry
+        for layer in entry.all_layers():
+            self.blobs.setdefault(blob_key(layer.digest), Blob(layer.size))
         return entry
 
     def lookup(self, name: ModelName) -> Installed | None:
         return self.installed.get(name.key)
 
     def remove(self, name: ModelName) -> bool:
-        return self.installed.pop(name.key, None) is not None
+        """Delete the manifest, then every layer no other manifest uses
+        (Manifest.Remove + RemoveLayers)."""
+        entry = self.installed.pop(name.key, None)
+        if entry is None:
+            return False
+        self.prune(entry.all_layers())
+        return True
+
+    def prune(self, layers) -> None:
+        """Layer.Remove for each of `layers`: drop the blob unless a manifest uses it."""
+        used = {blob_key(x.digest) for e in self.installed.values() for x in e.all_layers()}
+        for layer in layers:
+            if blob_key(layer.digest) not in used:
+                self.blobs.pop(blob_key(layer.digest), None)
 
     def listing(self) -> list:
         """Installed models, most recently modified first (ListHandler)."""
         return sorted(self.installed.values(), key=lambda e: -int(e.modified))
+
+    def blob(self, digest: str) -> Blob | None:
+        return self.blobs.get(blob_key(digest))
+
+    def add_blob(self, digest: str, blob: Blob) -> None:
+        self.blobs[blob_key(digest)] = blob
+
+
+def human_number(n: int) -> str:
+    """format.HumanNumber: details.parameter_size of a created model."""
+    for unit, suffix, fmt in ((1_000_000_000, "B", "{:.1f}"), (1_000_000, "M", "{:.2f}"),
+                              (1_000, "K", "{:.0f}")):
+        if n >= unit:
+            x = n / unit
+            return (f"{x:.0f}" if x == int(x) else fmt.format(x)) + suffix
+    return str(n)
+
+
+def spec_from_gguf(name: str, size: int, kv: dict) -> ModelSpec:
+    """A simulated spec for an uploaded GGUF: its metadata where present,
+    the rest from the built-in model nearest in file size (same kind:
+    an embedding model when the GGUF has a pooling type)."""
+    arch = kv.get("general.architecture") if isinstance(kv.get("general.architecture"), str) else ""
+    embedding = f"{arch}.pooling_type" in kv or arch in ("bert", "nomic-bert")
+    pool = [s for s in KNOWN_MODELS.values() if s.embedding_only == embedding]
+    base = min(pool, key=lambda s: abs(s.size - size))
+
+    def num(key, default):
+        v = kv.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+
+    count = num("general.parameter_count", max(1, round(size * base.parameter_count / base.size)))
+    quant = FILE_TYPE_NAMES.get(kv.get("general.file_type"), base.quantization_level)
+    a = arch or base.architecture
+    return ModelSpec(
+        name=name, architecture=a, parameter_size=human_number(count), parameter_count=count,
+        quantization_level=quant, size=size,
+        context_length=num(f"{a}.context_length", base.context_length),
+        embedding_length=num(f"{a}.embedding_length", base.embedding_length),
+        block_count=num(f"{a}.block_count", base.block_count),
+        head_count=num(f"{a}.attention.head_count", base.head_count),
+        head_count_kv=num(f"{a}.attention.head_count_kv", base.head_count_kv),
+        feed_forward_length=num(f"{a}.feed_forward_length", base.feed_forward_length),
+        vocab_size=num(f"{a}.vocab_size", base.vocab_size),
+        capabilities=base.capabilities)
 
 
 def known_spec(name: str) -> ModelSpec | None:

@@ -14,19 +14,28 @@ Two modes, chosen by SimConfig.gpu:
   (see below), every request decodes at `token_rate`.
 * A GPU profile: Ollama's scheduler (spec §4.2-4.4) in front of the slots.
 
-Theory of operation, GPU mode (spec §4.2, §7.3):
+Theory of operation, GPU mode (spec §4.2-4.4; server/sched.go at HEAD):
 
-    acquire --(loaded, ready, same num_ctx)--------------------> then(runner)  [fast path]
+    acquire --(loaded, ready, !needs_reload)------------------> then(runner)  [getRunner fast path]
        |
-       +--(pending full)--> REJECTED (503)
-       +--> pending FIFO --> the scheduler, ONE request at a time:
-              loaded & usable              -> then(runner), next
-              loaded, other num_ctx        -> evict it (reload), loop
-              len(loaded) >= max_loaded    -> evict a victim, loop
-              others resident, no room     -> evict a victim, loop
+       +--(pending full)--> REJECTED (503 ErrMaxQueue)
+       +--> pending FIFO --> the scheduler (processPending), ONE request at a time:
+              loaded & !needs_reload       -> then(runner), next       [useLoadedRunner]
+              loaded, needs_reload         -> expire it (reload), wait
+              len(loaded) >= max_loaded    -> expire a victim, wait    [findRunnerToUnload]
+              others resident, no room     -> expire a victim, wait    [load's pre-flight check]
               else                         -> load (fixed + size/disk), then(runner), next
-            evict = expire the victim; if busy, wait until its requests end;
-            unload; wait for VRAM recovery (unload_s); re-evaluate from the top.
+            expire = keep_alive 0, timer stopped; unloaded now if idle, else
+            when its last request ends (processCompleted).  wait = until ANY
+            unload has recovered its VRAM (unloadedCh); then re-evaluate
+            from the top.
+
+A runner chosen for eviction stays in `runners` until it has drained and
+unloaded, and the fast path only asks `runners` and needs_reload: new
+requests for the victim's model keep attaching to it, and one that carries
+keep_alive sets its duration back from 0 -- then it does not unload when it
+drains, it gets an idle timer, and the scheduler (and everything pending
+behind it) waits for some other unload.  That stall is Ollama's, on purpose.
 
     then(runner) --> submit: slot free -> granted, else runner.waiters (FIFO,
     unbounded as Ollama's semaphore) --> prefill (shared GPU prompt rate,
@@ -37,11 +46,17 @@ Theory of operation, GPU mode (spec §4.2, §7.3):
   Ollama's buffered channel: `max_queue` of them, the one being served not
   counted.  A request whose client left stays queued until the scheduler
   reaches it and skips it (Ollama checks ctx.Err() at dequeue).  Once taken,
-  its load goes on even if the client leaves (the runner stays, idle).
+  it is not checked again while the scheduler evicts for it; a client that
+  leaves during its load aborts the load (llama-server's WaitUntilRunning
+  returns on ctx.Done: no runner, the scheduler moves on).
 * Victims (spec §4.4, ByDurationAndName): loaded runners sorted by keep-alive
   (forever last), then model blob path; the first idle one, else the first,
-  waited for.  A runner being evicted is not offered to the fast path: its
-  requests queue and reload it afterwards.
+  waited for.
+* needs_reload (sched.go needsReload): the request's runner options
+  (RunnerOptions: num_ctx capped at the training context, num_batch,
+  num_gpu unless -1, main_gpu, use_mmap, num_thread) differ from the
+  loaded runner's.  The fast path then sends it to the pending queue; the
+  scheduler expires the runner and reloads the model once its requests end.
 * Keep-alive: a runner whose last request ends gets a timer (`keep_alive`;
   0 = unload at once).  A request's keep_alive replaces the runner's; a new
   load without one uses SimConfig.keep_alive (spec §4.3).  `expires_at` is
@@ -76,6 +91,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import NamedTuple
 
 from olb.sim.catalogue import Installed, ModelSpec
 from olb.sim.config import SimConfig
@@ -96,6 +112,55 @@ MODELS_PER_GPU = 3
 PREFILL_SLACK_S = 1e-6
 # Returned by Engine.acquire when the pending queue is full.
 REJECTED = "rejected"
+# api.DefaultOptions' runner fields (api/types.go): num_batch 512, num_gpu -1
+# ("set dynamically"), num_thread 0 ("let the runtime decide"); main_gpu and
+# use_mmap are nil pointers.
+DEFAULT_NUM_BATCH = 512
+DEFAULT_NUM_GPU = -1
+DEFAULT_NUM_THREAD = 0
+# Why a runner was expired by the scheduler (counted when it unloads).
+EVICT = "evict"
+RELOAD = "reload"
+
+
+class RunnerOptions(NamedTuple):
+    """The options a runner is started with (api.Runner, "must be set when the
+    model is loaded"); a request whose options differ needs a reload."""
+
+    num_ctx: int
+    num_batch: int = DEFAULT_NUM_BATCH
+    num_gpu: int = DEFAULT_NUM_GPU
+    main_gpu: int | None = None
+    use_mmap: bool | None = None
+    num_thread: int = DEFAULT_NUM_THREAD
+
+
+def runner_options(options, default_ctx: int, train_ctx: int) -> RunnerOptions:
+    """A request's runner options from its `options` map (already type-checked:
+    api.Options.FromMap), over api.DefaultOptions.
+
+    num_ctx: getRunner raises it to at least 4, needsReload/load cap it at
+    the training context (effectiveContext).  Numbers are truncated to int
+    as FromMap does; null counts as absent."""
+    def get(key, default):
+        v = options.get(key) if options else None
+        return default if v is None else v
+    ctx = min(max(4, int(get("num_ctx", default_ctx))), train_ctx)
+    main_gpu = get("main_gpu", None)
+    return RunnerOptions(ctx, int(get("num_batch", DEFAULT_NUM_BATCH)), int(get("num_gpu", DEFAULT_NUM_GPU)),
+                         None if main_gpu is None else int(main_gpu), get("use_mmap", None),
+                         int(get("num_thread", DEFAULT_NUM_THREAD)))
+
+
+def needs_reload(loaded: RunnerOptions, wanted: RunnerOptions) -> bool:
+    """needsReload (server/sched.go): reflect.DeepEqual of the runner options,
+    except that a request's num_gpu below 0 ("Don't reload runner if
+    num_gpu=-1 was provided") matches any.  A nil main_gpu/use_mmap differs
+    from a set one, as DeepEqual of nil and non-nil pointers does."""
+    return (loaded.num_ctx != wanted.num_ctx or loaded.num_batch != wanted.num_batch
+            or (wanted.num_gpu >= 0 and loaded.num_gpu != wanted.num_gpu)
+            or loaded.main_gpu != wanted.main_gpu or loaded.use_mmap != wanted.use_mmap
+            or loaded.num_thread != wanted.num_thread)
 
 
 def decode_interval(token_rate: float, speed: float, decoding: int, slowdown: float) -> float:
@@ -165,10 +230,10 @@ class Runner:
     """One loaded (or loading) model: its slots, FIFO waiters, keep-alive, memory."""
 
     __slots__ = ("model", "parallel", "busy", "waiters", "decoding", "refs", "keep_alive",
-                 "expires_at", "num_ctx", "state", "size", "size_vram", "eval_rate",
-                 "prompt_rate", "slots", "expiring", "timer")
+                 "expires_at", "opts", "num_ctx", "state", "size", "size_vram", "eval_rate",
+                 "prompt_rate", "slots", "expire_reason", "timer")
 
-    def __init__(self, model: Installed, parallel: int, keep_alive: float, num_ctx: int):
+    def __init__(self, model: Installed, parallel: int, keep_alive: float, opts: RunnerOptions):
         self.model = model
         self.parallel = parallel
         self.busy = 0
@@ -177,14 +242,15 @@ class Runner:
         self.refs = 0                # submitted and not yet released
         self.keep_alive = keep_alive
         self.expires_at = 0.0        # wall seconds; 0 = in use / not set
-        self.num_ctx = num_ctx
+        self.opts = opts
+        self.num_ctx = opts.num_ctx  # per slot: /api/ps context_length
         self.state = "ready"         # "loading" -> "ready" -> "gone"
-        self.size = runner_bytes(model.spec, num_ctx, parallel)
+        self.size = runner_bytes(model.spec, opts.num_ctx, parallel)
         self.size_vram = self.size
         self.eval_rate = 0.0         # GPU mode: tokens/s alone (spill included)
         self.prompt_rate = 0.0
         self.slots = None            # GPU mode with prefix_cache: [Slot]
-        self.expiring = False        # chosen as an eviction victim
+        self.expire_reason = None    # EVICT / RELOAD: expired by the scheduler
         self.timer = None            # keep-alive timer (GPU mode)
 
     @property
@@ -210,18 +276,24 @@ class Runner:
 class Pending:
     """A request waiting for the scheduler (Ollama's LlmRequest)."""
 
-    __slots__ = ("model", "keep_alive", "num_ctx", "then", "cancelled")
+    __slots__ = ("model", "keep_alive", "opts", "then", "cancelled", "engine")
 
-    def __init__(self, model: Installed, keep_alive, num_ctx: int, then):
+    def __init__(self, model: Installed, keep_alive, opts: RunnerOptions, then, engine=None):
         self.model = model
         self.keep_alive = keep_alive
-        self.num_ctx = num_ctx
+        self.opts = opts
         self.then = then
         self.cancelled = False
+        self.engine = engine
 
     def cancel(self) -> None:
-        """The client went away: skipped when the scheduler reaches it."""
+        """The client went away: skipped when the scheduler reaches it, and
+        its load aborted if it is loading now."""
+        if self.cancelled:
+            return
         self.cancelled = True
+        if self.engine is not None:
+            self.engine._abandoned(self)
 
 
 class Engine:
@@ -256,12 +328,16 @@ class Engine:
         self.pending: deque = deque()     # not yet taken (Ollama's channel buffer)
         self._current = None              # the Pending being served
         self._blocked = None              # None | "load" | "unload"
+        self._loading = None              # (runner, timer handle) of the load in progress
+        self._wait_since = None           # engine time the scheduler began waiting on a victim
         self._pf_timer = None
         self._streams_off: set = set()    # non-streamed jobs decoding (re-planned on step changes)
         self._timers: set = set()         # load and recovery timers, for close()
-        self.loads = 0
+        self.loads = 0                    # loads started (aborted ones included)
         self.unloads = 0
-        self.evictions = 0
+        self.evictions = 0                # runners unloaded to make room for another model
+        self.reloads = 0                  # runners unloaded because needs_reload
+        self.eviction_wait = 0.0          # engine seconds the scheduler waited on victims
 
     def now(self) -> float:
         """The model instant, on the engine's clock: inside a timer armed by
@@ -310,7 +386,8 @@ class Engine:
         key = model.name.key
         r = self.runners.get(key)
         if r is None:
-            r = Runner(model, self._parallel(model.spec), self.config.keep_alive, self.config.num_ctx)
+            r = Runner(model, self._parallel(model.spec), self.config.keep_alive,
+                       RunnerOptions(self.config.num_ctx))
             self.runners[key] = r
         if keep_alive is not None:
             r.keep_alive = keep_alive
@@ -327,14 +404,19 @@ class Engine:
             return self.wall() + FOREVER_S
         return self.wall() + keep_alive / self.scale
 
-    def num_ctx(self, spec: ModelSpec, requested=None) -> int:
-        """The runner context a request asks for: options.num_ctx or the
-        default, at least 4, at most the model's training context (spec §4.2)."""
-        n = requested if requested else self.config.num_ctx
-        return max(4, min(int(n), spec.context_length))
+    def options(self, spec: ModelSpec, options=None) -> RunnerOptions:
+        """The runner options a request with this `options` map asks for."""
+        return runner_options(options, self.config.num_ctx, spec.context_length)
 
-    def acquire(self, model: Installed, keep_alive, then, num_ctx=None):
+    def acquire(self, model: Installed, keep_alive, then, options=None):
         """Get the model's runner for a request and call `then(runner)`.
+
+        Args:
+            model: the installed model.
+            keep_alive: seconds from the request (None: not set).
+            then: called with the runner.
+            options: the request's `options` map (its runner options decide
+                needs_reload; GPU mode only).
 
         Returns:
             None: `then` already ran (no GPU, or the fast path).
@@ -345,30 +427,55 @@ class Engine:
         if self.gpu is None:
             then(self.runner(model, keep_alive))
             return None
-        ctx = self.num_ctx(model.spec, num_ctx)
+        opts = self.options(model.spec, options)
+        # getRunner's fast path: whatever is in `runners` and needs no
+        # reload -- a victim that is draining included (sched.go getRunner).
         r = self.runners.get(model.name.key)
-        if r is not None and r.state == "ready" and not r.expiring and r.num_ctx == ctx:
+        if r is not None and r.state == "ready" and not needs_reload(r.opts, opts):
             self._hand(r, keep_alive, then)
             return None
         idle = self._current is None and not self.pending
         if not idle and len(self.pending) >= self.config.max_queue:
             return REJECTED
-        p = Pending(model, keep_alive, ctx, then)
+        p = Pending(model, keep_alive, opts, then, self)
         self.pending.append(p)
         self._pump()
         return p
 
     def unload(self, key: str) -> None:
-        """expireRunner: gone now if idle, else once its requests finish."""
+        """expireRunner: gone now if idle, else once its requests finish.  A
+        loading runner is not in Ollama's s.loaded yet: untouched."""
         r = self.runners.get(key)
         if r is None:
             return
-        r.keep_alive = 0.0
         if self.gpu is None:
+            r.keep_alive = 0.0
             if r.refs == 0:
                 del self.runners[key]
-        elif r.state == "ready" and r.refs == 0:
+            return
+        if r.state != "ready":
+            return
+        r.keep_alive = 0.0
+        self._disarm(r)
+        if r.refs == 0:
             self._unload(r)
+
+    def stats(self) -> dict:
+        """The counters of GET /sim/stats (not Ollama's API): loads started,
+        unloads done, evictions and needs_reload reloads (runners the
+        scheduler expired, counted when they unload), the simulated seconds
+        the scheduler's head waited on victims (drain, unload and VRAM
+        recovery; a wait in progress counts up to now), and the requests
+        waiting for the scheduler (queued, or being served), cancelled ones
+        not counted."""
+        wait = self.eviction_wait
+        if self._wait_since is not None:
+            wait += self.now() - self._wait_since
+        pending = sum(1 for p in self.pending if not p.cancelled)
+        if self._current is not None and not self._current.cancelled:
+            pending += 1
+        return {"loads": self.loads, "unloads": self.unloads, "evictions": self.evictions,
+                "reloads": self.reloads, "eviction_wait_s": wait * self.scale, "pending": pending}
 
     def loaded(self) -> list:
         """Runners loaded or loading (without a GPU, idle ones past their
@@ -386,7 +493,7 @@ class Engine:
             if self.gpu is None:
                 self.runner(model)
                 continue
-            r = self._new_runner(model, self.config.keep_alive, self.num_ctx(model.spec))
+            r = self._new_runner(model, self.config.keep_alive, self.options(model.spec))
             r.state = "ready"
             self._arm(r)
 
@@ -406,30 +513,34 @@ class Engine:
                 self._current = None
 
     def _step(self, p: Pending) -> bool:
-        """One pass of the scheduler's loop for `p`: True when it got its
-        runner, False when the scheduler now waits (a load or an unload)."""
+        """One pass of processPending's inner loop for `p`: True when it is
+        done (got its runner, or was cancelled before its load), False when
+        the scheduler now waits (a load or an unload).  Cancellation is not
+        re-checked between passes: like Ollama, the scheduler goes on
+        evicting for a request whose client left, and only its load fails."""
         r = self.runners.get(p.model.name.key)
         if r is not None:
-            if not r.expiring and r.num_ctx == p.num_ctx:
-                if not p.cancelled:
-                    self._hand(r, p.keep_alive, p.then)
+            if not needs_reload(r.opts, p.opts):
+                # Only on a first pass, right after the dequeue's check: the
+                # scheduler is the only one that loads, so after a wait p's
+                # model is gone or still needs the reload.
+                self._hand(r, p.keep_alive, p.then)
                 return True
-            victim = r                              # needsReload, or being evicted
-        elif len(self.runners) >= self.max_loaded:
-            victim = self._victim()
-        elif self.runners and self._needs_room(p):
-            victim = self._victim()
-        else:
-            victim = None
-        if victim is None:
-            self._load(p)
-        else:
-            self._evict(victim)
+            self._evict(r, RELOAD)
+            return False
+        if len(self.runners) >= self.max_loaded or (self.runners and self._needs_room(p)):
+            self._evict(self._victim(), EVICT)
+            return False
+        if p.cancelled:
+            # load -> WaitUntilRunning(req.ctx) fails at once: no runner.
+            return True
+        self._load(p)
         return False
 
     def _needs_room(self, p: Pending) -> bool:
-        """With other models resident, a new one must fit (spec §4.4)."""
-        need = runner_bytes(p.model.spec, p.num_ctx, self._parallel(p.model.spec))
+        """load's pre-flight check with other models resident: the new one
+        must fit in 80 % of the free memory (spec §4.4)."""
+        need = runner_bytes(p.model.spec, p.opts.num_ctx, self._parallel(p.model.spec))
         return need > FIT_FRACTION * self.gpu.free
 
     def _victim(self) -> Runner | None:
@@ -440,22 +551,25 @@ class Engine:
                 return r
         return runners[0] if runners else None
 
-    def _evict(self, victim: Runner) -> None:
+    def _evict(self, victim: Runner, reason: str) -> None:
+        """processPending's "resetting model to expire immediately": duration
+        0, timer stopped, unloaded now if idle; then wait for an unload.  A
+        busy victim stays loaded and keeps taking fast-path requests; its
+        last release unloads it (_arm) unless one of them set a keep_alive."""
         self._blocked = "unload"
-        if not victim.expiring:
-            victim.expiring = True
-            self.evictions += 1
+        if self._wait_since is None:
+            self._wait_since = self.now()
+        victim.expire_reason = reason
         victim.keep_alive = 0.0
         self._disarm(victim)
         if victim.refs == 0:
             self._unload(victim)
-        # else: its last release calls _arm, which unloads it.
 
-    def _new_runner(self, model: Installed, keep_alive, num_ctx: int) -> Runner:
+    def _new_runner(self, model: Installed, keep_alive, opts: RunnerOptions) -> Runner:
         spec = model.spec
         gpu = self.gpu
         r = Runner(model, self._parallel(spec), self.config.keep_alive if keep_alive is None else keep_alive,
-                   num_ctx)
+                   opts)
         if r.size > gpu.free:
             # Only a first model gets here (others must fit, spec §4.4):
             # Ollama loads it anyway with the rest in system RAM.
@@ -471,33 +585,54 @@ class Engine:
         return r
 
     def _load(self, p: Pending) -> None:
-        r = self._new_runner(p.model, p.keep_alive, p.num_ctx)
+        r = self._new_runner(p.model, p.keep_alive, p.opts)
         r.state = "loading"
         self.loads += 1
         self._blocked = "load"
-        self._scheduler_timer(self.gpu.profile.load_seconds(p.model.spec), self._loaded, r)
+        handle = self._scheduler_timer(self.gpu.profile.load_seconds(p.model.spec), self._loaded, r)
+        self._loading = (r, handle)
 
-    def _scheduler_timer(self, seconds: float, fn, arg) -> None:
+    def _scheduler_timer(self, seconds: float, fn, arg):
         def fire():
             self._timers.discard(handle)
             fn(arg)
         handle = self._after(seconds, fire)
         self._timers.add(handle)
+        return handle
 
     def _loaded(self, r: Runner) -> None:
         r.state = "ready"
         r.expires_at = self._expiry(r.keep_alive)
-        p, self._current, self._blocked = self._current, None, None
-        if p.cancelled:
-            self._arm(r)
-        else:
-            self._hand(r, p.keep_alive, p.then)
+        p, self._current, self._blocked, self._loading = self._current, None, None, None
+        self._hand(r, p.keep_alive, p.then)
+        self._pump()
+
+    def _abandoned(self, p: Pending) -> None:
+        """Pending.cancel: a client that leaves while its model loads aborts
+        the load (load: llama.Load -> WaitUntilRunning returns on ctx.Done;
+        activeLoading.Close(), the scheduler moves on).  The killed runner's
+        memory comes back after unload_s like an unload's; it was never in
+        s.loaded, so nothing waits for it."""
+        if p is not self._current or self._blocked != "load":
+            return
+        r, handle = self._loading
+        handle.cancel()
+        self._timers.discard(handle)
+        if self.runners.get(r.model.name.key) is r:
+            del self.runners[r.model.name.key]
+        r.state = "gone"
+        self._current, self._blocked, self._loading = None, None, None
+        self._scheduler_timer(self.gpu.profile.unload_s, self._freed, r)
         self._pump()
 
     def _hand(self, r: Runner, keep_alive, then) -> None:
-        """useLoadedRunner: the request's keep-alive wins, the idle timer stops."""
+        """useLoadedRunner: the idle timer stops; a request that sets
+        keep_alive replaces the runner's -- a victim's too, which is then no
+        longer expiring (its 0 is gone; processCompleted arms a timer)."""
         if keep_alive is not None:
             r.keep_alive = keep_alive
+            if keep_alive > 0:
+                r.expire_reason = None
         self._disarm(r)
         then(r)
         if r.refs == 0:
@@ -530,12 +665,24 @@ class Engine:
             del self.runners[key]
         r.state = "gone"
         self.unloads += 1
+        if r.expire_reason == EVICT:
+            self.evictions += 1
+        elif r.expire_reason == RELOAD:
+            self.reloads += 1
         self._scheduler_timer(self.gpu.profile.unload_s, self._recovered, r)
 
-    def _recovered(self, r: Runner) -> None:
+    def _freed(self, r: Runner) -> None:
         self.gpu.used -= r.size_vram
+
+    def _recovered(self, r: Runner) -> None:
+        """waitForVRAMRecovery is over: the memory is free and, like the
+        unloadedCh send after it, ANY unload wakes a scheduler waiting on a
+        victim, which then re-evaluates from the top."""
+        self._freed(r)
         if self._blocked == "unload":
             self._blocked = None
+            self.eviction_wait += self.now() - self._wait_since
+            self._wait_since = None
             self._pump()
 
     # --- prefill and decode on the GPU ------------------------------------------

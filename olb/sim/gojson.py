@@ -130,6 +130,18 @@ PULL = Struct("PullRequest", "api", {
 })
 COPY = Struct("CopyRequest", "api", {"source": "string", "destination": "string"})
 DELETE = Struct("DeleteRequest", "api", {"model": "string", "name": "string"})
+CREATE = Struct("CreateRequest", "api", {
+    "model": "string", "stream": "bool", "quantize": "string", "draft_quantize": "string",
+    "from": "string", "remote_host": "string", "files": "object", "draft_files": "object",
+    "adapters": "object", "template": "string", "license": "any", "system": "string",
+    "parameters": "object", "messages": ("array", ("struct", MESSAGE)), "renderer": "string",
+    "parser": "string", "requires": "string", "info": "object", "name": "string",
+    "quantization": "string",
+})
+PUSH = Struct("PushRequest", "api", {
+    "model": "string", "insecure": "bool", "username": "string", "password": "string",
+    "stream": "bool", "name": "string",
+})
 OAI_MESSAGE = Struct("Message", "openai", {
     "role": "string", "content": "any", "reasoning": "string", "tool_calls": ("array", "any"),
     "name": "string", "tool_call_id": "string",
@@ -148,6 +160,18 @@ OAI_COMPLETION = Struct("CompletionRequest", "openai", {
 })
 OAI_EMBED = Struct("EmbedRequest", "openai", {
     "input": "any", "model": "string", "dimensions": "int", "encoding_format": "string",
+})
+RESPONSES = Struct("ResponsesRequest", "openai", {
+    "model": "string", "background": "bool", "conversation": "any", "include": ("array", "string"),
+    "input": "any", "instructions": "string", "max_output_tokens": "int", "reasoning": "object",
+    "temperature": "float", "text": "object", "top_p": "float", "truncation": "string",
+    "tools": ("array", "any"), "stream": "bool",
+})
+ANTHROPIC_MESSAGES = Struct("MessagesRequest", "anthropic", {
+    "model": "string", "max_tokens": "int", "messages": ("array", "any"), "system": "any",
+    "stream": "bool", "temperature": "float", "top_p": "float", "top_k": "int",
+    "stop_sequences": ("array", "string"), "tools": ("array", "any"), "tool_choice": "object",
+    "thinking": "object", "metadata": "object", "output_config": "object",
 })
 
 

@@ -144,7 +144,7 @@ def allowed_host(host_header: str, hostname: str) -> bool:
 class SimProtocol(asyncio.Protocol):
     """One client connection (and the api's ResponseWriter for it)."""
 
-    __slots__ = ("server", "transport", "conn", "job", "done", "writable", "_req", "_body",
+    __slots__ = ("server", "transport", "conn", "job", "done", "writable", "_req", "_body", "_upload",
                  "_in_response", "_chunked", "_head_only", "_pipelined", "_read_paused",
                  "_closed", "_by_us", "_fragment", "_write", "_loop", "_started")
 
@@ -157,6 +157,7 @@ class SimProtocol(asyncio.Protocol):
         self.writable = True
         self._req = None
         self._body = []
+        self._upload = None
         self._in_response = False
         self._chunked = True
         self._head_only = False
@@ -260,12 +261,18 @@ class SimProtocol(asyncio.Protocol):
             if kind is h11.Request:
                 self._req = event
                 self._body = []
+                # A blob upload is hashed as it arrives, never held whole
+                # (GGUF blobs are gigabytes).
+                self._upload = self.server.api.body_consumer(event.method, event.target)
                 if conn.client_is_waiting_for_100_continue:
                     # Go's server sends 100 Continue when the handler reads
                     # the body; every handler here reads it.
                     self._write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
             elif kind is h11.Data:
-                self._body.append(event.data)
+                if self._upload is not None:
+                    self._upload.feed(event.data)
+                else:
+                    self._body.append(event.data)
             elif kind is h11.EndOfMessage:
                 self._dispatch()
             elif kind is h11.ConnectionClosed:
@@ -307,7 +314,8 @@ class SimProtocol(asyncio.Protocol):
         if server.check_hosts and method == "OPTIONS":
             self.respond(204, None, b"")
             return
-        req = Request(method, path, headers, body, time.perf_counter())
+        req = Request(method, path, headers, body, time.perf_counter(), self._upload)
+        self._upload = None
         try:
             server.api.handle(req, self)
         except Exception:

@@ -196,8 +196,9 @@ def test_busy_victim_is_waited_for(loop):
                                {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 2000}})
         await until(lambda: s.engine.gpu.decoding)
         other = await Open.send(s, "POST", "/api/generate", gen_body("mistral"))
-        await until(lambda: s.engine.evictions == 1)
-        victim_busy = s.engine.runners[_name("llama3.2").key].refs
+        victim = s.engine.runners[_name("llama3.2").key]
+        await until(lambda: victim.expire_reason == "evict")
+        victim_busy = victim.refs
         stream = await long.reply()
         t_stream = time.perf_counter()
         mistral = await other.reply()
