@@ -12,11 +12,14 @@ import ollama
 import pytest
 
 from olb.server import start_proxy
-from olb.sim import SimConfig, start_sim
+from olb.sim import SimConfig, gguf, start_sim
 
 from harness import RawClient, proxy_config
 
 BASE = SimConfig(token_rate=0, ttft=0, seed=3)
+#: GGUF metadata of a small llama, enough for the sim's /api/create (its ggml.Decode).
+KV = {"general.architecture": "llama", "general.parameter_count": 1_235_814_432, "general.file_type": 7,
+      "llama.context_length": 8192, "llama.block_count": 16, "llama.embedding_length": 2048}
 MODELS = (("llama3.2:1b",), ("qwen2.5:0.5b",), ("all-minilm:latest",))
 
 
@@ -26,6 +29,9 @@ class Cluster:
         self.sims = sims
         self.extra = list(extra)
         self.url = f"http://127.0.0.1:{proxy.port}"
+
+    def have_blob(self, digest):
+        return [s.api.catalogue.blob(digest) is not None for s in self.sims]
 
     def installed(self, model):
         """Which sims have `model` installed (by display name)."""
@@ -180,7 +186,7 @@ def test_a_long_progress_stream_is_read_as_it_comes(loop_thread):
 
 def test_create_from_a_blob_ten_of_ten_times(cluster, client, tmp_path):
     path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF" + bytes(range(256)) * 512)
+    path.write_bytes(gguf.write(KV) + bytes(range(256)) * 512)
     digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     for i in range(10):
         assert client.create_blob(path) == digest
@@ -189,7 +195,7 @@ def test_create_from_a_blob_ten_of_ten_times(cluster, client, tmp_path):
         # Every backend got the blob, so every backend created the model.
         assert cluster.installed(f"mine{i}:latest") == [True, True, True]
         assert client.generate(model=f"mine{i}", prompt="hi", options={"num_predict": 1}).done
-    assert all(digest in s.api.blobs for s in cluster.sims)
+    assert cluster.have_blob(digest) == [True, True, True]
     assert [f"mine{i}:latest" for i in range(10)] == sorted(m for m in tags(client) if m.startswith("mine"))
 
 
@@ -201,7 +207,7 @@ def test_create_from_a_base_model_goes_where_the_base_is(cluster, client):
 
 def test_create_streams_merged_progress(cluster, client, tmp_path):
     path = tmp_path / "m.gguf"
-    path.write_bytes(b"GGUF streamed")
+    path.write_bytes(gguf.write(KV) + b"streamed")
     digest = client.create_blob(path)
     lines = [p.status for p in client.create(model="streamed", files={"m.gguf": digest}, stream=True)]
     assert lines[0] == "parsing GGUF" and lines.count("parsing GGUF") == 1
@@ -292,7 +298,7 @@ def test_blob_post_to_three_backends_with_digest_check(loop_thread):
             assert http.head(f"/api/blobs/{digest}").status_code == 404
             resp = http.post(f"/api/blobs/{digest}", content=data)
             assert resp.status_code == 201
-            assert all(digest in s.api.blobs for s in sims)
+            assert c.have_blob(digest) == [True, True, True]
             assert posts == [1, 1, 1]  # the direct one, then olb's two
             assert http.head(f"/api/blobs/{digest}").status_code == 200
             # Again: everyone has it; the body is read and dropped, the connection stays usable.
@@ -305,7 +311,7 @@ def test_blob_post_to_three_backends_with_digest_check(loop_thread):
             assert resp.status_code == 400
             got = "sha256:" + hashlib.sha256(b"x" * 1000).hexdigest()
             assert resp.json() == {"error": f'digest mismatch, expected "{other}", got "{got}"'}
-            assert not any(other in s.api.blobs for s in sims)
+            assert c.have_blob(other) == [False, False, False]
     finally:
         loop_thread.run(c.close())
 
@@ -370,7 +376,7 @@ def test_blob_upload_paces_the_client_and_a_leaving_client_stops_it(loop):
             writer.transport.abort()  # gone mid-body
             await _until(lambda: all(s.stats.connections_open == 0 for s in sims), "the uploads to close")
             await _until(lambda: held[0].transport.is_closing() or held[0].is_closing(), "the deaf upload to close")
-            assert not any(digest in s.api.blobs for s in sims)
+            assert c.have_blob(digest) == [False, False, False]
             probe = await RawClient.connect(proxy.port)
             probe.send("GET", "/api/tags")
             assert (await probe.response()).status == 200
