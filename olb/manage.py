@@ -710,6 +710,7 @@ class ManageExchange:
             if failures:
                 text = failure_text(self.op, [(self._url(targets[k]), m) for k, m in failures],
                                     len(targets) - len(failures), len(targets))
+                log.warning("POST %s: %s", self.req.path.decode("latin-1"), text)
                 self._end_stream({"error": text})
             else:
                 self._end_stream({"status": "success"})
@@ -785,7 +786,9 @@ class ManageExchange:
         client.response_done(200, self.closing)
 
     def _answer_combined(self, status: int, body: bytes, ctype: bytes | None) -> None:
-        if ctype is None:
+        if ctype is None:  # olb's own error naming backends: worth an operator's eye
+            log.warning("%s %s: %s", self.req.method.decode(), self.req.path.decode("latin-1"),
+                        body.decode("utf-8", "replace"))
             ctype = JSON
         head_only = self.req.method == b"HEAD"
         self._respond(simple_response(status, body, content_type=ctype, closing=self._closing(),
