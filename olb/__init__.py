@@ -7,6 +7,7 @@ Where a request goes (read in this order):
     olb/server.py     one worker: listening socket, balancer, background tasks
     olb/proxy.py      the IO shell: ClientSideProtocol <-> BackendSideProtocol
     olb/http.py       sans-IO HTTP: request heads in (h11 + a compiled fast path), bytes out
+    olb/hostcheck.py  Ollama's Host check (DNS rebinding) on a loopback listener
     olb/flow.py       flow control between the two sides of a proxied request
     olb/balancer.py   backend choice (olb/_core.pyx), admission queue, health, drain
     olb/fairqueue.py  the queue's fair order across clients and priorities

@@ -19,7 +19,12 @@ Health: a backend that refuses a connection is marked down at once
 (passive check) and probed with exponential back-off until it answers; the
 active check probes every backend every OLB_HEALTH_INTERVAL. A probe is a
 `GET /`, which Ollama answers with 200 "Ollama is running" without touching
-a model.
+a model. A request that times out is no strike: `check` probes the backend
+then, and marks it down only if the probe fails (slow is not dead; see
+docs/operations.md).
+
+Requests that run no model take no slot: `pick` gives them a healthy
+backend, in turn, without counting anything.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import logging
 import time
 
 from ._core import NO_BACKEND, BackendTable
+from .client import BackendClient
 from .config import Config
+from .errors import OlbError
 from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
@@ -44,19 +51,25 @@ DRAIN_POLL = 0.25
 #: Back-off for probing a backend marked down: first retry, cap (seconds).
 PROBE_FIRST = 0.5
 PROBE_MAX = 30.0
+#: Largest answer to a probe's GET / ("Ollama is running": 17 bytes).
+PROBE_MAX_BODY = 64 * 1024
 
 
 class Backend:
     """What a worker knows of one backend besides the table's counters."""
 
-    __slots__ = ("index", "spec", "url", "pool", "up", "down_since", "last_error", "probe_delay", "probing",
-                 "strikes")
+    __slots__ = ("index", "spec", "url", "pool", "client", "up", "down_since", "last_error", "probe_delay",
+                 "probing", "strikes")
 
-    def __init__(self, index, spec, pool):
+    def __init__(self, index, spec, pool, client=None):
         self.index = index
         self.spec = spec
         self.url = spec.url
+        #: Keep-alive connections of the data path (proxied requests).
         self.pool = pool
+        #: The control-plane client (client.BackendClient): probes, model
+        #: polls, fan-outs. Its own keep-alive connections, never the pool's.
+        self.client = client
         #: Reachable, as far as the health checks know (draining is separate).
         self.up = True
         #: Consecutive failed exchanges (timeouts, broken connections).
@@ -94,7 +107,8 @@ class Balancer:
             # flight: fewer would close and reopen connections under full load.
             Backend(i, s, BackendPool(loop, i, s.host, s.port, s.hostport.encode(),
                                       config.connect_timeout, protocol_factory,
-                                      max_idle=max(64, s.max_inflight)))
+                                      max_idle=max(64, s.max_inflight)),
+                    BackendClient(s.host, s.port, connect_timeout=config.connect_timeout))
             for i, s in enumerate(specs)
         ]
         # Only the `llm` policy routes by model and conversation; the plain
@@ -120,6 +134,10 @@ class Balancer:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.rejected = 0
+        #: Where pick() starts looking next (requests that take no slot go round).
+        self._next_pick = 0
+        #: Probes under way after a timeout, by backend (see check()).
+        self._checks: dict[int, asyncio.Task] = {}
 
     # --- admission -------------------------------------------------------------------
 
@@ -137,6 +155,23 @@ class Balancer:
         self.table.release(index)
         if self.queue:
             self._drain_queue()
+
+    def pick(self, allowed=None) -> int:
+        """A healthy backend for a request that runs no model, or NO_BACKEND.
+
+        Such a request (models.takes_slot) takes no slot: nothing is counted,
+        so there is nothing to release, and it never queues. Each call starts
+        after the last backend picked, so they share the work.
+        """
+        table = self.table
+        n = table.n
+        start = self._next_pick
+        for k in range(n):
+            i = (start + k) % n
+            if (allowed is None or allowed[i]) and table.is_healthy(i):
+                self._next_pick = i + 1
+                return i
+        return NO_BACKEND
 
     def usable(self, allowed=None) -> bool:
         """Is any allowed backend healthy (full or not)?"""
@@ -283,6 +318,36 @@ class Balancer:
             backend.strikes = 0
             self.mark_down(index, f"{self.config.eject_after} failures in a row, the last: {reason}")
 
+    def check(self, index: int, reason: str) -> asyncio.Future:
+        """Probe a backend after a request to it timed out; mark it down only if the probe fails.
+
+        A timeout alone does not tell a slow backend from a dead one, so it
+        is no strike (see docs/operations.md, Timeouts). Everyone who asks
+        while a probe of that backend is under way shares it.
+
+        Returns:
+            a future: None when the backend answered the probe, else what went wrong.
+        """
+        task = self._checks.get(index)
+        if task is None:
+            if self._closed:
+                task = self.loop.create_future()
+                task.cancel()
+                return task
+            task = self._checks[index] = self.loop.create_task(self._check(index, reason))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _check(self, index: int, reason: str) -> str | None:
+        try:
+            error = await self.probe(self.backends[index])
+        finally:
+            self._checks.pop(index, None)
+        if error is not None:
+            self.mark_down(index, f"{reason}; then a probe failed: {error}")
+        return error
+
     def mark_up(self, index: int) -> None:
         backend = self.backends[index]
         if not backend.up:
@@ -310,21 +375,18 @@ class Balancer:
             self.loop.call_later(DRAIN_POLL, self._watch_drained)
 
     async def probe(self, backend: Backend) -> str | None:
-        """GET / on the backend; None when healthy, else what went wrong."""
-        spec = backend.spec
-        writer = None
+        """GET / on the backend, connect included within OLB_CONNECT_TIMEOUT;
+        None when healthy, else what went wrong."""
+        timeout = self.config.connect_timeout
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                reader, writer = await asyncio.open_connection(spec.host, spec.port)
-                writer.write(b"GET / HTTP/1.1\r\nhost: %s\r\nconnection: close\r\n\r\n" % spec.hostport.encode())
-                line = await reader.readline()
-        except (OSError, asyncio.TimeoutError) as exc:
-            return f"{type(exc).__name__}: {exc}".rstrip(": ")
-        finally:
-            if writer is not None:
-                writer.close()
-        if not line.startswith(b"HTTP/1.") or line[9:12] != b"200":
-            return f"GET / answered {line.strip()[:64]!r}"
+            async with asyncio.timeout(timeout):
+                resp = await backend.client.request("GET", "/", max_body=PROBE_MAX_BODY)
+        except asyncio.TimeoutError:
+            return f"GET / not answered within {timeout:g}s (OLB_CONNECT_TIMEOUT)"
+        except OlbError as exc:
+            return exc.message
+        if resp.status != 200:
+            return f"GET / answered {resp.status}"
         return None
 
     async def _probe_until_up(self, backend: Backend) -> None:
@@ -394,6 +456,7 @@ class Balancer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for backend in self.backends:
             backend.pool.close()
+            await backend.client.close()
 
     # --- admin -------------------------------------------------------------------------
 

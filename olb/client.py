@@ -201,7 +201,9 @@ class ResponseReader:
 
     @property
     def request_done(self) -> bool:
-        return self._conn.our_state is h11.DONE
+        # MUST_CLOSE: sent whole, and the response said Connection: close
+        # (a body that ends with the connection, for one).
+        return self._conn.our_state is h11.DONE or self._conn.our_state is h11.MUST_CLOSE
 
     def start_next_cycle(self) -> bool:
         conn = self._conn

@@ -41,6 +41,8 @@ to 127.0.0.1 answers 403 to a non-local Host.
 
 from __future__ import annotations
 
+import os
+
 import h11
 import orjson
 
@@ -547,8 +549,20 @@ def is_openai_path(target: bytes) -> bool:
     return target.startswith(b"/v1/")
 
 
+#: anthropic.NewError's error types by status (anthropic/anthropic.go).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error",
+                    529: "overloaded_error"}
+
+
 def error_body(target: bytes, message: str, status: int) -> bytes:
-    """Ollama's error shape, or the OpenAI shape Ollama itself uses under /v1/."""
+    """Ollama's error shape, or the shape Ollama itself uses under /v1/:
+    Anthropic's for /v1/messages (anthropic.NewError), else OpenAI's
+    (openai.NewError)."""
+    if target.startswith(b"/v1/messages") and target[12:13] in (b"", b"?", b"/"):
+        return orjson.dumps({"type": "error",
+                             "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message},
+                             "request_id": "req_" + os.urandom(12).hex()})
     if is_openai_path(target):
         kind = "invalid_request_error" if status == 400 else ("not_found_error" if status == 404 else "api_error")
         return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})

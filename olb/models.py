@@ -32,8 +32,11 @@ import collections
 import hashlib
 import logging
 import time
+import urllib.parse
 
 import orjson
+
+from .errors import OlbError
 
 log = logging.getLogger("olb.models")
 
@@ -61,7 +64,63 @@ MODEL_ENDPOINTS: dict[bytes, str] = {
     b"/v1/chat/completions": "model '{name}' not found",
     b"/v1/completions": "model '{name}' not found",
     b"/v1/embeddings": 'model "{name}" not found, try pulling it first',
+    # ChatHandler's text behind the Anthropic and Responses middlewares
+    # (middleware/anthropic.go AnthropicMessagesMiddleware, middleware/openai.go
+    # ResponsesMiddleware); each wraps it in its own error shape (http.error_body).
+    b"/v1/messages": "model '{name}' not found",
+    b"/v1/responses": "model '{name}' not found",
 }
+
+#: Requests that run a model: Ollama's handlers that go through its
+#: scheduler (server/routes.go GenerateHandler, ChatHandler, EmbedHandler,
+#: EmbeddingsHandler, and the compatibility routes in front of them). Only
+#: these take an inference slot (max=, OLB_MAX_INFLIGHT) and wait in olb's
+#: queue when every slot is busy. Everything else -- /, /api/version,
+#: /api/tags, /api/ps, /api/show, blobs, pull, push, create, copy, delete,
+#: /v1/models -- Ollama's HTTP server answers without a runner, so olb sends
+#: it to a healthy backend at once (Balancer.pick).
+SLOT_ENDPOINTS = frozenset({
+    b"/api/generate", b"/api/chat", b"/api/embed", b"/api/embeddings",
+    b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses",
+    b"/v1/messages", b"/v1/audio/transcriptions",
+})
+
+
+def takes_slot(method: bytes, path: bytes) -> bool:
+    """Does the request run a model (see SLOT_ENDPOINTS)? Other methods on
+    those paths get Ollama's 405 at once."""
+    return method == b"POST" and path in SLOT_ENDPOINTS
+
+
+#: Endpoints whose answer streams unless the body says "stream": false
+#: (api/types.go: `Stream *bool`, nil = stream) ...
+_STREAM_UNLESS_FALSE = frozenset({b"/api/generate", b"/api/chat", b"/api/pull", b"/api/push", b"/api/create"})
+#: ... and those that stream only with "stream": true (the OpenAI and
+#: Anthropic request types: a plain bool, false when absent).
+_STREAM_IF_TRUE = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/responses", b"/v1/messages"})
+
+
+def streams(method: bytes, path: bytes, body: bytes) -> bool:
+    """Does the backend answer this request as a stream (the first byte with
+    the first token), rather than whole at the end?
+
+    Parses the body: called when a first-byte timeout fires, never on the
+    request path.
+    """
+    if method != b"POST":
+        return False
+    if path in _STREAM_UNLESS_FALSE:
+        default = True
+    elif path in _STREAM_IF_TRUE:
+        default = False
+    else:
+        return False
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return default
+    value = doc.get("stream") if isinstance(doc, dict) else None
+    return default if value is None else value is True
 
 
 def normalize(name: str) -> str:
@@ -71,6 +130,12 @@ def normalize(name: str) -> str:
     `registry.ollama.ai/library/x` -> `x:latest`; other hosts and namespaces
     are kept. Digest (`@sha256:...`) and build (`+Q4_0`) suffixes are dropped.
     """
+    return display_shortest(name).lower()
+
+
+def display_shortest(name: str) -> str:
+    """normalize() with the case kept: Ollama's Name.DisplayShortest, the
+    form its not-found texts name a model by after parsing it (ShowHandler)."""
     name = name.strip()
     for scheme in ("http://", "https://"):
         if name.startswith(scheme):
@@ -84,7 +149,23 @@ def normalize(name: str) -> str:
         parts = parts[1:]
     if len(parts) == 2 and parts[0].lower() == _DEFAULT_NAMESPACE:
         parts = parts[1:]
-    return "/".join(parts).lower()
+    return "/".join(parts)
+
+
+def namespace(name: str) -> str:
+    """The namespace of a model name (model.ParseName(name).Namespace):
+    `library` unless the name has one."""
+    parts = name.split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-2] else _DEFAULT_NAMESPACE
+
+
+def openai_model_id(path: bytes) -> str | None:
+    """The model of a GET /v1/models/{id} path (gin's `:model`: one
+    non-empty segment of the decoded path), or None."""
+    if not path.startswith(b"/v1/models/"):
+        return None
+    model = urllib.parse.unquote(path[len(b"/v1/models/"):].decode("latin-1"))
+    return model if model and "/" not in model else None
 
 
 #: Bytes of a conversation's leading messages or prompt that identify it.
@@ -441,12 +522,12 @@ class ModelDirectory:
 
     async def refresh(self, index: int) -> bool:
         """Read one backend's /api/tags and /api/ps; False when it did not answer."""
-        spec = self.backends[index].spec
+        backend = self.backends[index]
         try:
-            tags = await _get_json(spec, "/api/tags", self.timeout)
-            ps = await _get_json(spec, "/api/ps", self.timeout)
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
-            log.debug("model poll of %s failed: %s", spec.url, exc)
+            tags = await _get_json(backend.client, "/api/tags", self.timeout)
+            ps = await _get_json(backend.client, "/api/ps", self.timeout)
+        except (OlbError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("model poll of %s failed: %s", backend.url, exc or type(exc).__name__)
             return False
         self.set_catalogue(index, list(tags.get("models") or []), list(ps.get("models") or []))
         return True
@@ -475,6 +556,23 @@ class ModelDirectory:
             data.append({"id": name, "object": "model", "created": _unix(entry.get("modified_at", "")),
                          "owned_by": parts[-2] if len(parts) >= 2 else "library"})
         return {"object": "list", "data": data}
+
+    def openai_model(self, model_id: str) -> dict | None:
+        """GET /v1/models/{id} over all backends, as Ollama answers it
+        (middleware/openai.go RetrieveMiddleware, openai.ToModel): the id as
+        asked, `created` from the newest modified_at any backend lists for
+        it; None when no backend has it."""
+        key = normalize(model_id)
+        newest = None
+        for entries in self.tags:
+            for entry in entries:
+                if _entry_name(entry) == key and (
+                        newest is None or entry.get("modified_at", "") > newest.get("modified_at", "")):
+                    newest = entry
+        if newest is None:
+            return None
+        return {"id": model_id, "object": "model", "created": _unix(newest.get("modified_at", "")),
+                "owned_by": namespace(model_id)}
 
     def merged_ps(self) -> dict:
         """/api/ps over all backends: a model loaded on two backends is listed twice."""
@@ -511,36 +609,19 @@ def _int(value) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
-async def _get_json(spec, path: str, timeout: float) -> dict:
-    """A small GET on a fresh connection (control plane, not the data path)."""
-    writer = None
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(spec.host, spec.port)
-            writer.write(b"GET %s HTTP/1.1\r\nhost: %s\r\naccept: application/json\r\nconnection: close\r\n\r\n"
-                         % (path.encode(), spec.hostport.encode()))
-            data = await reader.read(-1)
-    finally:
-        if writer is not None:
-            writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or head[9:12] != b"200":
-        raise ValueError(f"GET {path} answered {head[:40]!r}")
-    if b"transfer-encoding: chunked" in head.lower():
-        body = _dechunk(body)
-    doc = orjson.loads(body)
+#: Largest /api/tags or /api/ps answer read: a few hundred models are ~100 KB.
+MAX_CATALOGUE_BYTES = 8 * 1024 * 1024
+
+
+async def _get_json(client, path: str, timeout: float) -> dict:
+    """GET a JSON object from a backend's control-plane client (keep-alive,
+    size-capped), the whole exchange within `timeout`."""
+    async with asyncio.timeout(timeout):
+        resp = await client.request("GET", path, headers=((b"accept", b"application/json"),),
+                                    max_body=MAX_CATALOGUE_BYTES)
+    if resp.status != 200:
+        raise ValueError(f"GET {path} answered {resp.status}")
+    doc = resp.json()
     if not isinstance(doc, dict):
         raise ValueError(f"GET {path} did not answer a JSON object")
     return doc
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = []
-    pos = 0
-    while True:
-        end = data.index(b"\r\n", pos)
-        size = int(data[pos:end].split(b";", 1)[0], 16)
-        if size == 0:
-            return b"".join(out)
-        out.append(data[end + 2:end + 2 + size])
-        pos = end + 2 + size + 2

@@ -24,11 +24,18 @@ Exchange states (one request's life; each arrow is the only way in):
       |  +------retry---------+------------------------+  (before the first    |
       |     (same request, another backend, bounded    |   byte only)          |
       |      by OLB_RETRIES)                           |                       |
-      +--expired / full--> error response            timeout -> 504      backend lost -> error
-                                                                         line (chunked) or close
+      +--expired / full--> error response            timeout -> probe    backend lost -> error
+                                                     (504, or wait on if  line (chunked) or close
+                                                      not streamed and the
+                                                      backend answers it)
+
+A request that runs no model (models.takes_slot: /, /api/version, /api/show,
+...) skips QUEUED: Balancer.pick gives it a healthy backend without counting
+a slot, so it never waits behind inference.
 
 Invariants: the backend index is acquired at admit and released exactly
-once (_release clears it); a client that goes away aborts the backend
+once (_release clears it; an exchange without a slot holds an index but
+nothing counted, and releases nothing); a client that goes away aborts the backend
 connection at once, because closing that socket is what makes Ollama stop
 generating; after the first response byte there is no retry.
 """
@@ -48,11 +55,13 @@ from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, 
 from .fairqueue import BATCH, INTERACTIVE, OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
 from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
+from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
 from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
-                   RequestReader, downstream_head, error_response, parse_response_head,
+                   RequestReader, downstream_head, error_body, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
 from .manage import ManageExchange, classify
-from .models import MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, normalize, parse_request
+from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
+                     openai_model_id, parse_request, streams, takes_slot)
 
 log = logging.getLogger("olb.proxy")
 
@@ -69,7 +78,8 @@ OVER_SHARE_TEXT = ("too many requests waiting from this client, please try again
 class ProxyContext:
     """What every connection of one worker shares."""
 
-    __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker")
+    __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
+                 "host_check")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -80,6 +90,8 @@ class ProxyContext:
         self.telemetry = None
         self.started = 0.0
         self.worker = worker
+        #: hostcheck.HostCheck when olb listens on loopback (as Ollama), else None.
+        self.host_check = None
 
 
 class ClientSideProtocol(asyncio.Protocol):
@@ -175,18 +187,25 @@ class ClientSideProtocol(asyncio.Protocol):
                 return
             self._write_pending(reader)
             if type(req) is ProxyRequest:
+                check = self.ctx.host_check
+                if check is not None and not check.allows(req.header(b"host")):
+                    # Ollama's DNS-rebinding protection (hostcheck.py), before
+                    # anything else: /olb/ included.
+                    self._reply(FORBIDDEN if req.keep_alive else FORBIDDEN_CLOSE, 403, not req.keep_alive)
+                    continue
                 if req.target.startswith(b"/olb/"):
                     status, body = admin.handle(req, self.ctx)
                     self._reply(body, status, not req.keep_alive)
                     continue
-                if (req.path in MERGED_PATHS and req.method == b"GET"
-                        and self.ctx.balancer.models is not None):
+                path = req.path
+                if (req.method == b"GET" and self.ctx.balancer.models is not None
+                        and (path in MERGED_PATHS or openai_model_id(path) is not None)):
                     self.exchange = ex = MergedExchange(self, req)
-                elif (op := classify(req.method, req.path, req.body)) is not None:
+                elif (op := classify(req.method, path, req.body)) is not None:
                     # Model management: every backend it concerns, never an inference slot.
                     self.exchange = ex = ManageExchange(self, req, op)
                 else:
-                    self.exchange = ex = Exchange(self, req)
+                    self.exchange = ex = Exchange(self, req, takes_slot(req.method, path))
                 ex.start()
                 return
             if req is NEED_DATA:
@@ -247,10 +266,17 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "__weakref__")
+                 "affinity", "slot", "probing", "__weakref__")
 
-    def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
+    def __init__(self, client: ClientSideProtocol, req: ProxyRequest, slot: bool = True):
         self.client = client
+        #: Takes an inference slot (models.takes_slot): counted in the table
+        #: from admit to _release, queued when every slot is busy. Without
+        #: one, a healthy backend is picked at once and nothing is counted.
+        #: `allowed`, set before start(), restricts either kind.
+        self.slot = slot
+        #: The backend connection a probe is deciding about (backend_timeout), or None.
+        self.probing = None
         self.ctx = client.ctx
         self.req = req
         self.index = NO_BACKEND
@@ -294,10 +320,25 @@ class Exchange:
                             # answer as Ollama would, without touching a backend.
                             self._fail(NotFound(template.format(name=name)))
                             return
-        if self.model is None:
+        if not self.slot:
+            self._admit_without_slot(models)
+        elif self.model is None:
             self._admit_or_queue(self.allowed)
         else:
             self._route_model(models)
+
+    def _admit_without_slot(self, models) -> None:
+        """A request that runs no model: a healthy backend now (one that has
+        the model, for /api/show), never a slot or the queue."""
+        mask = self.allowed
+        if self.model is not None:
+            installed = models.installed_mask(self.model)
+            mask = installed if mask is None else bytearray(a & b for a, b in zip(mask, installed))
+        index = self.ctx.balancer.pick(mask)
+        if index == NO_BACKEND:
+            self.queue_unusable()
+        else:
+            self.admit(index)
 
     def _admit_or_queue(self, allowed) -> None:
         balancer = self.ctx.balancer
@@ -434,9 +475,10 @@ class Exchange:
     # --- called by the balancer's queue --------------------------------------------------------
 
     def admit(self, index: int) -> None:
-        """A backend slot is ours (already counted in the table)."""
+        """A backend slot is ours (already counted in the table), or, for a
+        request without one, the backend Balancer.pick chose."""
         self.index = index
-        if self.model is not None:
+        if self.slot and self.model is not None:
             models = self.ctx.balancer.models
             models.admitted(self.model, index, 1)
             if not models.loaded_mask(self.model)[index]:
@@ -510,11 +552,15 @@ class Exchange:
         or 404 for a model it was thought to have is not the client's answer
         while another backend may serve the request.
         """
-        if head.status in (404, 503) and self.model is not None and self._retry_elsewhere(head.status):
+        # A 404 is the model's only in JSON (Ollama's handlers); gin's
+        # text/plain "404 page not found" is a route the backend lacks (an
+        # older Ollama without /v1/messages), which says nothing of its models.
+        if ((head.status == 503 or (head.status == 404 and head.content_type.startswith(b"application/json")))
+                and self.model is not None and self._retry_elsewhere(head.status)):
             return None
         self.state = STREAMING
         self.head = head
-        if self.model is not None and head.status == 200:
+        if self.slot and self.model is not None and head.status == 200:
             # Ollama answers once the model is loaded: it is ready there now
             # (for a stream, long before the response ends).
             self.ctx.balancer.models.answered(self.model, self.index)
@@ -572,15 +618,48 @@ class Exchange:
                              strike=True)
 
     def backend_timeout(self, at_boundary: bool) -> None:
-        self._abort_conn()
+        """The backend's first byte, or its next one mid-stream, is overdue.
+
+        A timeout alone does not tell slow from dead: Ollama sends a
+        non-streamed answer whole, after its last token, and holds requests
+        past OLLAMA_NUM_PARALLEL in its own queue without a byte. So it is
+        no failure strike: the backend is probed (Balancer.check) and marked
+        down only if the probe fails. A non-streamed request whose backend
+        answers the probe waits on, one more OLB_FIRST_BYTE_TIMEOUT at a
+        time; a streamed one ends here with 504 (or, mid-stream, an error
+        line). See docs/operations.md, Timeouts.
+        """
         cfg = self.ctx.config
-        url = self.ctx.balancer.backends[self.index].url
+        balancer = self.ctx.balancer
+        index = self.index
+        url = balancer.backends[index].url
         if self.state == STREAMING:
             msg = f"backend {url} sent nothing for {cfg.idle_timeout:g}s (OLB_IDLE_TIMEOUT)"
         else:
             msg = f"backend {url} did not answer within {cfg.first_byte_timeout:g}s (OLB_FIRST_BYTE_TIMEOUT)"
-        self._backend_failed(BackendTimeout(msg), retry=False, mark_down=False, at_boundary=at_boundary,
-                             strike=True)
+            req = self.req
+            if not streams(req.method, req.path, req.body):
+                self.probing = self.conn
+                balancer.check(index, msg).add_done_callback(self._probed)
+                return
+        self._abort_conn()
+        balancer.check(index, msg)
+        self._backend_failed(BackendTimeout(msg), retry=False, mark_down=False, at_boundary=at_boundary)
+
+    def _probed(self, probe) -> None:
+        """The probe backend_timeout started for a non-streamed request is done."""
+        conn, self.probing = self.probing, None
+        if probe.cancelled() or self.conn is not conn or self.state != WAITING:
+            return  # answered meanwhile, or ended otherwise
+        error = probe.result()
+        if error is None:
+            conn.wait_longer()  # slow, not dead
+            return
+        url = self.ctx.balancer.backends[self.index].url
+        self._abort_conn()
+        self._backend_failed(BackendTimeout(
+            f"backend {url} did not answer within {self.ctx.config.first_byte_timeout:g}s "
+            f"(OLB_FIRST_BYTE_TIMEOUT) and then failed a health check: {error}"), retry=False, mark_down=False)
 
     def backend_protocol_error(self, error: BackendProtocolError, at_boundary: bool) -> None:
         self._abort_conn()
@@ -623,7 +702,7 @@ class Exchange:
 
     def _release(self) -> None:
         index, self.index = self.index, NO_BACKEND
-        if index != NO_BACKEND:
+        if index != NO_BACKEND and self.slot:
             if self.model is not None:
                 self.ctx.balancer.models.admitted(self.model, index, -1)
             self.ctx.balancer.release(index)
@@ -713,11 +792,29 @@ class MergedExchange:
             doc = models.merged_tags()
         elif path == b"/api/ps":
             doc = models.merged_ps()
-        else:
+        elif path == b"/v1/models":
             doc = models.merged_openai_models()
+        else:
+            self._retrieve(models, openai_model_id(path), closing, head_only)
+            return
         body = orjson.dumps(doc)
         client.transport.write(simple_response(200, body, closing=closing, head_only=head_only))
         client.response_done(200, closing)
+
+    def _retrieve(self, models, model_id: str, closing: bool, head_only: bool) -> None:
+        """GET /v1/models/{id}: the merged view's entry, or the 404 Ollama's
+        ShowHandler gives (the name as DisplayShortest) in the OpenAI shape
+        (middleware/openai.go RetrieveWriter; json.Encoder's newline)."""
+        doc = models.openai_model(model_id)
+        if doc is None:
+            status = 404
+            body = error_body(self.req.target, f"model '{display_shortest(model_id)}' not found", 404) + b"\n"
+        else:
+            status = 200
+            body = orjson.dumps(doc) + b"\n"
+        self.client.transport.write(simple_response(status, body, content_type=b"application/json",
+                                                    closing=closing, head_only=head_only))
+        self.client.response_done(status, closing)
 
     def client_gone(self) -> None:
         task, self.task = self.task, None
@@ -772,6 +869,12 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             self.gate.pause(PEER_SLOW)
         self._attached_at = self.last_io = monotonic()
         self._timer = self.loop.call_later(exchange.ctx.config.first_byte_timeout, self._on_timer)
+
+    def wait_longer(self) -> None:
+        """Another OLB_FIRST_BYTE_TIMEOUT for the first byte (the backend
+        answered a probe: slow, not dead)."""
+        self._attached_at = monotonic()
+        self._timer = self.loop.call_later(self.exchange.ctx.config.first_byte_timeout, self._on_timer)
 
     def detach(self) -> None:
         ex, self.exchange = self.exchange, None

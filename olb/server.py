@@ -14,6 +14,7 @@ import time
 
 from .balancer import Balancer
 from .config import Config
+from .hostcheck import HostCheck, listens_on_loopback
 from .proxy import BackendSideProtocol, ClientSideProtocol, ProxyContext
 
 log = logging.getLogger("olb.server")
@@ -42,6 +43,10 @@ class ProxyServer:
         self._server = await self.loop.create_server(
             lambda: ClientSideProtocol(self.ctx), sock=sock, backlog=2048)
         self.port = sock.getsockname()[1]
+        if listens_on_loopback(sock.getsockname()[0]):
+            # What Ollama does on a loopback bind (hostcheck.py); olb's own
+            # Host rewrite would otherwise remove it.
+            self.ctx.host_check = HostCheck()
         self.balancer.start()
         # A backend with metrics= is remote: its gpus= are the scraped page's
         # `gpu` labels, not this machine's NVML indices.  Only the `llm`

@@ -55,9 +55,9 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import h11
-
 from . import __version__
+from .client import BackendClient
+from .errors import OlbError
 from .gpu import GpuReading, make_reading, publish, unpublish
 
 __all__ = ["DCGM_FIELDS", "DCGM_NAMES", "MetricsParseError", "Sample", "ScrapeError",
@@ -304,7 +304,7 @@ class _Target:
     """One metrics endpoint and the backends that read it."""
 
     __slots__ = ("url", "host", "port", "path", "hostport", "backends", "readings", "problems",
-                 "ok", "error", "expiry")
+                 "ok", "error", "expiry", "client")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -319,6 +319,8 @@ class _Target:
         self.ok: float | None = None  # loop time of the last good scrape
         self.error: str | None = None  # why the last scrape failed; None after a good one
         self.expiry: asyncio.TimerHandle | None = None
+        #: The control-plane client for this page (set by TelemetryScraper).
+        self.client: BackendClient | None = None
 
 
 class TelemetryScraper:
@@ -376,6 +378,10 @@ class TelemetryScraper:
             if spec.metrics:
                 self._targets.setdefault(spec.metrics, _Target(spec.metrics)).backends.append(
                     (i, tuple(spec.gpus)))
+        for target in self._targets.values():
+            # One keep-alive connection per page, re-used every interval.
+            target.client = BackendClient(target.host, target.port, connect_timeout=self._timeout,
+                                          read_timeout=self._timeout, max_body=MAX_SCRAPE_BYTES, max_idle=1)
         self._unread: set[int] = set()  # backends warned about: a GPU missing from a good page
         self._crashed: set[str] = set()  # endpoints whose scrape hit a bug (logged once)
         self._tasks: list[asyncio.Task] = []
@@ -400,6 +406,7 @@ class TelemetryScraper:
             if target.expiry is not None:
                 target.expiry.cancel()
                 target.expiry = None
+            await target.client.close()
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -440,7 +447,7 @@ class TelemetryScraper:
                 self._failed(target, f"no answer within {self._timeout:g} s")
             except UnicodeDecodeError as exc:
                 self._failed(target, f"the page is not UTF-8 ({exc.reason} at byte {exc.start})")
-            except (OSError, h11.ProtocolError, MetricsParseError, ScrapeError) as exc:
+            except (OSError, OlbError, MetricsParseError, ScrapeError) as exc:
                 self._failed(target, str(exc) or type(exc).__name__)
             else:
                 self._succeeded(target, readings, problems)
@@ -519,37 +526,14 @@ class TelemetryScraper:
 
 
 async def _fetch(target: _Target) -> bytes:
-    """GET the page on a fresh connection (control plane: one request per interval).
-
-    h11 does the framing (Content-Length, chunked or close-delimited), so a
-    truncated answer is an error rather than half a page.
-    """
-    reader, writer = await asyncio.open_connection(target.host, target.port)
-    try:
-        conn = h11.Connection(h11.CLIENT)
-        writer.write(conn.send(h11.Request(method="GET", target=target.path, headers=[
-            ("Host", target.hostport), ("Accept", _ACCEPT), ("Accept-Encoding", "identity"),
-            ("User-Agent", f"olb/{__version__}"), ("Connection", "close")])))
-        writer.write(conn.send(h11.EndOfMessage()))
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-            elif isinstance(event, h11.Response):
-                if event.status_code != 200:
-                    raise ScrapeError(f"GET {target.path} answered {event.status_code} "
-                                      f"{event.reason.decode('latin-1')}".rstrip())
-                for name, value in event.headers:
-                    if name == b"content-encoding" and value.lower() != b"identity":
-                        raise ScrapeError(f"the page came {value.decode('latin-1')}-encoded")
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_SCRAPE_BYTES:
-                    raise ScrapeError(f"the page is larger than {MAX_SCRAPE_BYTES // MIB} MiB")
-            elif isinstance(event, h11.EndOfMessage):
-                return bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):  # pragma: no cover - h11 raises first
-                raise ScrapeError("the connection closed mid-answer")
-    finally:
-        writer.close()
+    """GET the page through the target's control-plane client (keep-alive;
+    h11 frames it, so a truncated answer is an error rather than half a
+    page; the body is capped at MAX_SCRAPE_BYTES)."""
+    resp = await target.client.request("GET", target.path, headers=(
+        (b"accept", _ACCEPT), (b"accept-encoding", b"identity"), (b"user-agent", f"olb/{__version__}")))
+    if resp.status != 200:
+        raise ScrapeError(f"GET {target.path} answered {resp.status}")
+    encoding = resp.header(b"content-encoding")
+    if encoding is not None and encoding.lower() != b"identity":
+        raise ScrapeError(f"the page came {encoding.decode('latin-1')}-encoded")
+    return resp.body

@@ -198,6 +198,17 @@ def test_error_shapes():
     assert orjson.loads(error_body(b"/api/chat", "boom", 503)) == {"error": "boom"}
     openai = orjson.loads(error_body(b"/v1/chat/completions", "nope", 404))
     assert openai["error"]["message"] == "nope" and openai["error"]["type"] == "not_found_error"
+    # Anthropic's shape under /v1/messages (anthropic.NewError), OpenAI's
+    # elsewhere under /v1/ (openai.NewError), Ollama's own under /api/.
+    for status, kind in ((404, "not_found_error"), (503, "overloaded_error"), (429, "rate_limit_error"),
+                         (502, "api_error")):
+        doc = orjson.loads(error_body(b"/v1/messages", "m", status))
+        assert doc["type"] == "error" and doc["error"] == {"type": kind, "message": "m"}
+        assert doc["request_id"].startswith("req_") and len(doc["request_id"]) == 28
+    assert orjson.loads(error_body(b"/v1/messages?beta=true", "m", 400))["error"]["type"] == "invalid_request_error"
+    assert orjson.loads(error_body(b"/v1/messagesx", "m", 404))["error"]["type"] == "not_found_error"
+    assert "type" not in orjson.loads(error_body(b"/v1/messagesx", "m", 404))
+    assert orjson.loads(error_body(b"/v1/responses", "m", 404))["error"]["type"] == "not_found_error"
     resp = error_response(b"/api/generate", 503, "busy", retry_after=1)
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))

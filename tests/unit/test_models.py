@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from olb.models import ModelDirectory, normalize, parse_request
+from olb.models import (ModelDirectory, display_shortest, namespace, normalize, openai_model_id, parse_request,
+                        streams, takes_slot)
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -280,3 +281,64 @@ def test_least_harm_evicts_a_spare_copy_before_an_only_copy():
     d2 = directory(2)
     d2.mark_loaded("a:latest", 0)
     assert d2.least_harm(bytearray([1, 1])) == bytearray([0, 1])  # no demand: fewest models
+
+
+@pytest.mark.parametrize("method,path,slot", [
+    (b"POST", b"/api/generate", True), (b"POST", b"/api/chat", True), (b"POST", b"/api/embed", True),
+    (b"POST", b"/api/embeddings", True), (b"POST", b"/v1/chat/completions", True),
+    (b"POST", b"/v1/completions", True), (b"POST", b"/v1/embeddings", True), (b"POST", b"/v1/messages", True),
+    (b"POST", b"/v1/responses", True), (b"POST", b"/v1/audio/transcriptions", True),
+    (b"GET", b"/api/generate", False),  # Ollama's 405 at once
+    (b"HEAD", b"/", False), (b"GET", b"/", False), (b"GET", b"/api/version", False),
+    (b"GET", b"/api/tags", False), (b"GET", b"/api/ps", False), (b"POST", b"/api/show", False),
+    (b"POST", b"/api/pull", False), (b"POST", b"/api/push", False), (b"POST", b"/api/create", False),
+    (b"POST", b"/api/copy", False), (b"DELETE", b"/api/delete", False),
+    (b"HEAD", b"/api/blobs/sha256:" + b"a" * 64, False), (b"POST", b"/api/blobs/sha256:" + b"a" * 64, False),
+    (b"GET", b"/v1/models", False), (b"GET", b"/v1/models/llama3.2", False), (b"OPTIONS", b"/api/chat", False),
+])
+def test_only_requests_that_run_a_model_take_a_slot(method, path, slot):
+    assert takes_slot(method, path) is slot
+
+
+@pytest.mark.parametrize("path,body,expected", [
+    (b"/api/generate", b'{"model":"m"}', True),             # Stream *bool: nil streams
+    (b"/api/generate", b'{"model":"m","stream":null}', True),
+    (b"/api/generate", b'{"model":"m","stream":false}', False),
+    (b"/api/chat", b'{"model":"m","stream":true}', True),
+    (b"/api/pull", b'{"model":"m"}', True),
+    (b"/api/embed", b'{"model":"m","stream":true}', False),  # never streams
+    (b"/v1/chat/completions", b'{"model":"m"}', False),      # OpenAI: false unless asked
+    (b"/v1/chat/completions", b'{"model":"m","stream":true}', True),
+    (b"/v1/messages", b'{"model":"m","stream":true}', True),
+    (b"/v1/responses", b'{"model":"m"}', False),
+    (b"/api/generate", b'{not json', True),                # the backend's 400 comes at once anyway
+    (b"/api/show", b'{"model":"m"}', False),
+])
+def test_streams(path, body, expected):
+    assert streams(b"POST", path, body) is expected
+
+
+@pytest.mark.parametrize("path,expected", [
+    (b"/v1/models/llama3.2", "llama3.2"), (b"/v1/models/llama3.2%3Alatest", "llama3.2:latest"),
+    (b"/v1/models/", None), (b"/v1/models", None), (b"/v1/models/a/b", None), (b"/v1/models/a%2Fb", None),
+    (b"/v1/modelsx", None),
+])
+def test_openai_model_id_is_one_decoded_segment(path, expected):
+    assert openai_model_id(path) == expected
+
+
+@pytest.mark.parametrize("name,shortest,ns", [
+    ("Llama3.2", "Llama3.2:latest", "library"), ("library/x:7B", "x:7B", "library"),
+    ("me/m", "me/m:latest", "me"), ("hf.co/user/m:Q4", "hf.co/user/m:Q4", "user"),
+])
+def test_display_shortest_keeps_case_and_namespace(name, shortest, ns):
+    assert display_shortest(name) == shortest and normalize(name) == shortest.lower()
+    assert namespace(name) == ns
+
+
+def test_openai_model_comes_from_the_newest_entry_of_any_backend():
+    d = directory(2)
+    d.set_catalogue(0, [{"name": "a:latest", "modified_at": "2024-01-01T00:00:00Z"}], [])
+    d.set_catalogue(1, [{"name": "a:latest", "modified_at": "2025-01-01T00:00:00Z"}], [])
+    assert d.openai_model("A") == {"id": "A", "object": "model", "created": 1735689600, "owned_by": "library"}
+    assert d.openai_model("b") is None
