@@ -10,8 +10,9 @@ backends it goes to, merging progress streams, combining answers), all
 testable without sockets; then ManageExchange, the IO shell that glues one
 client request to its fan-out. ManageExchange never takes an inference slot
 (the balancer's acquire/queue): a pull or a delete must not wait behind a
-busy GPU. It talks to backends through olb.client.BackendClient, not the
-data-path pool.
+busy GPU. It talks to backends through each backend's control-plane
+client (Backend.client, an olb.client.BackendClient shared with probes and
+polls), not the data-path pool.
 
 Theory of operation
 -------------------
@@ -515,9 +516,8 @@ class ManageExchange:
         return self.ctx.balancer.backends[index].url
 
     def _client(self, index: int) -> BackendClient:
-        spec = self.ctx.balancer.backends[index].spec
-        return BackendClient(spec.host, spec.port, connect_timeout=self.ctx.config.connect_timeout,
-                             read_timeout=MANAGE_IDLE_TIMEOUT, max_body=MAX_ANSWER, max_idle=0)
+        """The backend's control-plane client (shared with probes and polls: keep-alive)."""
+        return self.ctx.balancer.backends[index].client
 
     def _holders(self, model: str | None, healthy: list[int], loaded: bool = False) -> list[int]:
         """The healthy backends that hold (or have loaded) the model, as far as
@@ -538,17 +538,15 @@ class ManageExchange:
 
     async def _ask(self, index: int, method: str, body=b"", headers=(), content_length=None,
                    path: bytes | None = None) -> Result:
-        client = self._client(index)
         url = self._url(index)
         try:
-            resp = await client.request(method, (path or self.req.target).decode("latin-1"), body=body,
-                                        headers=headers, content_length=content_length)
+            resp = await self._client(index).request(
+                method, (path or self.req.target).decode("latin-1"), body=body, headers=headers,
+                content_length=content_length, timeout=MANAGE_IDLE_TIMEOUT, max_body=MAX_ANSWER)
         except OlbError as exc:
             return Result(index, url, None, error=exc.message)
         except (ConnectionError, ValueError) as exc:
             return Result(index, url, None, error=str(exc))
-        finally:
-            await client.close()
         return Result(index, url, resp.status, resp.body, resp.header(b"content-type"))
 
     def _json_headers(self):
@@ -669,10 +667,10 @@ class ManageExchange:
                 await self._refresh([index])
 
         async def read(k: int, index: int) -> None:
-            client = self._client(index)
             try:
-                async with client.stream("POST", self.req.target.decode("latin-1"), body=self.req.body,
-                                         headers=self._json_headers(), max_body=STREAM_CAP) as resp:
+                async with self._client(index).stream(
+                        "POST", self.req.target.decode("latin-1"), body=self.req.body,
+                        headers=self._json_headers(), timeout=MANAGE_IDLE_TIMEOUT, max_body=STREAM_CAP) as resp:
                     reached[k] = True
                     ctype = resp.header(b"content-type") or b""
                     if resp.status != 200 or not ctype.startswith(NDJSON):
@@ -701,8 +699,6 @@ class ManageExchange:
                     merger.end(k)
             except OlbError as exc:
                 merger.fail(k, exc.message)
-            finally:
-                await client.close()
 
         await asyncio.gather(*(one(k, i) for k, i in enumerate(targets)))
         failures = merger.failures()
