@@ -155,6 +155,17 @@ def _policy(raw: str) -> str:
     return value
 
 
+#: OLB_PULL's values: which healthy backends /api/pull goes to (docs/management.md).
+PULL_TARGETS = ("all", "room")
+
+
+def _pull(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in PULL_TARGETS:
+        raise ValueError(f"one of {', '.join(PULL_TARGETS)}, got {raw!r}")
+    return value
+
+
 def _raw(raw: str) -> str:
     return raw
 
@@ -232,6 +243,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_SESSION_BOUND", "session_bound", "1.25", _bound,
             "Keep a conversation on the backend holding its prompt cache while that backend's load is "
             "within this factor of the average (consistent hashing with bounded loads); 0 = off."),
+    Setting("OLB_PULL", "pull", "all", _pull,
+            "Where /api/pull goes: `all` healthy backends, or only those with `room` (whose known GPU "
+            "memory can hold the model, when its size is known from a backend that has it)."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),
@@ -278,6 +292,7 @@ class Config:
     session_bound: float = _default("session_bound")
     log_level: str = _default("log_level")
     demo: int = _default("demo")
+    pull: str = _default("pull")
 
 
 def parse_backends(raw: str, default_max: int, var: str = "OLB_BACKENDS") -> tuple[BackendSpec, ...]:

@@ -51,6 +51,7 @@ def test_sizes_and_durations():
     ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "random"},
      "OLB_POLICY: expected one of llm, least-inflight, round-robin, got 'random'"),
     ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "round_robin"}, "OLB_POLICY"),
+    ({"OLB_BACKENDS": "a:1", "OLB_PULL": "some"}, "OLB_PULL: expected one of all, room, got 'some'"),
     ({}, "olb-fast --demo"),
 ])
 def test_bad_values_name_the_variable(env, needle):
@@ -131,3 +132,9 @@ def test_readme_table_needs_one_pair_of_markers(text):
         config.readme_table(text)
     with pytest.raises(ValueError):
         config.with_table(text)
+
+
+def test_pull_targets():
+    assert load(OLB_BACKENDS="a:1").pull == "all"
+    assert load(OLB_BACKENDS="a:1", OLB_PULL=" Room ").pull == "room"
+    assert config.load(["--backends", "a:1", "--pull", "all"], {"OLB_PULL": "room"}).pull == "all"
