@@ -259,7 +259,7 @@ async def _serve_sims(spec: dict) -> None:
     _install_counters()
     models = [m if m in KNOWN_MODELS else _extra_specs()[m] for m in spec["models"]]
     servers = []
-    for i, (name, gpu, vram) in enumerate(spec["cluster"]):
+    for i, (_name, gpu, vram) in enumerate(spec["cluster"]):
         cfg = SimConfig(gpu=_profile(gpu, vram), num_parallel=spec["parallel"], models=tuple(models),
                         time_scale=spec["time_scale"], seed=spec["seed"] + i)
         servers.append(await start_sim(cfg))
@@ -270,7 +270,7 @@ async def _serve_sims(spec: dict) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     out = []
-    for (name, gpu, vram), s, t0 in zip(spec["cluster"], servers, starts):
+    for (name, gpu, _vram), s, t0 in zip(spec["cluster"], servers, starts):
         e, g = s.engine, s.engine.gpu
         busy = getattr(g, "bench_busy", 0.0)
         if g._busy_since is not None:

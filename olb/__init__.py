@@ -13,7 +13,9 @@ Where a request goes (read in this order):
     olb/routing.py    the placement rules: state in, a decision out (docs/scheduling.md)
     olb/fairqueue.py  the queue's fair order across clients and priorities
     olb/pool.py       keep-alive backend connections
+    olb/client.py     the control-plane HTTP client (olb asking a backend something)
     olb/models.py     what each backend has installed and loaded (model routing)
+    olb/manage.py     model management across the cluster (pull, create, delete, blobs, ...)
     olb/_core.pyx     compiled: the backend table (selection and in-flight counts)
     olb/_http.pyx     compiled: request-head fast path, response body-end scanner
     olb/gpu.py        NVML polling -> GPU loads pushed into the core

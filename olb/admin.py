@@ -18,12 +18,23 @@ import orjson
 
 from . import __version__
 from .http import error_response, simple_response
+from .manage import lacking
+from .models import normalize
 
 
 def status(ctx) -> dict:
     balancer = ctx.balancer
     gpu = ctx.gpu
     doc = balancer.status()
+    models = balancer.models
+    if models is not None:
+        # Nothing is copied to a backend that joins later or comes back:
+        # this shows what it lacks (docs/management.md).
+        names = [{normalize(e.get("name") or e.get("model") or "") for e in models.tags[i]}
+                 if models.known[i] else None for i in range(models.n)]
+        doc["lacking"] = lacking(names, [b.url for b in balancer.backends])
+    else:
+        doc["lacking"] = None
     doc.update({
         "version": __version__,
         "pid": os.getpid(),

@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     exporter.poll_once()  # the first scrape finds data
     exporter.start()
-    bound_host, bound_port = server.server_address[:2]
+    bound_host, bound_port = server.socket.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"olb-agent serving {exporter.count} GPU(s) on http://{shown}:{bound_port}/metrics "
           f"every {interval:g} s", flush=True)

@@ -1,7 +1,8 @@
 """Configuration: OLB_* environment variables, with command-line flags that mirror them.
 
 One table (`SETTINGS`) is the single source of truth: it drives the
-environment parser, the argparse flags and the README's table. A flag wins
+environment parser, the argparse flags, the defaults of `Config` and the
+README's table (`python -m olb.config README.md` regenerates it). A flag wins
 over its variable, a variable over the default. Any bad value raises
 ConfigError naming the variable and what it expected; `olb-fast` turns that
 into exit status 2.
@@ -27,7 +28,7 @@ import argparse
 import dataclasses
 import logging
 import re
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -55,36 +56,6 @@ class BackendSpec:
         # non-local Host, so a request must carry the backend's own address.
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 11434
-    backends: tuple[BackendSpec, ...] = ()
-    max_inflight: int = 8
-    connect_timeout: float = 3.0
-    first_byte_timeout: float = 300.0
-    idle_timeout: float = 300.0
-    keepalive_timeout: float = 75.0
-    max_body: int = 64 * 1024 * 1024
-    queue_size: int = 1024
-    queue_timeout: float = 30.0
-    retries: int = 2
-    eject_after: int = 3
-    workers: int = 1
-    health_interval: float = 5.0
-    gpu_poll: float = 1.0
-    models_interval: float = 10.0
-    spread_queue: int = 4
-    policy: str = "llm"
-    client_header: str = ""
-    client_queue: int = 0
-    priority_header: str = "x-priority"
-    session_header: str = "x-session-id"
-    session_bound: float = 1.25
-    log_level: str = "info"
-    demo: int = 0
 
 
 # --- value parsers: each takes the raw string and returns the value or raises
@@ -184,6 +155,17 @@ def _policy(raw: str) -> str:
     return value
 
 
+#: OLB_PULL's values: which healthy backends /api/pull goes to (docs/management.md).
+PULL_TARGETS = ("all", "room")
+
+
+def _pull(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in PULL_TARGETS:
+        raise ValueError(f"one of {', '.join(PULL_TARGETS)}, got {raw!r}")
+    return value
+
+
 def _raw(raw: str) -> str:
     return raw
 
@@ -245,8 +227,8 @@ SETTINGS: tuple[Setting, ...] = (
             "else) or `round-robin` (each healthy backend with room in turn)."),
     Setting("OLB_SPREAD_QUEUE", "spread_queue", "4", _int_at_least(1),
             "Requests waiting for a model (in olb's queue, or behind a load olb started) beyond which "
-            "another backend loads it (hot models spread, cold ones stay on one GPU), if one can without "
-            "unloading a model in use."),
+            "another backend loads it (hot models spread, cold ones stay on one GPU): one with room for it, "
+            "else one where no model in use or in demand would be unloaded."),
     Setting("OLB_CLIENT_HEADER", "client_header", "", lambda raw: raw.strip().lower(),
             "Request header that names the client for fair queuing; unset: the API key "
             "(Authorization: Bearer), else the client's address."),
@@ -261,11 +243,56 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_SESSION_BOUND", "session_bound", "1.25", _bound,
             "Keep a conversation on the backend holding its prompt cache while that backend's load is "
             "within this factor of the average (consistent hashing with bounded loads); 0 = off."),
+    Setting("OLB_PULL", "pull", "all", _pull,
+            "Where /api/pull goes: `all` healthy backends, or only those with `room` (whose known GPU "
+            "memory can hold the model, when its size is known from a backend that has it)."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),
             "Start this many simulated Ollama instances and balance over them (`--demo` = 3)."),
 )
+
+
+def _default(field: str) -> Any:
+    """The parsed default of the setting for `field`: Config's defaults come from SETTINGS."""
+    for s in SETTINGS:
+        if s.field == field:
+            return s.parse(s.default)
+    raise KeyError(field)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting, parsed. The defaults are SETTINGS' (one source), so a
+    Config() built by a test runs on the defaults a user gets."""
+
+    listen_host: str = _default("listen")[0]
+    listen_port: int = _default("listen")[1]
+    backends: tuple[BackendSpec, ...] = ()  # OLB_BACKENDS has no default
+    max_inflight: int = _default("max_inflight")
+    connect_timeout: float = _default("connect_timeout")
+    first_byte_timeout: float = _default("first_byte_timeout")
+    idle_timeout: float = _default("idle_timeout")
+    keepalive_timeout: float = _default("keepalive_timeout")
+    max_body: int = _default("max_body")
+    queue_size: int = _default("queue_size")
+    queue_timeout: float = _default("queue_timeout")
+    retries: int = _default("retries")
+    eject_after: int = _default("eject_after")
+    workers: int = _default("workers")
+    health_interval: float = _default("health_interval")
+    gpu_poll: float = _default("gpu_poll")
+    models_interval: float = _default("models_interval")
+    spread_queue: int = _default("spread_queue")
+    policy: str = _default("policy")
+    client_header: str = _default("client_header")
+    client_queue: int = _default("client_queue")
+    priority_header: str = _default("priority_header")
+    session_header: str = _default("session_header")
+    session_bound: float = _default("session_bound")
+    log_level: str = _default("log_level")
+    demo: int = _default("demo")
+    pull: str = _default("pull")
 
 
 def parse_backends(raw: str, default_max: int, var: str = "OLB_BACKENDS") -> tuple[BackendSpec, ...]:
@@ -412,3 +439,46 @@ def settings_markdown() -> str:
         default = f"`{s.default}`" if s.default else "none"
         rows.append(f"| `{s.env}` | `{flag}` | {default} | {s.help} |")
     return "\n".join(rows)
+
+
+#: The README's settings table is what lies between these two lines.
+TABLE_BEGIN = "<!-- settings:begin (generated: python -m olb.config README.md) -->"
+TABLE_END = "<!-- settings:end -->"
+
+
+def _table_span(text: str) -> tuple[int, int]:
+    begin = text.find(TABLE_BEGIN)
+    end = text.find(TABLE_END)
+    if begin < 0 or end < begin or text.count(TABLE_BEGIN) != 1 or text.count(TABLE_END) != 1:
+        raise ValueError(f"expected one {TABLE_BEGIN} line, then one {TABLE_END} line")
+    return begin + len(TABLE_BEGIN), end
+
+
+def readme_table(text: str) -> str:
+    """The settings table in a README's text (between TABLE_BEGIN and TABLE_END).
+
+    Raises:
+        ValueError: the markers are missing, repeated or out of order.
+    """
+    start, end = _table_span(text)
+    return text[start:end].strip("\n")
+
+
+def with_table(text: str) -> str:
+    """A README's text with its settings table regenerated from SETTINGS."""
+    start, end = _table_span(text)
+    return f"{text[:start]}\n\n{settings_markdown()}\n\n{text[end:]}"
+
+
+if __name__ == "__main__":
+    # `python -m olb.config` prints the table; `python -m olb.config README.md`
+    # rewrites it in that file.
+    import sys
+
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], encoding="utf-8") as f:
+            readme = f.read()
+        with open(sys.argv[1], "w", encoding="utf-8") as f:
+            f.write(with_table(readme))
+    else:
+        print(settings_markdown())

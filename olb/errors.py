@@ -43,10 +43,6 @@ class NotFound(OlbError):
     status_hint = 404
 
 
-class MethodNotAllowed(OlbError):
-    status_hint = 405
-
-
 class NoBackendAvailable(OlbError):
     """Every backend is at capacity and the queue is full or the wait ran out."""
 

@@ -53,7 +53,8 @@ class FairQueue:
         self.per_client = per_client
         # One ordered dict of client -> deque per class; the dict's order is
         # the round-robin order (a served client moves to the end).
-        self._lines = (collections.OrderedDict(), collections.OrderedDict())
+        self._lines: tuple[collections.OrderedDict, collections.OrderedDict] = (
+            collections.OrderedDict(), collections.OrderedDict())
         self._count = 0
         self._per_client: collections.Counter = collections.Counter()
         self._turn = 0

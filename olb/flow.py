@@ -33,6 +33,9 @@ PEER_SLOW = 1
 #: A pipelined request is buffered; reading resumes when the response in
 #: progress is done (h11 answers PAUSED until then).
 PIPELINE = 2
+#: A streamed request body (a blob upload) waits for its slowest consumer:
+#: one of the backends it goes to has not taken what was read (manage.Fanout).
+BODY = 4
 
 #: Write-buffer high-water mark for client and backend transports, KiB. Small
 #: on purpose: an open stream should cost tens of KiB, not megabytes; the

@@ -17,7 +17,10 @@ real clients' heads and on random mutations of them.
 
 The body is read whole before a backend is chosen: Ollama request bodies are
 small JSON (megabytes with images), and a complete body is what lets us retry
-on another backend before the first response byte.
+on another backend before the first response byte. The one exception is
+`POST /api/blobs/sha256:...` (a model file, gigabytes): its request is handed
+out as soon as its head is read, and the exchange pulls the body piece by
+piece with `next_body()` (see olb/manage.py), with no OLB_MAX_BODY limit.
 
 Response side: olb is not the origin of proxied responses; it forwards the
 backend's bytes unchanged, so it never calls h11 to frame them (h11's Data
@@ -78,8 +81,13 @@ _REASONS = {
     408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
-    200: b"OK",
+    200: b"OK", 201: b"Created", 411: b"Length Required",
 }
+
+#: POST to these paths streams its body (RequestReader.next_body): blob uploads.
+STREAMED_BODY_PREFIX = b"/api/blobs/"
+#: RequestReader.next_body(): the streamed body is complete.
+END = h11.EndOfMessage()
 
 
 def _items(headers) -> list[tuple[bytes, bytes]]:
@@ -107,10 +115,11 @@ def _connection_tokens(headers) -> set[bytes]:
 class ProxyRequest:
     """A complete client request, as read by RequestReader."""
 
-    __slots__ = ("method", "target", "http_version", "headers", "body", "keep_alive", "has_body_framing")
+    __slots__ = ("method", "target", "http_version", "headers", "body", "keep_alive", "has_body_framing",
+                 "streamed")
 
     def __init__(self, method: bytes, target: bytes, http_version: bytes, headers: list,
-                 body: bytes, keep_alive: bool, has_body_framing: bool):
+                 body: bytes, keep_alive: bool, has_body_framing: bool, streamed: bool = False):
         self.method = method
         self.target = target
         self.http_version = http_version
@@ -118,6 +127,8 @@ class ProxyRequest:
         self.body = body
         self.keep_alive = keep_alive
         self.has_body_framing = has_body_framing
+        #: The body is not in `body`: read it with RequestReader.next_body().
+        self.streamed = streamed
 
     @property
     def path(self) -> bytes:
@@ -149,11 +160,14 @@ class RequestReader:
                  then hands what h11 holds back to FAST.
 
     In both, a request is handed out only once its body is complete, and the
-    next one (pipelined) only after finish_response: PAUSED in between.
+    next one (pipelined) only after finish_response: PAUSED in between. A
+    blob upload (POST under STREAMED_BODY_PREFIX) always goes to H11 and is
+    handed out at its head, `streamed` set; its body then comes from
+    `next_body()`, and `streaming` is true until the body has ended.
     """
 
     __slots__ = ("_conn", "_max_body", "_max_head", "_head", "_headers", "_chunks", "_size", "_output",
-                 "_buf", "_scanned", "_eof", "_busy")
+                 "_buf", "_scanned", "_eof", "_busy", "streaming")
 
     def __init__(self, max_body: int, max_head: int = MAX_HEAD):
         self._conn: h11.Connection | None = None  # None: FAST mode
@@ -168,6 +182,7 @@ class RequestReader:
         self._scanned = 0   # FAST: how far the search for the head's end got
         self._eof = False   # FAST: the client closed its sending side
         self._busy = False  # FAST: a request was handed out, its response is pending
+        self.streaming = False  # H11: a streamed body is being handed out by next_body()
 
     def receive(self, data: bytes) -> None:
         conn = self._conn
@@ -199,7 +214,7 @@ class RequestReader:
             PayloadTooLarge: the body is over the limit (announced or counted).
         """
         if self._conn is not None:
-            return self._next_h11()
+            return PAUSED if self.streaming else self._next_h11()
         if self._busy:
             return PAUSED
         buf = self._buf
@@ -214,6 +229,8 @@ class RequestReader:
         if parsed is False:
             return self._to_h11()
         method, target, version, headers, head_len, length, keep_alive = parsed
+        if method == b"POST" and target.startswith(STREAMED_BODY_PREFIX):
+            return self._to_h11()
         if length > self._max_body:
             raise PayloadTooLarge(self._too_large())
         end = head_len + (length if length > 0 else 0)
@@ -260,12 +277,19 @@ class RequestReader:
                 self._chunks = []
                 self._size = 0
                 length = _content_length(headers)
-                if length is not None and length > self._max_body:
+                streamed = event.method == b"POST" and event.target.startswith(STREAMED_BODY_PREFIX)
+                if length is not None and length > self._max_body and not streamed:
                     raise PayloadTooLarge(self._too_large())
                 if conn.client_is_waiting_for_100_continue:
                     # curl sends Expect: 100-continue for bodies over 1 MiB and waits
                     # for this before sending the body (RFC 9110 §10.1.1).
                     self._output += conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                if streamed:
+                    self.streaming = True
+                    keep_alive = event.http_version == b"1.1" and b"close" not in _connection_tokens(headers)
+                    framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
+                    return ProxyRequest(event.method, event.target, event.http_version, headers,
+                                        b"", keep_alive, framing, streamed=True)
             elif cls is h11.EndOfMessage:
                 head = self._head
                 chunks = self._chunks
@@ -281,6 +305,36 @@ class RequestReader:
             elif cls is h11.ConnectionClosed:
                 return CLOSED
             # h11 yields nothing else to a server.
+
+    def next_body(self):
+        """The next piece of a streamed request body (see `streaming`).
+
+        Returns:
+            bytes (a piece, never empty), END (the body is complete), or
+            NEED_DATA (feed more with `receive`).
+
+        Raises:
+            BadRequest: malformed framing, or the client closed mid-body.
+        """
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.streaming = False
+                raise BadRequest(str(exc) or "malformed request body", exc.error_status_hint) from None
+            cls = type(event)
+            if cls is h11.Data:
+                if event.data:
+                    return bytes(event.data)
+            elif cls is h11.EndOfMessage:
+                self.streaming = False
+                return END
+            elif event is h11.NEED_DATA:
+                return NEED_DATA
+            else:  # ConnectionClosed mid-body; h11 raises for that, this is belt and braces
+                self.streaming = False
+                raise BadRequest("the client closed the connection before the body ended")
 
     def _too_large(self) -> str:
         return f"request body is larger than the limit of {self._max_body} bytes (OLB_MAX_BODY)"

@@ -35,7 +35,6 @@ import collections
 import hashlib
 import logging
 import re
-import time
 import urllib.parse
 from typing import NamedTuple
 
@@ -520,8 +519,6 @@ class ModelDirectory:
         self.ps: list[list[dict]] = [[] for _ in range(self.n)]
         #: The models of each backend's last /api/ps; None until one was read.
         self.ps_names: list[set[str] | None] = [None] * self.n
-        self.polled_at: list[float | None] = [None] * self.n
-        self._unknown = bytearray(b"\x01" * self.n)
         #: Requests in flight per model and backend (this worker's), for the
         #: spread rule: a model with requests running on a backend is busy there.
         self.inflight: dict[str, list[int]] = {}
@@ -990,7 +987,6 @@ class ModelDirectory:
             self._set_column(self.loaded, self.loaded_mask, names, index)
             self._learn_room(index, ps)
             self._learn_runners(index, ps, names)
-        self.polled_at[index] = time.time()
 
     def _learn_room(self, index: int, ps: list[dict]) -> None:
         # See fits(): the room a backend has shown, and each model's footprint.

@@ -60,6 +60,7 @@ from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
 from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_body, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
+from .manage import ManageExchange, classify
 from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
                      openai_model_id, parse_request, streams, takes_slot)
 
@@ -126,6 +127,8 @@ class ClientSideProtocol(asyncio.Protocol):
         if self.exchange is None:
             self._last_active = self.ctx.loop.time()
             self._process()
+        elif self.reader.streaming:
+            self.exchange.body_received()  # a blob upload's body (manage.ManageExchange)
         else:
             # A pipelined request arrived while a response is in progress. h11
             # keeps it (it answers PAUSED until the cycle ends); stop reading so
@@ -199,6 +202,9 @@ class ClientSideProtocol(asyncio.Protocol):
                 if (req.method == b"GET" and self.ctx.balancer.models is not None
                         and (path in MERGED_PATHS or openai_model_id(path) is not None)):
                     self.exchange = ex = MergedExchange(self, req)
+                elif (op := classify(req.method, path, req.body)) is not None:
+                    # Model management: every backend it concerns, never an inference slot.
+                    self.exchange = ex = ManageExchange(self, req, op)
                 else:
                     self.exchange = ex = Exchange(self, req, takes_slot(req.method, path))
                 ex.start()

@@ -180,7 +180,7 @@ class Gpu:
         self.prefilling: list = []
         self._pf_at = 0.0                 # when pf_left was last settled
         self._busy_since = None           # start of the current busy period
-        self._busy = deque()              # finished busy periods (start, end)
+        self._busy: deque[tuple[float, float]] = deque()  # finished busy periods (start, end)
 
     # --- memory --------------------------------------------------------------
 
@@ -305,7 +305,7 @@ def dcgm_text(gpu: Gpu, uuid: str, hostname: str, index: int = 0) -> bytes:
               f'device="nvidia{index}",modelName="{_label(gpu.profile.model_name)}",'
               f'Hostname="{_label(hostname)}"')
     out = []
-    for (name, help_text), value in zip(_DCGM_FIELDS, values):
+    for (name, help_text), value in zip(_DCGM_FIELDS, values, strict=True):
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n{name}{{{labels}}} {value}\n")
     return "".join(out).encode()
 

@@ -17,6 +17,25 @@ from olb.server import start_proxy
 from olb.sim import SimConfig, start_sim
 
 
+def run(loop, coro, timeout: float = 30):
+    """Drive `coro` to its end on the test's loop, bounded in time."""
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+async def until(cond, timeout: float = 5.0, interval: float = 0.002) -> None:
+    """Wait until `cond()` is true, looking every `interval` seconds; fail after `timeout`.
+
+    For what no event announces (a counter, a queue length): a bounded poll,
+    never a sleep for a guessed time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() >= deadline:
+            raise AssertionError(f"condition not reached within {timeout}s: {cond}")
+        await asyncio.sleep(interval)
+
+
 def proxy_config(urls, **overrides) -> config_mod.Config:
     """A Config for tests: port 0, no background probes unless asked."""
     backend_opts = overrides.pop("backend_opts", None)

@@ -79,6 +79,7 @@ def stop(proc):
 @pytest.mark.parametrize("env,needle", [
     ({"OLB_BACKENDS": "http://127.0.0.1:1;max=zero"}, "OLB_BACKENDS"),
     ({"OLB_BACKENDS": "http://127.0.0.1:1", "OLB_QUEUE_TIMEOUT": "soon"}, "OLB_QUEUE_TIMEOUT"),
+    ({"OLB_BACKENDS": "http://127.0.0.1:1", "OLB_PULL": "everywhere"}, "OLB_PULL"),
     ({}, "--demo"),
 ])
 def test_bad_configuration_exits_2(env, needle):

@@ -1,5 +1,8 @@
 """olb.config: every variable parsed, every bad value named."""
 
+import dataclasses
+import pathlib
+
 import pytest
 
 from olb import config
@@ -48,6 +51,7 @@ def test_sizes_and_durations():
     ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "random"},
      "OLB_POLICY: expected one of llm, least-inflight, round-robin, got 'random'"),
     ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "round_robin"}, "OLB_POLICY"),
+    ({"OLB_BACKENDS": "a:1", "OLB_PULL": "some"}, "OLB_PULL: expected one of all, room, got 'some'"),
     ({}, "olb-fast --demo"),
 ])
 def test_bad_values_name_the_variable(env, needle):
@@ -76,7 +80,61 @@ def test_demo_needs_no_backends():
     assert load(OLB_DEMO="2").demo == 2
 
 
-def test_readme_table_lists_every_variable():
-    table = config.settings_markdown()
+def test_config_defaults_are_the_settings_defaults():
+    """Config() is what a user gets with no variable set: tests that build it
+    directly run on the real defaults."""
+    defaults = config.Config()
+    loaded = load(OLB_BACKENDS="a:1")
+    assert dataclasses.replace(loaded, backends=()) == defaults
+    fields = {f.name for f in dataclasses.fields(config.Config)}
+    settings = {s.field for s in config.SETTINGS}
+    assert fields - settings == {"listen_host", "listen_port"}
+    assert settings - fields == {"listen"}
     for s in config.SETTINGS:
-        assert f"`{s.env}`" in table
+        if s.field not in ("listen", "backends"):
+            assert getattr(defaults, s.field) == s.parse(s.default), s.env
+
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_table_is_the_generated_one():
+    table = config.readme_table(README.read_text(encoding="utf-8"))
+    assert table == config.settings_markdown(), (
+        "README.md's settings table differs from SETTINGS: run `python -m olb.config README.md`")
+
+
+B, E = config.TABLE_BEGIN, config.TABLE_END
+
+
+@pytest.mark.parametrize("text,table", [
+    (f"intro\n{B}\n\n| a |\n\n{E}\nrest", "| a |"),
+    (f"{B}\n| a |\n| b |\n{E}", "| a |\n| b |"),
+    (f"{B}{E}", ""),
+])
+def test_readme_table_is_what_lies_between_the_markers(text, table):
+    assert config.readme_table(text) == table
+    rewritten = config.with_table(text)
+    assert config.readme_table(rewritten) == config.settings_markdown()
+    # What lies outside the markers is kept.
+    assert rewritten.split(B)[0] == text.split(B)[0] and rewritten.split(E)[1] == text.split(E)[1]
+
+
+@pytest.mark.parametrize("text", [
+    "no markers",
+    f"{B} only the first",
+    f"only the last {E}",
+    f"{E} reversed {B}",
+    f"{B} {B} twice {E}",
+])
+def test_readme_table_needs_one_pair_of_markers(text):
+    with pytest.raises(ValueError, match="settings:begin"):
+        config.readme_table(text)
+    with pytest.raises(ValueError):
+        config.with_table(text)
+
+
+def test_pull_targets():
+    assert load(OLB_BACKENDS="a:1").pull == "all"
+    assert load(OLB_BACKENDS="a:1", OLB_PULL=" Room ").pull == "room"
+    assert config.load(["--backends", "a:1", "--pull", "all"], {"OLB_PULL": "room"}).pull == "all"

@@ -232,3 +232,62 @@ def test_stream_error_tail_is_valid_chunked(ctype, prefix):
     data = conn.next_event().data
     assert data.startswith(prefix) and b"backend died" in data and data.endswith(b"\n")
     assert isinstance(conn.next_event(), h11.EndOfMessage)
+
+
+BLOB = (b"POST /api/blobs/sha256:abc HTTP/1.1\r\nHost: olb\r\nContent-Length: 2000\r\n\r\n" + b"z" * 2000
+        + b"GET /api/tags HTTP/1.1\r\nHost: olb\r\n\r\n")
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytes", "halves"])
+def test_blob_upload_body_is_streamed_past_max_body(mode):
+    from olb.http import END
+    reader = RequestReader(max_body=100)
+    data = BLOB
+    pieces = ([data] if mode == "whole" else [data[i:i + 1] for i in range(len(data))] if mode == "bytes"
+              else [data[:len(data) // 2], data[len(data) // 2:]])
+    req, body, ended, after = None, [], False, []
+    for piece in pieces:
+        reader.receive(piece)
+        if req is None:
+            r = reader.next_request()
+            if r is NEED_DATA:
+                continue
+            req = r
+            assert req.streamed and req.body == b"" and reader.streaming
+            assert reader.next_request() is PAUSED  # nothing else is parsed while the body streams
+        while not ended:
+            got = reader.next_body()
+            if got is NEED_DATA:
+                break
+            if got is END:
+                ended = True
+                assert not reader.streaming
+                assert reader.finish_response(201, False)
+                break
+            body.append(got)
+        if ended:
+            r = reader.next_request()
+            if type(r) is ProxyRequest:
+                after.append(r)
+    assert req.target == b"/api/blobs/sha256:abc"
+    assert b"".join(body) == b"z" * 2000
+    assert [r.target for r in after] == [b"/api/tags"]
+
+
+def test_blob_upload_answered_early_closes():
+    reader = RequestReader(max_body=100)
+    reader.receive(BLOB[:200])
+    req = reader.next_request()
+    assert req.streamed
+    assert reader.finish_response(200, False) is False  # the rest of the body was never read
+
+
+def test_blob_upload_cut_short_is_bad_request():
+    reader = RequestReader(max_body=100)
+    reader.receive(BLOB[:200])
+    reader.next_request()
+    while reader.next_body() is not NEED_DATA:
+        pass
+    reader.receive(b"")
+    with pytest.raises(BadRequest):
+        reader.next_body()
