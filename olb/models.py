@@ -661,7 +661,8 @@ class ModelDirectory:
         when none is idle. Models whose own load olb started there and that
         have not answered yet are still loading, not resident.
         """
-        idle, busy = set(), set()
+        idle: set[str] = set()
+        busy: set[str] = set()
         for other, loaded in self.loaded.items():
             if other == model or not loaded[index] or (other, index) in self.placed:
                 continue
@@ -891,7 +892,7 @@ class ModelDirectory:
         disk times the largest footprint-to-disk ratio of any model seen
         loaded (weights plus the KV cache and graph Ollama adds, as this
         cluster runs them); None when neither is known."""
-        need = self.footprint.get(model)
+        need: float | None = self.footprint.get(model)
         if need is None and self.overhead:
             disk = self.disk_size.get(model)
             if disk:
