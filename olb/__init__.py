@@ -1,6 +1,7 @@
 """olb: a load balancer for Ollama and other LLM inference servers.
 
-Where a request goes (read in this order):
+Where a request goes (read in this order; the design is in docs/:
+scheduling.md, management.md, operations.md):
 
     olb/__main__.py   the `olb-fast` command: configuration, workers
     olb/config.py     OLB_* variables and flags -> Config
@@ -18,6 +19,7 @@ Where a request goes (read in this order):
     olb/manage.py     model management across the cluster (pull, create, delete, blobs, ...)
     olb/_core.pyx     compiled: the backend table (selection and in-flight counts)
     olb/_http.pyx     compiled: request-head fast path, response body-end scanner
+    olb/_relay.pyx    compiled: the per-chunk path of a response (base of BackendSideProtocol)
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
     olb/admin.py      /olb/status, /olb/health, /olb/drain

@@ -144,7 +144,7 @@ def _bound(raw: str) -> float:
     return value
 
 
-#: OLB_POLICY's values: what each routes by (see the README's "Scheduling").
+#: OLB_POLICY's values: what each routes by (docs/scheduling.md, "Plain policies").
 POLICIES = ("llm", "least-inflight", "round-robin")
 
 
@@ -185,19 +185,24 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_LISTEN", "listen", "127.0.0.1:11434", _listen,
-            "Address to listen on, HOST:PORT (Ollama's own default port)."),
+            "Address to listen on, HOST:PORT (Ollama's own default port). On a loopback address a "
+            "foreign `Host` gets 403, as from Ollama (docs/operations.md)."),
     Setting("OLB_BACKENDS", "backends", "", _raw,
             "Comma-separated backend URLs, each optionally followed by "
             ";max=N;weight=W;gpus=I+J;metrics=URL."),
     Setting("OLB_MAX_INFLIGHT", "max_inflight", "8", _int_at_least(1),
             "Default concurrent requests per backend (a backend's `max=` overrides it); "
-            "beyond it requests wait in olb's queue."),
+            "beyond it requests wait in olb's queue. Only requests that run a model count."),
     Setting("OLB_CONNECT_TIMEOUT", "connect_timeout", "3", _positive_float,
-            "Seconds to open a TCP connection to a backend before trying another."),
+            "Seconds to open a TCP connection to a backend before trying another; also bounds a "
+            "whole health probe."),
     Setting("OLB_FIRST_BYTE_TIMEOUT", "first_byte_timeout", "300", _positive_float,
-            "Seconds a backend may take before its first response byte (a 70B model load takes minutes)."),
+            "Seconds a backend may take before its first response byte (a 70B model load takes "
+            "minutes): a streamed request then gets 504; a non-streamed one waits on while its backend "
+            "answers a probe, checked every this many seconds. Never a failure strike by itself."),
     Setting("OLB_IDLE_TIMEOUT", "idle_timeout", "300", _positive_float,
-            "Seconds a backend may stay silent in the middle of a response."),
+            "Seconds a backend may stay silent in the middle of a response; then the stream ends "
+            "with Ollama's in-band error line and the backend is probed."),
     Setting("OLB_KEEPALIVE_TIMEOUT", "keepalive_timeout", "75", _positive_float,
             "Seconds an idle client connection is kept open."),
     Setting("OLB_MAX_BODY", "max_body", "64M", _size,
@@ -209,8 +214,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_RETRIES", "retries", "2", _int_at_least(0),
             "Extra attempts on other backends when one fails before its first response byte."),
     Setting("OLB_EJECT_AFTER", "eject_after", "3", _int_at_least(1),
-            "Failed requests in a row (timeouts, broken connections) after which a backend is taken "
-            "out until a probe finds it healthy; a refused connection takes it out at once."),
+            "Failed requests in a row (broken connections, malformed responses; a timeout ejects only "
+            "if the probe after it fails) after which a backend is taken out until a probe finds it "
+            "healthy; a refused connection takes it out at once."),
     Setting("OLB_WORKERS", "workers", "1", _int_at_least(1),
             "Worker processes sharing the port (SO_REUSEPORT) and the in-flight counts."),
     Setting("OLB_HEALTH_INTERVAL", "health_interval", "5", _non_negative_float,
