@@ -1,16 +1,16 @@
 """SimConfig: every knob of the simulated Ollama, with its default and why.
 
-Defaults follow Ollama: envconfig/config.go for the scheduler
-(OLLAMA_NUM_PARALLEL=1 since v0.9.7, OLLAMA_MAX_QUEUE=512, OLLAMA_KEEP_ALIVE=5m,
-KeepAlive) and llama.cpp's measured single-stream speed for decode (8B q4
-~130 tokens/s on a 4090/A100/H100-class card; gpu.py says where from).  The `olb-sim` command exposes each field as a
-flag (see olb/sim/__main__.py); its --parallel default is 4, not 1, because a
-demo cluster with one slot per instance is dull -- the Python default stays
-Ollama's.
+Defaults follow Ollama's envconfig/config.go for the scheduler
+(OLLAMA_NUM_PARALLEL=1 since v0.9.7, OLLAMA_MAX_QUEUE=512, OLLAMA_KEEP_ALIVE=5m
+in KeepAlive) and llama.cpp's measured single-stream speed for decode (8B q4
+~130 tokens/s on a 4090/A100/H100-class card; gpu.py says where from).  The
+`olb-sim` command exposes each field as a flag (see olb/sim/__main__.py);
+its --parallel default is 4, not 1, because a demo cluster with one slot per
+instance is dull -- the Python default stays Ollama's.
 
-Everything the GPU model added is opt-in: with `gpu` None and `time_scale` 1 an
-instance behaves exactly as before (instant loads, the slot-wait 503).  A
-GPU profile's figures: gpu.py's docstring names their sources.
+Everything the GPU model added is opt-in: with `gpu` None and `time_scale` 1
+an instance behaves exactly as before (instant loads, the slot-wait 503).
+gpu.py's docstring names the sources of a GPU profile's figures.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ DEFAULT_ERROR_MESSAGE = "an error was encountered while running the model: unexp
 class SimConfig:
     """Knobs of one simulated Ollama instance (immutable; use `replace`).
 
-    Timing model per inference request (llm/llama_server.go): wait for a slot (FIFO) ->
-    prefill for `ttft` (+ prompt tokens / `prompt_rate`) -> the first token ->
-    one token every 1/`token_rate` s -> the final `done` object right after the
-    last token.
+    Timing model per inference request: wait for a slot (FIFO: the semaphore
+    llm/llama_server.go's Completion acquires) -> prefill for `ttft` (+ prompt
+    tokens / `prompt_rate`) -> the first token -> one token every
+    1/`token_rate` s -> the final `done` object right after the last token.
     """
 
     # Catalogue: names of installed models (see catalogue.KNOWN_MODELS) or
@@ -68,7 +68,8 @@ class SimConfig:
     prompt_rate: float = 0.0
     # Per-request slowdown alpha with n requests decoding on one model:
     # rate(n) = token_rate / (1 + alpha * (n - 1)) (~0.15 for real llama.cpp
-    # builds, fitted to llama.cpp PR #16894's batched-bench figures).  0 = every slot decodes at the full rate.
+    # builds, fitted to llama.cpp PR #16894's batched-bench figures).
+    # 0 = every slot decodes at the full rate.
     parallel_slowdown: float = 0.0
     # Tokens generated when a request sets no options.num_predict/max_tokens;
     # the stream then ends with done_reason "stop".  With a limit it ends

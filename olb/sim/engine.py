@@ -49,9 +49,9 @@ behind it) waits for some other unload.  That stall is Ollama's, on purpose.
   it is not checked again while the scheduler evicts for it; a client that
   leaves during its load aborts the load (llama-server's WaitUntilRunning
   returns on ctx.Done: no runner, the scheduler moves on).
-* Victims (sched.go findRunnerToUnload, ByDurationAndName): loaded runners sorted by keep-alive
-  (forever last), then model blob path; the first idle one, else the first,
-  waited for.
+* Victims (sched.go findRunnerToUnload, ByDurationAndName): loaded runners
+  sorted by keep-alive (forever last), then model blob path; the first idle
+  one, else the first, waited for.
 * needs_reload (sched.go needsReload): the request's runner options
   (RunnerOptions: num_ctx capped at the training context, num_batch,
   num_gpu unless -1, main_gpu, use_mmap, num_thread) differ from the
@@ -59,8 +59,9 @@ behind it) waits for some other unload.  That stall is Ollama's, on purpose.
   scheduler expires the runner and reloads the model once its requests end.
 * Keep-alive: a runner whose last request ends gets a timer (`keep_alive`;
   0 = unload at once).  A request's keep_alive replaces the runner's; a new
-  load without one uses SimConfig.keep_alive (sched.go useLoadedRunner, load).  `expires_at` is
-  the wall time of that timer, or now + keep_alive while loading.
+  load without one uses SimConfig.keep_alive (sched.go useLoadedRunner,
+  load).  `expires_at` is the wall time of that timer, or now + keep_alive
+  while loading.
 * Unloads hold their VRAM for `unload_s` (recovery); an unload that ends
   while the scheduler waits for one wakes it, like Ollama's unloadedCh.
 
