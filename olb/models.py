@@ -62,7 +62,8 @@ _DEFAULT_NAMESPACE = "library"
 
 #: Requests whose body olb reads for a `model` field, with the text Ollama
 #: answers when the model is missing (server/routes.go: GenerateHandler and ChatHandler say
-#: 'NAME', the scheduler-backed embed endpoints say "NAME"... try pulling, handleScheduleError).
+#: 'NAME', the scheduler-backed embed endpoints say "NAME"... try pulling, handleScheduleError;
+#: at fb30760 EmbedHandler says 'NAME' first when getExistingName finds no model).
 MODEL_ENDPOINTS: dict[bytes, str] = {
     b"/api/generate": "model '{name}' not found",
     b"/api/chat": "model '{name}' not found",
