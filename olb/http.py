@@ -22,6 +22,14 @@ on another backend before the first response byte. The one exception is
 out as soon as its head is read, and the exchange pulls the body piece by
 piece with `next_body()` (see olb/manage.py), with no OLB_MAX_BODY limit.
 
+Limits (docs/operations.md, "Slow and hostile clients"): a head is measured
+here before h11 gets it, so the 16 KiB limit is the same however the head
+arrives (h11 checks only an incomplete one); CONNECT, PRI and targets that
+are not origin-form are refused, an absolute-form target rewritten; a
+folded framing field is refused, and Content-Length with Transfer-Encoding
+ends the connection after its response. `waiting` tells the IO shell what a
+partial request waits for, so that it can time it (olb/slowclient.py).
+
 Response side: olb is not the origin of proxied responses; it forwards the
 backend's bytes unchanged, so it never calls h11 to frame them (h11's Data
 payloads are copies, and re-framing would cost CPU per streamed token). When
