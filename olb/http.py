@@ -342,6 +342,7 @@ class RequestReader:
                 if streamed:
                     self.streaming = True
                     self.waiting = IDLE
+                    self.body_bytes = 0
                     keep_alive = (event.http_version == b"1.1" and not self._close
                                   and b"close" not in _connection_tokens(headers))
                     framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
@@ -390,6 +391,7 @@ class RequestReader:
             cls = type(event)
             if cls is h11.Data:
                 if event.data:
+                    self.body_bytes += len(event.data)
                     return bytes(event.data)
             elif cls is h11.EndOfMessage:
                 self.streaming = False

@@ -55,9 +55,10 @@ from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, 
                      NotFound, OlbError, TooManyRequests)
 from .fairqueue import OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
+from .flow import BODY as BODY_HELD
 from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
 from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
-from .http import (CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
+from .http import (BODY, CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_body, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
 from .manage import ManageExchange, classify
@@ -135,6 +136,8 @@ class ClientSideProtocol(asyncio.Protocol):
             self._process()
             if self.exchange is None and self.reader.waiting and not self._closed:
                 self._partial(now)
+            elif self.reader.streaming and not self._closed:
+                self._time_streamed_body(now)
         elif self.reader.streaming:
             self.exchange.body_received()  # a blob upload's body (manage.ManageExchange)
         else:
@@ -254,6 +257,19 @@ class ClientSideProtocol(asyncio.Protocol):
         if self.exchange is None and self.reader.waiting and not self._closed:
             self._partial(now)
 
+    def _time_streamed_body(self, now: float) -> None:
+        """A streamed body (a blob upload) began: time it by the body rule (slowclient.py)."""
+        cfg = self.ctx.config
+        self.clock.restart_body(now, 0)
+        self._rearm(self.clock.deadline(BODY, 0, now, cfg.header_timeout, cfg.body_timeout, cfg.body_min_rate))
+
+    def _rearm(self, deadline: float) -> None:
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.ctx.loop.call_at(deadline, self._on_timer)
+
     def _partial(self, now: float) -> None:
         """A request is partly read: refuse it over the body budget, else time it (slowclient.py)."""
         if self.ctx.bodies.over:
@@ -261,15 +277,10 @@ class ClientSideProtocol(asyncio.Protocol):
                                        "held (OLB_MAX_BODY_HELD)", closing=True, retry_after=1), 0, True)
             return
         cfg = self.ctx.config
-        deadline = self.clock.deadline(self.reader.waiting, self.reader.body_bytes, now, cfg.header_timeout,
-                                       cfg.body_timeout, cfg.body_min_rate)
-        if deadline < self._timer_at:
-            # Only a request that spans reads gets here, and the keep-alive
-            # timer is re-armed at most once for it.
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.ctx.loop.call_at(deadline, self._on_timer)
+        # Only a request that spans reads gets here, and the keep-alive
+        # timer is re-armed at most once for it.
+        self._rearm(self.clock.deadline(self.reader.waiting, self.reader.body_bytes, now, cfg.header_timeout,
+                                        cfg.body_timeout, cfg.body_min_rate))
 
     def abort(self) -> None:
         """End the connection without a clean response end (mid-body failure)."""
@@ -291,9 +302,9 @@ class ClientSideProtocol(asyncio.Protocol):
                                                cfg.body_timeout, cfg.body_min_rate)
                 if now >= deadline:
                     self._timer = None
-                    what = "head" if reader.waiting == HEAD else "body"
-                    self._reply(error_response(b"/", 408, f"the request {what} was not received in time "
-                                               f"(OLB_{what.upper()}_TIMEOUT)", closing=True), 0, True)
+                    what = ("head", "HEADER") if reader.waiting == HEAD else ("body", "BODY")
+                    self._reply(error_response(b"/", 408, f"the request {what[0]} was not received in time "
+                                               f"(OLB_{what[1]}_TIMEOUT)", closing=True), 0, True)
                     return
                 timeout = deadline - now
             else:
@@ -304,6 +315,23 @@ class ClientSideProtocol(asyncio.Protocol):
                     self.transport.close()
                     return
                 timeout -= idle
+        elif self.reader.streaming:
+            reader = self.reader
+            if self.gate.reasons & BODY_HELD:
+                # olb holds the client back (a backend is behind): not its time.
+                self.clock.restart_body(now, reader.body_bytes)
+            deadline = self.clock.deadline(BODY, reader.body_bytes, now, cfg.header_timeout, cfg.body_timeout,
+                                           cfg.body_min_rate)
+            if now >= deadline:
+                self._timer = None
+                ex, self.exchange = self.exchange, None
+                ex.client_gone()
+                self._reply(error_response(ex.req.target, 408, "the request body was not received in "
+                                           "time (OLB_BODY_TIMEOUT)", closing=True), 0, True)
+                return
+            # Looked at every quarter of OLB_BODY_TIMEOUT, so that a pause by
+            # olb costs the client at most that much of its time.
+            timeout = min(timeout, deadline - now, cfg.body_timeout / 4)
         self._timer_at = now + timeout
         self._timer = self.ctx.loop.call_later(timeout, self._on_timer)
 

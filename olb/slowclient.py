@@ -23,6 +23,12 @@ hold a connection forever.
 Past either, the client gets 408 and the connection closes: no exchange
 exists yet, so a response can still be written.
 
+A streamed body (a blob upload, olb/manage.py) is timed by the BODY rule
+too, while its exchange runs: no response is written before its body has
+ended. Time during which olb itself holds the client back (flow.BODY: a
+backend is behind) is not the client's: the clock restarts after it
+(`restart_body`, looked at every quarter of OLB_BODY_TIMEOUT).
+
 Request bodies are held whole before a backend is chosen (the model field
 routes the request, and a complete body is what lets a request be retried on
 another backend), so each worker counts the bytes of the requests it holds,
@@ -59,12 +65,13 @@ class RequestClock:
     being read must be complete.
     """
 
-    __slots__ = ("budget", "began", "body_began", "held")
+    __slots__ = ("budget", "began", "body_began", "body_base", "held")
 
     def __init__(self, budget: BodyBudget):
         self.budget = budget
         self.began: float | None = None       # the request's first byte
         self.body_began: float | None = None  # the first read that found its head complete
+        self.body_base = 0                    # body bytes before body_began (restart_body)
         self.held = 0                         # bytes counted in budget for it
 
     def received(self, n: int, now: float) -> None:
@@ -80,6 +87,12 @@ class RequestClock:
         self.held = 0
         self.began = None
         self.body_began = None
+        self.body_base = 0
+
+    def restart_body(self, now: float, body_bytes: int) -> None:
+        """Time the body afresh from `now` (olb held the client back until then)."""
+        self.body_began = now
+        self.body_base = body_bytes
 
     def deadline(self, waiting: int, body_bytes: int, now: float, header_timeout: float,
                  body_timeout: float, min_rate: int) -> float:
@@ -100,5 +113,5 @@ class RequestClock:
         if waiting == BODY:
             if self.body_began is None:
                 self.body_began = now
-            return self.body_began + body_timeout + body_bytes / min_rate
+            return self.body_began + body_timeout + (body_bytes - self.body_base) / min_rate
         return float("inf")
