@@ -112,6 +112,34 @@ def test_dripped_body_gets_408(loop):
     run(loop, main(), timeout=60)
 
 
+def test_body_sent_above_the_minimum_rate_is_served_past_the_body_timeout(loop):
+    """Each 2 KiB earns two more seconds at OLB_BODY_MIN_RATE=1K, so a body that takes 1.5 s against
+    OLB_BODY_TIMEOUT=0.5 is read whole and served."""
+    body = b'{"model": "llama3.2", "stream": false, "prompt": "' + b"x" * (10 * 1024) + b'"}'
+    head = (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+
+    async def main():
+        cluster = await start_cluster(1, FAST, body_timeout=0.5, body_min_rate=1024)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+            writer.write(head)
+            step = -(-len(body) // 5)
+            started = time.monotonic()
+            for i in range(0, len(body), step):
+                writer.write(body[i:i + step])
+                await asyncio.sleep(0.3)  # the pace under test, not a wait for readiness
+            answer = await asyncio.wait_for(read_response(reader), 10)
+            took = time.monotonic() - started
+            writer.close()
+        finally:
+            await cluster.close()
+        assert took > 1.0  # longer than OLB_BODY_TIMEOUT alone allows
+        assert answer.status == 200 and answer.json()["done"]
+
+    run(loop, main(), timeout=60)
+
+
 def test_dripped_blob_upload_gets_408_and_ends_its_backend_uploads(loop):
     """A streamed body (POST /api/blobs/...) is timed by the same rule while its exchange runs."""
     data = bytes(range(256)) * 2
