@@ -38,7 +38,8 @@ Invariants: the backend index is acquired at admit and released exactly
 once (_release clears it; an exchange without a slot holds an index but
 nothing counted, and releases nothing); a client that goes away aborts the backend
 connection at once, because closing that socket is what makes Ollama stop
-generating; after the first response byte there is no retry.
+generating; after the first response byte there is no retry (a chat stream
+is continued on another backend instead: Exchange._resume, olb/resume.py).
 """
 
 from __future__ import annotations
