@@ -957,8 +957,6 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         out = ex.on_head(head, raw)
         if out is None:
             return
-        if self.keep is not None and rest:
-            self.keep_data(rest)
         if framing == NO_BODY or (framing == LENGTH and head.length == 0):
             self.forward(out)
             self._finish(rest, 0)
@@ -972,6 +970,8 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             self.forward(out)
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return
+        if self.keep is not None:
+            self.keep_data(rest)
         # The head and the first body bytes leave in one write: one syscall,
         # one segment (a small answer or a first token usually arrives whole,
         # with its head). When the head goes out unchanged, that is the read

@@ -15,11 +15,17 @@ part of the answer. It can be continued. Ollama renders a conversation that
 ends with an assistant message as that message still being written: in
 template.Execute (template/template.go) the legacy path cuts the template
 right after the last assistant message's `{{ .Response }}`, so the prompt
-ends inside the assistant turn, and the `.Messages` templates and renderers
-leave the last assistant turn open (ChatHandler, server/routes.go: "Determine
-last message for chat prefill").  Ollama itself continues a turn that way:
-ChatHandler appends an assistant message and re-renders with chatPrompt
-(server/prompt.go) to restart a generation for structured outputs.
+ends inside the assistant turn; the library's `.Messages` templates do the
+same with `$last` (qwen3's, as thinking/template_test.go quotes it:
+`{{ if not $last }}<|im_end|>`), and the Go renderers leave a trailing assistant message open for it
+(model/renderers/cohere.go: "Assistant prefill: leave the text open for
+continuation"), their parsers told by ChatHandler (server/routes.go:
+"Determine last message for chat prefill").  Ollama itself continues a turn
+that way: ChatHandler appends an assistant message and renders again with
+chatPrompt (server/prompt.go) to restart a generation for structured
+outputs.  A template that closes every turn (the fallback
+template/llama3-instruct.gotmpl) would have the model start a new turn
+instead: docs/operations.md names that limit.
 
 So olb sends the same request to another backend with one more message: the
 text the client has seen, as the assistant's.  The new backend generates
