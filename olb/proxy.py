@@ -702,10 +702,11 @@ class Exchange:
             return False  # no other backend to continue on: the error as it is
         self.allowed = bytearray(not x for x in excluded)
         if cont is None:
-            splice = None
-            if kind == resume.SSE and progress.id is not None and type(progress.created) is int:
-                splice = resume.SseSplice(progress.id, progress.created)
-            self.resumed = cont = Continuation(kind, self.req.body, splice, error.message)
+            self.resumed = cont = Continuation(kind, self.req.body, None, error.message)
+        if kind == resume.SSE and cont.splice is None and progress.id is not None and type(progress.created) is int:
+            # From the first event the client got on: a stream cut before
+            # any is forwarded as the continuation sends it.
+            cont.splice = resume.SseSplice(progress.id, progress.created)
         cont.budget = self.ctx.config.resume_max_bytes - sum(map(len, kept))
         self.kept = kept
         req = self.req

@@ -360,3 +360,58 @@ def test_a_client_that_leaves_while_its_stream_is_continued_frees_everything(loo
                 await b.close()
 
     assert run(loop, main())
+
+
+def test_an_sse_stream_cut_before_its_first_event_keeps_the_id_the_client_saw_first(loop):
+    """The first backend dies after its head: the continuation is the same
+    request, its events go out as they come (their id is the first the
+    client sees); when that one dies too, the third backend's events get
+    that id."""
+    calls = []
+
+    def event(id, **delta):
+        doc = {"id": id, "object": "chat.completion.chunk", "created": 1700000000 + len(id), "model": "llama3.2",
+               "system_fingerprint": "fp_ollama",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": "stop" if not delta else None}]}
+        line = b"data: " + orjson.dumps(doc) + b"\n\n"
+        return b"%x\r\n%s\r\n" % (len(line), line)
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def handler(conn, req):
+        calls.append(orjson.loads(req.body))
+        if len(calls) == 1:
+            out = head
+        elif len(calls) == 2:
+            out = head + event("chatcmpl-2", role="assistant", content="Hello") + event("chatcmpl-2", content=" you")
+        else:
+            done = b"data: [DONE]\n\n"
+            conn.writer.write(head + event("chatcmpl-333", role="assistant", content=" all") + event("chatcmpl-333")
+                              + b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            return b""
+        conn.writer.write(out)
+        await conn.writer.drain()
+        return None
+
+    async def main():
+        backends = [await ScriptedBackend(handler).start() for _ in range(3)]
+        proxy = await start_proxy(proxy_config([b.url for b in backends], models_interval=0))
+        try:
+            client = await RawClient.connect(proxy.port)
+            resp = await client.request("POST", "/v1/chat/completions",
+                                        {"model": "llama3.2", "messages": ASK, "stream": True})
+            again = await client.request("GET", "/olb/health")
+            client.close()
+            return resp, again
+        finally:
+            await proxy.close()
+            for b in backends:
+                await b.close()
+
+    resp, again = run(loop, main())
+    events = sse_events(resp)
+    assert again.status == 200 and events[-1] == b"data: [DONE]"
+    docs = [orjson.loads(e[6:]) for e in events[:-1]]
+    assert sse_text(events) == "Hello you all"
+    assert {(d["id"], d["created"]) for d in docs} == {("chatcmpl-2", 1700000010)}
+    assert [c["messages"][-1] for c in calls] == [ASK[0], ASK[0], {"role": "assistant", "content": "Hello you"}]
