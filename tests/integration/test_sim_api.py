@@ -903,9 +903,14 @@ def test_chat_continues_an_assistant_prefill(loop, path):
         other = await chat(ask + [{"role": "assistant", "content": "Something else entirely"}])
         limit = {"max_tokens": 5} if oai else {"options": {"num_predict": 5}}
         limited = await chat(ask + [{"role": "assistant", "content": prefix}], **limit)
-        return pieces, prefix, rest, split, other, limited
+        whole_reply = (await fetch(s, "POST", path, {"model": "llama3.2", "stream": False,
+                                                     "messages": ask + [{"role": "assistant", "content": prefix}]}))
+        doc = whole_reply.json()
+        unstreamed = doc["choices"][0]["message"]["content"] if oai else doc["message"]["content"]
+        return pieces, prefix, rest, split, other, limited, unstreamed
 
-    pieces, prefix, rest, split, other, limited = run(loop, go, FAST.replace(num_predict_default=20))
+    pieces, prefix, rest, split, other, limited, unstreamed = run(loop, go, FAST.replace(num_predict_default=20))
+    assert unstreamed == "".join(rest)
     assert len(pieces) == 20
     assert prefix + "".join(rest) == "".join(pieces)
     assert len([p for p in rest if p]) == 13
