@@ -5,9 +5,11 @@ Theory of operation
 ===================
 
 What may live here: the work olb does for every read from a backend once the
-response head is through -- forward the bytes, find the body's end -- and
-nothing else.  Everything that happens once per request (heads, errors,
-timers, the pool) stays in Python, in proxy.BackendSideProtocol.
+response head is through -- forward the bytes, find the body's end, and for
+a chat stream keep a reference to what went out (olb/resume.py reads it if
+the backend dies: one list append per read, no copy) -- and nothing else.
+Everything that happens once per request (heads, errors, timers, the pool)
+stays in Python, in proxy.BackendSideProtocol.
 
 Why compiled: a streamed token is one read from the backend and one write to
 the client, and at 1,000 open streams that is 50,000 reads a second.  With
