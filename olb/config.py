@@ -124,10 +124,13 @@ def _size(raw: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
-def _size_or_zero(raw: str) -> int:
-    if raw.strip() == "0":
+def _size_or_off(raw: str) -> int:
+    if re.fullmatch(r"\s*0+\s*([kKmMgG]?)(?:i?[bB])?\s*", raw):
         return 0
-    return _size(raw)
+    try:
+        return _size(raw)
+    except ValueError:
+        raise ValueError(f"0 (off) or a size in bytes, optionally with K, M or G (e.g. 512K), got {raw!r}") from None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -213,7 +216,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an idle client connection is kept open."),
     Setting("OLB_MAX_BODY", "max_body", "64M", _size,
             "Largest request body (images in chat make them megabytes); 413 beyond it."),
-    Setting("OLB_MAX_BODY_HELD", "max_body_held", "0", _size_or_zero,
+    Setting("OLB_MAX_BODY_HELD", "max_body_held", "0", _size_or_off,
             "Request body bytes one worker holds across all its clients (0: OLB_MAX_BODY); a request "
             "still being read gets 503 beyond it (docs/operations.md, \"Slow and hostile clients\")."),
     Setting("OLB_HEADER_TIMEOUT", "header_timeout", "10", _positive_float,
@@ -229,6 +232,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a request may wait in the queue; 503 with Retry-After after it."),
     Setting("OLB_RETRIES", "retries", "2", _int_at_least(0),
             "Extra attempts on other backends when one fails before its first response byte."),
+    Setting("OLB_RESUME_MAX_BYTES", "resume_max_bytes", "512K", _size_or_off,
+            "A chat stream (/api/chat, /v1/chat/completions) whose backend dies is continued on another "
+            "backend; olb keeps up to this much of each stream to do it (a longer one ends with an error "
+            "line, as before); 0 = off (docs/operations.md)."),
     Setting("OLB_EJECT_AFTER", "eject_after", "3", _int_at_least(1),
             "Failed requests in a row (broken connections, malformed responses; a timeout ejects only "
             "if the probe after it fails) after which a backend is taken out until a probe finds it "
@@ -304,6 +311,7 @@ class Config:
     queue_size: int = _default("queue_size")
     queue_timeout: float = _default("queue_timeout")
     retries: int = _default("retries")
+    resume_max_bytes: int = _default("resume_max_bytes")
     eject_after: int = _default("eject_after")
     workers: int = _default("workers")
     health_interval: float = _default("health_interval")
