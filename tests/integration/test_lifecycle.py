@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -20,6 +21,8 @@ from test_cli import olb_env, olb_log, read_line_matching, start_olb, stop
 #: A simulated backend whose streams last about a second (60 tokens at 50/s).
 SLOW = dict(token_rate=50, ttft=0, seed=1, num_parallel=4)
 STREAM = {"model": "llama3.2", "prompt": "tell me a story", "options": {"num_predict": 60}}
+#: A short answer (5 tokens), not streamed.
+SHORT = {"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 5}, "stream": False}
 
 
 def wait_for_log(proc, needle: str, timeout: float = 15.0) -> str:
@@ -134,7 +137,7 @@ def test_config_file_overrides_the_environment_and_sighup_swaps_backends_mid_str
         assert [x["url"] for x in doc["backends"]] == [b.url] and doc["backends"][0]["capacity"] == 2
         # New requests go to the added backend too.
         for _ in range(3):
-            r = httpx.post(url + "/api/generate", json={**STREAM, "stream": False}, timeout=30)
+            r = httpx.post(url + "/api/generate", json=SHORT, timeout=30)
             assert r.status_code == 200
         assert status(url)["backends"][0]["served"] == 4
         # The stream on the removed backend ran to its end, uncut.
@@ -240,7 +243,7 @@ def test_sighup_reaches_every_worker(sims, tmp_path):
             doc = status(url)
             assert [(x["url"], x["capacity"]) for x in doc["backends"]] == [(b.url, 5)], doc
             seen.add(doc["pid"])
-            r = httpx.post(url + "/api/generate", json={**STREAM, "stream": False}, timeout=30)
+            r = httpx.post(url + "/api/generate", json=SHORT, timeout=30)
             assert r.status_code == 200
         assert len(seen) == 2 and not seen & old_pids
         assert finish_stream(running)["eval_count"] == 60
@@ -265,28 +268,37 @@ def test_a_new_olb_takes_over_the_port_without_a_refused_connection(sims):
     a, b = sims
     old = start_olb(OLB_BACKENDS=a.url, OLB_LISTEN="127.0.0.1:0", OLB_HEALTH_INTERVAL="0")
     new = None
+    stop_connecting = threading.Event()
+
+    def connect_all_along() -> list[str]:
+        # A fresh connection each time, through the whole hand-over: each one
+        # must be answered, by one olb or the other (bounded in count and time).
+        answered_by = []
+        deadline = time.monotonic() + 30
+        while not stop_connecting.is_set() and len(answered_by) < 20000 and time.monotonic() < deadline:
+            with httpx.Client(timeout=10) as c:
+                answered_by.append(c.get(url + "/olb/status").json()["backends"][0]["url"])
+        return answered_by
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         url = read_line_matching(old, r"listening on (http://\S+)").group(1)
         port = url.rsplit(":", 1)[1]
         running = open_stream(url)
+        connecting = pool.submit(connect_all_along)
         new = start_olb(OLB_BACKENDS=b.url, OLB_LISTEN=f"127.0.0.1:{port}", OLB_HEALTH_INTERVAL="0")
         read_line_matching(new, r"listening on (http://\S+)")
         old.send_signal(signal.SIGTERM)
-        # Connections throughout the hand-over: each one is answered, by one
-        # olb or the other, until only the new one is left.
-        answered_by = []
-        deadline = time.monotonic() + 20
-        for i in range(2000):
-            with httpx.Client(timeout=10) as c:
-                doc = c.get(url + "/olb/status").json()
-            answered_by.append(doc["backends"][0]["url"])
-            if old.poll() is not None and i > 50 or time.monotonic() > deadline:
-                break
-        assert old.poll() is not None, "the old olb did not stop"
-        assert old.returncode == 0
-        assert answered_by[-1] == b.url
+        # The old olb stops accepting at once and waits for its stream.
         assert finish_stream(running)["eval_count"] == 60
+        assert old.wait(20) == 0
+        stop_connecting.set()
+        answered_by = connecting.result(30)  # raises if a connection was refused or reset
+        assert answered_by[0] == a.url and answered_by[-1] == b.url
+        assert b.url in answered_by[: -1]  # both answered while the old one drained
     finally:
+        stop_connecting.set()
+        pool.shutdown(wait=True)
         reap(old)
         if new is not None:
             assert stop(new) == 0
