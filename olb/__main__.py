@@ -214,6 +214,7 @@ def supervise(cfg, load, loaded) -> None:
             return
         for commit in commits:
             commit()
+        logging.getLogger().setLevel(config_mod.log_level_number(new.log_level))  # the new workers inherit it
         demo = cfg.backends[len(loaded.backends):]
         loaded = new
         cfg = dataclasses.replace(new, listen_port=cfg.listen_port, backends=new.backends + demo)

@@ -43,7 +43,7 @@ import socket
 from typing import Callable
 
 from ._core import NO_BACKEND
-from .config import FIXED_ON_RELOAD, SETTINGS, Config
+from .config import FIXED_ON_RELOAD, SETTINGS, Config, log_level_number
 from .errors import ConfigError
 from .proxy import ClientSideProtocol
 
@@ -135,6 +135,7 @@ class Lifecycle:
         self.loaded = loaded
         for commit in commits:
             commit()
+        logging.getLogger().setLevel(log_level_number(cfg.log_level))
         self.swap(cfg)
 
     async def run(self) -> None:

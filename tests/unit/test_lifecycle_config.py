@@ -95,3 +95,15 @@ def test_reload_hooks_refuse_or_commit(monkeypatch):
     for commit in commits:
         commit()
     assert applied == [4]
+
+
+def test_the_example_env_file_loads():
+    """packaging/olb.env, as the unit names it, is a valid configuration."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "packaging" / "olb.env"
+    cfg = config.load([], {"OLB_CONFIG": str(path)})
+    assert [b.url for b in cfg.backends] == ["http://127.0.0.1:11435", "http://127.0.0.1:11436"]
+    assert {b.max_inflight for b in cfg.backends} == {4}
+    unit = (path.parent / "olb.service").read_text()
+    assert "Environment=OLB_CONFIG=/etc/olb/olb.env" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
