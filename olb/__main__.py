@@ -1,11 +1,16 @@
 """`olb-fast`: configuration, the demo cluster, and the worker processes.
 
+Signals (olb/lifecycle.py, docs/operations.md): SIGHUP reloads the
+configuration, SIGTERM and SIGINT stop after running streams finish.
+
 With OLB_WORKERS=1 (the default) the proxy runs in this process. With more,
 this process becomes a supervisor: it reserves the port, creates the shared
 in-flight counters (an anonymous shared mmap, inherited across fork), forks
 the workers — each binds the port with SO_REUSEPORT and runs its own uvloop
 — and restarts any worker that dies after reclaiming the requests it still
-held in the shared counts, so capacity is not leaked.
+held in the shared counts, so capacity is not leaked. A reload starts a new
+generation of workers with the new configuration and its own shared counts,
+and the old generation hands over (SIGUSR2) and exits.
 """
 
 from __future__ import annotations
@@ -255,7 +260,7 @@ def supervise(cfg, load, loaded) -> None:
             continue
         if gen != generation:
             # A worker of an earlier configuration, retired by a reload.
-            reclaimed = tables[gen].reclaim_worker(worker)
+            tables[gen].reclaim_worker(worker)
             if not any(g == gen for _, _, g in children.values()):
                 del tables[gen]
             if status != 0:
@@ -266,7 +271,7 @@ def supervise(cfg, load, loaded) -> None:
                   worker, pid, _describe_status(status), reclaimed)
         if time.monotonic() - started < RESTART_BACKOFF:
             time.sleep(RESTART_BACKOFF)
-            if stopping:  # SIGTERM arrived during the pause
+            if stopping or gen != generation:  # SIGTERM, or a reload, arrived during the pause
                 continue
         spawn(worker)
 

@@ -143,7 +143,7 @@ class Lifecycle:
         await self._done.wait()
         if self._action == "retire":
             await self._retire()
-        else:
+        if self._action == "stop":  # also a SIGTERM that came while handing over
             await self._stop()
 
     # --- reload ---------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class Lifecycle:
         try:
             own = socket.socket(fileno=os.dup(listener.sockets[0].fileno()))
             own.setblocking(False)
-        except (OSError, IndexError):
+        except (OSError, IndexError, TypeError):  # closed already (a stop after a hand-over)
             pass
         listener.close()
         await asyncio.sleep(0)  # the loop's close of its descriptor
@@ -267,10 +267,15 @@ class Lifecycle:
     async def _retire(self) -> None:
         await self._stop_accepting()
         log.info("handing over to new workers: finishing the queued and running requests")
-        while self._close_idle() or self.server.ctx.balancer.queue:
+        while (self._close_idle() or self.server.ctx.balancer.queue) and self._action == "retire":
             await asyncio.sleep(SETTLE_POLL)
+        if self._action == "retire":
+            await self._close()
+
+    async def _close(self) -> None:
         await self.server.close()
-        for ctx in self.retiring:
+        retiring, self.retiring = self.retiring, []
+        for ctx in retiring:
             await self.server.close_context(ctx)
 
     async def _stop(self) -> None:
@@ -295,9 +300,7 @@ class Lifecycle:
             ex = client.exchange
             if ex is not None:
                 log.warning("stopping: cut %s after OLB_SHUTDOWN_TIMEOUT=%gs", describe(ex), timeout)
-        await self.server.close()
-        for ctx in self.retiring:
-            await self.server.close_context(ctx)
+        await self._close()
 
 
 def describe(exchange) -> str:
