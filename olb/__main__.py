@@ -221,11 +221,14 @@ def supervise(cfg, load, loaded) -> None:
             commit()
         logging.getLogger().setLevel(config_mod.log_level_number(new.log_level))  # the new workers inherit it
         demo = cfg.backends[len(loaded.backends):]
+        was_draining = {(b.host, b.port) for i, b in enumerate(cfg.backends) if drained[i]}
         loaded = new
         cfg = dataclasses.replace(new, listen_port=cfg.listen_port, backends=new.backends + demo)
         n = len(cfg.backends)
         shared = mmap.mmap(-1, shared_size(n, cfg.workers))
         drained = mmap.mmap(-1, n)
+        for i, b in enumerate(cfg.backends):  # a drain asked for before the reload holds after it
+            drained[i] = (b.host, b.port) in was_draining
         generation += 1
         table = tables[generation] = new_table(cfg, shared=shared, worker=0, workers=cfg.workers)
         old = [pid for pid, (_, _, gen) in children.items() if gen != generation]

@@ -175,10 +175,12 @@ class Lifecycle:
             if (b.spec.host, b.spec.port) not in new_keys:
                 log.warning("reload: backend %s removed; %d running request(s) finish there first",
                             b.url, old.balancer.table.inflight(b.index))
+        new.started = old.started
         server.ctx = new
         server.balancer = new.balancer
         server.config = cfg
         server.start_context(new)
+        server.telemetry = new.telemetry
         for j, spec in enumerate(cfg.backends):
             i = old_index.get((spec.host, spec.port))
             if i is None:

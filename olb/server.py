@@ -58,7 +58,6 @@ class ProxyServer:
     def start_context(self, ctx: ProxyContext) -> None:
         """Start a context's background work: health checks, model polls, GPU readings."""
         cfg = ctx.config
-        ctx.started = self.ctx.started
         if listens_on_loopback(self._host):
             # What Ollama does on a loopback bind (hostcheck.py); olb's own
             # Host rewrite would otherwise remove it.

@@ -50,3 +50,34 @@ def test_a_backend_kept_across_a_reload_keeps_its_capacity(loop):
             await cluster.close()
 
     run(loop, main(), timeout=60)
+
+
+def test_a_kept_backend_keeps_its_drain_flag_at_its_new_index(loop):
+    async def main():
+        cluster = await start_cluster(2, max_inflight=2, policy="least-inflight")
+        proxy = cluster.proxy
+        a, b = (s.url for s in cluster.sims)
+        try:
+            proxy.balancer.drain(0, True)
+            life = Lifecycle(proxy)
+            # Both kept, in another order and with another capacity: a's
+            # drain flag follows it to its new index.
+            life.swap(proxy_config([b, a], max_inflight=3, policy="least-inflight"))
+            new = proxy.balancer
+            assert [x.url for x in new.backends] == [b, a]
+            assert list(new.drained) == [0, 1] and not new.table.is_healthy(1)
+            assert [new.table.snapshot()[i]["capacity"] for i in (0, 1)] == [3, 3]
+            client = await RawClient.connect(proxy.port)
+            try:
+                for _ in range(3):
+                    r = await client.request("POST", "/api/generate",
+                                             {"model": "llama3.2", "prompt": "hi", "stream": False})
+                    assert r.status == 200
+            finally:
+                client.close()
+            assert (new.table.served(0), new.table.served(1)) == (3, 0)
+            await until(lambda: not life.retiring)
+        finally:
+            await cluster.close()
+
+    run(loop, main(), timeout=60)
