@@ -196,8 +196,7 @@ class Lifecycle:
         old.clients.clear()
         moved = 0
         queue = old.balancer.queue
-        while queue:
-            waiter = next(iter(queue.service_order()))
+        for waiter in queue.service_order():  # taking each out as it comes: the fair order
             old.balancer.dequeue(waiter)
             waiter.moved(new)
             moved += 1
@@ -286,8 +285,7 @@ class Lifecycle:
         for ctx in self._contexts():
             balancer = ctx.balancer
             balancer.stopping = True
-            while balancer.queue:
-                waiter = next(iter(balancer.queue.service_order()))
+            for waiter in balancer.queue.service_order():
                 balancer.dequeue(waiter)
                 waiter.queue_closed()
                 refused += 1
