@@ -241,6 +241,7 @@ class Lifecycle:
         listener.close()
         await asyncio.sleep(0)  # the loop's close of its descriptor
         if own is not None:
+            ctx = self.server.ctx
             with own:
                 while True:
                     try:
@@ -248,7 +249,6 @@ class Lifecycle:
                     except OSError:  # BlockingIOError: nothing left
                         break
                     conn.setblocking(False)
-                    ctx = self.server.ctx
                     await self.loop.connect_accepted_socket(lambda: ClientSideProtocol(ctx), conn)
         self._close_idle()
 
