@@ -60,7 +60,10 @@ IDLE_GRACE = 1.0
 
 #: Called on every reload with the new Config, before anything changes: a
 #: hook raises ConfigError (naming its variable) to refuse the reload, or
-#: returns a function to call once every hook has accepted (or None).
+#: returns a function to call once every hook has accepted (or None). Not
+#: called at start-up (read your file then yourself). With one worker they
+#: run in it; with several, in the supervisor before it forks the new
+#: workers, which inherit what the functions applied.
 RELOAD_HOOKS: list[Callable[[Config], Callable[[], None] | None]] = []
 
 
