@@ -149,27 +149,32 @@ def test_config_file_overrides_the_environment_and_sighup_swaps_backends_mid_str
         assert stop(proc) == 0
 
 
-@pytest.mark.parametrize("bad,variable", [
-    ("OLB_MAX_INFLIGHT=lots\n", "OLB_MAX_INFLIGHT"),
-    ("OLB_MAX_INFLGHT=4\n", "OLB_MAX_INFLGHT"),
-    ("OLB_BACKENDS=ftp://somewhere\n", "OLB_BACKENDS"),
-    ("OLB_LISTEN=127.0.0.1:1\n", "OLB_LISTEN"),
+@pytest.mark.parametrize("bad,variable,workers", [
+    ("OLB_MAX_INFLIGHT=lots\n", "OLB_MAX_INFLIGHT", "1"),
+    ("OLB_MAX_INFLGHT=4\n", "OLB_MAX_INFLGHT", "1"),
+    ("OLB_BACKENDS=ftp://somewhere\n", "OLB_BACKENDS", "1"),
+    ("OLB_LISTEN=127.0.0.1:1\n", "OLB_LISTEN", "1"),
+    ("OLB_SHUTDOWN_TIMEOUT=-1\n", "OLB_SHUTDOWN_TIMEOUT", "2"),
+    ("OLB_WORKERS=3\n", "OLB_WORKERS", "2"),
 ])
-def test_a_bad_file_is_refused_on_sighup_and_the_old_settings_stay(sims, tmp_path, bad, variable):
+def test_a_bad_file_is_refused_on_sighup_and_the_old_settings_stay(sims, tmp_path, bad, variable, workers):
     a, b = sims
     conf = tmp_path / "olb.env"
-    write(conf, f"OLB_BACKENDS={a.url};max=3\nOLB_LISTEN=127.0.0.1:0\n")
+    write(conf, f"OLB_BACKENDS={a.url};max=3\nOLB_LISTEN=127.0.0.1:0\nOLB_WORKERS={workers}\n")
     proc = start_olb(OLB_CONFIG=str(conf), OLB_HEALTH_INTERVAL="0")
     try:
         url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
         running = open_stream(url)
-        write(conf, f"OLB_BACKENDS={b.url}\nOLB_LISTEN=127.0.0.1:0\n{bad}")
+        pids = {status(url)["pid"] for _ in range(20)}
+        write(conf, f"OLB_BACKENDS={b.url}\nOLB_LISTEN=127.0.0.1:0\nOLB_WORKERS={workers}\n{bad}")
         proc.send_signal(signal.SIGHUP)
         log = wait_for_log(proc, "reload refused")
         line = next(x for x in log.splitlines() if "reload refused" in x)
         assert variable in line, line
-        doc = status(url)
-        assert [(x["url"], x["capacity"]) for x in doc["backends"]] == [(a.url, 3)]
+        for _ in range(20):  # every worker: the same ones, as they were
+            doc = status(url)
+            assert [(x["url"], x["capacity"]) for x in doc["backends"]] == [(a.url, 3)]
+            assert doc["pid"] in pids
         assert finish_stream(running)["done"]
         r = httpx.post(url + "/api/generate", json={**STREAM, "stream": False}, timeout=30)
         assert r.status_code == 200
