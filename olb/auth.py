@@ -34,6 +34,7 @@ and a bad file is refused whole with the old keys kept.
 from __future__ import annotations
 
 import collections
+import hashlib
 import hmac
 import math
 import time
@@ -266,9 +267,10 @@ class KeyRing:
 
 
 def redact(key: bytes) -> str:
-    """What of a key may be shown (status pages, the dashboard): its first characters."""
+    """What of a key may be shown (status pages, the dashboard): its first
+    characters and a short fingerprint, to tell keys with one prefix apart."""
     text = key.decode("ascii", "replace")
-    return text[:6] + "..." if len(text) > 8 else text[:2] + "..."
+    return (text[:6] if len(text) > 8 else text[:2]) + "..." + hashlib.sha256(key).hexdigest()[:4]
 
 
 def token_matches(expected: bytes, authorization: bytes | None) -> bool:

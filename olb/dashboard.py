@@ -137,21 +137,23 @@ class Samples:
         models = balancer.models
         loaded = ([{m for m, mask in models.loaded.items() if mask[i]} for i in range(len(backends))]
                   if models is not None else [set() for _ in backends])
-        if self._up is not None:
-            wall = round(time.time(), 3)
-            for b, was, now in zip(backends, self._up, up):
-                if was and not now:
-                    self.events.append({"t": wall, "kind": "ejected", "backend": b.url,
-                                        "detail": b.last_error or ""})
-                elif now and not was:
-                    self.events.append({"t": wall, "kind": "returned", "backend": b.url, "detail": ""})
-            for b, before, after in zip(backends, self._loaded, loaded):
-                for model in sorted(after - before):
-                    self.events.append({"t": wall, "kind": "loaded", "backend": b.url, "model": model})
-                for model in sorted(before - after):
-                    self.events.append({"t": wall, "kind": "unloaded", "backend": b.url, "model": model})
+        # Before the first tick: all up, nothing loaded (a model loaded in
+        # the first second is an event like any other).
+        was_up = self._up if self._up is not None else [True] * len(backends)
+        was_loaded = self._loaded if self._loaded is not None else [set() for _ in backends]
         self._up = up
         self._loaded = loaded
+        wall = round(time.time(), 3)
+        for b, before, now in zip(backends, was_up, up):
+            if before and not now:
+                self.events.append({"t": wall, "kind": "ejected", "backend": b.url, "detail": b.last_error or ""})
+            elif now and not before:
+                self.events.append({"t": wall, "kind": "returned", "backend": b.url, "detail": ""})
+        for b, before, after in zip(backends, was_loaded, loaded):
+            for model in sorted(after - before):
+                self.events.append({"t": wall, "kind": "loaded", "backend": b.url, "model": model})
+            for model in sorted(before - after):
+                self.events.append({"t": wall, "kind": "unloaded", "backend": b.url, "model": model})
 
     def doc(self) -> dict:
         """For /olb/status: the ring (oldest first) and the events (oldest first)."""

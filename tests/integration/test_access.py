@@ -181,7 +181,7 @@ def test_sighup_rereads_the_keys_file(loop_thread, tmp_path):
                     if keys[0]["rpm"] == 100:
                         break
                     time.sleep(0.02)
-                assert [k["key"] for k in keys] == ["sk..."] and keys[0]["rpm"] == 100
+                assert [k["key"] for k in keys] == ["sk...8da9"] and keys[0]["rpm"] == 100
             assert c.post("/api/generate", json=GEN, headers=bearer("sk-new")).status_code == 200
             assert c.post("/api/generate", json=GEN, headers=bearer("sk-old")).status_code == 401
             # A bad file is refused whole: the keys stay as they were.

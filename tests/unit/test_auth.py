@@ -133,7 +133,7 @@ def test_status_shows_keys_redacted():
     keys, _ = ring("sk-team-a-0123456789;rpm=10\nab")
     keys.check(b"Bearer sk-team-a-0123456789")
     doc = keys.status()
-    assert [k["key"] for k in doc["keys"]] == ["sk-tea...", "ab..."]
+    assert [k["key"] for k in doc["keys"]] == ["sk-tea...c07f", "ab...fb8e"]
     assert doc["keys"][0]["inflight"] == 1 and doc["keys"][0]["requests_last_minute"] == 1
     assert "0123456789" not in repr(doc)
 
