@@ -119,7 +119,7 @@ class Samples:
         self._last_at = now
         if span <= 0:
             return
-        d = [a - b for a, b in zip(sums, last)]
+        d = [a - b for a, b in zip(sums, last, strict=True)]
         table = balancer.table
         self.series.append({
             "t": round(time.time(), 3),
@@ -144,15 +144,15 @@ class Samples:
         self._up = up
         self._loaded = loaded
         wall = round(time.time(), 3)
-        for b, before, now in zip(backends, was_up, up):
-            if before and not now:
+        for b, was, is_up in zip(backends, was_up, up, strict=True):
+            if was and not is_up:
                 self.events.append({"t": wall, "kind": "ejected", "backend": b.url, "detail": b.last_error or ""})
-            elif now and not before:
+            elif is_up and not was:
                 self.events.append({"t": wall, "kind": "returned", "backend": b.url, "detail": ""})
-        for b, before, after in zip(backends, was_loaded, loaded):
-            for model in sorted(after - before):
+        for b, had, has in zip(backends, was_loaded, loaded, strict=True):
+            for model in sorted(has - had):
                 self.events.append({"t": wall, "kind": "loaded", "backend": b.url, "model": model})
-            for model in sorted(before - after):
+            for model in sorted(had - has):
                 self.events.append({"t": wall, "kind": "unloaded", "backend": b.url, "model": model})
 
     def doc(self) -> dict:

@@ -49,10 +49,10 @@ import logging
 import orjson
 
 from . import admin, routing
-from .auth import refusal_response
-from .dashboard import TAIL, final_counts
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
+from .auth import refusal_response
+from .dashboard import TAIL, final_counts
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
                      NotFound, OlbError, TooManyRequests)
 from .fairqueue import OVER_SHARE

@@ -10,11 +10,10 @@ import time
 
 import httpx
 import pytest
-
-from olb.sim import SimConfig
-
 from harness import RawClient, fetch, run, start_cluster, until
 from test_cli import olb_log, read_lines_matching, start_olb, stop
+
+from olb.sim import SimConfig
 
 FAST = SimConfig(token_rate=0, ttft=0, seed=3)
 # One request at a time, ~0.1 s each: the queue decides the order.
@@ -257,9 +256,9 @@ def test_admin_on_the_data_port_behind_the_token(loop):
 def test_admin_listener_off_loopback_asks_for_the_token(loop):
     import socket
 
-    from olb.server import start_proxy
-
     from harness import proxy_config
+
+    from olb.server import start_proxy
 
     async def main():
         from olb.sim import start_sim

@@ -13,10 +13,9 @@ import asyncio
 import shutil
 
 import pytest
+from harness import RawClient, start_cluster
 
 from olb.sim import SimConfig
-
-from harness import RawClient, start_cluster
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[test]')")
 
@@ -60,10 +59,10 @@ async def load(port, stop, counts):
 
 
 def test_dashboard_in_headless_chromium(loop_thread, tmp_path):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     keys = tmp_path / "keys"

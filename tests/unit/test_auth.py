@@ -62,6 +62,7 @@ def test_missing_and_unknown_keys_are_401():
     for header, reason in ((None, auth.MISSING), (b"Bearer sk-b", auth.UNKNOWN), (b"Bearer sk-", auth.UNKNOWN)):
         refusal = keys.check(header)
         assert isinstance(refusal, auth.Refusal) and refusal.status == 401 and refusal.retry_after is None
+        assert keys.refused[reason] >= 1
     assert keys.refused == {auth.MISSING: 1, auth.UNKNOWN: 2}
     assert keys.check(b"Bearer sk-a") == b"sk-a"
 
