@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if cfg.workers == 1:
             sock = _bind_or_exit(cfg, reuse_port=False)
-            admin_sock = _bind_admin_or_exit(cfg, reuse_port=False)
+            admin_sock = _bind_admin_or_exit(cfg, reuse_port=True)
             _announce(cfg, sock.getsockname()[1], admin_sock.getsockname()[1] if admin_sock else None)
             run_worker(cfg, sock, None, None, 0, admin_sock=admin_sock)
         else:

@@ -57,8 +57,9 @@ class ProxyServer:
         if sock is None:
             sock = bind_socket(cfg.listen_host, cfg.listen_port, reuse_port=cfg.workers > 1)
         if admin_sock is None and cfg.admin_listen is not None:
-            # SO_REUSEPORT: every worker serves the admin port too.
-            admin_sock = bind_socket(*cfg.admin_listen, reuse_port=cfg.workers > 1)
+            # SO_REUSEPORT: every worker serves the admin port too, and a new
+            # olb (or a new generation of workers) can bind it beside the old.
+            admin_sock = bind_socket(*cfg.admin_listen, reuse_port=True)
         self._server = await self.loop.create_server(
             lambda: ClientSideProtocol(self.ctx), sock=sock, backlog=2048)
         self.port = sock.getsockname()[1]
