@@ -156,5 +156,9 @@ class Samples:
                 self.events.append({"t": wall, "kind": "unloaded", "backend": b.url, "model": model})
 
     def doc(self) -> dict:
-        """For /olb/status: the ring (oldest first) and the events (oldest first)."""
-        return {"interval_s": 1, "series": list(self.series), "events": list(self.events)}
+        """For /olb/status: the ring (oldest first), the events (oldest first),
+        and the totals since start of all workers' rows."""
+        sums = self._sums()
+        return {"interval_s": 1, "series": list(self.series), "events": list(self.events),
+                "totals": {"requests": int(sums[REQUESTS]), "tokens": int(sums[TOKENS]),
+                           "first_bytes": int(sums[TTFT_COUNT])}}
