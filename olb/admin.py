@@ -192,6 +192,7 @@ def serve(req, ctx, listener: Listener | None) -> tuple[int, bytes]:
     head_only = req.method == b"HEAD"
     path = req.path
     token = ctx.config.admin_token
+    page = path in (b"/olb", b"/olb/")
     if listener is None:
         if not token:
             # Never open on the data port by default; 404, as for a path
@@ -199,23 +200,23 @@ def serve(req, ctx, listener: Listener | None) -> tuple[int, bytes]:
             return 404, error_response(req.target, 404, "not found: olb's admin endpoints are served on "
                                        "the admin listener (OLB_ADMIN_LISTEN)", closing=closing,
                                        head_only=head_only)
-        if not token_matches(token.encode(), req.header(b"authorization")):
-            return _unauthorized(req, closing, head_only)
+        asks = True
     else:
         if not is_admin_path(path):
             return 404, error_response(req.target, 404, "not found: this is olb's admin listener "
                                        "(/olb/status, /olb/health, /olb/drain, the dashboard at /olb/)",
                                        closing=closing, head_only=head_only)
-        # The page holds no data (it asks /olb/status with the token it is given).
-        if (not listener.open and token and path not in (b"/olb", b"/olb/")
-                and not token_matches(token.encode(), req.header(b"authorization"))):
-            return _unauthorized(req, closing, head_only)
+        asks = not listener.open
+    # The page holds no data: a browser loads it without a header, and it
+    # asks /olb/status with the token its URL fragment gives it.
+    if asks and not page and not token_matches(token.encode(), req.header(b"authorization")):
+        return _unauthorized(req, closing, head_only)
     if req.method == b"POST":
         why = cross_site(req)
         if why is not None:
             code = 415 if why.startswith("send JSON") else 403
             return code, error_response(req.target, code, why, closing=closing)
-    if path in (b"/olb", b"/olb/"):
+    if page:
         if req.method not in (b"GET", b"HEAD"):
             return 405, error_response(req.target, 405, "method not allowed", closing=closing,
                                        head_only=head_only)

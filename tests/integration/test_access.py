@@ -240,11 +240,14 @@ def test_admin_on_the_data_port_behind_the_token(loop):
                     await fetch(cluster.port, "GET", "/olb/status", headers=bearer(TOKEN)),
                     await fetch(cluster.port, "POST", f"/olb/drain?backend={url}"),
                     await fetch(cluster.port, "POST", f"/olb/drain?backend={url}", headers=bearer(TOKEN)),
-                    await fetch(cluster.port, "POST", "/api/generate", GEN))
+                    await fetch(cluster.port, "POST", "/api/generate", GEN),
+                    await fetch(cluster.port, "GET", "/olb/"))
         finally:
             await cluster.close()
 
-    admin_port, none, wrong, right, drain_none, drain, generate = run(loop, main())
+    admin_port, none, wrong, right, drain_none, drain, generate, page = run(loop, main())
+    # The page holds no data: a browser loads it, and it asks with the token from its URL fragment.
+    assert page.status == 200 and b"Bearer" in page.body
     assert admin_port == 0  # OLB_ADMIN_LISTEN=off
     for resp in (none, wrong, drain_none):
         assert resp.status == 401 and resp.headers["www-authenticate"].startswith("Bearer")
