@@ -207,3 +207,31 @@ def test_samples_rates_from_counter_rows_of_all_workers():
     last = a.series[-1]
     assert last["rps"] == 1.0 and last["ttft_ms"] == 300.0 and last["tok_s"] == 50.0 and last["inflight"] == 2
     assert [(e["kind"], e["detail"]) for e in a.events] == [("ejected", "refused")]
+
+
+@pytest.mark.parametrize("env, complaint", [
+    ({"OLB_ADMIN_LISTEN": "nowhere"}, "OLB_ADMIN_LISTEN: expected HOST:PORT"),
+    ({"OLB_ADMIN_LISTEN": "127.0.0.1:99999"}, "OLB_ADMIN_LISTEN: expected HOST:PORT"),
+    ({"OLB_ADMIN_TOKEN": "short"}, "OLB_ADMIN_TOKEN: expected a token of at least 16"),
+    ({"OLB_API_KEYS": "/nonexistent/keys"}, "OLB_API_KEYS: expected a keys file"),
+])
+def test_bad_settings_name_their_variable(env, complaint):
+    from olb import config
+
+    with pytest.raises(ConfigError) as err:
+        config.load([], {"OLB_BACKENDS": "http://127.0.0.1:1", **env})
+    assert str(err.value).startswith(complaint)
+
+
+def test_settings_parse(tmp_path):
+    from olb import config
+
+    keys = tmp_path / "keys"
+    keys.write_text("sk-a\n")
+    cfg = config.load([], {"OLB_BACKENDS": "http://127.0.0.1:1", "OLB_ADMIN_LISTEN": "off",
+                           "OLB_ADMIN_TOKEN": "t" * 16, "OLB_API_KEYS": str(keys)})
+    assert cfg.admin_listen is None and cfg.admin_token == "t" * 16 and cfg.api_keys == str(keys)
+    assert config.Config().admin_listen == ("127.0.0.1", 11433)
+    keys.write_text("sk-a;rpm=-1\n")
+    with pytest.raises(ConfigError, match=r"OLB_API_KEYS: expected a keys file .*line 1: bad option 'rpm=-1'"):
+        config.load([], {"OLB_BACKENDS": "http://127.0.0.1:1", "OLB_API_KEYS": str(keys)})
