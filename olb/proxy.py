@@ -537,12 +537,12 @@ class Exchange:
                              retry=True, mark_down=False)
         return True
 
-    def on_end(self, reusable: bool, tail: bytes = b"") -> None:
-        """The backend's response has been forwarded in full; `tail` is its last bytes."""
+    def on_end(self, reusable: bool, last: bytes = b"") -> None:
+        """The backend's response has been forwarded in full; `last` is the body's last piece."""
         if self.slot:
             # Token counts from the final line (dashboard.final_counts): the
             # dashboard's tokens/s and the API key's tpm= limit.
-            prompt, generated = final_counts(tail) if tail else (0, 0)
+            prompt, generated = final_counts(last[-TAIL:]) if last else (0, 0)
             if self.ctx.samples is not None:
                 self.ctx.samples.request_done(generated)
             self.client.charge_tokens(prompt + generated)
@@ -925,7 +925,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         # Bytes beyond the response mean the backend is not speaking plain
         # request/response on this connection; do not reuse it.
         reusable = self.head.keep_alive and end == len(data)
-        self.exchange.on_end(reusable, data[max(0, end - TAIL):end])
+        self.exchange.on_end(reusable, data[:end] if end < len(data) else data)
 
     def _protocol_error(self, message: str) -> None:
         ex = self.exchange
