@@ -147,11 +147,12 @@ async def bench(args, sim: Child, olb: Child) -> list[dict]:
     loop = asyncio.get_running_loop()
     sim_host, sim_port = sim.found[0].split("//")[1].split(":")
     olb_host, olb_port = olb.found[0].split(":")
+    admin_host, admin_port = olb.found[1].split(":")
     targets = {"direct": (sim_host, int(sim_port)), "olb": (olb_host, int(olb_port))}
     pids = {"client": os.getpid(), "sim": sim.pid, "olb": olb.pid}
     results = []
     for case in args.cases:
-        status0 = await http_get_json(olb_host, int(olb_port), "/olb/status")
+        status0 = await http_get_json(admin_host, int(admin_port), "/olb/status")
         runs: dict[str, list[dict]] = {"direct": [], "olb": []}
         for i in range(args.rounds):
             # Alternate the order so a drift in the machine's speed hits both sides alike.
@@ -168,7 +169,7 @@ async def bench(args, sim: Child, olb: Child) -> list[dict]:
                   f"others {r['other_cpu_share']:4.0%}"
                   + (f"  ERRORS {r['errors']}" if r["errors"] else ""), flush=True)
         # olb's own books must balance: nothing left in flight, every request counted once.
-        status = await http_get_json(olb_host, int(olb_port), "/olb/status")
+        status = await http_get_json(admin_host, int(admin_port), "/olb/status")
         r["olb_status"] = {
             "inflight_after": sum(b["inflight"] for b in status["backends"]),
             "served_delta": (sum(b["served"] for b in status["backends"])
@@ -310,8 +311,10 @@ def main(argv=None) -> int:
         env = dict(os.environ,
                    OLB_BACKENDS=",".join(f"{u};max={args.olb_max or slots}" for u in sim.found),
                    OLB_LISTEN="127.0.0.1:0", OLB_WORKERS=str(args.workers), OLB_HEALTH_INTERVAL="0",
-                   OLB_GPU_POLL="0", OLB_MAX_INFLIGHT=str(args.olb_max or slots), OLB_LOG_LEVEL="warning")
-        olb = Child([sys.executable, "-m", "olb"], env, rb"listening on http://(\S+)", 1)
+                   OLB_GPU_POLL="0", OLB_MAX_INFLIGHT=str(args.olb_max or slots), OLB_LOG_LEVEL="warning",
+                   OLB_ADMIN_LISTEN="127.0.0.1:0")
+        # Two lines: the data port, then the admin listener's (/olb/status).
+        olb = Child([sys.executable, "-m", "olb"], env, rb"(?:listening|admin) on http://(\S+)", 2)
         if args.pin:
             ncpu = os.cpu_count() or 1
             if ncpu < 2:

@@ -513,7 +513,7 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
             if r.kind == "olb":
                 row = next(x for x in reversed(rows) if x["target"] == r.name)
                 try:
-                    host, port = r.addresses[0]
+                    host, port = r.admin
                     status = await load.http_get_json(host, port, "/olb/status")
                     row["olb_status"] = {
                         "inflight_after": sum(b["inflight"] for b in status["backends"]),

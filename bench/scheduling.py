@@ -343,7 +343,8 @@ OLB_SIM_SECONDS = {"OLB_HEALTH_INTERVAL": 10.0, "OLB_GPU_POLL": 5.0, "OLB_MODELS
 def olb_env(urls: list[str], policy: str, olb_max: int, time_scale: float) -> dict:
     """The OLB_* settings of an olb target (added to the environment)."""
     spec = ",".join(f"{u};max={olb_max};metrics={u}/metrics" for u in urls)
-    env = {"OLB_BACKENDS": spec, "OLB_LISTEN": "127.0.0.1:0", "OLB_WORKERS": "1", "OLB_LOG_LEVEL": "warning",
+    env = {"OLB_BACKENDS": spec, "OLB_LISTEN": "127.0.0.1:0", "OLB_ADMIN_LISTEN": "off",
+           "OLB_WORKERS": "1", "OLB_LOG_LEVEL": "warning",
            "OLB_SESSION_BOUND": "1.25", "OLB_POLICY": policy}
     env.update({k: f"{v / time_scale:g}" for k, v in OLB_SIM_SECONDS.items()})
     return env

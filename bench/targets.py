@@ -52,6 +52,8 @@ class Running:
     child: Child | None = None
     tmpdir: str | None = None
     sock: socket.socket | None = None
+    #: olb's admin listener (/olb/status), or None.
+    admin: tuple[str, int] | None = None
     _pids: list[int] = field(default_factory=list)
 
     def pids(self) -> list[int]:
@@ -163,10 +165,14 @@ def _start_olb(spec: TargetSpec, backends, max_conns: int, tmp: str) -> Running:
     env = dict(os.environ,
                OLB_BACKENDS=",".join(f"http://{h}:{p};max={max_conns}" for h, p in backends),
                OLB_LISTEN="127.0.0.1:0", OLB_WORKERS=str(spec.workers), OLB_HEALTH_INTERVAL="0",
-               OLB_GPU_POLL="0", OLB_MAX_INFLIGHT=str(max_conns), OLB_LOG_LEVEL="warning")
-    child = Child([sys.executable, "-m", "olb"], env, rb"listening on http://(\S+)", 1)
+               OLB_GPU_POLL="0", OLB_MAX_INFLIGHT=str(max_conns), OLB_LOG_LEVEL="warning",
+               OLB_ADMIN_LISTEN="127.0.0.1:0")
+    # Two lines: the data port, then the admin listener's (/olb/status).
+    child = Child([sys.executable, "-m", "olb"], env, rb"(?:listening|admin) on http://(\S+)", 2)
     host, port = child.found[0].rsplit(":", 1)
-    return Running(spec.name, "olb", spec.workers, [(host, int(port))], child=child)
+    admin_host, admin_port = child.found[1].rsplit(":", 1)
+    return Running(spec.name, "olb", spec.workers, [(host, int(port))], child=child,
+                   admin=(admin_host, int(admin_port)))
 
 
 # --- nginx ---------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ scheduling.md, management.md, operations.md):
     olb/_relay.pyx    compiled: the per-chunk path of a response (base of BackendSideProtocol)
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
-    olb/admin.py      /olb/status, /olb/health, /olb/drain
+    olb/admin.py      /olb/status, /olb/health, /olb/drain, the dashboard: the admin gate
+    olb/auth.py       API keys and their limits (OLB_API_KEYS), the admin token
+    olb/dashboard.py  the dashboard's samples and events (the page: olb/dashboard.html)
     olb/errors.py     error types, each with its HTTP status
     olb/agent.py      `olb-agent`: an NVML exporter with dcgm-exporter's names
     olb/sim/          the simulated Ollama used by tests, demo and benchmarks

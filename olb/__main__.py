@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> None:
             # SO_REUSEPORT even alone: a new olb can take over the port while
             # this one drains (docs/operations.md, Shutdown and upgrades).
             sock = _bind_or_exit(cfg, reuse_port=True)
+            admin_sock = _bind_admin_or_exit(cfg, reuse_port=True)
+            admin_port = admin_sock.getsockname()[1] if admin_sock else None
             run_worker(cfg, sock, None, None, 0, load=reload, loaded=loaded,
-                       ready=lambda: _announce(cfg, sock.getsockname()[1]))
+                       ready=lambda: _announce(cfg, sock.getsockname()[1], admin_port),
+                       admin_sock=admin_sock)
         else:
             supervise(cfg, reload, loaded)
     finally:
@@ -84,11 +87,40 @@ def _bind_or_exit(cfg, reuse_port: bool) -> socket.socket:
         sys.exit(2)
 
 
-def _announce(cfg, port: int) -> None:
+def _bind_admin_or_exit(cfg, reuse_port: bool) -> socket.socket | None:
+    """The admin listener's socket (OLB_ADMIN_LISTEN), or None when it is off."""
+    from .server import bind_socket
+
+    if cfg.admin_listen is None:
+        return None
+    host, port = cfg.admin_listen
+    try:
+        return bind_socket(host, port, reuse_port=reuse_port)
+    except OSError as exc:
+        print(f"olb-fast: OLB_ADMIN_LISTEN: cannot listen on {host}:{port}: {exc.strerror or exc} "
+              f"(set OLB_ADMIN_LISTEN=HOST:PORT, or off)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _admin_url(cfg, admin_port: int | None) -> str | None:
+    if admin_port is None:
+        return None
+    host = cfg.admin_listen[0]
+    return f"http://{f'[{host}]' if ':' in host else host}:{admin_port}"
+
+
+def _announce(cfg, port: int, admin_port: int | None = None) -> None:
     url = f"http://{cfg.listen_host}:{port}"
     backends = ", ".join(b.url for b in cfg.backends)
     print(f"olb-fast listening on {url} ({cfg.workers} worker{'s' if cfg.workers > 1 else ''}) "
           f"in front of {backends}", flush=True)
+    admin = _admin_url(cfg, admin_port)
+    if admin is not None:
+        print(f"olb-fast admin on {admin} (dashboard {admin}/olb/)", flush=True)
+    else:
+        print("olb-fast admin listener off (OLB_ADMIN_LISTEN=off)"
+              + ("; admin endpoints on the data port behind OLB_ADMIN_TOKEN" if cfg.admin_token else ""),
+              flush=True)
     if cfg.demo:
         host = f"{cfg.listen_host}:{port}"
         print(f"""
@@ -98,7 +130,7 @@ Demo: {cfg.demo} simulated Ollama instances (olb-sim) stand behind olb. Try, in 
   curl {url}/api/generate -d '{{"model": "llama3.2", "prompt": "Why is the sky blue?"}}'
   curl {url}/api/chat -d '{{"model": "llama3.2", "messages": [{{"role": "user", "content": "hi"}}], "stream": false}}'
   curl -N {url}/v1/chat/completions -d '{{"model": "llama3.2", "stream": true, "messages": [{{"role": "user", "content": "hi"}}]}}'
-  curl {url}/olb/status
+  curl {_admin_url(cfg, admin_port) or url}/olb/status      # the dashboard: {_admin_url(cfg, admin_port) or url}/olb/
   OLLAMA_HOST={host} ollama run llama3.2        # the real CLI works too
 
 Ctrl-C stops olb and the simulated cluster.
@@ -109,13 +141,14 @@ Ctrl-C stops olb and the simulated cluster.
 
 
 def run_worker(cfg, sock: socket.socket, shared, drained, worker: int, load=None, loaded=None,
-               ready=None) -> None:
+               ready=None, admin_sock=None, samples=None) -> None:
     import uvloop
 
-    uvloop.run(_serve(cfg, sock, shared, drained, worker, load, loaded, ready))
+    uvloop.run(_serve(cfg, sock, shared, drained, worker, load, loaded, ready, admin_sock, samples))
 
 
-async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready) -> None:
+async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready, admin_sock=None,
+                 samples=None) -> None:
     from .balancer import new_table
     from .lifecycle import Lifecycle, unblock_signals
     from .server import start_proxy
@@ -123,7 +156,8 @@ async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready) -
     table = None
     if shared is not None:
         table = new_table(cfg, shared=shared, worker=worker, workers=cfg.workers)
-    server = await start_proxy(cfg, sock=sock, table=table, worker=worker, drained=drained)
+    server = await start_proxy(cfg, sock=sock, table=table, worker=worker, drained=drained,
+                               admin_sock=admin_sock, samples=samples)
     # What start-up built (modules, config, the table, the pools) lives as long
     # as the process: freeze it out of the cyclic collector's sight, so that a
     # full collection walks only request-time objects and stays short (a pause
@@ -148,12 +182,15 @@ async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready) -
 
 
 def supervise(cfg, load, loaded) -> None:
+    from . import dashboard
     from ._core import shared_size
     from .balancer import new_table
 
     n = len(cfg.backends)
     shared = mmap.mmap(-1, shared_size(n, cfg.workers))  # MAP_SHARED | MAP_ANONYMOUS
     drained = mmap.mmap(-1, n)  # one byte per backend: draining (see admin.py)
+    # The dashboard's counters, a row per worker (dashboard.Samples).
+    samples = mmap.mmap(-1, dashboard.shared_size(cfg.workers))
     table = new_table(cfg, shared=shared, worker=0, workers=cfg.workers)
     # Resolve the port (OLB_LISTEN may say :0) and hold it while workers come
     # and go: a bound socket that never listens takes no connections from the
@@ -168,6 +205,20 @@ def supervise(cfg, load, loaded) -> None:
               f"{exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
     cfg = dataclasses.replace(cfg, listen_port=reserve.getsockname()[1])
+    # The admin port likewise (the workers bind it with SO_REUSEPORT too).
+    reserve_admin = None
+    if cfg.admin_listen is not None:
+        host, port = cfg.admin_listen
+        reserve_admin = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        reserve_admin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reserve_admin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            reserve_admin.bind((host, port))
+        except OSError as exc:
+            print(f"olb-fast: OLB_ADMIN_LISTEN: cannot listen on {host}:{port}: {exc.strerror or exc} "
+                  f"(set OLB_ADMIN_LISTEN=HOST:PORT, or off)", file=sys.stderr)
+            sys.exit(2)
+        cfg = dataclasses.replace(cfg, admin_listen=(host, reserve_admin.getsockname()[1]))
 
     stopping = False
     # pid -> (worker slot, start time, generation); a reload starts a
@@ -190,7 +241,9 @@ def supervise(cfg, load, loaded) -> None:
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)  # still blocked until the worker's handlers
                 _die_with_parent(supervisor)
                 reserve.close()
-                run_worker(cfg, sock, gen_shared, gen_drained, worker)
+                if reserve_admin is not None:
+                    reserve_admin.close()
+                run_worker(cfg, sock, gen_shared, gen_drained, worker, samples=samples)
             except BaseException:
                 logging.getLogger("olb").exception("worker %d crashed", worker)
                 code = 1
@@ -223,7 +276,8 @@ def supervise(cfg, load, loaded) -> None:
         demo = cfg.backends[len(loaded.backends):]
         was_draining = {(b.host, b.port) for i, b in enumerate(cfg.backends) if drained[i]}
         loaded = new
-        cfg = dataclasses.replace(new, listen_port=cfg.listen_port, backends=new.backends + demo)
+        cfg = dataclasses.replace(new, listen_port=cfg.listen_port, admin_listen=cfg.admin_listen,
+                                  backends=new.backends + demo)
         n = len(cfg.backends)
         shared = mmap.mmap(-1, shared_size(n, cfg.workers))
         drained = mmap.mmap(-1, n)
@@ -247,7 +301,7 @@ def supervise(cfg, load, loaded) -> None:
     signal.signal(signal.SIGHUP, on_reload)
     for w in range(cfg.workers):
         spawn(w)
-    _announce(cfg, cfg.listen_port)
+    _announce(cfg, cfg.listen_port, cfg.admin_listen[1] if reserve_admin is not None else None)
     from .lifecycle import unblock_signals
 
     unblock_signals()

@@ -180,6 +180,38 @@ def _raw(raw: str) -> str:
     return raw
 
 
+def _admin_listen(raw: str) -> tuple[str, int] | None:
+    """OLB_ADMIN_LISTEN: HOST:PORT, or `off` (admin endpoints only on the data port, behind the token)."""
+    if raw.strip().lower() in ("off", ""):
+        return None
+    try:
+        return _listen(raw)
+    except ValueError:
+        raise ValueError(f"HOST:PORT (e.g. 127.0.0.1:11433) or off, got {raw!r}") from None
+
+
+def _token(raw: str) -> str:
+    """OLB_ADMIN_TOKEN: empty (no token), or one of at least 16 printable characters."""
+    value = raw.strip()
+    if value and (len(value) < 16 or not value.isprintable() or " " in value):
+        raise ValueError("a token of at least 16 printable characters without spaces "
+                         "(e.g. from `openssl rand -hex 24`), or empty")
+    return value
+
+
+def _keys_file(raw: str) -> str:
+    """OLB_API_KEYS: a keys file's path, read and checked now so a bad one exits 2 (olb/auth.py)."""
+    path = raw.strip()
+    if path:
+        from .auth import load_keys
+
+        try:
+            load_keys(path, source="")
+        except ConfigError as exc:
+            raise ValueError(f"a keys file (docs/operations.md, Access control): {exc}") from None
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     env: str
@@ -282,6 +314,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_SHUTDOWN_TIMEOUT", "shutdown_timeout", "30", _positive_float,
             "Seconds running streams get to finish after SIGTERM; those still running then are cut "
             "and logged. Queued requests get 503 with Retry-After at once."),
+    Setting("OLB_API_KEYS", "api_keys", "", _keys_file,
+            "File of API keys, one a line, each optionally with limits "
+            "(`sk-team-a;concurrent=8;rpm=600;tpm=200000`); set, every request needs "
+            "`Authorization: Bearer KEY` (401 without, 429 over a limit). Re-read on SIGHUP."),
+    Setting("OLB_ADMIN_LISTEN", "admin_listen", "127.0.0.1:11433", _admin_listen,
+            "Address of the admin listener (`/olb/*`, `/metrics`, the dashboard at `/olb/`), HOST:PORT "
+            "or `off`. The data port serves them only with `OLB_ADMIN_TOKEN` (docs/operations.md)."),
+    Setting("OLB_ADMIN_TOKEN", "admin_token", "", _token,
+            "Bearer token for the admin endpoints: with it they are served on the data port too, "
+            "and a non-loopback admin listener asks for it."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),
@@ -334,6 +376,9 @@ class Config:
     config: str = _default("config")
     shutdown_timeout: float = _default("shutdown_timeout")
     log_level: str = _default("log_level")
+    api_keys: str = _default("api_keys")
+    admin_listen: tuple[str, int] | None = _default("admin_listen")
+    admin_token: str = _default("admin_token")
     demo: int = _default("demo")
     pull: str = _default("pull")
 
@@ -477,7 +522,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 #: Settings a reload cannot change: they shape the listening socket and the
 #: processes, which a running olb keeps (docs/operations.md).
-FIXED_ON_RELOAD = ("listen", "workers", "demo", "config")
+FIXED_ON_RELOAD = ("listen", "workers", "demo", "config", "admin_listen")
 
 
 def read_env_file(path: str) -> dict[str, str]:

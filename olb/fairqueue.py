@@ -155,3 +155,10 @@ class FairQueue:
 
     def queued_by(self, client) -> int:
         return self._per_client.get(client, 0)
+
+    def waiters(self):
+        """Every (waiter, client) waiting, interactive lines first (for status pages, not the hot path)."""
+        for lines in self._lines:
+            for client, line in lines.items():
+                for waiter in line:
+                    yield waiter, client

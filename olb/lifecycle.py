@@ -186,6 +186,11 @@ class Lifecycle:
         new.bodies = old.bodies
         new.bodies.cap = cfg.max_body_held or cfg.max_body
         new.resumes = old.resumes
+        if old.keys is not None and new.keys is not None and old.keys.path == new.keys.path:
+            # The same key file: keep the ring, so the requests each key has
+            # running still count against its limits; read the file again.
+            old.keys.reload()
+            new.keys = old.keys
         server.ctx = new
         server.balancer = new.balancer
         server.config = cfg

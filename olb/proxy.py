@@ -52,6 +52,8 @@ import orjson
 from . import admin, resume, routing
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
+from .auth import refusal_response
+from .dashboard import TAIL, final_counts
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
                      NotFound, OlbError, TooManyRequests)
 from .fairqueue import OVER_SHARE
@@ -83,7 +85,7 @@ class ProxyContext:
     """What every connection of one worker shares."""
 
     __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
-                 "host_check", "bodies", "resumes", "closing")
+                 "host_check", "bodies", "resumes", "closing", "keys", "samples")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -103,21 +105,29 @@ class ProxyContext:
         #: Stopping or handing over (olb/lifecycle.py): each connection closes
         #: once its response is written, instead of waiting for another request.
         self.closing = False
+        #: auth.KeyRing when OLB_API_KEYS is set, else None (no key asked).
+        self.keys = None
+        #: dashboard.Samples: what the dashboard shows over time.
+        self.samples = None
 
 
 class ClientSideProtocol(asyncio.Protocol):
     """One client connection: requests in order, one exchange at a time."""
 
     __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
-                 "_timer", "_last_active", "_closed", "clock", "_timer_at")
+                 "_timer", "_last_active", "_closed", "clock", "_timer_at", "listener", "key")
 
     @property
     def last_active(self) -> float:
         """The loop time this connection last started or finished a request (olb/lifecycle.py)."""
         return self._last_active
 
-    def __init__(self, ctx: ProxyContext):
+    def __init__(self, ctx: ProxyContext, listener: admin.Listener | None = None):
         self.ctx = ctx
+        #: admin.Listener on the admin listener; None on the data port.
+        self.listener = listener
+        #: The API key of the request in progress (auth.KeyRing.check), or None.
+        self.key = None
         self.transport = None
         self.exchange: Exchange | None = None
         self.write_paused = False
@@ -181,6 +191,7 @@ class ClientSideProtocol(asyncio.Protocol):
         ex, self.exchange = self.exchange, None
         if ex is not None:
             ex.client_gone()
+        self._release_key()
 
     def pause_writing(self) -> None:
         """Called by the transport when its write buffer goes over the high-water mark."""
@@ -211,16 +222,33 @@ class ClientSideProtocol(asyncio.Protocol):
                 return
             self._write_pending(reader)
             if type(req) is ProxyRequest:
-                check = self.ctx.host_check
+                listener = self.listener
+                check = self.ctx.host_check if listener is None else listener.host_check
                 if check is not None and not check.allows(req.header(b"host")):
                     # Ollama's DNS-rebinding protection (hostcheck.py), before
                     # anything else: /olb/ included.
                     self._reply(FORBIDDEN if req.keep_alive else FORBIDDEN_CLOSE, 403, not req.keep_alive)
                     continue
-                if req.target.startswith(b"/olb/"):
-                    status, body = admin.handle(req, self.ctx)
+                if listener is not None or admin.is_admin_path(req.path):
+                    # The admin listener serves only admin endpoints; the data
+                    # port only behind OLB_ADMIN_TOKEN (admin.serve).
+                    try:
+                        status, body = admin.serve(req, self.ctx, listener)
+                    except Exception:  # a bug there must not take the connection down unanswered
+                        log.exception("admin endpoint %s failed", req.target.decode("latin-1"))
+                        status = 500
+                        body = error_response(req.target, 500, "olb: internal error in an admin endpoint",
+                                              closing=not req.keep_alive)
                     self._reply(body, status, not req.keep_alive)
                     continue
+                keys = self.ctx.keys
+                if keys is not None:
+                    # OLB_API_KEYS (auth.py): 401 without a known key, 429 over its limits.
+                    key = keys.check(req.header(b"authorization"))
+                    if type(key) is not bytes:
+                        self._reply(refusal_response(req, key), key.status, not req.keep_alive)
+                        continue
+                    self.key = key
                 path = req.path
                 if (req.method == b"GET" and self.ctx.balancer.models is not None
                         and (path in MERGED_PATHS or openai_model_id(path) is not None)):
@@ -254,6 +282,7 @@ class ClientSideProtocol(asyncio.Protocol):
     def response_done(self, status: int, closing: bool) -> None:
         """Called by the exchange once its response has been written in full."""
         self.exchange = None
+        self._release_key()
         self._last_active = now = self.ctx.loop.time()
         self.clock.done()
         if self._closed:
@@ -292,6 +321,16 @@ class ClientSideProtocol(asyncio.Protocol):
         # timer is re-armed at most once for it.
         self._rearm(self.clock.deadline(self.reader.waiting, self.reader.body_bytes, now, cfg.header_timeout,
                                         cfg.body_timeout, cfg.body_min_rate))
+
+    def _release_key(self) -> None:
+        key, self.key = self.key, None
+        if key is not None:
+            self.ctx.keys.release(key)
+
+    def charge_tokens(self, tokens: int) -> None:
+        """Count the tokens of the response in progress against its API key's tpm= limit."""
+        if self.key is not None:
+            self.ctx.keys.charge(self.key, tokens)
 
     def abort(self) -> None:
         """End the connection without a clean response end (mid-body failure)."""
@@ -352,10 +391,13 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "runner", "slot", "probing", "rechecked", "kept", "resumed", "__weakref__")
+                 "affinity", "runner", "slot", "probing", "rechecked", "kept", "resumed", "started",
+                 "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest, slot: bool = True):
         self.client = client
+        #: When olb had the request, on the relay's clock (TTFT is measured from here).
+        self.started = monotonic()
         #: Takes an inference slot (models.takes_slot): counted in the table
         #: from admit to _release, queued when every slot is busy. Without
         #: one, a healthy backend is picked at once and nothing is counted.
@@ -457,6 +499,9 @@ class Exchange:
         cfg = self.ctx.config
         client, priority = routing.queue_identity(self.req, cfg.client_header, cfg.priority_header,
                                                   self.client.peer_ip)
+        if self.client.key is not None:
+            # With OLB_API_KEYS the checked key is who asks, whatever a header claims.
+            client = b"key:" + self.client.key
         result = self.ctx.balancer.enqueue(self, client, priority)
         if result == QUEUED_OK:
             return True
@@ -579,6 +624,8 @@ class Exchange:
             # Ollama answers once the model is loaded: it is ready there now
             # (for a stream, long before the response ends).
             self.ctx.balancer.models.answered(self.model, self.index, self.runner)
+        if self.slot and self.ctx.samples is not None:
+            self.ctx.samples.first_byte(monotonic() - self.started)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
         elif (head.status == 200 and head.framing == CHUNKED and self.ctx.config.resume_max_bytes
@@ -638,8 +685,15 @@ class Exchange:
                              retry=True, mark_down=False)
         return True
 
-    def on_end(self, reusable: bool) -> None:
-        """The backend's response has been forwarded in full."""
+    def on_end(self, reusable: bool, last: bytes = b"") -> None:
+        """The backend's response has been forwarded in full; `last` is the body's last piece."""
+        if self.slot:
+            # Token counts from the final line (dashboard.final_counts): the
+            # dashboard's tokens/s and the API key's tpm= limit.
+            prompt, generated = final_counts(last[-TAIL:]) if last else (0, 0)
+            if self.ctx.samples is not None:
+                self.ctx.samples.request_done(generated)
+            self.client.charge_tokens(prompt + generated)
         conn, self.conn = self.conn, None
         conn.detach()
         pool = conn.pool
@@ -1106,7 +1160,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         # Bytes beyond the response mean the backend is not speaking plain
         # request/response on this connection; do not reuse it.
         reusable = self.head.keep_alive and end == len(data)
-        self.exchange.on_end(reusable)
+        self.exchange.on_end(reusable, data[:end] if end < len(data) else data)
 
     def _protocol_error(self, message: str) -> None:
         ex = self.exchange

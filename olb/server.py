@@ -3,6 +3,10 @@
 `start_proxy` is also what the integration tests use: it takes a socket
 already bound to 127.0.0.1:0 (or binds one) and returns once it listens, so
 no test ever sleeps waiting for readiness.
+
+Two listeners: the data port (OLB_LISTEN), and the admin listener
+(OLB_ADMIN_LISTEN) that serves /olb/*, /metrics and the dashboard and
+nothing else (docs/operations.md, "Admin listener").
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import logging
 import socket
 import time
 
+from . import auth
+from .admin import Listener
 from .balancer import Balancer
 from .config import Config
+from .dashboard import Samples
 from .hostcheck import HostCheck, listens_on_loopback
 from .proxy import BackendSideProtocol, ClientSideProtocol, ProxyContext
 
@@ -21,15 +28,21 @@ log = logging.getLogger("olb.server")
 
 
 class ProxyServer:
-    def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None):
+    def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None, samples=None):
         self.config = config
         self.loop = loop
         self.worker = worker
+        # With several workers, `samples` is the shared buffer of their counter rows.
+        self._samples = Samples(worker, config.workers, samples)
         self.ctx = self.new_context(config, table=table, drained=drained)
         self.balancer = self.ctx.balancer
         self._server = None
+        self._admin_server = None
+        self._tick = None
         self.port = 0
         self._host = ""
+        #: The admin listener's port (0: none).
+        self.admin_port = 0
         self.telemetry = None  # telemetry.TelemetryScraper when a backend has metrics=
 
     def new_context(self, config: Config, table=None, drained=None) -> ProxyContext:
@@ -37,21 +50,42 @@ class ProxyServer:
         a new one on reload and moves the connections to it."""
         ctx = ProxyContext(config, self.loop, worker=self.worker)
         ctx.balancer = Balancer(config, self.loop, BackendSideProtocol, table=table, drained=drained)
+        # One ring of dashboard samples per worker, whatever the generation.
+        ctx.samples = self._samples
+        if config.api_keys:
+            ctx.keys = auth.KeyRing(auth.load_keys(config.api_keys), config.api_keys,
+                                    workers=config.workers)
         return ctx
 
     @property
     def url(self) -> str:
         return f"http://{self.config.listen_host}:{self.port}"
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | None = None, admin_sock: socket.socket | None = None) -> None:
         cfg = self.config
         self.ctx.started = time.monotonic()
         if sock is None:
             sock = bind_socket(cfg.listen_host, cfg.listen_port, reuse_port=cfg.workers > 1)
+        if admin_sock is None and cfg.admin_listen is not None:
+            # SO_REUSEPORT: every worker serves the admin port too, and a new
+            # olb (or a new generation of workers) can bind it beside the old.
+            admin_sock = bind_socket(*cfg.admin_listen, reuse_port=True)
         self._server = await self.loop.create_server(
             lambda: ClientSideProtocol(self.ctx), sock=sock, backlog=2048)
         self.port = sock.getsockname()[1]
         self._host = sock.getsockname()[0]
+        if admin_sock is not None:
+            loopback = listens_on_loopback(admin_sock.getsockname()[0])
+            listener = Listener(open=loopback or not cfg.admin_token,
+                                host_check=HostCheck() if loopback else None)
+            if not loopback and not cfg.admin_token:
+                log.warning("the admin listener %s is not on loopback and OLB_ADMIN_TOKEN is not set: "
+                            "anyone who reaches it can drain backends", admin_sock.getsockname()[:2])
+            # self.ctx read per connection: a reload (olb/lifecycle.py) replaces it.
+            self._admin_server = await self.loop.create_server(
+                lambda: ClientSideProtocol(self.ctx, listener), sock=admin_sock)
+            self.admin_port = admin_sock.getsockname()[1]
+        self._tick = self.loop.call_later(1.0, self._sample)
         self.start_context(self.ctx)
         self.telemetry = self.ctx.telemetry
 
@@ -92,7 +126,30 @@ class ProxyServer:
         if ctx.telemetry is not None:
             await ctx.telemetry.close()
 
+    def _sample(self) -> None:
+        # The dashboard's ring: one sample a second (dashboard.Samples.tick).
+        self._tick = self.loop.call_later(1.0, self._sample)
+        self.ctx.samples.tick(self.balancer)
+
+    def reload_keys(self) -> str | None:
+        """Read OLB_API_KEYS's file again (SIGHUP); None when done, else why
+        it was refused (logged; the old keys stay)."""
+        keys = self.ctx.keys
+        if keys is None:
+            return None
+        error = keys.reload()
+        if error is None:
+            log.info("API keys reloaded: %d key(s) from %s", len(keys.keys), keys.path)
+        else:
+            log.error("API keys not reloaded, the old ones stay: %s", error)
+        return error
+
     async def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        if self._admin_server is not None:
+            self._admin_server.close()
         if self._server is not None:
             self._server.close()
         for client in list(self.ctx.clients):
@@ -100,6 +157,8 @@ class ProxyServer:
         await self.close_context(self.ctx)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._admin_server is not None:
+            await self._admin_server.wait_closed()
 
 
 def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -120,7 +179,9 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
 
 
 async def start_proxy(config: Config, *, sock: socket.socket | None = None, table=None,
-                      worker: int = 0, drained=None) -> ProxyServer:
-    server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker, drained=drained)
-    await server.start(sock)
+                      worker: int = 0, drained=None, admin_sock: socket.socket | None = None,
+                      samples=None) -> ProxyServer:
+    server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker, drained=drained,
+                         samples=samples)
+    await server.start(sock, admin_sock)
     return server

@@ -37,10 +37,11 @@ async def until(cond, timeout: float = 5.0, interval: float = 0.002) -> None:
 
 
 def proxy_config(urls, **overrides) -> config_mod.Config:
-    """A Config for tests: port 0, no background probes unless asked."""
+    """A Config for tests: port 0 (the admin listener's too), no background probes unless asked."""
     backend_opts = overrides.pop("backend_opts", None)
     entries = [u + (backend_opts[i] if backend_opts else "") for i, u in enumerate(urls)]
-    base = config_mod.Config(listen_host="127.0.0.1", listen_port=0, health_interval=0, gpu_poll=0)
+    base = config_mod.Config(listen_host="127.0.0.1", listen_port=0, health_interval=0, gpu_poll=0,
+                             admin_listen=("127.0.0.1", 0))
     backends = config_mod.parse_backends(",".join(entries), overrides.get("max_inflight", base.max_inflight))
     return dataclasses.replace(base, backends=backends, **overrides)
 
@@ -53,6 +54,11 @@ class Cluster:
     @property
     def port(self) -> int:
         return self.proxy.port
+
+    @property
+    def admin_port(self) -> int:
+        """The admin listener's port: /olb/* is served there, not on the data port."""
+        return self.proxy.admin_port
 
     async def close(self) -> None:
         await self.proxy.close()

@@ -22,6 +22,8 @@ def olb_env(**env):
     base = {k: v for k, v in os.environ.items() if not k.startswith("OLB_")}
     base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
     base["PYTHONUNBUFFERED"] = "1"
+    # Port 0: the default admin port (127.0.0.1:11433) may be another run's.
+    base["OLB_ADMIN_LISTEN"] = "127.0.0.1:0"
     base.update(env)
     return base
 
@@ -43,23 +45,37 @@ def olb_log(proc) -> str:
 
 def read_line_matching(proc, pattern, timeout=20.0):
     """Read proc's stdout until a line matches; no sleeping, bounded in time."""
+    return read_lines_matching(proc, pattern, timeout=timeout)[0]
+
+
+def read_lines_matching(proc, *patterns, timeout=20.0):
+    """Read proc's stdout until a line matches each pattern in turn; the matches.
+
+    One call for lines that come together: select() cannot see what an
+    earlier readline() has already buffered."""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     seen = []
+    found = []
     while time.monotonic() < deadline:
         if not sel.select(deadline - time.monotonic()):
             break
-        line = proc.stdout.readline()
-        if not line:
+        while len(found) < len(patterns):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            m = re.search(patterns[len(found)], line)
+            if m:
+                found.append(m)
+        if len(found) == len(patterns) or not line:
             break
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m
+    if len(found) == len(patterns):
+        return found
     proc.kill()
     proc.wait()
-    raise AssertionError(f"no line matching {pattern!r}; stdout: {seen!r}; stderr: {olb_log(proc)!r}")
+    raise AssertionError(f"no lines matching {patterns!r}; stdout: {seen!r}; stderr: {olb_log(proc)!r}")
 
 
 def stop(proc):
@@ -106,14 +122,16 @@ def test_listen_address_in_use_exits_2():
 def test_demo_serves_a_simulated_cluster():
     proc = start_olb(["--demo", "2", "--listen", "127.0.0.1:0"])
     try:
-        url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
+        url, admin = (m.group(1) for m in read_lines_matching(proc, r"listening on (http://\S+)",
+                                                               r"admin on (http://\S+)"))
         tags = httpx.get(url + "/api/tags", timeout=10)
         assert tags.status_code == 200 and tags.json()["models"]
         reply = httpx.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "hi", "stream": False},
                            timeout=30)
         assert reply.status_code == 200 and reply.json()["done"]
-        status = httpx.get(url + "/olb/status", timeout=10).json()
+        status = httpx.get(admin + "/olb/status", timeout=10).json()
         assert len(status["backends"]) == 2
+        assert httpx.get(url + "/olb/status", timeout=10).status_code == 404  # not on the data port
     finally:
         assert stop(proc) == 0
 
@@ -128,7 +146,8 @@ def test_workers_share_counts_and_are_restarted(loop_thread, policy):
     proc = start_olb(OLB_BACKENDS=backends, OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="2",
                      OLB_HEALTH_INTERVAL="0", OLB_POLICY=policy)
     try:
-        url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
+        url, admin = (m.group(1) for m in read_lines_matching(proc, r"listening on (http://\S+)",
+                                                               r"admin on (http://\S+)"))
         # Six streams (capacity 2 x 3) opened on separate connections, which
         # SO_REUSEPORT spreads over both workers.
         streams = []
@@ -143,7 +162,7 @@ def test_workers_share_counts_and_are_restarted(loop_thread, policy):
         pids = set()
         for _ in range(20):
             with httpx.Client(timeout=10) as c:
-                doc = c.get(url + "/olb/status").json()
+                doc = c.get(admin + "/olb/status").json()
             pids.add(doc["pid"])
             inflight = [b["inflight"] for b in doc["backends"]]
             assert inflight == [3, 3]  # shared counts: every worker sees all six
@@ -152,7 +171,7 @@ def test_workers_share_counts_and_are_restarted(loop_thread, policy):
         # the supervisor reclaims their counts from the shared table.
         for _ in range(50):
             with httpx.Client(timeout=10) as c:
-                doc = c.get(url + "/olb/status").json()
+                doc = c.get(admin + "/olb/status").json()
             held = sum(b["local_inflight"] for b in doc["backends"])
             if held:
                 break
@@ -162,7 +181,7 @@ def test_workers_share_counts_and_are_restarted(loop_thread, policy):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with httpx.Client(timeout=10) as c:
-                doc = c.get(url + "/olb/status").json()
+                doc = c.get(admin + "/olb/status").json()
             if sum(b["inflight"] for b in doc["backends"]) == 6 - held:
                 break
             time.sleep(0.05)
@@ -175,7 +194,7 @@ def test_workers_share_counts_and_are_restarted(loop_thread, policy):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with httpx.Client(timeout=10) as c:
-                doc = c.get(url + "/olb/status").json()
+                doc = c.get(admin + "/olb/status").json()
             if sum(b["inflight"] for b in doc["backends"]) == 0:
                 break
             time.sleep(0.05)

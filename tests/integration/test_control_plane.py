@@ -225,7 +225,7 @@ def test_slow_non_streamed_answers_do_not_mark_a_healthy_backend_down(loop):
                                {"model": "llama3.2", "prompt": f"q{i}", "stream": False}) for i in range(3)]
             chat = await fetch(proxy.port, "POST", "/v1/chat/completions",
                                {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]})
-            status = (await fetch(proxy.port, "GET", "/olb/status")).json()["backends"][0]
+            status = (await fetch(proxy.admin_port, "GET", "/olb/status")).json()["backends"][0]
             return out, chat, status, sims[0].stats.by_path.get("/", 0)
         finally:
             await stop(proxy, sims)

@@ -13,7 +13,19 @@ import time
 
 import httpx
 import pytest
-from test_cli import olb_env, olb_log, read_line_matching, start_olb, stop
+from test_cli import olb_env, olb_log, read_line_matching, stop
+from test_cli import start_olb as _start_olb
+
+#: These tests read /olb/status on the data port, which serves it only
+#: behind OLB_ADMIN_TOKEN (docs/operations.md, Admin listener).
+TOKEN = "lifecycle-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def start_olb(args=(), **env):
+    env.setdefault("OLB_ADMIN_LISTEN", "off")
+    env.setdefault("OLB_ADMIN_TOKEN", TOKEN)
+    return _start_olb(args, **env)
 
 from olb import __version__
 from olb.sim import SimConfig, start_sim
@@ -74,7 +86,7 @@ def reap(proc) -> None:
 
 def status(url: str) -> dict:
     with httpx.Client(timeout=10) as c:
-        return c.get(url + "/olb/status").json()
+        return c.get(url + "/olb/status", headers=AUTH).json()
 
 
 def wait_status(url: str, cond, timeout: float = 15.0) -> dict:
@@ -283,7 +295,7 @@ def test_a_new_olb_takes_over_the_port_without_a_refused_connection(sims):
         deadline = time.monotonic() + 30
         while not stop_connecting.is_set() and len(answered_by) < 20000 and time.monotonic() < deadline:
             with httpx.Client(timeout=10) as c:
-                answered_by.append(c.get(url + "/olb/status").json()["backends"][0]["url"])
+                answered_by.append(c.get(url + "/olb/status", headers=AUTH).json()["backends"][0]["url"])
         return answered_by
 
     pool = concurrent.futures.ThreadPoolExecutor(1)

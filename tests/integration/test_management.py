@@ -30,6 +30,7 @@ class Cluster:
         self.sims = sims
         self.extra = list(extra)
         self.url = f"http://127.0.0.1:{proxy.port}"
+        self.admin_url = f"http://127.0.0.1:{proxy.admin_port}"
 
     def have_blob(self, digest):
         return [s.api.catalogue.blob(digest) is not None for s in self.sims]
@@ -425,12 +426,12 @@ def test_pull_room_skips_backends_too_small(loop_thread):
 
 
 def test_status_shows_which_backends_lack_which_models(cluster, client):
-    with httpx.Client(base_url=cluster.url) as http:
+    with httpx.Client(base_url=cluster.admin_url) as http:
         lacking = http.get("/olb/status").json()["lacking"]
     urls = [s.url for s in cluster.sims]
     assert lacking == {"all-minilm:latest": urls[:2], "llama3.2:1b": urls[1:], "qwen2.5:0.5b": [urls[0], urls[2]]}
     client.pull("all-minilm")
-    with httpx.Client(base_url=cluster.url) as http:
+    with httpx.Client(base_url=cluster.admin_url) as http:
         assert "all-minilm:latest" not in http.get("/olb/status").json()["lacking"]
 
 

@@ -131,7 +131,7 @@ def test_busy_remote_gpu_steers_requests_away(loop, monkeypatch):
         try:
             assert proxy.ctx.gpu is None
             assert await proxy.telemetry.scrape_once() == {endpoint.url: None}
-            status = (await fetch(proxy.port, "GET", "/olb/status")).json()
+            status = (await fetch(proxy.admin_port, "GET", "/olb/status")).json()
             return status, await steer(proxy, sims), endpoint.requests
         finally:
             await proxy.close()
@@ -272,7 +272,7 @@ def test_olb_agent_steers_requests_away_from_a_busy_gpu(loop, monkeypatch):
                                                session_bound=0, models_interval=0))
         try:
             assert await proxy.telemetry.scrape_once() == {url: None}
-            status = (await fetch(proxy.port, "GET", "/olb/status")).json()
+            status = (await fetch(proxy.admin_port, "GET", "/olb/status")).json()
             readings = proxy.telemetry.status()[url]["readings"]
             return status, readings, await steer(proxy, sims)
         finally:
