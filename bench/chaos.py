@@ -126,8 +126,9 @@ class Cluster:
         self.url = self.olb.found[0]
 
     def kill_backend(self, i: int) -> None:
-        self.sims[i].stop(signal.SIGKILL)
-        self.sims[i] = None
+        child, self.sims[i] = self.sims[i], None
+        if child is not None:
+            child.stop(signal.SIGKILL)
 
     def restart_backend(self, i: int) -> None:
         port = int(self.urls[i].rsplit(":", 1)[1])
@@ -145,7 +146,7 @@ class Cluster:
         return proc.process_tree(self.olb.pid) if self.olb and self.olb.alive() else []
 
     def stop(self) -> None:
-        if self.olb is not None:
+        if self.olb is not None:  # None when olb did not start
             self.olb.stop()
         for child in self.sims:
             if child is not None:
@@ -390,7 +391,7 @@ async def run(args) -> dict:
     finally:
         stop.set()
         await loop.run_in_executor(None, cluster.stop)
-    log = cluster.olb.stderr_tail(limit=10**9)
+    log = cluster.olb.stderr_tail(limit=10**9) if cluster.olb is not None else ""
     marks = _marks(log)
     unexplained = [m for m in marks if not any(m[1] == url and killed <= m[0] <= back + KILL_GRACE
                                                for url, killed, back in kills)]

@@ -33,7 +33,7 @@ _last_logged = float("-inf")
 _suppressed = 0
 
 
-def is_local(exc: BaseException) -> bool:
+def is_local(exc: BaseException | None) -> bool:
     """Is `exc` (or the OSError behind it) a resource error of this machine?"""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
@@ -44,7 +44,7 @@ def is_local(exc: BaseException) -> bool:
 
 def describe(exc: OSError) -> str:
     """What a client is told: olb's own resource ran out (the backend was not reached)."""
-    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     hint = " (raise RLIMIT_NOFILE: ulimit -n)" if exc.errno == errno.EMFILE else ""
     return f"olb is out of a local resource, {name}: {exc.strerror}{hint}; the backend was not reached"
 
