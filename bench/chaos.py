@@ -7,9 +7,9 @@ process of its own (`python -m olb.sim`), while a scenario makes trouble:
     kill         (default) one backend is killed (SIGKILL) every 10-15 s and
                  restarted on its port 3 s later; with --kill-worker and
                  --workers 2 or more, one olb worker is killed too, halfway
-    slow-heads   --adversaries connections send a request head one byte a second
-    slow-bodies  --adversaries connections send a 1 MiB body one byte a second
-    non-reading  --adversaries clients ask for long streams and never read them
+    slow-heads   --adversaries (100) connections send a request head one byte a second
+    slow-bodies  --adversaries (100) connections send a 1 MiB body one byte a second
+    non-reading  --adversaries (6) clients ask for long streams and never read them
     low-fd       olb runs under `ulimit -n --fd-limit` (soft and hard), fewer
                  descriptors than the load needs
 
@@ -74,7 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="20,200", help="MIN,MAX num_predict per request")
     p.add_argument("--token-rate", type=float, default=50.0, help="tokens/s per request (olb-sim)")
     p.add_argument("--parallel", type=int, default=16, help="slots per backend (olb-sim and max=)")
-    p.add_argument("--adversaries", type=int, default=100, help="slow or non-reading connections")
+    p.add_argument("--adversaries", type=int, default=None,
+                   help="slow connections (default 100) or non-reading clients (default 6, issue 14's count: "
+                        "each holds a slot for as long as it does not read)")
     p.add_argument("--fd-limit", type=int, default=64, help="olb's RLIMIT_NOFILE (low-fd)")
     p.add_argument("--hang", type=float, default=60.0, help="seconds after which a request counts as hung")
     p.add_argument("--seed", type=int, default=1)
@@ -459,6 +461,8 @@ def main(argv, out: str) -> int:
     add_arguments(p)
     p.add_argument("--out", default=out, help="directory for chaos-SCENARIO.json and .md")
     args = p.parse_args(argv)
+    if args.adversaries is None:
+        args.adversaries = 6 if args.scenario == "non-reading" else 100
     # The load's client sockets are this process's descriptors.
     proc.raise_fd_limit(4 * (args.clients + args.adversaries) + 256)
     command = "python -m bench chaos " + shlex.join(argv)
