@@ -24,6 +24,7 @@ scheduling.md, management.md, operations.md):
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
     olb/admin.py      /olb/status, /olb/health, /olb/drain
     olb/errors.py     error types, each with its HTTP status
+    olb/local.py      errors of this machine (EMFILE...): olb's fault, never a backend's
     olb/agent.py      `olb-agent`: an NVML exporter with dcgm-exporter's names
     olb/sim/          the simulated Ollama used by tests, demo and benchmarks
 """
