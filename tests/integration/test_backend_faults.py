@@ -73,6 +73,7 @@ def test_client_that_stops_reading_is_no_backend_silence(loop):
         try:
             writer.write(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(orjson.dumps(STREAM)), orjson.dumps(STREAM)))
+            await until(lambda: proxy.ctx.clients)
             client = next(iter(proxy.ctx.clients))
             await until(lambda: client.exchange is not None and client.exchange.conn is not None
                         and client.exchange.conn.gate.paused)
