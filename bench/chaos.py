@@ -21,7 +21,9 @@ Every request of the load ends in one class:
                   token lines than its final line's eval_count (the backend that
                   finished it counted only its own)
     inband_error  200 already sent, then Ollama's {"error": ...} line and a clean end
-    truncated     the connection ended before the response did
+    refused       the connection was closed or reset before any response byte (what a
+                  server out of descriptors does at accept; a client may retry it)
+    truncated     the connection ended after some of the response, before its end
     hung          no end within --hang seconds
 
 Besides the classes: which backends olb marked down (its log), and how many
@@ -55,7 +57,7 @@ import orjson
 from . import proc
 
 SCENARIOS = ("kill", "slow-heads", "slow-bodies", "non-reading", "low-fd")
-CLASSES = ("completed", "clean_error", "resumed", "inband_error", "truncated", "hung")
+CLASSES = ("completed", "clean_error", "resumed", "inband_error", "refused", "truncated", "hung")
 #: After a restart, a mark-down of that backend is still the kill's doing for this long (s).
 KILL_GRACE = 5.0
 MODELS = "llama3.2:latest"
@@ -175,7 +177,7 @@ def _request(rng: random.Random, args, n: int) -> tuple[str, bytes, bool]:
 def classify(status: int | None, body: bytes, ended: bool, stream: bool) -> str:
     """One request's class (see the module doc) from what the client got."""
     if not ended:
-        return "truncated"
+        return "refused" if status is None and not body else "truncated"
     if status != 200:
         try:
             return "clean_error" if "error" in orjson.loads(body) else "truncated"
@@ -203,9 +205,10 @@ async def one(host: str, port: int, path: str, body: bytes, stream: bool, hang: 
     data = bytearray()
     ended = False
     writer = None
+    got = 0  # response bytes read
 
     async def exchange():
-        nonlocal status, ended, writer
+        nonlocal status, ended, writer, got
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(conn.send(h11.Request(method="POST", target=path, headers=[
             ("host", host), ("content-type", "application/json"), ("content-length", str(len(body))),
@@ -214,6 +217,7 @@ async def one(host: str, port: int, path: str, body: bytes, stream: bool, hang: 
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 chunk = await reader.read(65536)
+                got += len(chunk)
                 conn.receive_data(chunk)
                 continue
             if isinstance(event, h11.Response):
@@ -235,6 +239,8 @@ async def one(host: str, port: int, path: str, body: bytes, stream: bool, hang: 
     finally:
         if writer is not None:
             writer.close()
+    if not ended and got:
+        return "truncated"  # some bytes came, not even a whole head among them
     return classify(status, bytes(data), ended, stream)
 
 

@@ -23,7 +23,7 @@ TOKENS = [{"response": "a", "done": False}, {"response": "b", "done": False}]
     (503, b'{"error":"server busy"}', True, True, "clean_error"),
     (200, _ndjson(*TOKENS), False, True, "truncated"),          # connection ended mid-body
     (200, _ndjson(*TOKENS), True, True, "truncated"),           # ended, but no final line
-    (None, b"", False, False, "truncated"),                     # nothing at all
+    (None, b"", False, False, "refused"),                       # closed before any byte
     (502, b"<html>bad gateway", True, False, "truncated"),      # not Ollama's error shape
 ])
 def test_classify(status, body, ended, stream, expected):
