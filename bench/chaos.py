@@ -10,10 +10,14 @@ process of its own (`python -m olb.sim`), while a scenario makes trouble:
     slow-heads   --adversaries (100) connections send a request head one byte a second
     slow-bodies  --adversaries (100) connections send a 1 MiB body one byte a second
     non-reading  --adversaries (6) clients ask for long streams and never read them
+                 (olb with OLB_IDLE_TIMEOUT=3, backends at 2,000 tokens/s; olb pauses
+                 a backend's read only once the kernel's socket buffers are full,
+                 megabytes on loopback, which a short run may not reach)
     low-fd       olb runs under `ulimit -n --fd-limit` (soft and hard), fewer
                  descriptors than the load needs
 
-Every request of the load ends in one class:
+A client pauses 0.1 s after a refused request or a clean error before its
+next one. Every request of the load ends in one class:
 
     completed     the whole answer, cleanly framed, no error line
     clean_error   an error status with a whole JSON body, before any byte of an answer
@@ -29,7 +33,9 @@ Every request of the load ends in one class:
 Besides the classes: which backends olb marked down (its log), and how many
 of those were not explained by a kill (a kill explains a mark of that
 backend from the kill until 5 s after its restart): "healthy marked down",
-which issue 14 wants at 0 in every scenario; what olb still counts in flight
+which issue 14 wants at 0 in every scenario; how many streams olb ended for
+a backend's silence (OLB_IDLE_TIMEOUT in its log: spurious outside the kill
+scenario, since no simulated backend stalls); what olb still counts in flight
 and queued once the load has stopped; olb's RSS (all its processes) every
 second; for the slow-client scenarios, how many adversary connections olb
 had closed by the end, and when.
@@ -74,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill-worker", action="store_true", help="also kill one olb worker halfway (kill)")
     p.add_argument("--stream-share", type=float, default=0.5, help="share of streamed requests")
     p.add_argument("--tokens", default="20,200", help="MIN,MAX num_predict per request")
-    p.add_argument("--token-rate", type=float, default=50.0, help="tokens/s per request (olb-sim)")
+    p.add_argument("--token-rate", type=float, default=None,
+                   help="tokens/s per request (olb-sim; default 50, non-reading 2000)")
     p.add_argument("--parallel", type=int, default=16, help="slots per backend (olb-sim and max=)")
     p.add_argument("--adversaries", type=int, default=None,
                    help="slow connections (default 100) or non-reading clients (default 6, issue 14's count: "
@@ -108,7 +115,9 @@ class Cluster:
         a = self.args
         return [sys.executable, "-m", "olb.sim", "--host", "127.0.0.1", "--port", str(port), "--count", "1",
                 "--token-rate", str(a.token_rate), "--ttft", "0.05", "--parallel", str(a.parallel),
-                "--max-queue", "4096", "--models", MODELS]
+                "--max-queue", "4096", "--models", MODELS,
+                # Room for the non-reading clients' long streams (Ollama stops at the context).
+                "--num-ctx", "131072" if a.scenario == "non-reading" else "4096"]
 
     def start(self) -> None:
         for _ in range(self.args.backends):
@@ -119,6 +128,10 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLB_")}
         env.update(OLB_LISTEN="127.0.0.1:0", OLB_WORKERS=str(a.workers),
                    OLB_BACKENDS=",".join(f"{u};max={a.parallel}" for u in self.urls))
+        if a.scenario == "non-reading":
+            # A pause must outlast the idle timeout within the run to show
+            # whether olb takes it for the backend's silence.
+            env["OLB_IDLE_TIMEOUT"] = "3"
         for item in a.olb_env:
             name, _, value = item.partition("=")
             env[name] = value
@@ -275,7 +288,8 @@ async def _adversary(kind: str, host: str, port: int, stop: asyncio.Event, close
         return
     try:
         if kind == "non-reading":
-            body = orjson.dumps({"model": "llama3.2", "prompt": "long", "options": {"num_predict": 100000}})
+            body = orjson.dumps({"model": "llama3.2", "prompt": "long",
+                                 "options": {"num_predict": 1000000, "num_ctx": 131072}})
             writer.write(b"POST /api/generate HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s"
                          % (host.encode(), len(body), body))
             await stop.wait()
@@ -338,6 +352,8 @@ async def run(args) -> dict:
             cls = await one(host, port, path, body, stream, args.hang)
             counts[cls] += 1
             by_kind["stream" if stream else "whole"][cls] += 1
+            if cls in ("refused", "clean_error"):
+                await asyncio.sleep(0.1)  # a client backs off a little before it tries again
 
     async def killer() -> None:
         lo, hi = _pair(args.kill_every)
@@ -415,6 +431,9 @@ async def run(args) -> dict:
         "events": events,
         "marked_down": [{"backend": url, "reason": reason} for _, url, reason in marks],
         "healthy_marked_down": [{"backend": url, "reason": reason} for _, url, reason in unexplained],
+        # Streams olb ended for a backend's silence (its log): none of the
+        # simulated backends ever stalls, so outside the kill scenario each is spurious.
+        "idle_timeouts": log.count("(OLB_IDLE_TIMEOUT)"),
         "after_load": None if status is None else {
             "inflight": [b["inflight"] for b in status["backends"]],
             "queue": status.get("queue"),
@@ -442,6 +461,7 @@ def markdown(result: dict, command: str) -> str:
     lines += ["",
               f"- backends marked down: {len(result['marked_down'])}, of them healthy (no kill explains it): "
               f"{len(result['healthy_marked_down'])}",
+              f"- streams ended for a backend's silence (OLB_IDLE_TIMEOUT): {result['idle_timeouts']}",
               f"- after the load: in flight {after.get('inflight')}, queued {after.get('queue')}, "
               f"healthy {after.get('healthy')}",
               f"- olb RSS (KiB): start {rss['start']}, peak {rss['peak']}, end {rss['end']}"]
@@ -469,6 +489,10 @@ def main(argv, out: str) -> int:
     args = p.parse_args(argv)
     if args.adversaries is None:
         args.adversaries = 6 if args.scenario == "non-reading" else 100
+    if args.token_rate is None:
+        # A stream not read fills the kernel's socket buffers (megabytes on
+        # loopback) before olb pauses its backend: it needs bytes quickly.
+        args.token_rate = 2000.0 if args.scenario == "non-reading" else 50.0
     # The load's client sockets are this process's descriptors.
     proc.raise_fd_limit(4 * (args.clients + args.adversaries) + 256)
     command = "python -m bench chaos " + shlex.join(argv)
