@@ -7,8 +7,10 @@ scheduling.md, management.md, operations.md):
     olb/config.py     OLB_* variables and flags -> Config
     olb/server.py     one worker: listening socket, balancer, background tasks
     olb/proxy.py      the IO shell: ClientSideProtocol <-> BackendSideProtocol
+    olb/resume.py     continuing a chat stream whose backend died (docs/operations.md)
     olb/http.py       sans-IO HTTP: request heads in (h11 + a compiled fast path), bytes out
     olb/hostcheck.py  Ollama's Host check (DNS rebinding) on a loopback listener
+    olb/slowclient.py slow and hostile clients: a partial request's deadline, held body bytes
     olb/flow.py       flow control between the two sides of a proxied request
     olb/balancer.py   backend choice (olb/_core.pyx), admission queue, health, drain
     olb/routing.py    the placement rules: state in, a decision out (docs/scheduling.md)

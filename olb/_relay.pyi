@@ -17,6 +17,10 @@ class Relay:
     scanner: BodyScanner
     forward: Callable[[bytes], object] | None
     last_io: float
+    keep: list[bytes | None] | None
+    keep_left: int
+    def keep_data(self, data: bytes) -> None:
+        """Keep `data` as data_received keeps what it forwards."""
     def data_received(self, data: bytes) -> None: ...
     # Defined by the subclass:
     def _read_head(self, data: bytes) -> None: ...

@@ -38,7 +38,8 @@ Invariants: the backend index is acquired at admit and released exactly
 once (_release clears it; an exchange without a slot holds an index but
 nothing counted, and releases nothing); a client that goes away aborts the backend
 connection at once, because closing that socket is what makes Ollama stop
-generating; after the first response byte there is no retry.
+generating; after the first response byte there is no retry (a chat stream
+is continued on another backend instead: Exchange._resume, olb/resume.py).
 """
 
 from __future__ import annotations
@@ -48,21 +49,23 @@ import logging
 
 import orjson
 
-from . import admin, local, routing
+from . import admin, local, resume, routing
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, LocalResourceError,
                      NoBackendAvailable, NotFound, OlbError, TooManyRequests)
 from .fairqueue import OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
+from .flow import BODY as BODY_HELD
 from .flow import PEER_SLOW, PIPELINE, ReadGate, TimedReadGate, set_write_limits
 from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
-from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
+from .http import (BODY, CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_body, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
 from .manage import ManageExchange, classify
 from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
                      openai_model_id, parse_request, streams, takes_slot)
+from .slowclient import BodyBudget, RequestClock
 
 log = logging.getLogger("olb.proxy")
 
@@ -80,7 +83,7 @@ class ProxyContext:
     """What every connection of one worker shares."""
 
     __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
-                 "host_check")
+                 "host_check", "bodies", "resumes")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -93,13 +96,17 @@ class ProxyContext:
         self.worker = worker
         #: hostcheck.HostCheck when olb listens on loopback (as Ollama), else None.
         self.host_check = None
+        #: Request body bytes this worker holds (slowclient.py).
+        self.bodies = BodyBudget(config.max_body_held or config.max_body)
+        #: Chat streams cut and continued (olb/resume.py).
+        self.resumes = resume.Tally()
 
 
 class ClientSideProtocol(asyncio.Protocol):
     """One client connection: requests in order, one exchange at a time."""
 
     __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
-                 "_timer", "_last_active", "_closed")
+                 "_timer", "_last_active", "_closed", "clock", "_timer_at")
 
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
@@ -118,15 +125,22 @@ class ClientSideProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if peer else b"unknown"
         self.ctx.clients.add(self)
+        self.clock = RequestClock(self.ctx.bodies)
         self._last_active = self.ctx.loop.time()
+        self._timer_at = self._last_active + self.ctx.config.keepalive_timeout
         self._timer = self.ctx.loop.call_later(self.ctx.config.keepalive_timeout, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
         """Called by the transport with bytes the client sent."""
         self.reader.receive(data)
         if self.exchange is None:
-            self._last_active = self.ctx.loop.time()
+            self._last_active = now = self.ctx.loop.time()
+            self.clock.received(len(data), now)
             self._process()
+            if self.exchange is None and self.reader.waiting and not self._closed:
+                self._partial(now)
+            elif self.reader.streaming and not self._closed:
+                self._time_streamed_body(now)
         elif self.reader.streaming:
             self.exchange.body_received()  # a blob upload's body (manage.ManageExchange)
         else:
@@ -152,6 +166,7 @@ class ClientSideProtocol(asyncio.Protocol):
         """Called by the transport when the connection is closed or broken."""
         self._closed = True
         self.ctx.clients.discard(self)
+        self.clock.done()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -222,6 +237,7 @@ class ClientSideProtocol(asyncio.Protocol):
 
     def _reply(self, data: bytes, status: int, closing: bool) -> None:
         """Write a response olb made itself and finish the cycle."""
+        self.clock.done()
         self.transport.write(data)
         if closing or not status or not self.reader.finish_response(status, closing):
             self._closed = True
@@ -230,7 +246,8 @@ class ClientSideProtocol(asyncio.Protocol):
     def response_done(self, status: int, closing: bool) -> None:
         """Called by the exchange once its response has been written in full."""
         self.exchange = None
-        self._last_active = self.ctx.loop.time()
+        self._last_active = now = self.ctx.loop.time()
+        self.clock.done()
         if self._closed:
             return
         if closing or not self.reader.finish_response(status, closing):
@@ -240,6 +257,33 @@ class ClientSideProtocol(asyncio.Protocol):
         # Re-parse what is buffered *before* resuming reading, so a pipelined
         # request does not flap the transport (aiohttp web_protocol does the same).
         self._process()
+        if self.exchange is None and self.reader.waiting and not self._closed:
+            self._partial(now)
+
+    def _time_streamed_body(self, now: float) -> None:
+        """A streamed body (a blob upload) began: time it by the body rule (slowclient.py)."""
+        cfg = self.ctx.config
+        self.clock.restart_body(now, 0)
+        self._rearm(self.clock.deadline(BODY, 0, now, cfg.header_timeout, cfg.body_timeout, cfg.body_min_rate))
+
+    def _rearm(self, deadline: float) -> None:
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.ctx.loop.call_at(deadline, self._on_timer)
+
+    def _partial(self, now: float) -> None:
+        """A request is partly read: refuse it over the body budget, else time it (slowclient.py)."""
+        if self.ctx.bodies.over:
+            self._reply(error_response(b"/", 503, "server busy, please try again.  too many request bytes "
+                                       "held (OLB_MAX_BODY_HELD)", closing=True, retry_after=1), 0, True)
+            return
+        cfg = self.ctx.config
+        # Only a request that spans reads gets here, and the keep-alive
+        # timer is re-armed at most once for it.
+        self._rearm(self.clock.deadline(self.reader.waiting, self.reader.body_bytes, now, cfg.header_timeout,
+                                        cfg.body_timeout, cfg.body_min_rate))
 
     def abort(self) -> None:
         """End the connection without a clean response end (mid-body failure)."""
@@ -250,15 +294,48 @@ class ClientSideProtocol(asyncio.Protocol):
     def _on_timer(self) -> None:
         # One lazily re-armed timer per connection: the deadline moves with
         # activity without rescheduling on every request (aiohttp's keep-alive).
-        timeout = self.ctx.config.keepalive_timeout
+        cfg = self.ctx.config
+        timeout = cfg.keepalive_timeout
+        now = self.ctx.loop.time()
         if self.exchange is None:
-            idle = self.ctx.loop.time() - self._last_active
-            if idle >= timeout:
+            reader = self.reader
+            if reader.waiting:
+                # A partial request is timed from its start, not its last byte (slowclient.py).
+                deadline = self.clock.deadline(reader.waiting, reader.body_bytes, now, cfg.header_timeout,
+                                               cfg.body_timeout, cfg.body_min_rate)
+                if now >= deadline:
+                    self._timer = None
+                    what = ("head", "HEADER") if reader.waiting == HEAD else ("body", "BODY")
+                    self._reply(error_response(b"/", 408, f"the request {what[0]} was not received in time "
+                                               f"(OLB_{what[1]}_TIMEOUT)", closing=True), 0, True)
+                    return
+                timeout = deadline - now
+            else:
+                idle = now - self._last_active
+                if idle >= timeout:
+                    self._timer = None
+                    self._closed = True
+                    self.transport.close()
+                    return
+                timeout -= idle
+        elif self.reader.streaming:
+            reader = self.reader
+            if self.gate.reasons & BODY_HELD:
+                # olb holds the client back (a backend is behind): not its time.
+                self.clock.restart_body(now, reader.body_bytes)
+            deadline = self.clock.deadline(BODY, reader.body_bytes, now, cfg.header_timeout, cfg.body_timeout,
+                                           cfg.body_min_rate)
+            if now >= deadline:
                 self._timer = None
-                self._closed = True
-                self.transport.close()
+                ex, self.exchange = self.exchange, None
+                ex.client_gone()
+                self._reply(error_response(ex.req.target, 408, "the request body was not received in "
+                                           "time (OLB_BODY_TIMEOUT)", closing=True), 0, True)
                 return
-            timeout -= idle
+            # Looked at every quarter of OLB_BODY_TIMEOUT, so that a pause by
+            # olb costs the client at most that much of its time.
+            timeout = min(timeout, deadline - now, cfg.body_timeout / 4)
+        self._timer_at = now + timeout
         self._timer = self.ctx.loop.call_later(timeout, self._on_timer)
 
 
@@ -267,7 +344,7 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "runner", "slot", "probing", "rechecked", "__weakref__")
+                 "affinity", "runner", "slot", "probing", "rechecked", "kept", "resumed", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest, slot: bool = True):
         self.client = client
@@ -300,6 +377,11 @@ class Exchange:
         self.affinity = None
         #: Backends this request may no longer try (they failed it), or None.
         self.excluded = None
+        #: The list the relay keeps the streamed body in (Relay.keep), while
+        #: a chat stream could be continued elsewhere (olb/resume.py), or None.
+        self.kept = None
+        #: A continued stream's Continuation, or None.
+        self.resumed = None
 
     def start(self) -> None:
         """Find the request a backend: the balancer's router decides (olb/routing.py)."""
@@ -473,6 +555,8 @@ class Exchange:
         if ((head.status == 503 or (head.status == 404 and head.content_type.startswith(b"application/json")))
                 and self.model is not None and self._retry_elsewhere(head.status)):
             return None
+        if self.resumed is not None:
+            return self._continued_head(head)
         self.state = STREAMING
         self.head = head
         if self.slot and self.model is not None and head.status == 200:
@@ -481,7 +565,42 @@ class Exchange:
             self.ctx.balancer.models.answered(self.model, self.index, self.runner)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
+        elif (head.status == 200 and head.framing == CHUNKED and self.ctx.config.resume_max_bytes
+              and resume.stream_kind(self.req.path, head.content_type)):
+            # A chat stream: keep what is forwarded, by reference, in case
+            # its backend dies (_resume).
+            self.kept = self.conn.keep = []
+            self.conn.keep_left = self.ctx.config.resume_max_bytes
         return downstream_head(head, raw, self.closing)
+
+    def _continued_head(self, head) -> bytes | None:
+        """The head of a continuation (_resume): the client has its head
+        already, so nothing of it is forwarded; the body is spliced on."""
+        cont = self.resumed
+        if (head.status != 200 or head.framing != CHUNKED
+                or resume.stream_kind(self.req.path, head.content_type) != cont.kind):
+            conn = self._abort_conn()
+            self._backend_failed(BackendProtocolError(
+                f"backend {conn.pool.host}:{conn.pool.port} answered the continued stream with "
+                f"{head.status} {head.content_type.decode('latin-1')}"), retry=False, mark_down=False)
+            return None
+        self.state = STREAMING
+        if self.slot and self.model is not None:
+            self.ctx.balancer.models.answered(self.model, self.index, self.runner)
+        conn = self.conn
+        if self.kept is not None:
+            conn.keep = self.kept
+            conn.keep_left = cont.budget
+        if cont.splice is not None:
+            feed, write = cont.splice.feed, self.client.transport.write
+
+            def forward(data):
+                out = feed(data)
+                if out:
+                    write(out)
+
+            conn.forward = forward
+        return b""
 
     def _retry_elsewhere(self, status: int) -> bool:
         if self.attempts >= self.ctx.config.retries:
@@ -516,6 +635,8 @@ class Exchange:
         else:
             conn.close()
         self.state = DONE
+        if self.resumed is not None:
+            self.ctx.resumes.resumed += 1
         self.client.response_done(self.head.status, self.closing)
 
     def backend_lost(self, error: OlbError, *, got_bytes: bool, reused: bool, at_boundary: bool) -> None:
@@ -593,7 +714,12 @@ class Exchange:
         elif strike:
             balancer.strike(index, error.message)
         if self.state == STREAMING:
-            self._fail_mid_stream(error, at_boundary)
+            # A spliced SSE stream reaches the client in whole chunks only.
+            at_boundary = at_boundary or (self.resumed is not None and self.resumed.splice is not None)
+            if self.kept is not None and self.resumed is None:
+                self.ctx.resumes.cut += 1
+            if not self._resume(index, error, at_boundary):
+                self._fail_mid_stream(error, at_boundary)
             return
         if retry and self.attempts < self.ctx.config.retries:
             self.attempts += 1
@@ -624,8 +750,67 @@ class Exchange:
                 self.ctx.balancer.models.admitted(self.model, index, -1)
             self.ctx.balancer.release(index)
 
+    def _resume(self, index: int, error: OlbError, at_boundary: bool) -> bool:
+        """Continue a broken chat stream on another backend that has the
+        model (olb/resume.py; docs/operations.md, "Streams that survive
+        their backend"). False when it cannot be: the caller ends the stream
+        with an error line."""
+        kept, self.kept = self.kept, None
+        head = self.head
+        if kept is None or not at_boundary or self.client.exchange is not self:
+            return False
+        kind = resume.stream_kind(self.req.path, head.content_type)
+        progress = resume.read_progress(kind, kept)
+        if progress is None:
+            return False
+        if progress.finished:
+            # Only the end of the body was missing: end it, without an error.
+            self.state = DONE
+            self.ctx.resumes.resumed += 1
+            self.client.transport.write(resume.end_of_stream(kind, progress))
+            self.client.response_done(head.status, self.closing)
+            return True
+        cont = self.resumed
+        body = resume.continuation_body(kind, cont.body if cont else self.req.body, progress)
+        if body is None:
+            return False
+        balancer = self.ctx.balancer
+        if self.excluded is None:
+            self.excluded = bytearray(balancer.table.n)
+        self.excluded[index] = 1
+        excluded = self.excluded
+        have = balancer.models.installed_mask(self.model) if self.model is not None else None
+        if not any(b.up and not excluded[b.index] and (have is None or have[b.index]) for b in balancer.backends):
+            return False  # no other backend to continue on: the error as it is
+        self.allowed = bytearray(not x for x in excluded)
+        if cont is None:
+            self.resumed = cont = Continuation(kind, self.req.body, None, error.message)
+        if kind == resume.SSE and cont.splice is None and progress.id is not None and type(progress.created) is int:
+            # From the first event the client got on: a stream cut before
+            # any is forwarded as the continuation sends it.
+            cont.splice = resume.SseSplice(progress.id, progress.created)
+        cont.budget = self.ctx.config.resume_max_bytes - sum(map(len, kept))
+        self.kept = kept
+        req = self.req
+        self.req = ProxyRequest(req.method, req.target, req.http_version, req.headers, body, req.keep_alive,
+                                True)
+        # A continuation gets its own OLB_RETRIES before its first byte; each
+        # resume excludes the backend that failed, so they are bounded too.
+        self.attempts = 0
+        log.info("continuing a chat stream on another backend after %d tokens: %s", progress.tokens,
+                 error.message)
+        self._route()
+        return True
+
     def _fail(self, error: OlbError) -> None:
         """Answer with an error before any response byte was forwarded."""
+        if self.resumed is not None:
+            # A continuation found no backend: the client has a stream
+            # already, stopped on a chunk boundary. Its error says why the
+            # stream broke first.
+            self._fail_mid_stream(type(error)(f"{self.resumed.cause}; continuing the stream on another "
+                                              f"backend failed: {error.message}"), True)
+            return
         self.state = DONE
         req = self.req
         client = self.client
@@ -664,6 +849,24 @@ class Exchange:
         # Closing the backend socket is what makes Ollama cancel the generation.
         self._abort_conn()
         self._release()
+
+
+class Continuation:
+    """A chat stream being continued on another backend (Exchange._resume)."""
+
+    __slots__ = ("kind", "body", "splice", "budget", "cause")
+
+    def __init__(self, kind: int, body: bytes, splice, cause: str):
+        #: resume.NDJSON or resume.SSE.
+        self.kind = kind
+        #: The client's own request body: each continuation is built from it.
+        self.body = body
+        #: resume.SseSplice for an SSE stream (its events get the first id), else None.
+        self.splice = splice
+        #: What the relay may still keep of the stream (OLB_RESUME_MAX_BYTES less what it holds).
+        self.budget = 0
+        #: Why the stream broke the first time (the error line names it if no continuation works).
+        self.cause = cause
 
 
 class MergedExchange:
@@ -812,6 +1015,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             ex.client.gate.resume(PEER_SLOW)
         self.forward = None
         self.head = None
+        self.keep = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -883,6 +1087,8 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             self.forward(out)
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return
+        if self.keep is not None:
+            self.keep_data(rest)
         # The head and the first body bytes leave in one write: one syscall,
         # one segment (a small answer or a first token usually arrives whole,
         # with its head). When the head goes out unchanged, that is the read
