@@ -334,7 +334,9 @@ async def run(args) -> dict:
     hostport = cluster.url.split("//", 1)[1]
     host, port = hostport.rsplit(":", 1)[0], int(hostport.rsplit(":", 1)[1])
     counts = dict.fromkeys(CLASSES, 0)
-    by_kind = {"stream": dict.fromkeys(CLASSES, 0), "whole": dict.fromkeys(CLASSES, 0)}
+    # By endpoint and kind: issue 14's resume target is about chat streams.
+    by_kind = {f"{path} {kind}": dict.fromkeys(CLASSES, 0)
+               for path in ("/api/chat", "/api/generate") for kind in ("stream", "whole")}
     events: list[dict] = []
     rss: list[tuple[float, int]] = []
     kills: list[tuple[str, float, float]] = []  # (url, killed at, restarted at): wall clock
@@ -351,7 +353,7 @@ async def run(args) -> dict:
             path, body, stream = _request(crng, args, seq)
             cls = await one(host, port, path, body, stream, args.hang)
             counts[cls] += 1
-            by_kind["stream" if stream else "whole"][cls] += 1
+            by_kind[f"{path} {'stream' if stream else 'whole'}"][cls] += 1
             if cls in ("refused", "clean_error"):
                 await asyncio.sleep(0.1)  # a client backs off a little before it tries again
 
