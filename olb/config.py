@@ -31,6 +31,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from . import __version__
 from .errors import ConfigError
 
 DEMO_HINT = (
@@ -275,6 +276,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_PULL", "pull", "all", _pull,
             "Where /api/pull goes: `all` healthy backends, or only those with `room` (whose known GPU "
             "memory can hold the model, when its size is known from a backend that has it)."),
+    Setting("OLB_CONFIG", "config", "", _raw,
+            "A file of `OLB_*=value` lines (a systemd `EnvironmentFile`) whose values override the "
+            "environment; SIGHUP re-reads it (docs/operations.md, Configuration file and reload)."),
+    Setting("OLB_SHUTDOWN_TIMEOUT", "shutdown_timeout", "30", _positive_float,
+            "Seconds running streams get to finish after SIGTERM; those still running then are cut "
+            "and logged. Queued requests get 503 with Retry-After at once."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),
@@ -324,6 +331,8 @@ class Config:
     priority_header: str = _default("priority_header")
     session_header: str = _default("session_header")
     session_bound: float = _default("session_bound")
+    config: str = _default("config")
+    shutdown_timeout: float = _default("shutdown_timeout")
     log_level: str = _default("log_level")
     demo: int = _default("demo")
     pull: str = _default("pull")
@@ -410,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load balancer for Ollama: one endpoint in front of several `ollama serve` instances.",
         epilog="Every flag mirrors an OLB_* environment variable; a flag wins over its variable.",
     )
+    parser.add_argument("--version", action="version", version=f"olb-fast {__version__}")
     for s in SETTINGS:
         if s.env == "OLB_DEMO":
             parser.add_argument("--demo", nargs="?", const="3", default=None, metavar="N",
@@ -433,6 +443,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_parser()
     # argparse exits with status 2 on unknown flags itself, which is what we want.
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    path = args.config if args.config is not None else environ.get("OLB_CONFIG", "")
+    if path:
+        # The file's values override the environment; a flag still wins over both.
+        environ = {**environ, **read_env_file(path)}
     values: dict[str, object] = {}
     for s in SETTINGS:
         flag_value = getattr(args, s.field)
@@ -459,6 +473,57 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         backends=backends,
         **{s.field: values[s.field] for s in SETTINGS if s.field not in ("listen", "backends")},
     )
+
+
+#: Settings a reload cannot change: they shape the listening socket and the
+#: processes, which a running olb keeps (docs/operations.md).
+FIXED_ON_RELOAD = ("listen", "workers", "demo", "config")
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """The `OLB_*=value` lines of a file in systemd's EnvironmentFile format.
+
+    As systemd reads it (systemd.exec(5), EnvironmentFile=): blank lines and
+    lines starting with `#` or `;` are ignored; a value may be enclosed in
+    single or double quotes, which are removed; whitespace around the key and
+    the value is dropped. Every key must be a known OLB_* variable (a typo
+    would otherwise be silently ignored), and OLB_CONFIG may not name another file.
+
+    Raises:
+        ConfigError: the file cannot be read, or a line is malformed, naming
+            the file, the line and the variable.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"OLB_CONFIG: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_env_file(text, path)
+
+
+_KNOWN = {s.env for s in SETTINGS}
+
+
+def parse_env_file(text: str, path: str = "OLB_CONFIG") -> dict[str, str]:
+    """read_env_file's parser, on the file's text (see there)."""
+    values: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        where = f"{path}:{lineno}"
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{where}: expected VARIABLE=value, got {line!r}")
+        if key not in _KNOWN:
+            raise ConfigError(f"{key}: unknown variable ({where}); known: OLB_* settings in the README")
+        if key == "OLB_CONFIG":
+            raise ConfigError(f"OLB_CONFIG: cannot be set in the file it names ({where})")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
 
 
 def log_level_number(name: str) -> int:

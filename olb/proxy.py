@@ -83,7 +83,7 @@ class ProxyContext:
     """What every connection of one worker shares."""
 
     __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
-                 "host_check", "bodies", "resumes")
+                 "host_check", "bodies", "resumes", "closing")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -100,6 +100,9 @@ class ProxyContext:
         self.bodies = BodyBudget(config.max_body_held or config.max_body)
         #: Chat streams cut and continued (olb/resume.py).
         self.resumes = resume.Tally()
+        #: Stopping or handing over (olb/lifecycle.py): each connection closes
+        #: once its response is written, instead of waiting for another request.
+        self.closing = False
 
 
 class ClientSideProtocol(asyncio.Protocol):
@@ -107,6 +110,11 @@ class ClientSideProtocol(asyncio.Protocol):
 
     __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
                  "_timer", "_last_active", "_closed", "clock", "_timer_at")
+
+    @property
+    def last_active(self) -> float:
+        """The loop time this connection last started or finished a request (olb/lifecycle.py)."""
+        return self._last_active
 
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
@@ -250,7 +258,7 @@ class ClientSideProtocol(asyncio.Protocol):
         self.clock.done()
         if self._closed:
             return
-        if closing or not self.reader.finish_response(status, closing):
+        if closing or self.ctx.closing or not self.reader.finish_response(status, closing):
             self._closed = True
             self.transport.close()
             return
@@ -489,6 +497,20 @@ class Exchange:
         self._fail(NoBackendAvailable(
             f"server busy, please try again.  no backend became free within "
             f"{self.ctx.config.queue_timeout:g}s (OLB_QUEUE_TIMEOUT)"))
+
+    def moved(self, ctx) -> None:
+        """Called by olb/lifecycle.py on a reload while this request waits in
+        the queue: it is routed again under the new configuration (its masks
+        were the old backend table's), in the old queue's order."""
+        self.ctx = ctx
+        self.allowed = self.excluded = None
+        if ctx.balancer.models is None:
+            self.model = None
+        self._route()
+
+    def queue_closed(self) -> None:
+        """olb is stopping (SIGTERM): the queue is answered at once (olb/lifecycle.py)."""
+        self._fail(NoBackendAvailable("server busy, please try again.  olb is shutting down"))
 
     def reroute(self) -> None:
         """Its queue mask no longer has a usable backend: decide again."""

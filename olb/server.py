@@ -24,12 +24,20 @@ class ProxyServer:
     def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None):
         self.config = config
         self.loop = loop
-        self.ctx = ProxyContext(config, loop, worker=worker)
-        self.ctx.balancer = self.balancer = Balancer(config, loop, BackendSideProtocol, table=table,
-                                                         drained=drained)
+        self.worker = worker
+        self.ctx = self.new_context(config, table=table, drained=drained)
+        self.balancer = self.ctx.balancer
         self._server = None
         self.port = 0
+        self._host = ""
         self.telemetry = None  # telemetry.TelemetryScraper when a backend has metrics=
+
+    def new_context(self, config: Config, table=None, drained=None) -> ProxyContext:
+        """A context (balancer included) for `config`; olb/lifecycle.py makes
+        a new one on reload and moves the connections to it."""
+        ctx = ProxyContext(config, self.loop, worker=self.worker)
+        ctx.balancer = Balancer(config, self.loop, BackendSideProtocol, table=table, drained=drained)
+        return ctx
 
     @property
     def url(self) -> str:
@@ -43,42 +51,53 @@ class ProxyServer:
         self._server = await self.loop.create_server(
             lambda: ClientSideProtocol(self.ctx), sock=sock, backlog=2048)
         self.port = sock.getsockname()[1]
-        if listens_on_loopback(sock.getsockname()[0]):
+        self._host = sock.getsockname()[0]
+        self.start_context(self.ctx)
+        self.telemetry = self.ctx.telemetry
+
+    def start_context(self, ctx: ProxyContext) -> None:
+        """Start a context's background work: health checks, model polls, GPU readings."""
+        cfg = ctx.config
+        if listens_on_loopback(self._host):
             # What Ollama does on a loopback bind (hostcheck.py); olb's own
             # Host rewrite would otherwise remove it.
-            self.ctx.host_check = HostCheck()
-        self.balancer.start()
+            ctx.host_check = HostCheck()
+        ctx.balancer.start()
         # A backend with metrics= is remote: its gpus= are the scraped page's
         # `gpu` labels, not this machine's NVML indices.  Only the `llm`
         # policy scores GPU load; the plain ones do not read it.
         gpu_map = [() if b.metrics else b.gpus for b in cfg.backends]
         poll = cfg.gpu_poll if cfg.policy == "llm" else 0
         # Free GPU memory tells the model directory where a model fits.
-        models = self.balancer.models
+        models = ctx.balancer.models
         memory = models.set_gpu_memory if models is not None else None
         if poll > 0 and any(gpu_map):
             from .gpu import GpuMonitor
 
-            self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=poll, memory=memory)
-            self.ctx.gpu.start()
+            ctx.gpu = GpuMonitor(ctx.balancer.table, gpu_map, interval=poll, memory=memory)
+            ctx.gpu.start()
         if poll > 0 and any(b.metrics for b in cfg.backends):
             from .telemetry import TelemetryScraper
 
-            self.telemetry = TelemetryScraper(self.balancer.table, cfg.backends, interval=poll,
-                                              loop=self.loop, memory=memory)
-            self.telemetry.start()
-            self.ctx.telemetry = self.telemetry
+            ctx.telemetry = TelemetryScraper(ctx.balancer.table, cfg.backends, interval=poll,
+                                             loop=self.loop, memory=memory)
+            ctx.telemetry.start()
+
+    @staticmethod
+    async def close_context(ctx: ProxyContext) -> None:
+        """Stop a context's background work and close its backend connections."""
+        await ctx.balancer.close()
+        if ctx.gpu is not None:
+            ctx.gpu.stop()
+        if ctx.telemetry is not None:
+            await ctx.telemetry.close()
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
         for client in list(self.ctx.clients):
             client.transport.close()
-        await self.balancer.close()
-        if self.ctx.gpu is not None:
-            self.ctx.gpu.stop()
-        if self.telemetry is not None:
-            await self.telemetry.close()
+        await self.close_context(self.ctx)
         if self._server is not None:
             await self._server.wait_closed()
 
