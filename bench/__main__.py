@@ -5,6 +5,8 @@
     python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core and olb._http (~20 s)
     python -m bench e2e [...]           bench/e2e.py: olb vs direct only, more detail per process
     python -m bench scheduling [...]    bench/scheduling.py: olb's scheduler vs nginx/HAProxy, simulated cluster
+    python -m bench chaos [...]         bench/chaos.py: backends killed, slow and non-reading clients, few
+                                        descriptors; every request classified
     python -m bench plot FILE.json...   the Markdown and plots again, from saved results
                                         (scheduling results merged: later rows replace earlier)
     python -m bench tools               which proxies this machine has
@@ -115,6 +117,12 @@ def cmd_scheduling(p, args) -> int:
     return scheduling.main(args.rest) or 0
 
 
+def cmd_chaos(p, args) -> int:
+    from . import chaos
+
+    return chaos.main(args.rest, RESULTS)
+
+
 def cmd_tools(p, args) -> int:
     from . import proc, targets
 
@@ -158,6 +166,9 @@ def main(argv=None) -> int:
     sc = sub.add_parser("scheduling", help="bench/scheduling.py: olb's scheduler on a simulated LLM cluster; "
                                            "its flags follow", add_help=False)
     sc.set_defaults(func=lambda a: cmd_scheduling(sc, a), passthrough="scheduling")
+    ch = sub.add_parser("chaos", help="bench/chaos.py: olb under adversity, every request classified; "
+                                      "its flags follow", add_help=False)
+    ch.set_defaults(func=lambda a: cmd_chaos(ch, a), passthrough="chaos")
     pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result; several "
                                      "scheduling results are merged, later rows replacing earlier ones")
     pl.add_argument("files", nargs="+", metavar="FILE.json")
@@ -165,7 +176,7 @@ def main(argv=None) -> int:
     pl.set_defaults(func=lambda a: cmd_plot(pl, a))
     t = sub.add_parser("tools", help="which proxies and plotting this machine has")
     t.set_defaults(func=lambda a: cmd_tools(t, a))
-    # `micro`, `e2e` and `scheduling` hand the flags they do not know to pytest and to their module.
+    # `micro`, `e2e`, `scheduling` and `chaos` hand the flags they do not know to pytest and to their module.
     args, rest = p.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", None):
         p.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -29,6 +29,7 @@ scheduling.md, management.md, operations.md):
     olb/auth.py       API keys and their limits (OLB_API_KEYS), the admin token
     olb/dashboard.py  the dashboard's samples and events (the page: olb/dashboard.html)
     olb/errors.py     error types, each with its HTTP status
+    olb/local.py      errors of this machine (EMFILE...): olb's fault, never a backend's
     olb/agent.py      `olb-agent`: an NVML exporter with dcgm-exporter's names
     olb/sim/          the simulated Ollama used by tests, demo and benchmarks
 """

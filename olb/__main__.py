@@ -27,6 +27,7 @@ import sys
 import time
 
 from . import config as config_mod
+from . import local
 from .errors import ConfigError
 
 log = logging.getLogger("olb")
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
         level=config_mod.log_level_number(cfg.log_level),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
+    # Every client and backend connection is a descriptor: take all the
+    # system allows this process (olb/local.py).
+    before, now = local.raise_nofile_limit()
+    if now != before:
+        log.info("RLIMIT_NOFILE raised from %d to %d", before, now)
     loaded = cfg
     sim_pid = None
     if cfg.demo:

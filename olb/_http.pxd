@@ -20,6 +20,7 @@ cdef class BodyScanner:
     cdef const char* _error      # static C string: why the framing is bad
     cdef int _error_byte         # offending byte, or -1 for a length limit
     cdef int64_t _error_at       # body offset of the offending byte
+    cdef bint _fed_at_boundary   # the last chunked piece fed began between chunks
 
     cdef void _reset(self, int mode) noexcept
     cdef Py_ssize_t feed_c(self, object data) except -3

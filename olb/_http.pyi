@@ -39,7 +39,8 @@ class BodyScanner:
     def done(self) -> bool: ...
     @property
     def at_chunk_boundary(self) -> bool:
-        """A chunked body is between chunks (a whole chunk may be injected)."""
+        """A chunked body is between chunks (a whole chunk may be injected); after a
+        feed() that raised, whether the bytes before that piece ended between chunks."""
 
     @property
     def bytes_seen(self) -> int:

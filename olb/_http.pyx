@@ -374,6 +374,7 @@ cdef class BodyScanner:
         self._error = NULL
         self._error_byte = -1
         self._error_at = 0
+        self._fed_at_boundary = False
 
     def expect_chunked(self):
         """Start a body sent with Transfer-Encoding: chunked."""
@@ -408,8 +409,12 @@ cdef class BodyScanner:
 
         True before the first chunk-size line and right after each chunk's
         closing CRLF: a complete chunk (e.g. a final error chunk) may be
-        injected there without corrupting the framing.
+        injected there without corrupting the framing.  After a feed() that
+        raised, whether the bytes before that piece ended between chunks:
+        the piece itself is not forwarded, so an error chunk may follow them.
         """
+        if self._mode == MODE_ERROR:
+            return self._fed_at_boundary
         return (self._mode == MODE_CHUNKED and self._state == CS_SIZE
                 and self._line_len == 0)
 
@@ -493,6 +498,8 @@ cdef class BodyScanner:
         cdef unsigned char c
         cdef int state = self._state
         cdef const char* error = NULL
+        # Where this piece starts, for at_chunk_boundary should it be malformed.
+        self._fed_at_boundary = state == CS_SIZE and self._line_len == 0
 
         while pos < n:
             if state == CS_DATA:

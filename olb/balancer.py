@@ -39,7 +39,8 @@ import time
 from ._core import NO_BACKEND, BackendTable
 from .client import BackendClient
 from .config import Config
-from .errors import OlbError
+from . import local
+from .errors import LocalResourceError, OlbError
 from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
@@ -56,6 +57,9 @@ PROBE_FIRST = 0.5
 PROBE_MAX = 30.0
 #: Largest answer to a probe's GET / ("Ollama is running": 17 bytes).
 PROBE_MAX_BODY = 64 * 1024
+#: What probe() returns when olb could not even try (olb/local.py: out of
+#: file descriptors...): nothing is known of the backend, and nothing changes.
+UNKNOWN = "not probed: olb is out of a local resource"
 
 
 class Backend:
@@ -382,6 +386,8 @@ class Balancer:
             error = await self.probe(self.backends[index])
         finally:
             self._checks.pop(index, None)
+        if error is UNKNOWN:
+            return None  # olb's own trouble says nothing of the backend: wait on
         if error is not None:
             self.mark_down(index, f"{reason}; then a probe failed: {error}")
         return error
@@ -414,13 +420,17 @@ class Balancer:
 
     async def probe(self, backend: Backend) -> str | None:
         """GET / on the backend, connect included within OLB_CONNECT_TIMEOUT;
-        None when healthy, else what went wrong."""
+        None when healthy, UNKNOWN when olb could not open a connection
+        for a reason of its own (olb/local.py), else what went wrong."""
         timeout = self.config.connect_timeout
         try:
             async with asyncio.timeout(timeout):
                 resp = await backend.client.request("GET", "/", max_body=PROBE_MAX_BODY)
         except asyncio.TimeoutError:
             return f"GET / not answered within {timeout:g}s (OLB_CONNECT_TIMEOUT)"
+        except LocalResourceError as exc:
+            local.report(f"probe of {backend.url} not sent", exc.__cause__)
+            return UNKNOWN
         except OlbError as exc:
             return exc.message
         if resp.status != 200:
@@ -435,7 +445,8 @@ class Balancer:
                 if error is None:
                     self.mark_up(backend.index)
                     return
-                backend.last_error = error
+                if error is not UNKNOWN:
+                    backend.last_error = error
                 backend.probe_delay = min(backend.probe_delay * 2, PROBE_MAX)
         finally:
             backend.probing = False
@@ -448,7 +459,7 @@ class Balancer:
             for backend, error in zip(self.backends, results):
                 if error is None:
                     self.mark_up(backend.index)
-                elif backend.up:
+                elif backend.up and error is not UNKNOWN:
                     self.mark_down(backend.index, error)
 
     def start(self) -> None:

@@ -69,7 +69,8 @@ import contextlib
 import h11
 import orjson
 
-from .errors import BackendConnectError, BackendProtocolError, BackendTimeout
+from .errors import BackendConnectError, BackendProtocolError, BackendTimeout, LocalResourceError
+from .local import describe, is_local
 
 #: Largest response head; h11's default (see olb/http.py MAX_HEAD for its precedents).
 MAX_HEAD = 16 * 1024
@@ -386,6 +387,8 @@ class BackendClient:
             raise BackendConnectError(f"connect to {self._hostport.decode()} timed out "
                                       f"after {self.connect_timeout:g} s") from None
         except OSError as exc:
+            if is_local(exc):
+                raise LocalResourceError(describe(exc)) from exc
             raise BackendConnectError(f"connect to {self._hostport.decode()}: {exc}") from None
         return _Conn(reader, writer, ResponseReader(self._hostport, self.max_head, self.max_body))
 

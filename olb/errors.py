@@ -75,6 +75,14 @@ class BackendTimeout(OlbError):
     status_hint = 504
 
 
+class LocalResourceError(OlbError):
+    """olb itself ran out of something (file descriptors, memory) before reaching a backend
+    (olb/local.py): the backend is not to blame, the client may try again."""
+
+    status_hint = 503
+    retry_after = 1
+
+
 class ConfigError(Exception):
     """Bad configuration: `olb-fast` prints it and exits with status 2.
 

@@ -80,3 +80,33 @@ class ReadGate:
     @property
     def paused(self) -> bool:
         return self.reasons != 0
+
+
+class TimedReadGate(ReadGate):
+    """A ReadGate that tells its owner how long each pause lasted.
+
+    A backend's silence is timed only while olb reads from it (its idle and
+    first-byte timers, proxy.BackendSideProtocol): a pause because the
+    client does not drain its writes is the client's doing, so the owner
+    moves its clocks on by the paused time when reading resumes.
+    """
+
+    __slots__ = ("_paused_at", "_on_resume", "_clock")
+
+    def __init__(self, transport, clock, on_resume):
+        super().__init__(transport)
+        self._clock = clock
+        self._on_resume = on_resume
+        self._paused_at = 0.0
+
+    def pause(self, reason: int) -> None:
+        if not self.reasons:
+            self._paused_at = self._clock()
+        super().pause(reason)
+
+    def resume(self, reason: int) -> None:
+        if not self.reasons & reason:
+            return
+        super().resume(reason)
+        if not self.reasons:
+            self._on_resume(self._clock() - self._paused_at)

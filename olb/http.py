@@ -598,9 +598,10 @@ def parse_response_head(buf: bytes, head_request: bool):
         BackendProtocolError: the bytes are not an HTTP/1.x response head.
     """
     end = buf.find(b"\r\n\r\n")
+    # One limit however the bytes arrive: a head read whole is held to it too.
+    if (len(buf) if end < 0 else end + 4) > MAX_HEAD:
+        raise BackendProtocolError("backend sent a response head larger than 16 KiB")
     if end < 0:
-        if len(buf) > MAX_HEAD:
-            raise BackendProtocolError("backend sent a response head larger than 16 KiB")
         return None
     lines = buf[:end].split(b"\r\n")
     status_line = lines[0]

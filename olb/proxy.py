@@ -49,17 +49,17 @@ import logging
 
 import orjson
 
-from . import admin, resume, routing
+from . import admin, local, resume, routing
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
 from .auth import refusal_response
 from .dashboard import TAIL, final_counts
-from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
-                     NotFound, OlbError, TooManyRequests)
+from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, LocalResourceError,
+                     NoBackendAvailable, NotFound, OlbError, TooManyRequests)
 from .fairqueue import OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
 from .flow import BODY as BODY_HELD
-from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
+from .flow import PEER_SLOW, PIPELINE, ReadGate, TimedReadGate, set_write_limits
 from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
 from .http import (BODY, CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_body, error_response, parse_response_head,
@@ -580,6 +580,12 @@ class Exchange:
             self.connect_task = None
             if self.state != CONNECTING:
                 return
+            if local.is_local(exc):
+                # olb's own descriptors (or memory) ran out, not the backend:
+                # refuse this client, count nothing against the backend.
+                local.report(f"connect to {pool.host}:{pool.port} not attempted", exc)
+                self._backend_failed(LocalResourceError(local.describe(exc)), retry=False, mark_down=False)
+                return
             reason = f"connect to {pool.host}:{pool.port} failed: " + (
                 "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc)))
             self._backend_failed(BackendConnectError(reason), retry=True, mark_down=True)
@@ -720,7 +726,9 @@ class Exchange:
             self.state = CONNECTING
             self.connect_task = self.ctx.loop.create_task(self._connect(self.index))
             return
-        self._backend_failed(error, retry=not got_bytes, mark_down=False, at_boundary=at_boundary,
+        # Nothing forwarded yet (a backend that closed mid-head included):
+        # another backend may still answer.
+        self._backend_failed(error, retry=self.state == WAITING, mark_down=False, at_boundary=at_boundary,
                              strike=True)
 
     def backend_timeout(self, at_boundary: bool) -> None:
@@ -1034,12 +1042,14 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         self._timer = None
         self._closed = False
         self._head_request = False
+        self._attached_at = 0.0
 
     def connection_made(self, transport) -> None:
         """Called by the loop when the connection to the backend is open."""
         self.transport = transport
         set_write_limits(transport)
-        self.gate = ReadGate(transport)
+        # Timed: a backend's silence counts only while olb reads from it.
+        self.gate = TimedReadGate(transport, monotonic, self._reading_resumed)
 
     def reusable(self) -> bool:
         return not self._closed and self.exchange is None and not self.transport.is_closing()
@@ -1056,13 +1066,24 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         if client.write_paused:
             self.gate.pause(PEER_SLOW)
         self._attached_at = self.last_io = monotonic()
-        self._timer = self.loop.call_later(exchange.ctx.config.first_byte_timeout, self._on_timer)
+        self._arm(exchange.ctx.config.first_byte_timeout)
 
     def wait_longer(self) -> None:
         """Another OLB_FIRST_BYTE_TIMEOUT for the first byte (the backend
         answered a probe: slow, not dead)."""
         self._attached_at = monotonic()
-        self._timer = self.loop.call_later(self.exchange.ctx.config.first_byte_timeout, self._on_timer)
+        self._arm(self.exchange.ctx.config.first_byte_timeout)
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _reading_resumed(self, paused: float) -> None:
+        """Reading resumed after `paused` seconds (the client did not drain
+        its writes): that time was not the backend's silence."""
+        self.last_io += paused
+        self._attached_at += paused
 
     def detach(self) -> None:
         ex, self.exchange = self.exchange, None
@@ -1092,8 +1113,12 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             # Bytes on an idle connection: the backend is confused; drop it.
             self.abort()
             return
-        self._got_bytes = True
         self.last_io = monotonic()
+        if not self._got_bytes:
+            self._got_bytes = True
+            # From the first byte on, silence is timed by OLB_IDLE_TIMEOUT,
+            # not by what is left of the first-byte one.
+            self._arm(ex.ctx.config.idle_timeout)
         buf = self._buf + data if self._buf else data
         try:
             parsed = parse_response_head(buf, self._head_request)
@@ -1219,8 +1244,12 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         now = monotonic()
         if self.head is None and not self._got_bytes:
             remaining = self._attached_at + cfg.first_byte_timeout - now
+            if self.gate.paused:
+                remaining = cfg.first_byte_timeout  # not reading: no silence to time
         else:
             remaining = self.last_io + cfg.idle_timeout - now
+            if self.gate.paused:
+                remaining = cfg.idle_timeout
         if remaining > 0:
             self._timer = self.loop.call_later(remaining, self._on_timer)
             return

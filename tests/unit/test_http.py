@@ -177,6 +177,9 @@ def test_parse_response_head_framings():
     b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    # Over 16 KiB: whole in one read, or not yet complete.
+    b"HTTP/1.1 200 OK\r\n" + b"X-A: %s\r\n" % (b"y" * 16 * 1024) + b"Content-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"X-A: %s" % (b"y" * 16 * 1024),
 ])
 def test_parse_response_head_rejects_garbage(bad):
     with pytest.raises(BackendProtocolError):

@@ -173,6 +173,28 @@ def test_at_chunk_boundary():
     assert not scanner.at_chunk_boundary
 
 
+@pytest.mark.parametrize("good, bad, boundary", [
+    (b"", b"zz\r\n", True),                         # malformed before any chunk
+    (b"5\r\nhello\r\n", b"zz\r\n", True),           # after a whole chunk
+    (b"5\r\nhello\r\n", b"3\r\nabcXY", True),       # this piece began between chunks
+    (b"5\r\nhel", b"loXY", False),                  # the forwarded bytes end mid-chunk
+    (b"5\r", b"\nhelloXY", False),                  # ... or mid size line
+])
+def test_at_chunk_boundary_after_a_malformed_piece(good, bad, boundary):
+    # The piece that raised is not forwarded (olb/_relay.pyx): what the
+    # client has ends where the pieces before it ended.
+    scanner = BodyScanner()
+    scanner.expect_chunked()
+    if good:
+        assert scanner.feed(good) == -1
+    with pytest.raises(ValueError):
+        scanner.feed(bad)
+    assert scanner.at_chunk_boundary is boundary
+    with pytest.raises(ValueError):
+        scanner.feed(b"5\r\nhello\r\n")  # still failed: the answer stands
+    assert scanner.at_chunk_boundary is boundary
+
+
 def test_injected_final_chunk_at_a_boundary_is_valid_framing():
     # What the proxy does when the backend dies mid-stream: at a boundary,
     # append a last chunk of its own.  h11 must accept the result.
