@@ -16,9 +16,11 @@ import gc
 import logging
 import mmap
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from . import config as config_mod
@@ -39,10 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"olb-fast: {exc}", file=sys.stderr)
         sys.exit(exc.exit_status)
-    logging.basicConfig(
-        level=config_mod.log_level_number(cfg.log_level),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    from .accesslog import configure_logging
+
+    configure_logging(config_mod.log_level_number(cfg.log_level), cfg.log_format)
     sim_pid = None
     if cfg.demo:
         sim_pid, urls = start_demo_cluster(cfg.demo)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.workers == 1:
             sock = _bind_or_exit(cfg, reuse_port=False)
             _announce(cfg, sock.getsockname()[1])
-            run_worker(cfg, sock, None, None, 0)
+            run_worker(cfg, sock, None, None, 0, None)
         else:
             supervise(cfg)
     finally:
@@ -95,20 +96,21 @@ Ctrl-C stops olb and the simulated cluster.
 # --- workers ----------------------------------------------------------------------------------
 
 
-def run_worker(cfg, sock: socket.socket, shared, drained, worker: int) -> None:
+def run_worker(cfg, sock: socket.socket, shared, drained, worker: int, metrics_dir: str | None) -> None:
     import uvloop
 
-    uvloop.run(_serve(cfg, sock, shared, drained, worker))
+    uvloop.run(_serve(cfg, sock, shared, drained, worker, metrics_dir))
 
 
-async def _serve(cfg, sock, shared, drained, worker: int) -> None:
+async def _serve(cfg, sock, shared, drained, worker: int, metrics_dir: str | None) -> None:
     from .balancer import new_table
     from .server import start_proxy
 
     table = None
     if shared is not None:
         table = new_table(cfg, shared=shared, worker=worker, workers=cfg.workers)
-    server = await start_proxy(cfg, sock=sock, table=table, worker=worker, drained=drained)
+    server = await start_proxy(cfg, sock=sock, table=table, worker=worker, drained=drained,
+                               metrics_dir=metrics_dir)
     # What start-up built (modules, config, the table, the pools) lives as long
     # as the process: freeze it out of the cyclic collector's sight, so that a
     # full collection walks only request-time objects and stays short (a pause
@@ -118,6 +120,7 @@ async def _serve(cfg, sock, shared, drained, worker: int) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)  # logrotate's postrotate
     await stop.wait()
     await _drain(server)
     await server.close()
@@ -152,6 +155,8 @@ def supervise(cfg) -> None:
               f"{exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
     cfg = dataclasses.replace(cfg, listen_port=reserve.getsockname()[1])
+    # Where each worker publishes its counters for the others' scrapes (olb/metrics.py).
+    metrics_dir = tempfile.mkdtemp(prefix="olb-metrics-") if cfg.metrics else None
 
     stopping = False
     children: dict[int, tuple[int, float]] = {}
@@ -165,9 +170,10 @@ def supervise(cfg) -> None:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker's loop handles it
                 _die_with_parent(supervisor)
                 reserve.close()
-                run_worker(cfg, sock, shared, drained, worker)
+                run_worker(cfg, sock, shared, drained, worker, metrics_dir)
             except BaseException:
                 logging.getLogger("olb").exception("worker %d crashed", worker)
                 code = 1
@@ -182,8 +188,17 @@ def supervise(cfg) -> None:
         for pid in list(children):
             _kill(pid, wait=False)
 
+    def on_usr1(signum, frame) -> None:
+        # logrotate signals the supervisor (the pid systemd knows): each worker reopens its file.
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_usr1)
     for w in range(cfg.workers):
         spawn(w)
     _announce(cfg, cfg.listen_port)
@@ -205,6 +220,8 @@ def supervise(cfg) -> None:
             if stopping:  # SIGTERM arrived during the pause
                 continue
         spawn(worker)
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -17,6 +17,8 @@ class Relay:
     scanner: BodyScanner
     forward: Callable[[bytes], object] | None
     last_io: float
+    tail1: bytes | None
+    tail2: bytes | None
     def data_received(self, data: bytes) -> None: ...
     # Defined by the subclass:
     def _read_head(self, data: bytes) -> None: ...

@@ -28,6 +28,11 @@ the per-chunk path reads, which the Python subclass also reads and writes:
               else None
     last_io   when the backend last sent bytes, in monotonic() seconds (the
               backend idle timer reads it)
+    tail1, tail2  the last two reads forwarded whole (tail1 the newer), or
+              None: with the read that ends the body they hold a response's
+              last bytes, where Ollama's final line carries its token counts
+              (read once per request, by metrics.read_tokens; here it costs
+              two reference moves a chunk, no Python call)
 
 and calls three methods the subclass defines:
 
@@ -72,6 +77,8 @@ cdef class Relay:
     cdef public BodyScanner scanner
     cdef public object forward
     cdef public double last_io
+    cdef public object tail1
+    cdef public object tail2
 
     def __cinit__(self, *args, **kwargs):
         # __cinit__ so that a Python subclass's __init__ need not call ours.
@@ -79,6 +86,8 @@ cdef class Relay:
         self.scanner = BodyScanner()
         self.forward = None
         self.last_io = 0.0
+        self.tail1 = None
+        self.tail2 = None
 
     def data_received(self, data):
         """Called by the transport with bytes from the backend: forward them as they are."""
@@ -93,6 +102,8 @@ cdef class Relay:
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return
         if end < 0:
+            self.tail2 = self.tail1
+            self.tail1 = data
             self.forward(data)
         else:
             self._end(data, end)

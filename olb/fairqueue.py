@@ -155,3 +155,10 @@ class FairQueue:
 
     def queued_by(self, client) -> int:
         return self._per_client.get(client, 0)
+
+    def waiting(self):
+        """Yield (class, model) of every waiter (for the queue-depth gauge, at scrape time)."""
+        for priority, lines in enumerate(self._lines):
+            for line in lines.values():
+                for waiter in line:
+                    yield priority, getattr(waiter, "model", None)

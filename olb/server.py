@@ -12,6 +12,8 @@ import logging
 import socket
 import time
 
+from . import metrics
+from .accesslog import AccessLog
 from .balancer import Balancer
 from .config import Config
 from .hostcheck import HostCheck, listens_on_loopback
@@ -21,15 +23,50 @@ log = logging.getLogger("olb.server")
 
 
 class ProxyServer:
-    def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None):
+    def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None,
+                 metrics_dir: str | None = None):
         self.config = config
         self.loop = loop
         self.ctx = ProxyContext(config, loop, worker=worker)
         self.ctx.balancer = self.balancer = Balancer(config, loop, BackendSideProtocol, table=table,
                                                          drained=drained)
+        self._observe(metrics_dir)
         self._server = None
         self.port = 0
         self.telemetry = None  # telemetry.TelemetryScraper when a backend has metrics=
+
+    def _observe(self, metrics_dir: str | None) -> None:
+        """OLB_METRICS, OLB_ACCESS_LOG and OLB_BACKEND_HEADER (docs/operations.md)."""
+        cfg = self.config
+        ctx = self.ctx
+        self._publish_handle = None
+        if cfg.metrics:
+            ctx.metrics = self.balancer.metrics = metrics.Metrics(len(cfg.backends))
+            if metrics_dir is not None:
+                ctx.metrics_dir = metrics_dir
+                # A worker restarted after a crash goes on from its predecessor's
+                # counters: the group's totals never go down.
+                before = metrics.read_state(metrics_dir, ctx.worker)
+                if before is not None:
+                    ctx.metrics.add_state(before)
+        if cfg.access_log != "off":
+            ctx.access_log = AccessLog(cfg.access_log, cfg.log_format, self.loop)
+        ctx.observing = ctx.metrics is not None or ctx.access_log is not None
+        if cfg.backend_header:
+            ctx.backend_header = [f"{cfg.backend_header}: {b.url}\r\n\r\n".encode("latin-1")
+                                  for b in cfg.backends]
+
+    def _publish(self) -> None:
+        self._publish_handle = self.loop.call_later(metrics.PUBLISH_INTERVAL, self._publish)
+        try:
+            metrics.publish(self.ctx)
+        except OSError as exc:
+            log.error("cannot publish this worker's metrics to %s: %s", self.ctx.metrics_dir, exc)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the access log file (logrotate moved it)."""
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.reopen()
 
     @property
     def url(self) -> str:
@@ -48,6 +85,8 @@ class ProxyServer:
             # Host rewrite would otherwise remove it.
             self.ctx.host_check = HostCheck()
         self.balancer.start()
+        if self.ctx.metrics_dir is not None:
+            self._publish()
         # A backend with metrics= is remote: its gpus= are the scraped page's
         # `gpu` labels, not this machine's NVML indices.  Only the `llm`
         # policy scores GPU load; the plain ones do not read it.
@@ -72,6 +111,9 @@ class ProxyServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+            self._publish_handle = None
         for client in list(self.ctx.clients):
             client.transport.close()
         await self.balancer.close()
@@ -81,6 +123,8 @@ class ProxyServer:
             await self.telemetry.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.close()
 
 
 def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -101,7 +145,8 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
 
 
 async def start_proxy(config: Config, *, sock: socket.socket | None = None, table=None,
-                      worker: int = 0, drained=None) -> ProxyServer:
-    server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker, drained=drained)
+                      worker: int = 0, drained=None, metrics_dir: str | None = None) -> ProxyServer:
+    server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker, drained=drained,
+                         metrics_dir=metrics_dir)
     await server.start(sock)
     return server
