@@ -1,0 +1,113 @@
+"""`olb-fast` processes: one scrape for N workers, the access log reopened on SIGUSR1, JSON logs."""
+
+import os
+import signal
+import time
+
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+from test_cli import olb_log, read_line_matching, start_olb, stop
+
+from olb.sim import SimConfig, start_sim
+
+
+def scrape_total(url: str, name: str, **labels) -> float:
+    # A fresh connection each time: SO_REUSEPORT hands it to either worker.
+    with httpx.Client(timeout=10) as c:
+        page = c.get(url + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(page) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.05)
+
+
+def lines(path) -> list:
+    try:
+        with open(path, "rb") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def test_two_workers_one_scrape_and_sigusr1_reopens(loop_thread, tmp_path):
+    sims = [loop_thread.run(start_sim(SimConfig(token_rate=0, ttft=0, seed=1))) for _ in range(2)]
+    log_path = tmp_path / "access.log"
+    proc = start_olb(OLB_BACKENDS=",".join(s.url for s in sims), OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="2",
+                     OLB_HEALTH_INTERVAL="0", OLB_ACCESS_LOG=str(log_path), OLB_LOG_FORMAT="json")
+    try:
+        url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
+        sent = 24
+        pids = set()
+        for i in range(sent):
+            # One connection each: SO_REUSEPORT spreads them over both workers.
+            with httpx.Client(timeout=10) as c:
+                r = c.post(url + "/api/generate", json={"model": "llama3.2", "prompt": str(i), "stream": False,
+                                                        "options": {"num_predict": 3}})
+                assert r.status_code == 200
+                pids.add(c.get(url + "/olb/status").json()["pid"])
+        assert len(pids) == 2, "the connections all went to one worker"
+        # Each worker publishes its counters every second (metrics.PUBLISH_INTERVAL):
+        # whichever worker answers, the scrape soon counts every request of both.
+        wait_for(lambda: scrape_total(url, "olb_requests_total", endpoint="/api/generate") == sent,
+                 what=f"{sent} requests on the page")
+        for _ in range(8):
+            assert scrape_total(url, "olb_requests_total", endpoint="/api/generate", status="200") == sent
+            assert scrape_total(url, "olb_workers") == 2
+            assert scrape_total(url, "olb_generated_tokens_total") == 3 * sent
+        # Both workers write the one file, whole lines each.
+        wait_for(lambda: sum(b"/api/generate" in x for x in lines(log_path)) == sent, what="access lines")
+        docs = [orjson.loads(x) for x in lines(log_path)]
+        assert all(d["type"] == "access" for d in docs)
+        generates = [d for d in docs if d["path"] == "/api/generate"]
+        assert all(d["eval_tokens"] == 3 and d["status"] == 200 for d in generates), generates
+        assert sorted(d["path"] for d in docs if d["path"] == "/api/generate") == ["/api/generate"] * sent
+        # logrotate: move the file, SIGUSR1 to the supervisor, and the workers write a new one.
+        rotated = tmp_path / "access.log.1"
+        os.rename(log_path, rotated)
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for(lambda: log_path.exists() and olb_log(proc).count("access log reopened") == 2,
+                 what="both workers reopened the log")
+        # (What was buffered at the signal went to the old file, before the reopen.)
+        before = len(lines(rotated))
+        for _ in range(4):
+            with httpx.Client(timeout=10) as c:
+                assert c.get(url + "/api/version").status_code == 200
+        wait_for(lambda: sum(b"/api/version" in x for x in lines(log_path)) == 4, what="lines in the new file")
+        assert len(lines(rotated)) == before
+        # OLB_LOG_FORMAT=json holds for olb's other logs too.
+        reopened = [orjson.loads(x) for x in olb_log(proc).splitlines() if "reopened" in x]
+        assert reopened and all(d["logger"] == "olb.accesslog" and d["level"] == "info" for d in reopened)
+    finally:
+        assert stop(proc) == 0
+        for s in sims:
+            loop_thread.run(s.close())
+
+
+def test_single_worker_sigusr1_reopens(loop_thread, tmp_path):
+    sim = loop_thread.run(start_sim(SimConfig(token_rate=0, ttft=0, seed=1)))
+    log_path = tmp_path / "access.log"
+    proc = start_olb(OLB_BACKENDS=sim.url, OLB_LISTEN="127.0.0.1:0", OLB_HEALTH_INTERVAL="0",
+                     OLB_ACCESS_LOG=str(log_path))
+    try:
+        url = read_line_matching(proc, r"listening on (http://\S+)").group(1)
+        with httpx.Client(timeout=10) as c:
+            assert c.get(url + "/api/version").status_code == 200
+        wait_for(lambda: len(lines(log_path)) == 1, what="the first line")
+        os.rename(log_path, tmp_path / "old.log")
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for(lambda: log_path.exists(), what="a new file")
+        with httpx.Client(timeout=10) as c:
+            assert c.get(url + "/api/tags").status_code == 200
+        wait_for(lambda: len(lines(log_path)) == 1, what="a line in the new file")
+        assert b'"GET /api/tags"' in lines(log_path)[0]
+        assert b'"GET /api/version"' in lines(tmp_path / "old.log")[0]
+    finally:
+        assert stop(proc) == 0
+        loop_thread.run(sim.close())
