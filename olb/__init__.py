@@ -22,7 +22,9 @@ scheduling.md, management.md, operations.md):
     olb/_relay.pyx    compiled: the per-chunk path of a response (base of BackendSideProtocol)
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
-    olb/admin.py      /olb/status, /olb/health, /olb/drain
+    olb/admin.py      /olb/status, /olb/health, /olb/drain, /metrics
+    olb/metrics.py    Prometheus metrics: counters on the request path, the page at scrape time
+    olb/accesslog.py  the access log (OLB_ACCESS_LOG) and the log format (OLB_LOG_FORMAT)
     olb/errors.py     error types, each with its HTTP status
     olb/agent.py      `olb-agent`: an NVML exporter with dcgm-exporter's names
     olb/sim/          the simulated Ollama used by tests, demo and benchmarks

@@ -215,3 +215,25 @@ def test_settings(env, field, value):
 def test_bad_settings_name_the_variable(env, needle):
     with pytest.raises(ConfigError, match=needle):
         config_mod.load([], {"OLB_BACKENDS": "http://127.0.0.1:1", **env})
+
+
+def test_grafana_dashboard_uses_only_names_olb_exports():
+    """packaging/grafana/olb.json queries the names the page has (a renamed metric fails here)."""
+    import pathlib
+    import re
+
+    page = metrics.render(_Ctx(metrics.Metrics(2))).decode()
+    exported = set()
+    for f in text_string_to_metric_families(page):
+        if f.type == "counter":
+            exported.add(f.name + "_total")
+        elif f.type == "histogram":
+            exported |= {f.name + "_bucket", f.name + "_count", f.name + "_sum"}
+        else:
+            exported.add(f.name)
+    doc = orjson.loads((pathlib.Path(__file__).parents[2] / "packaging/grafana/olb.json").read_bytes())
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", ())]
+    exprs.append(doc["templating"]["list"][0]["query"]["query"])
+    used = {name for e in exprs for name in re.findall(r"\bolb_[a-z_]+", e)}
+    assert len(exprs) > 20 and used
+    assert used <= exported, used - exported
