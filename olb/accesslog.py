@@ -28,9 +28,15 @@ LOG_BUFFER = 64 * 1024
 log = logging.getLogger("olb.accesslog")
 
 
+_second = [-1, ""]
+
+
 def _iso(t: float) -> str:
     """RFC 3339 UTC time with milliseconds (what log shippers parse without a pattern)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    sec = int(t)
+    if sec != _second[0]:  # strftime once a second, not once a line
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
 
 
 def _ms(seconds: float | None):
@@ -94,10 +100,10 @@ class AccessLog:
         else:
             # One field per column, `-` for none: what awk and grep expect of
             # an access log. The path is quoted (it may hold spaces, %-encoded or not).
-            line = (f'{_iso(now)} {client.decode("latin-1")} "{method.decode("latin-1")} '
-                    f'{target.decode("latin-1")}" {model or "-"} {backend or "-"} {status} '
-                    f'{_fmt(queue_wait)} {_fmt(ttft)} {duration:.3f} {_num(sent)} {_num(prompt)} {_num(generated)} '
-                    f'{retries}\n').encode("utf-8", "replace")
+            line = b'%s %s "%s %s" %s %s %d %s %s %.3f %s %s %s %d\n' % (
+                _iso(now).encode(), client, method, target, model.encode() if model else b"-",
+                backend.encode() if backend else b"-", status, _fmt(queue_wait), _fmt(ttft), duration,
+                _num(sent), _num(prompt), _num(generated), retries)
         self._buf.append(line)
         self._size += len(line)
         if self._size >= LOG_BUFFER:
@@ -123,12 +129,12 @@ class AccessLog:
             log.error("OLB_ACCESS_LOG: cannot write to %s: %s", self.target, exc.strerror or exc)
 
 
-def _fmt(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.3f}"
+def _fmt(seconds: float | None) -> bytes:
+    return b"-" if seconds is None else b"%.3f" % seconds
 
 
-def _num(value) -> str:
-    return "-" if value is None else str(value)
+def _num(value) -> bytes:
+    return b"-" if value is None else b"%d" % value
 
 
 class JsonFormatter(logging.Formatter):

@@ -20,10 +20,10 @@ counts live in the shared table, the rest each worker knows alike.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import re
+from bisect import bisect_left
 
 import orjson
 
@@ -73,36 +73,46 @@ def endpoint_label(path: bytes) -> str:
     return "other"
 
 
-class Metrics:
-    """One worker's counters and histograms, keyed by label values.
+class _Series:
+    """The counts of one (endpoint, model, backend): what a request's end updates.
 
-    Backends are kept by index (the table's); `render` names them by URL.
-    Every method here runs on the request path: a dict or list update, no
-    formatting.
+    One dict lookup finds all of a request's series at once; the families
+    with fewer labels are sums over these, made at scrape time (Metrics.view).
     """
 
-    __slots__ = ("n", "requests", "retries", "rejections", "ejections", "returns", "queue_wait", "ttft",
-                 "duration", "tps", "prompt_tokens", "eval_tokens", "loads", "load_wait")
+    __slots__ = ("status", "duration", "duration_sum", "ttft", "ttft_sum", "queue", "queue_sum", "tps", "tps_sum",
+                 "prompt", "generated")
+
+    def __init__(self):
+        self.status: dict[int, int] = {}
+        n, m = len(TIME_BUCKETS) + 1, len(TPS_BUCKETS) + 1
+        self.duration, self.ttft, self.queue, self.tps = [0] * n, [0] * n, [0] * n, [0] * m
+        self.duration_sum = self.ttft_sum = self.queue_sum = self.tps_sum = 0.0
+        self.prompt = self.generated = 0
+
+
+class Metrics:
+    """One worker's counters, updated on the request path.
+
+    Backends are kept by index (the table's); the collector names them by
+    URL. Every method here runs on the request path: dict and list updates,
+    no formatting.
+    """
+
+    __slots__ = ("n", "series", "retries", "rejections", "ejections", "returns", "loads", "load_wait", "base")
 
     def __init__(self, n: int):
         self.n = n
-        #: (endpoint, model, backend index or -1, status) -> requests answered.
-        self.requests: dict[tuple, int] = {}
+        #: (endpoint, model, backend index or -1) -> _Series.
+        self.series: dict[tuple, _Series] = {}
         self.retries = [0] * n          # attempts given up on a backend and retried elsewhere
         self.rejections: dict[str, int] = {}
         self.ejections = [0] * n        # taken out (marked down)
         self.returns = [0] * n          # back after a probe found it healthy
-        #: Histograms: label key -> [bucket counts (last: +Inf), sum].
-        self.queue_wait: dict[tuple, list] = {}   # (model,)
-        self.ttft: dict[tuple, list] = {}         # (model, backend)
-        self.duration: dict[tuple, list] = {}     # (endpoint, backend)
-        self.tps: dict[tuple, list] = {}          # (model, backend), streams with a token count
-        self.prompt_tokens: dict[tuple, int] = {}  # (model, backend)
-        self.eval_tokens: dict[tuple, int] = {}    # (model, backend)
         self.loads: dict[tuple, int] = {}         # (model, backend): loads olb triggered
         self.load_wait: dict[tuple, float] = {}   # (model, backend): seconds to the answer
-
-    # --- the request path ------------------------------------------------------------------------
+        #: A predecessor's published state (a worker restarted after a crash), added to every view.
+        self.base: dict | None = None
 
     def request_done(self, endpoint: str, model: str, backend: int, status: int, queue_wait: float | None,
                      ttft: float | None, duration: float, tokens, stream: bool) -> None:
@@ -115,21 +125,29 @@ class Metrics:
                 response's last bytes, or None.
             stream: the response was a stream (tokens per second are observed for streams).
         """
-        key = (endpoint, model, backend, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        _observe(self.duration, (endpoint, backend), duration, TIME_BUCKETS)
+        key = (endpoint, model, backend)
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = _Series()
+        st = s.status
+        st[status] = st.get(status, 0) + 1
+        # Prometheus buckets are `le`: bisect_left finds the first bound >= value.
+        s.duration[bisect_left(TIME_BUCKETS, duration)] += 1
+        s.duration_sum += duration
         if queue_wait is not None:
-            _observe(self.queue_wait, (model,), queue_wait, TIME_BUCKETS)
+            s.queue[bisect_left(TIME_BUCKETS, queue_wait)] += 1
+            s.queue_sum += queue_wait
         if ttft is not None:
-            _observe(self.ttft, (model, backend), ttft, TIME_BUCKETS)
+            s.ttft[bisect_left(TIME_BUCKETS, ttft)] += 1
+            s.ttft_sum += ttft
         if tokens is not None:
             prompt, generated, seconds = tokens
-            mb = (model, backend)
-            self.prompt_tokens[mb] = self.prompt_tokens.get(mb, 0) + prompt
-            self.eval_tokens[mb] = self.eval_tokens.get(mb, 0) + generated
+            s.prompt += prompt
+            s.generated += generated
             if stream and generated and seconds:
-                _observe(self.tps, mb, generated / seconds, TPS_BUCKETS)
+                speed = generated / seconds
+                s.tps[bisect_left(TPS_BUCKETS, speed)] += 1
+                s.tps_sum += speed
 
     def rejected(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -142,10 +160,58 @@ class Metrics:
         key = (model, backend)
         self.load_wait[key] = self.load_wait.get(key, 0.0) + seconds
 
-    # --- across workers --------------------------------------------------------------------------
+    def view(self) -> View:
+        """The families as the page shows them (sums over the series), at scrape time."""
+        v = View(self.n)
+        for (endpoint, model, backend), s in self.series.items():
+            for status, count in s.status.items():
+                _add(v.requests, (endpoint, model, backend, status), count)
+            _add_hist(v.duration, (endpoint, backend), s.duration, s.duration_sum)
+            if s.queue_sum or any(s.queue):
+                _add_hist(v.queue_wait, (model,), s.queue, s.queue_sum)
+            if s.ttft_sum or any(s.ttft):
+                _add_hist(v.ttft, (model, backend), s.ttft, s.ttft_sum)
+            if any(s.tps):
+                _add_hist(v.tps, (model, backend), s.tps, s.tps_sum)
+            if s.prompt or s.generated:
+                _add(v.prompt_tokens, (model, backend), s.prompt)
+                _add(v.eval_tokens, (model, backend), s.generated)
+        v.retries, v.ejections, v.returns = list(self.retries), list(self.ejections), list(self.returns)
+        v.rejections = dict(self.rejections)
+        v.loads, v.load_wait = dict(self.loads), dict(self.load_wait)
+        if self.base is not None:
+            v.add_state(self.base)
+        return v
 
     def state(self) -> dict:
         """The counters as JSON-able lists (what a worker publishes)."""
+        return self.view().state()
+
+
+class View:
+    """Counters by the labels of each family: a worker's (Metrics.view), or a group's (merged)."""
+
+    __slots__ = ("n", "requests", "retries", "rejections", "ejections", "returns", "queue_wait", "ttft",
+                 "duration", "tps", "prompt_tokens", "eval_tokens", "loads", "load_wait")
+
+    def __init__(self, n: int):
+        self.n = n
+        self.requests: dict[tuple, int] = {}      # (endpoint, model, backend, status)
+        self.retries = [0] * n
+        self.rejections: dict[str, int] = {}
+        self.ejections = [0] * n
+        self.returns = [0] * n
+        #: Histograms: label key -> [bucket counts (last: +Inf), sum].
+        self.queue_wait: dict[tuple, list] = {}   # (model,)
+        self.ttft: dict[tuple, list] = {}         # (model, backend)
+        self.duration: dict[tuple, list] = {}     # (endpoint, backend)
+        self.tps: dict[tuple, list] = {}          # (model, backend), streams with a token count
+        self.prompt_tokens: dict[tuple, int] = {}  # (model, backend)
+        self.eval_tokens: dict[tuple, int] = {}    # (model, backend)
+        self.loads: dict[tuple, int] = {}         # (model, backend)
+        self.load_wait: dict[tuple, float] = {}   # (model, backend)
+
+    def state(self) -> dict:
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
             "retries": self.retries, "ejections": self.ejections, "returns": self.returns,
@@ -165,33 +231,30 @@ class Metrics:
         for name in ("requests", "prompt_tokens", "eval_tokens", "loads", "load_wait"):
             table = getattr(self, name)
             for *k, v in doc.get(name, ()):
-                key = tuple(k)
-                table[key] = table.get(key, 0) + v
+                _add(table, tuple(k), v)
         for name in ("retries", "ejections", "returns"):
             mine = getattr(self, name)
             for i, v in enumerate(doc.get(name, ())[:self.n]):
                 mine[i] += v
         for reason, v in doc.get("rejections", {}).items():
-            self.rejections[reason] = self.rejections.get(reason, 0) + v
+            _add(self.rejections, reason, v)
         for name in ("queue_wait", "ttft", "duration", "tps"):
             table = getattr(self, name)
             for *k, counts, total in doc.get(name, ()):
-                key = tuple(k)
-                hist = table.get(key)
-                if hist is None:
-                    table[key] = [list(counts), total]
-                elif len(hist[0]) == len(counts):
-                    hist[0] = [a + b for a, b in zip(hist[0], counts)]
-                    hist[1] += total
+                _add_hist(table, tuple(k), counts, total)
 
 
-def _observe(table: dict, key: tuple, value: float, bounds: tuple) -> None:
+def _add(table: dict, key, value) -> None:
+    table[key] = table.get(key, 0) + value
+
+
+def _add_hist(table: dict, key: tuple, counts: list, total: float) -> None:
     hist = table.get(key)
     if hist is None:
-        hist = table[key] = [[0] * (len(bounds) + 1), 0.0]
-    # Prometheus buckets are `le`: bisect_left finds the first bound >= value.
-    hist[0][bisect.bisect_left(bounds, value)] += 1
-    hist[1] += value
+        table[key] = [list(counts), total]
+    elif len(hist[0]) == len(counts):
+        hist[0] = [a + b for a, b in zip(hist[0], counts)]
+        hist[1] += total
 
 
 # --- token counts from a response's last bytes -----------------------------------------------------
@@ -241,6 +304,20 @@ def read_tokens(tail: bytes):
     return prompt or 0, generated or 0, None
 
 
+#: Bytes at a response's end searched for token counts: Ollama's last line
+#: puts its Metrics last (~200 bytes), an OpenAI stream its usage chunk
+#: (~250 bytes) before `data: [DONE]`; a large answer (embeddings) is not scanned.
+TAIL_BYTES = 1024
+
+
+def response_tokens(tail2, tail1, last: bytes):
+    """read_tokens over the last TAIL_BYTES of a body: the relay's last two
+    reads before the end (or None) and the final read's body bytes."""
+    if len(last) < TAIL_BYTES:
+        last = b"".join(((tail2 or b"")[-TAIL_BYTES:], (tail1 or b"")[-TAIL_BYTES:], last))
+    return read_tokens(last[-TAIL_BYTES:])
+
+
 # --- publishing across workers ----------------------------------------------------------------------
 
 
@@ -268,14 +345,12 @@ def read_state(directory: str, worker: int) -> dict | None:
         return None
 
 
-def merged(ctx) -> Metrics:
+def merged(ctx) -> View:
     """This worker's counters plus every other worker's last publication."""
-    own = ctx.metrics
+    total = ctx.metrics.view()
     directory = ctx.metrics_dir
     if directory is None:
-        return own
-    total = Metrics(own.n)
-    total.add_state(own.state())
+        return total
     for worker in range(ctx.config.workers):
         if worker != ctx.worker:
             doc = read_state(directory, worker)

@@ -61,7 +61,7 @@ from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, Pro
                    RequestReader, downstream_head, error_body, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
 from .manage import ManageExchange, classify
-from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, observe, read_tokens
+from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, observe, response_tokens
 from .metrics import NO_BACKEND as NO_BACKEND_REASON
 from .metrics import QUEUE_FULL as QUEUE_FULL_REASON
 from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
@@ -549,7 +549,7 @@ class Exchange:
         if self.ctx.observing and self.name is not None and self.head.status == 200:
             # The token counts are in the body's last bytes (metrics.read_tokens):
             # the read that ended it and the two before it, read once here.
-            self.tokens = read_tokens(b"".join(((conn.tail2 or b"")[-2048:], (conn.tail1 or b"")[-2048:], last)))
+            self.tokens = response_tokens(conn.tail2, conn.tail1, last)
         conn.detach()
         pool = conn.pool
         balancer = self.ctx.balancer
@@ -655,6 +655,8 @@ class Exchange:
         """Let go of the backend connection and close it at once; returns it (or None)."""
         conn, self.conn = self.conn, None
         if conn is not None:
+            if self.head is not None and self.head.framing != NO_BODY:
+                self.sent += conn.scanner.bytes_seen  # (for the access log: a response cut short)
             conn.detach()
             conn.abort()
         return conn

@@ -48,7 +48,7 @@ class ProxyServer:
                 # counters: the group's totals never go down.
                 before = metrics.read_state(metrics_dir, ctx.worker)
                 if before is not None:
-                    ctx.metrics.add_state(before)
+                    ctx.metrics.base = before
         if cfg.access_log != "off":
             ctx.access_log = AccessLog(cfg.access_log, cfg.log_format, self.loop)
         ctx.observing = ctx.metrics is not None or ctx.access_log is not None

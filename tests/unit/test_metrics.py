@@ -52,7 +52,7 @@ def test_endpoint_label_is_bounded(path, label):
 def test_time_buckets_are_le(value, bucket):
     m = metrics.Metrics(1)
     m.request_done("/api/generate", "m", 0, 200, None, None, value, None, False)
-    counts, total = m.duration[("/api/generate", 0)]
+    counts, total = m.view().duration[("/api/generate", 0)]
     assert counts[bucket] == 1 and sum(counts) == 1 and total == value
 
 
@@ -60,11 +60,12 @@ def test_request_done_counts_tokens_and_speed_of_streams_only():
     m = metrics.Metrics(2)
     m.request_done("/api/generate", "m", 1, 200, 0.5, 0.1, 2.0, (10, 40, 2.0), True)
     m.request_done("/api/generate", "m", 1, 200, 0.0, 0.1, 1.0, (5, 20, 1.0), False)
-    assert m.requests[("/api/generate", "m", 1, 200)] == 2
-    assert m.prompt_tokens[("m", 1)] == 15 and m.eval_tokens[("m", 1)] == 60
-    counts, total = m.tps[("m", 1)]
+    v = m.view()
+    assert v.requests[("/api/generate", "m", 1, 200)] == 2
+    assert v.prompt_tokens[("m", 1)] == 15 and v.eval_tokens[("m", 1)] == 60
+    counts, total = v.tps[("m", 1)]
     assert sum(counts) == 1 and total == 20.0
-    assert sum(m.queue_wait[("m",)][0]) == 2
+    assert sum(v.queue_wait[("m",)][0]) == 2
 
 
 def test_state_round_trips_and_adds_up():
@@ -79,7 +80,7 @@ def test_state_round_trips_and_adds_up():
     a.ejections[0] += 1
     a.load_started("m", 0)
     a.load_answered("m", 0, 2.5)
-    total = metrics.Metrics(2)
+    total = metrics.View(2)
     for m in (a, b):
         total.add_state(orjson.loads(orjson.dumps(m.state())))
     assert total.requests == {("/api/chat", "m", 0, 200): 2, ("/api/chat", "m", 1, 500): 1}
@@ -88,6 +89,11 @@ def test_state_round_trips_and_adds_up():
     assert total.loads == {("m", 0): 1} and total.load_wait == {("m", 0): 2.5}
     assert sum(total.duration[("/api/chat", 0)][0]) == 2
     assert total.eval_tokens == {("m", 0): 4}
+    # A worker restarted after a crash goes on from its predecessor's state.
+    c = metrics.Metrics(2)
+    c.base = orjson.loads(orjson.dumps(total.state()))
+    c.request_done("/api/chat", "m", 1, 500, None, None, 0.1, None, False)
+    assert c.view().requests == {("/api/chat", "m", 0, 200): 2, ("/api/chat", "m", 1, 500): 2}
 
 
 class _Table:
@@ -237,3 +243,18 @@ def test_grafana_dashboard_uses_only_names_olb_exports():
     used = {name for e in exprs for name in re.findall(r"\bolb_[a-z_]+", e)}
     assert len(exprs) > 20 and used
     assert used <= exported, used - exported
+
+
+@pytest.mark.parametrize("tail2,tail1,last,expected", [
+    # The final line in the read before the terminating chunk.
+    (None, b'{"done":true,"prompt_eval_count":4,"eval_count":5}\n', b"0\r\n\r\n", (4, 5, None)),
+    # An OpenAI stream: usage, then [DONE], then the end, in three reads.
+    (b'data: {"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n', b"data: [DONE]\n\n", b"0\r\n\r\n",
+     (1, 2, None)),
+    # A large answer: only its end is searched (its count is there).
+    (None, None, b"[" + b"0.123," * 100000 + b'0],"prompt_eval_count":8}', (8, 0, None)),
+    # A count far from the end is not looked for.
+    (None, None, b'{"eval_count":5}' + b" " * 2000, None),
+])
+def test_response_tokens(tail2, tail1, last, expected):
+    assert metrics.response_tokens(tail2, tail1, last) == expected
