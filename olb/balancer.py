@@ -303,7 +303,7 @@ class Balancer:
             log.warning("backend %s marked down: %s", backend.url, reason)
             backend.up = False
             if self.metrics is not None:
-                self.metrics.ejections[index] += 1
+                self.metrics.ejected(index)
             now = time.time()
             # A backend that answers probes but fails requests would flap in
             # and out: back-off keeps growing while it fails again soon after
@@ -374,7 +374,7 @@ class Balancer:
             log.warning("backend %s is back", backend.url)
             backend.up = True
             if self.metrics is not None:
-                self.metrics.returns[index] += 1
+                self.metrics.returned(index)
             self._apply_health(index)
 
     def drain(self, index: int, draining: bool) -> None:

@@ -105,10 +105,11 @@ class Metrics:
         self.n = n
         #: (endpoint, model, backend index or -1) -> _Series.
         self.series: dict[tuple, _Series] = {}
-        self.retries = [0] * n          # attempts given up on a backend and retried elsewhere
+        # By backend index (dicts: a backend added later has its own).
+        self.retries: dict[int, int] = {}    # attempts given up on a backend and retried elsewhere
         self.rejections: dict[str, int] = {}
-        self.ejections = [0] * n        # taken out (marked down)
-        self.returns = [0] * n          # back after a probe found it healthy
+        self.ejections: dict[int, int] = {}  # taken out (marked down)
+        self.returns: dict[int, int] = {}    # back after a probe found it healthy
         self.loads: dict[tuple, int] = {}         # (model, backend): loads olb triggered
         self.load_wait: dict[tuple, float] = {}   # (model, backend): seconds to the answer
         #: A predecessor's published state (a worker restarted after a crash), added to every view.
@@ -152,6 +153,15 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
+    def retried(self, backend: int) -> None:
+        self.retries[backend] = self.retries.get(backend, 0) + 1
+
+    def ejected(self, backend: int) -> None:
+        self.ejections[backend] = self.ejections.get(backend, 0) + 1
+
+    def returned(self, backend: int) -> None:
+        self.returns[backend] = self.returns.get(backend, 0) + 1
+
     def load_started(self, model: str, backend: int) -> None:
         key = (model, backend)
         self.loads[key] = self.loads.get(key, 0) + 1
@@ -176,7 +186,7 @@ class Metrics:
             if s.prompt or s.generated:
                 _add(v.prompt_tokens, (model, backend), s.prompt)
                 _add(v.eval_tokens, (model, backend), s.generated)
-        v.retries, v.ejections, v.returns = list(self.retries), list(self.ejections), list(self.returns)
+        v.retries, v.ejections, v.returns = dict(self.retries), dict(self.ejections), dict(self.returns)
         v.rejections = dict(self.rejections)
         v.loads, v.load_wait = dict(self.loads), dict(self.load_wait)
         if self.base is not None:
@@ -197,10 +207,10 @@ class View:
     def __init__(self, n: int):
         self.n = n
         self.requests: dict[tuple, int] = {}      # (endpoint, model, backend, status)
-        self.retries = [0] * n
+        self.retries: dict[int, int] = {}
         self.rejections: dict[str, int] = {}
-        self.ejections = [0] * n
-        self.returns = [0] * n
+        self.ejections: dict[int, int] = {}
+        self.returns: dict[int, int] = {}
         #: Histograms: label key -> [bucket counts (last: +Inf), sum].
         self.queue_wait: dict[tuple, list] = {}   # (model,)
         self.ttft: dict[tuple, list] = {}         # (model, backend)
@@ -214,7 +224,8 @@ class View:
     def state(self) -> dict:
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
-            "retries": self.retries, "ejections": self.ejections, "returns": self.returns,
+            "retries": list(self.retries.items()), "ejections": list(self.ejections.items()),
+            "returns": list(self.returns.items()),
             "rejections": self.rejections,
             "queue_wait": [[*k, v[0], v[1]] for k, v in self.queue_wait.items()],
             "ttft": [[*k, v[0], v[1]] for k, v in self.ttft.items()],
@@ -233,9 +244,9 @@ class View:
             for *k, v in doc.get(name, ()):
                 _add(table, tuple(k), v)
         for name in ("retries", "ejections", "returns"):
-            mine = getattr(self, name)
-            for i, v in enumerate(doc.get(name, ())[:self.n]):
-                mine[i] += v
+            table = getattr(self, name)
+            for i, v in doc.get(name, ()):
+                _add(table, i, v)
         for reason, v in doc.get("rejections", {}).items():
             _add(self.rejections, reason, v)
         for name in ("queue_wait", "ttft", "duration", "tps"):
@@ -489,9 +500,10 @@ def queue_depths(queue) -> dict:
 
 
 def _per_backend(kind, metric: str, doc: str, urls, values):
+    """A family with a sample per backend; `values` a list by index, or a dict (0 where absent)."""
     fam = kind(metric, doc, labels=("backend",))
-    for url, v in zip(urls, values):
-        fam.add_metric((url,), v)
+    for i, url in enumerate(urls):
+        fam.add_metric((url,), values.get(i, 0) if isinstance(values, dict) else values[i])
     return fam
 
 

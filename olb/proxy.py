@@ -103,7 +103,7 @@ class ProxyContext:
         self.metrics_dir = None
         self.access_log = None
         self.observing = False
-        #: OLB_BACKEND_HEADER's line for each backend, or None.
+        #: OLB_BACKEND_HEADER's name (bytes), or None.
         self.backend_header = None
 
 
@@ -517,7 +517,8 @@ class Exchange:
         out = downstream_head(head, raw, self.closing)
         if self.ctx.backend_header is not None:
             # OLB_BACKEND_HEADER: one more field before the head's empty line.
-            out = out[:-2] + self.ctx.backend_header[self.index]
+            out = b"%s%s: %s\r\n\r\n" % (out[:-2], self.ctx.backend_header,
+                                           self.ctx.balancer.backends[self.index].url.encode())
         self.sent = len(out)
         return out
 
@@ -644,7 +645,7 @@ class Exchange:
             self.excluded[index] = 1
             self.allowed = bytearray(not x for x in self.excluded)
             if self.ctx.metrics is not None:
-                self.ctx.metrics.retries[index] += 1
+                self.ctx.metrics.retried(index)
             log.info("retrying %s on another backend after: %s", self.req.target.decode("latin-1"),
                      error.message)
             self.start()

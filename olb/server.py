@@ -53,8 +53,7 @@ class ProxyServer:
             ctx.access_log = AccessLog(cfg.access_log, cfg.log_format, self.loop)
         ctx.observing = ctx.metrics is not None or ctx.access_log is not None
         if cfg.backend_header:
-            ctx.backend_header = [f"{cfg.backend_header}: {b.url}\r\n\r\n".encode("latin-1")
-                                  for b in cfg.backends]
+            ctx.backend_header = cfg.backend_header.encode("latin-1")
 
     def _publish(self) -> None:
         self._publish_handle = self.loop.call_later(metrics.PUBLISH_INTERVAL, self._publish)

@@ -76,8 +76,8 @@ def test_state_round_trips_and_adds_up():
     b.request_done("/api/chat", "m", 1, 500, None, None, 0.1, None, False)
     a.rejected(metrics.QUEUE_FULL)
     b.rejected(metrics.QUEUE_FULL)
-    b.retries[1] += 1
-    a.ejections[0] += 1
+    b.retried(1)
+    a.ejected(0)
     a.load_started("m", 0)
     a.load_answered("m", 0, 2.5)
     total = metrics.View(2)
@@ -85,7 +85,7 @@ def test_state_round_trips_and_adds_up():
         total.add_state(orjson.loads(orjson.dumps(m.state())))
     assert total.requests == {("/api/chat", "m", 0, 200): 2, ("/api/chat", "m", 1, 500): 1}
     assert total.rejections == {metrics.QUEUE_FULL: 2}
-    assert total.retries == [0, 1] and total.ejections == [1, 0]
+    assert total.retries == {1: 1} and total.ejections == {0: 1}
     assert total.loads == {("m", 0): 1} and total.load_wait == {("m", 0): 2.5}
     assert sum(total.duration[("/api/chat", 0)][0]) == 2
     assert total.eval_tokens == {("m", 0): 4}
