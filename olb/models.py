@@ -34,6 +34,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import time
 import re
 import urllib.parse
 from typing import NamedTuple
@@ -49,6 +50,9 @@ log = logging.getLogger("olb.models")
 #: resident ones only if its predicted size is at most 80 % of free VRAM.
 MODELS_PER_GPU = 3
 FIT_FRACTION = 0.8
+#: Seconds between two catalogue re-reads made because a request named a
+#: model no backend listed (ModelDirectory.recheck).
+RECHECK_INTERVAL = 1.0
 #: How many of the latest requests (all models) "recent demand" counts: a
 #: window in requests, not seconds, so that it means the same at any speed.
 DEMAND_WINDOW = 500
@@ -549,6 +553,10 @@ class ModelDirectory:
         #: from NVML or a DCGM scrape (set_gpu_memory); None: not known.
         self.vram_free: list[int | None] = [None] * self.n
         self.gpu_count = [0] * self.n
+        #: The catalogue re-read that precedes a 404 (see recheck): the
+        #: round in progress or last done, and when it started.
+        self._recheck: asyncio.Future | None = None
+        self._recheck_at = 0.0
         #: The models of the last DEMAND_WINDOW requests admitted, and how
         #: many each has among them: recent demand (see spare).
         self._recent: collections.deque[str] = collections.deque()
@@ -1066,6 +1074,26 @@ class ModelDirectory:
 
     async def refresh_all(self) -> None:
         await asyncio.gather(*(self.refresh(i) for i in range(self.n)))
+
+    async def recheck(self, indices) -> None:
+        """Re-read the catalogues of `indices` before olb answers 404 for a model none lists.
+
+        One Ollama answers 404 from its disk, which is never stale; olb's
+        directory is as old as its last poll. A model pulled since then (on
+        a backend directly, or through another olb worker, whose re-read
+        this worker never saw) is found here instead of refused. Requests
+        that miss meanwhile share the round in progress; a new round starts
+        at most once every RECHECK_INTERVAL seconds, so a client asking for
+        models nobody has cannot turn each request into a poll of every
+        backend.
+        """
+        round_ = self._recheck
+        now = time.monotonic()
+        if round_ is None or (round_.done() and now - self._recheck_at >= RECHECK_INTERVAL):
+            self._recheck_at = now
+            round_ = self._recheck = asyncio.ensure_future(
+                asyncio.gather(*(self.refresh(i) for i in indices)))
+        await asyncio.shield(round_)
 
     # --- merged views -----------------------------------------------------------------------------
 

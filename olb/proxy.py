@@ -295,8 +295,8 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "runner", "slot", "probing", "name", "served", "t_admit", "t_first", "t_load",
-                 "sent", "tokens", "__weakref__")
+                 "affinity", "runner", "slot", "probing", "rechecked", "name", "served", "t_admit", "t_first",
+                 "t_load", "sent", "tokens", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest, slot: bool = True):
         self.client = client
@@ -320,6 +320,8 @@ class Exchange:
         self.queue_key = None
         self.connect_task = None
         self.reused_retry = False
+        #: The catalogues were re-read once for this request's missing model.
+        self.rechecked = False
         self.model = None
         #: Its runner options (models.parse_request): () for the defaults.
         self.runner = ()
@@ -377,12 +379,27 @@ class Exchange:
             if self._enqueue(decision.mask):
                 self.state = QUEUED
         elif decision.reason == routing.MISSING:
+            if not self.rechecked:
+                # Not listed anywhere as of the last poll: read the
+                # catalogues again before refusing (ModelDirectory.recheck).
+                self.rechecked = True
+                self.state = CONNECTING  # client_gone cancels the task below
+                self.connect_task = self.ctx.loop.create_task(self._recheck())
+                return
             # Answer as Ollama would, without touching a backend; in the
             # name as the client sent it.
             template = MODEL_ENDPOINTS[self.req.path]
             self._fail(NotFound(template.format(name=parse_request(self.req.body).model)))
         else:
             self.queue_unusable()
+
+    async def _recheck(self) -> None:
+        balancer = self.ctx.balancer
+        await balancer.models.recheck([b.index for b in balancer.backends if b.up])
+        self.connect_task = None
+        if self.state == CONNECTING and self.client.exchange is self:
+            self.state = QUEUED
+            self._route()
 
     def _enqueue(self, allowed) -> bool:
         self.allowed = allowed

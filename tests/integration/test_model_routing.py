@@ -698,3 +698,41 @@ def test_a_request_queued_before_an_evicting_load_does_not_join_the_victim(loop)
     assert queued == 1
     assert statuses == [200, 200]
     assert loads == 2  # qwen2.5, then llama3.2 again
+
+
+def test_a_model_pulled_behind_olbs_back_is_found_before_a_404(loop, monkeypatch):
+    """olb's directory is as old as its last poll; one Ollama's 404 comes from
+    its disk. A model pulled on a backend directly (or through another olb
+    worker) is served at once, not refused until the next poll; a model
+    nobody has is still refused, and misses re-read the catalogues at most
+    once per RECHECK_INTERVAL."""
+    import olb.models
+    monkeypatch.setattr(olb.models, "RECHECK_INTERVAL", 60.0)
+
+    async def main():
+        proxy, sims = await start([BASE.replace(models=("llama3.2:latest",)),
+                                   BASE.replace(models=("llama3.2:latest",))])
+        try:
+            pulled = await fetch(sims[1].port, "POST", "/api/pull", {"model": "qwen2.5:7b", "stream": False})
+            assert pulled.status == 200, pulled.body
+            # olb has not seen it: its poll is a minute away.
+            assert not any(proxy.balancer.models.installed_mask("qwen2.5:7b"))
+            r = await fetch(proxy.port, "POST", "/api/generate",
+                            {"model": "qwen2.5:7b", "prompt": "hi", "stream": False})
+            assert r.status == 200, r.body
+            assert inference(sims[1]) == 1 and inference(sims[0]) == 0
+            tags_before = [s.stats.by_path.get("/api/tags", 0) for s in sims]
+            misses = await asyncio.gather(*(fetch(proxy.port, "POST", "/api/generate",
+                                                  {"model": "nope", "prompt": "hi", "stream": False})
+                                            for _ in range(5)))
+            tags_after = [s.stats.by_path.get("/api/tags", 0) for s in sims]
+            return misses, tags_before, tags_after
+        finally:
+            await stop(proxy, sims)
+
+    misses, before, after = run(loop, main())
+    assert [m.status for m in misses] == [404] * 5
+    assert all(m.json() == {"error": "model 'nope' not found"} for m in misses)
+    # The round that found qwen2.5 was under RECHECK_INTERVAL ago: the five
+    # misses are answered from it, without polling the backends again.
+    assert after == before

@@ -469,3 +469,35 @@ def test_openai_model_comes_from_the_newest_entry_of_any_backend():
     d.set_catalogue(1, [{"name": "a:latest", "modified_at": "2025-01-01T00:00:00Z"}], [])
     assert d.openai_model("A") == {"id": "A", "object": "model", "created": 1735689600, "owned_by": "library"}
     assert d.openai_model("b") is None
+
+
+def test_recheck_shares_one_round_and_waits_out_its_interval(monkeypatch):
+    """Misses that arrive while a re-read runs join it; one that arrives
+    within RECHECK_INTERVAL of it is answered from it; after that, a new one."""
+    import asyncio
+
+    import olb.models as models_mod
+
+    d = directory(2)
+    reads = []
+
+    async def refresh(index):
+        reads.append(index)
+        await asyncio.sleep(0)
+        return True
+
+    d.refresh = refresh
+    clock = [100.0]
+    monkeypatch.setattr(models_mod.time, "monotonic", lambda: clock[0])
+
+    async def main():
+        await asyncio.gather(*(d.recheck([0, 1]) for _ in range(3)))
+        assert reads == [0, 1]
+        clock[0] += models_mod.RECHECK_INTERVAL / 2
+        await d.recheck([0, 1])
+        assert reads == [0, 1]
+        clock[0] += models_mod.RECHECK_INTERVAL
+        await d.recheck([0, 1])
+        assert reads == [0, 1, 0, 1]
+
+    asyncio.run(main())
