@@ -301,18 +301,17 @@ def read_tokens(tail: bytes):
         (prompt tokens, generated tokens, generation seconds or None), or
         None when the tail has no count.
     """
-    generated = _field(tail, b'"eval_count":')
-    if generated is not None:
-        prompt = _field(tail, b'"prompt_eval_count":') or 0
+    evaluated = _field(tail, b'"eval_count":')
+    if evaluated is not None:
         ns = _field(tail, b'"eval_duration":')
-        return prompt, generated, (ns / 1e9 if ns else None)
-    generated = _field(tail, b'"completion_tokens":')
+        return _field(tail, b'"prompt_eval_count":') or 0, evaluated, (ns / 1e9 if ns else None)
+    completion = _field(tail, b'"completion_tokens":')
     prompt = _field(tail, b'"prompt_tokens":')
-    if generated is None and prompt is None:
+    if completion is None and prompt is None:
         # /api/embed answers only prompt_eval_count.
-        prompt = _field(tail, b'"prompt_eval_count":')
-        return (prompt, 0, None) if prompt is not None else None
-    return prompt or 0, generated or 0, None
+        embedded = _field(tail, b'"prompt_eval_count":')
+        return (embedded, 0, None) if embedded is not None else None
+    return prompt or 0, completion or 0, None
 
 
 #: Bytes at a response's end searched for token counts: Ollama's last line
