@@ -14,7 +14,7 @@ import pytest
 from harness import RawClient, fetch, run, start_cluster, until
 from prometheus_client.parser import text_string_to_metric_families
 
-from olb.sim import SimConfig
+from olb.sim import SimConfig, start_sim
 
 GEN = {"model": "llama3.2", "prompt": "Why is the sky blue?", "options": {"num_predict": 7}}
 
@@ -42,6 +42,7 @@ def test_metrics_count_the_traffic_sent(loop, tmp_path):
             for _ in range(4):
                 r = await client.request("POST", "/api/generate", GEN)
                 assert r.status == 200
+                headers = r.headers
                 last = r.lines()[-1]
                 generated += last["eval_count"]
                 prompt += last["prompt_eval_count"]
@@ -68,11 +69,11 @@ def test_metrics_count_the_traffic_sent(loop, tmp_path):
             client.close()
             assert r.status == 200
             assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-            return scrape(r.body), [s.url for s in cluster.sims], generated, prompt
+            return scrape(r.body), [s.url for s in cluster.sims], generated, prompt, headers
         finally:
             await cluster.close()
 
-    m, urls, generated, prompt = run(loop, main())
+    m, urls, generated, prompt, headers = run(loop, main())
     assert total(m, "olb_requests_total", endpoint="/api/generate", status="200", model="llama3.2:latest") == 4
     assert total(m, "olb_requests_total", endpoint="/api/chat", status="200") == 3
     assert total(m, "olb_requests_total", endpoint="/v1/chat/completions", status="200") == 2
@@ -100,6 +101,8 @@ def test_metrics_count_the_traffic_sent(loop, tmp_path):
     assert total(m, "olb_backend_up") == 2 and total(m, "olb_backend_draining") == 0
     assert total(m, "olb_backend_model_loaded", model="llama3.2:latest") >= 1
     assert total(m, "olb_rejections_total") == 0 and total(m, "olb_retries_total") == 0
+    # OLB_BACKEND_HEADER is off by default.
+    assert "x-olb-backend" not in headers
 
 
 def test_rejections_and_queue_depth(loop):
@@ -141,11 +144,15 @@ def test_rejections_and_queue_depth(loop):
     assert total(m, "olb_backend_in_flight") == 1
 
 
-def test_retries_and_ejections_counted(loop):
-    """A backend that refuses connections: the request is retried on the other, the dead one ejected."""
+def test_retries_ejections_and_returns_counted(loop):
+    """A backend that refuses connections: the request is retried on the other, the dead one
+    ejected; the same instance back on its port returns after a probe."""
+    fast = SimConfig(token_rate=0, ttft=0, seed=7)
+
     async def main():
-        cluster = await start_cluster(2, policy="round-robin")
+        cluster = await start_cluster(2, fast, policy="round-robin")
         dead = cluster.sims[0]
+        port = dead.port
         await dead.close()
         try:
             client = await RawClient.connect(cluster.port)
@@ -153,16 +160,24 @@ def test_retries_and_ejections_counted(loop):
                 r = await client.request("POST", "/api/generate", GEN)
                 assert r.status == 200
             r = await client.request("GET", "/metrics")
+            down = scrape(r.body)
+            cluster.sims[0] = await start_sim(fast, port=port)
+            backend = cluster.proxy.balancer.backends[0]
+            await until(lambda: backend.up, timeout=10)
+            r = await client.request("GET", "/metrics")
             client.close()
-            return scrape(r.body), dead.url
+            return down, scrape(r.body), dead.url
         finally:
             await cluster.close()
 
-    m, dead_url = run(loop, main())
+    m, back, dead_url = run(loop, main())
     assert total(m, "olb_retries_total", backend=dead_url) == 1
     assert total(m, "olb_backend_ejections_total", backend=dead_url) == 1
     assert total(m, "olb_backend_up", backend=dead_url) == 0
+    assert total(m, "olb_backend_returns_total", backend=dead_url) == 0
     assert total(m, "olb_requests_total", status="200") == 2
+    assert total(back, "olb_backend_returns_total", backend=dead_url) == 1
+    assert total(back, "olb_backend_up", backend=dead_url) == 1
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
