@@ -39,7 +39,8 @@ def test_read_tokens(tail, expected):
 @pytest.mark.parametrize("path,label", [
     (b"/api/generate", "/api/generate"), (b"/api/chat", "/api/chat"),
     (b"/v1/chat/completions", "/v1/chat/completions"),
-    (b"/api/tags", "/api/tags"), (b"/api/blobs/sha256:ab", "/api/blobs"), (b"/v1/models/llama3.2", "/v1/models/{model}"),
+    (b"/api/tags", "/api/tags"), (b"/api/blobs/sha256:ab", "/api/blobs"),
+    (b"/v1/models/llama3.2", "/v1/models/{model}"),
     (b"/olb/status", "/olb"), (b"/metrics", "/metrics"), (b"/made/up/path", "other"), (b"/", "/"),
 ])
 def test_endpoint_label_is_bounded(path, label):
