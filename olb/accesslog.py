@@ -5,10 +5,10 @@ for appending; reopened on SIGUSR1, for logrotate), or `off`.
 OLB_LOG_FORMAT says how every log line is written: `text` or `json` (one
 object a line). The fields are listed in docs/operations.md, "Access log".
 
-Lines are not written one syscall each: a request appends its fields to a
-buffer, and the buffer is formatted and written out LOG_FLUSH seconds after
-the first line in it (or at once at LOG_LINES lines), in whole lines, so
-workers appending to one file (O_APPEND) never interleave within a line.
+Lines are not written one syscall each: a request appends its line to a
+buffer, and the buffer is written out LOG_FLUSH seconds after the first
+line in it (or at once past LOG_BUFFER bytes), in whole lines, so workers
+appending to one file (O_APPEND) never interleave within a line.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import orjson
 
 #: Seconds an access line may wait in the buffer before it is written.
 LOG_FLUSH = 0.1
-#: Buffered lines that are written at once.
-LOG_LINES = 512
+#: Bytes of buffered lines that are written at once.
+LOG_BUFFER = 64 * 1024
 
 log = logging.getLogger("olb.accesslog")
 
@@ -52,8 +52,8 @@ class AccessLog:
         self.loop = loop
         self._fd = -1
         self._own = False
-        #: The fields of the lines not written yet (formatted in flush).
-        self._buf: list[tuple] = []
+        self._buf: list[bytes] = []
+        self._size = 0
         self._timer = None
         self.open()
 
@@ -85,46 +85,31 @@ class AccessLog:
         self._fd = -1
 
     def write(self, client: bytes, method: bytes, target: bytes, model: str, backend: str, status: int,
-              queue_wait: float | None, ttft: float | None, duration: float, sent: int | None, tokens,
+              queue_wait: float | None, ttft: float | None, duration: float, sent: int, tokens,
               retries: int) -> None:
-        """Keep one request's fields for its line (the request path: a tuple appended;
-        the line is formatted when the buffer is written, LOG_FLUSH later at most)."""
-        buf = self._buf
-        buf.append((time.time(), client, method, target, model, backend, status, queue_wait, ttft, duration,
-                    sent, tokens, retries))
-        if len(buf) >= LOG_LINES:
-            self.flush()
-        elif self._timer is None:
-            self._timer = self.loop.call_later(LOG_FLUSH, self.flush)
-
-    def _lines(self, records) -> bytes:
+        """Append one request's line (the request path: a format and a list append)."""
+        now = time.time()
+        prompt, generated = (tokens[0], tokens[1]) if tokens is not None else (None, None)
         if self.json:
-            return b"".join([orjson.dumps({
+            line = orjson.dumps({
                 "time": _iso(now), "type": "access", "client": client.decode("latin-1"),
                 "method": method.decode("latin-1"), "path": target.decode("latin-1"), "model": model or None,
                 "backend": backend or None, "status": status, "queue_ms": _ms(queue_wait), "ttft_ms": _ms(ttft),
-                "duration_ms": _ms(duration), "bytes": sent,
-                "prompt_tokens": tokens[0] if tokens is not None else None,
-                "eval_tokens": tokens[1] if tokens is not None else None, "retries": retries}) + b"\n"
-                for (now, client, method, target, model, backend, status, queue_wait, ttft, duration, sent, tokens,
-                     retries) in records])
-        # One field per column, `-` for none: what awk and grep expect of an
-        # access log. The path is quoted (it may hold spaces, %-encoded or not).
-        out = []
-        second, prefix = -1, b""
-        for (now, client, method, target, model, backend, status, queue_wait, ttft, duration, sent, tokens,
-             retries) in records:
-            sec = int(now)
-            if sec != second:  # strftime once a second, not once a line
-                second, prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode()
-            out.append(b'%s.%03dZ %s "%s %s" %s %s %d %s %s %.3f %s %s %s %d\n' % (
-                prefix, int((now - sec) * 1000), client, method, target, model.encode() if model else b"-",
-                backend.encode() if backend else b"-", status,
-                b"-" if queue_wait is None else b"%.3f" % queue_wait, b"-" if ttft is None else b"%.3f" % ttft,
-                duration, b"-" if sent is None else b"%d" % sent,
-                b"-" if tokens is None else b"%d" % tokens[0], b"-" if tokens is None else b"%d" % tokens[1],
-                retries))
-        return b"".join(out)
+                "duration_ms": _ms(duration), "bytes": sent, "prompt_tokens": prompt,
+                "eval_tokens": generated, "retries": retries}) + b"\n"
+        else:
+            # One field per column, `-` for none: what awk and grep expect of
+            # an access log. The path is quoted (it may hold spaces, %-encoded or not).
+            line = b'%s %s "%s %s" %s %s %d %s %s %.3f %s %s %s %d\n' % (
+                _iso(now).encode(), client, method, target, model.encode() if model else b"-",
+                backend.encode() if backend else b"-", status, _fmt(queue_wait), _fmt(ttft), duration,
+                _num(sent), _num(prompt), _num(generated), retries)
+        self._buf.append(line)
+        self._size += len(line)
+        if self._size >= LOG_BUFFER:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self.loop.call_later(LOG_FLUSH, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -132,8 +117,9 @@ class AccessLog:
             self._timer = None
         if not self._buf or self._fd < 0:
             return
-        records, self._buf = self._buf, []
-        data = self._lines(records)
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._size = 0
         try:
             while data:
                 n = os.write(self._fd, data)
@@ -141,6 +127,14 @@ class AccessLog:
         except OSError as exc:
             # A full disk must not take the proxy down: the lines are lost, said once per flush.
             log.error("OLB_ACCESS_LOG: cannot write to %s: %s", self.target, exc.strerror or exc)
+
+
+def _fmt(seconds: float | None) -> bytes:
+    return b"-" if seconds is None else b"%.3f" % seconds
+
+
+def _num(value) -> bytes:
+    return b"-" if value is None else b"%d" % value
 
 
 class JsonFormatter(logging.Formatter):
