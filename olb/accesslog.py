@@ -55,6 +55,7 @@ class AccessLog:
         self._buf: list[bytes] = []
         self._size = 0
         self._timer = None
+        self._second, self._prefix = -1, b""
         self.open()
 
     def open(self) -> None:
@@ -100,8 +101,12 @@ class AccessLog:
         else:
             # One field per column, `-` for none: what awk and grep expect of
             # an access log. The path is quoted (it may hold spaces, %-encoded or not).
-            line = b'%s %s "%s %s" %s %s %d %s %s %.3f %s %s %s %d\n' % (
-                _iso(now).encode(), client, method, target, model.encode() if model else b"-",
+            sec = int(now)
+            if sec != self._second:  # strftime once a second, not once a line
+                self._second = sec
+                self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode()
+            line = b'%s.%03dZ %s "%s %s" %s %s %d %s %s %.3f %s %s %s %d\n' % (
+                self._prefix, int((now - sec) * 1000), client, method, target, model.encode() if model else b"-",
                 backend.encode() if backend else b"-", status, _fmt(queue_wait), _fmt(ttft), duration,
                 _num(sent), _num(prompt), _num(generated), retries)
         self._buf.append(line)
