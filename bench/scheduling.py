@@ -124,7 +124,7 @@ MODELS = ("llama3.1:8b", "qwen2.5:7b", "mistral:latest", "llama3.2:latest", "gem
 #: `uniform8`'s ten: MODELS and four more, from 1.3 to 9.0 GB.
 MODELS10 = MODELS + ("qwen2.5:14b", "mistral-nemo:12b", "gemma2:2b", "llama3.2:1b")
 CONTROL_MODEL = "llama3.1:8b"
-#: The 70B of `big70b` (olb.sim's catalogue: 42.5 GB Q4_K_M, ../shared/ollama-api.md §6.2): with
+#: The 70B of `big70b` (olb.sim's catalogue: 42.5 GB Q4_K_M, as in runpod/docs PR #839): with
 #: its KV cache and graph ~45 GB, so it fits on an 80 GB card and spills to the CPU on a 24 GB one.
 BIG_MODEL = "llama3.1:70b"
 #: The runner context the sims give a request without options.num_ctx (SimConfig.num_ctx).

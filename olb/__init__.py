@@ -9,6 +9,7 @@ scheduling.md, management.md, operations.md):
     olb/proxy.py      the IO shell: ClientSideProtocol <-> BackendSideProtocol
     olb/http.py       sans-IO HTTP: request heads in (h11 + a compiled fast path), bytes out
     olb/hostcheck.py  Ollama's Host check (DNS rebinding) on a loopback listener
+    olb/slowclient.py slow and hostile clients: a partial request's deadline, held body bytes
     olb/flow.py       flow control between the two sides of a proxied request
     olb/balancer.py   backend choice (olb/_core.pyx), admission queue, health, drain
     olb/routing.py    the placement rules: state in, a decision out (docs/scheduling.md)

@@ -124,6 +124,12 @@ def _size(raw: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
+def _size_or_zero(raw: str) -> int:
+    if raw.strip() == "0":
+        return 0
+    return _size(raw)
+
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -250,6 +256,16 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an idle client connection is kept open."),
     Setting("OLB_MAX_BODY", "max_body", "64M", _size,
             "Largest request body (images in chat make them megabytes); 413 beyond it."),
+    Setting("OLB_MAX_BODY_HELD", "max_body_held", "0", _size_or_zero,
+            "Request body bytes one worker holds across all its clients (0: OLB_MAX_BODY); a request "
+            "still being read gets 503 beyond it (docs/operations.md, \"Slow and hostile clients\")."),
+    Setting("OLB_HEADER_TIMEOUT", "header_timeout", "10", _positive_float,
+            "Seconds a client may take to send a whole request head once it has begun; then 408 and close."),
+    Setting("OLB_BODY_TIMEOUT", "body_timeout", "10", _positive_float,
+            "Seconds a client may take to send a request body, plus one second per OLB_BODY_MIN_RATE "
+            "bytes it sent; then 408 and close."),
+    Setting("OLB_BODY_MIN_RATE", "body_min_rate", "1K", _size,
+            "Bytes per second that earn a request body one more second (Apache mod_reqtimeout's MinRate)."),
     Setting("OLB_QUEUE_SIZE", "queue_size", "1024", _int_at_least(0),
             "Requests that may wait when every backend is at capacity; 503 beyond it."),
     Setting("OLB_QUEUE_TIMEOUT", "queue_timeout", "30", _positive_float,
@@ -335,6 +351,10 @@ class Config:
     idle_timeout: float = _default("idle_timeout")
     keepalive_timeout: float = _default("keepalive_timeout")
     max_body: int = _default("max_body")
+    max_body_held: int = _default("max_body_held")
+    header_timeout: float = _default("header_timeout")
+    body_timeout: float = _default("body_timeout")
+    body_min_rate: int = _default("body_min_rate")
     queue_size: int = _default("queue_size")
     queue_timeout: float = _default("queue_timeout")
     retries: int = _default("retries")

@@ -22,6 +22,14 @@ on another backend before the first response byte. The one exception is
 out as soon as its head is read, and the exchange pulls the body piece by
 piece with `next_body()` (see olb/manage.py), with no OLB_MAX_BODY limit.
 
+Limits (docs/operations.md, "Slow and hostile clients"): a head is measured
+here before h11 gets it, so the 16 KiB limit is the same however the head
+arrives (h11 checks only an incomplete one); CONNECT, PRI and targets that
+are not origin-form are refused, an absolute-form target rewritten; a
+folded framing field is refused, and Content-Length with Transfer-Encoding
+ends the connection after its response. `waiting` tells the IO shell what a
+partial request waits for, so that it can time it (olb/slowclient.py).
+
 Response side: olb is not the origin of proxied responses; it forwards the
 backend's bytes unchanged, so it never calls h11 to frame them (h11's Data
 payloads are copies, and re-framing would cost CPU per streamed token). When
@@ -42,6 +50,7 @@ to 127.0.0.1 answers 403 to a non-local Host.
 from __future__ import annotations
 
 import os
+import re
 
 import h11
 import orjson
@@ -167,7 +176,7 @@ class RequestReader:
     """
 
     __slots__ = ("_conn", "_max_body", "_max_head", "_head", "_headers", "_chunks", "_size", "_output",
-                 "_buf", "_scanned", "_eof", "_busy", "streaming")
+                 "_buf", "_scanned", "_eof", "_busy", "_target", "_close", "streaming", "waiting", "body_bytes")
 
     def __init__(self, max_body: int, max_head: int = MAX_HEAD):
         self._conn: h11.Connection | None = None  # None: FAST mode
@@ -183,6 +192,13 @@ class RequestReader:
         self._eof = False   # FAST: the client closed its sending side
         self._busy = False  # FAST: a request was handed out, its response is pending
         self.streaming = False  # H11: a streamed body is being handed out by next_body()
+        self._target = b""  # H11: the request's target in origin form
+        self._close = False  # H11: the request must end its connection (framing)
+        #: What the last NEED_DATA waits for: IDLE (a request to begin), HEAD
+        #: (the rest of a head) or BODY (the rest of a body, `body_bytes` of
+        #: it read). The IO shell times HEAD and BODY (olb/slowclient.py).
+        self.waiting = IDLE
+        self.body_bytes = 0
 
     def receive(self, data: bytes) -> None:
         conn = self._conn
@@ -219,16 +235,20 @@ class RequestReader:
             return PAUSED
         buf = self._buf
         if not buf:
+            self.waiting = IDLE
             return CLOSED if self._eof else NEED_DATA
         parsed = parse_request_head(buf, self._max_head, self._scanned)
         if parsed is None:
             if self._eof:
                 return self._to_h11()  # h11 words the "incomplete request" error
             self._scanned = len(buf)
+            self.waiting = HEAD
             return NEED_DATA
         if parsed is False:
-            return self._to_h11()
+            return self._declined(buf)
         method, target, version, headers, head_len, length, keep_alive = parsed
+        if target[:1] != b"/" or method in _REFUSED_METHODS:
+            target, headers = _origin_form(method, target, headers)
         if method == b"POST" and target.startswith(STREAMED_BODY_PREFIX):
             return self._to_h11()
         if length > self._max_body:
@@ -240,16 +260,44 @@ class RequestReader:
             # The body is still on its way (httpx, and so the ollama and
             # openai clients, write head and body separately). The head is
             # parsed again when it is complete: ~1 us.
+            self.waiting = BODY
+            self.body_bytes = len(buf) - head_len
             return NEED_DATA
-        body = bytes(buf[head_len:end]) if length > 0 else b""
+        # One copy, through a memoryview (a bytearray slice would be a second).
+        body = bytes(memoryview(buf)[head_len:end]) if length > 0 else b""
         self._buf = bytes(buf[end:]) if end < len(buf) else b""
         self._scanned = 0
         self._busy = True
+        self.waiting = IDLE
         return ProxyRequest(method, target, version, headers, body, keep_alive, length >= 0)
+
+    def _declined(self, buf):
+        """The fast parser declined: hand the request to h11 once its head is whole.
+
+        h11 enforces max_incomplete_event_size only while a head is
+        incomplete: a longer head that arrives in one read, or completes in
+        one, it would read. So the head is measured here, the same however
+        its bytes arrive, and h11 is given it only complete (or at EOF, or
+        when its first byte already shows it is not a request line: h11
+        answers those at once).
+        """
+        head_len = _head_length(buf, self._max_head)
+        if head_len > self._max_head or (head_len < 0 and len(buf) >= self._max_head):
+            raise BadRequest(f"request head is larger than the limit of {self._max_head} bytes", 431)
+        if head_len < 0 and not self._eof and buf[0] > 0x20:
+            self.waiting = HEAD
+            return NEED_DATA
+        if head_len > 0 and _FOLDED_FRAMING.search(buf, 0, head_len) is not None:
+            # RFC 9112 §5.2 lets a server unfold obs-fold; h11 does, but a
+            # folded framing field is read differently by different parsers
+            # (request smuggling), so it is refused (nginx does the same).
+            raise BadRequest("obsolete line folding in a Transfer-Encoding or Content-Length field")
+        return self._to_h11()
 
     def _to_h11(self):
         """Hand everything buffered to h11, which parses this request whole."""
         conn = self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        self._head = None
         buf, self._buf = self._buf, b""
         self._scanned = 0
         if buf:
@@ -274,6 +322,13 @@ class RequestReader:
             elif cls is h11.Request:
                 self._head = event
                 self._headers = headers = _items(event.headers)
+                self._target, headers = _origin_form(event.method, event.target, headers)
+                self._headers = headers
+                # Both framings: h11 reads the body as chunked, but another
+                # parser on the path may have read the Content-Length, so the
+                # connection ends after this response (RFC 9112 §6.1).
+                self._close = (any(n == b"transfer-encoding" for n, _ in headers)
+                               and any(n == b"content-length" for n, _ in headers))
                 self._chunks = []
                 self._size = 0
                 length = _content_length(headers)
@@ -286,9 +341,12 @@ class RequestReader:
                     self._output += conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                 if streamed:
                     self.streaming = True
-                    keep_alive = event.http_version == b"1.1" and b"close" not in _connection_tokens(headers)
+                    self.waiting = IDLE
+                    self.body_bytes = 0
+                    keep_alive = (event.http_version == b"1.1" and not self._close
+                                  and b"close" not in _connection_tokens(headers))
                     framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
-                    return ProxyRequest(event.method, event.target, event.http_version, headers,
+                    return ProxyRequest(event.method, self._target, event.http_version, headers,
                                         b"", keep_alive, framing, streamed=True)
             elif cls is h11.EndOfMessage:
                 head = self._head
@@ -296,11 +354,18 @@ class RequestReader:
                 body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self._chunks = []
                 headers = self._headers
-                keep_alive = head.http_version == b"1.1" and b"close" not in _connection_tokens(headers)
+                keep_alive = (head.http_version == b"1.1" and not self._close
+                              and b"close" not in _connection_tokens(headers))
                 framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
-                return ProxyRequest(head.method, head.target, head.http_version, headers,
+                self.waiting = IDLE
+                return ProxyRequest(head.method, self._target, head.http_version, headers,
                                     body, keep_alive, framing)
             elif event is h11.NEED_DATA or event is h11.PAUSED:
+                if self._head is None:
+                    self.waiting = HEAD
+                else:
+                    self.waiting = BODY
+                    self.body_bytes = self._size
                 return event
             elif cls is h11.ConnectionClosed:
                 return CLOSED
@@ -326,6 +391,7 @@ class RequestReader:
             cls = type(event)
             if cls is h11.Data:
                 if event.data:
+                    self.body_bytes += len(event.data)
                     return bytes(event.data)
             elif cls is h11.EndOfMessage:
                 self.streaming = False
@@ -373,6 +439,70 @@ class RequestReader:
         self._eof = closed
         self._busy = False
         return True
+
+
+#: RequestReader.waiting: what a NEED_DATA waits for.
+IDLE = 0
+HEAD = 1
+BODY = 2
+
+#: Methods olb refuses whatever their target: a tunnel (RFC 9110 §9.3.6) is
+#: not a proxy's to open for a client of Ollama's API, and PRI is the HTTP/2
+#: connection preface (RFC 9113 §3.4) read as HTTP/1.
+_REFUSED_METHODS = frozenset({b"CONNECT", b"PRI"})
+
+#: A Transfer-Encoding or Content-Length field followed by a continuation
+#: line (obs-fold, RFC 9112 §5.2). The head ends at the first empty line, so
+#: the search is bounded by its length.
+_FOLDED_FRAMING = re.compile(rb"\n(?:transfer-encoding|content-length)[ \t]*:[^\n]*\n[ \t]", re.IGNORECASE)
+
+#: The end of a head as h11 finds it (ReceiveBuffer.maybe_extract_lines): a
+#: line end followed by an empty line, bare LFs allowed.
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def _head_length(buf, max_head: int) -> int:
+    """The length of the head at the start of `buf` (through its empty line), or -1 if not complete.
+
+    Looks a little past max_head, so that a head just over the limit is
+    measured rather than reported incomplete.
+    """
+    match = _HEAD_END.search(buf, 0, max_head + 3)
+    return -1 if match is None else match.end()
+
+
+def _origin_form(method: bytes, target: bytes, headers: list) -> tuple[bytes, list]:
+    """The request's target in origin form (RFC 9112 §3.2.1), and its headers.
+
+    An absolute-form target (`http://host/path`) is rewritten as a proxy
+    would, to its path and query, and its authority becomes the Host (RFC
+    9112 §3.2.2: the Host field is then ignored; Go's net/http readRequest
+    sets req.Host from the URL too, and Ollama's allowedHostsMiddleware reads
+    that). Every other form, and CONNECT and PRI, is refused with 400.
+
+    Raises:
+        BadRequest: the method or the target form is one olb does not serve.
+    """
+    if method in _REFUSED_METHODS:
+        raise BadRequest(f"method {method.decode('ascii', 'replace')} is not supported")
+    if target[:1] == b"/":
+        return target, headers
+    scheme, sep, rest = target.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        cut = len(rest)
+        for mark in (b"/", b"?", b"#"):
+            at = rest.find(mark)
+            if 0 <= at < cut:
+                cut = at
+        authority, path = rest[:cut], rest[cut:]
+        if authority and b"@" not in authority and path[:1] != b"#":
+            if path[:1] != b"/":
+                path = b"/" + path
+            headers = [(n, authority if n == b"host" else v) for n, v in headers]
+            if not any(n == b"host" for n, _ in headers):
+                headers.append((b"host", authority))
+            return path, headers
+    raise BadRequest("the request target must be a path (origin-form) or an absolute http URL")
 
 
 def _content_length(headers) -> int | None:

@@ -45,9 +45,9 @@ from .errors import OlbError
 
 log = logging.getLogger("olb.models")
 
-#: Ollama's defaults for what a backend holds (ollama-api.md §4.2, §4.4):
-#: OLLAMA_MAX_LOADED_MODELS = 3 per GPU, and a model loads beside the
-#: resident ones only if its predicted size is at most 80 % of free VRAM.
+#: Ollama's defaults for what a backend holds (server/sched.go): OLLAMA_MAX_LOADED_MODELS
+#: = 3 per GPU (defaultModelsPerGPU, processPending), and a model loads beside the
+#: resident ones only if its predicted size is at most 80 % of free VRAM (load).
 MODELS_PER_GPU = 3
 FIT_FRACTION = 0.8
 #: Seconds between two catalogue re-reads made because a request named a
@@ -61,8 +61,9 @@ _DEFAULT_HOST = "registry.ollama.ai"
 _DEFAULT_NAMESPACE = "library"
 
 #: Requests whose body olb reads for a `model` field, with the text Ollama
-#: answers when the model is missing (ollama-api.md §3: generate and chat say
-#: 'NAME', the scheduler-backed embed endpoints say "NAME"... try pulling).
+#: answers when the model is missing (server/routes.go: GenerateHandler and ChatHandler say
+#: 'NAME', the scheduler-backed embed endpoints say "NAME"... try pulling, handleScheduleError;
+#: at fb30760 EmbedHandler says 'NAME' first when getExistingName finds no model).
 MODEL_ENDPOINTS: dict[bytes, str] = {
     b"/api/generate": "model '{name}' not found",
     b"/api/chat": "model '{name}' not found",
@@ -848,7 +849,7 @@ class ModelDirectory:
 
         Ollama evicts to load when the new model would pass
         OLLAMA_MAX_LOADED_MODELS (3 per GPU by default) or need more than
-        80 % of the free VRAM (ollama-api.md §4.4). Where olb reads the
+        80 % of the free VRAM (server/sched.go, load). Where olb reads the
         backend's GPUs (NVML or a DCGM scrape), it checks the same two
         limits: the model's footprint against free VRAM, the models resident
         against 3 per GPU (or more, if /api/ps has shown more). Elsewhere it

@@ -55,9 +55,10 @@ from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, 
                      NotFound, OlbError, TooManyRequests)
 from .fairqueue import OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
+from .flow import BODY as BODY_HELD
 from .flow import PEER_SLOW, PIPELINE, ReadGate, set_write_limits
 from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
-from .http import (CHUNKED, CLOSED, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
+from .http import (BODY, CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
                    RequestReader, downstream_head, error_body, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
 from .manage import ManageExchange, classify
@@ -66,6 +67,7 @@ from .metrics import NO_BACKEND as NO_BACKEND_REASON
 from .metrics import QUEUE_FULL as QUEUE_FULL_REASON
 from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
                      openai_model_id, parse_request, streams, takes_slot)
+from .slowclient import BodyBudget, RequestClock
 
 log = logging.getLogger("olb.proxy")
 
@@ -83,7 +85,7 @@ class ProxyContext:
     """What every connection of one worker shares."""
 
     __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
-                 "host_check", "metrics", "metrics_dir", "access_log", "observing", "backend_header")
+                 "host_check", "bodies", "metrics", "metrics_dir", "access_log", "observing", "backend_header")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -96,6 +98,8 @@ class ProxyContext:
         self.worker = worker
         #: hostcheck.HostCheck when olb listens on loopback (as Ollama), else None.
         self.host_check = None
+        #: Request body bytes this worker holds (slowclient.py).
+        self.bodies = BodyBudget(config.max_body_held or config.max_body)
         #: metrics.Metrics (OLB_METRICS), accesslog.AccessLog (OLB_ACCESS_LOG), or None;
         #: `observing` when either is on (metrics.observe runs at each request's end).
         self.metrics = None
@@ -111,7 +115,7 @@ class ClientSideProtocol(asyncio.Protocol):
     """One client connection: requests in order, one exchange at a time."""
 
     __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
-                 "_timer", "_last_active", "_closed", "t0")
+                 "_timer", "_last_active", "_closed", "clock", "_timer_at", "t0")
 
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
@@ -132,15 +136,22 @@ class ClientSideProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if peer else b"unknown"
         self.ctx.clients.add(self)
+        self.clock = RequestClock(self.ctx.bodies)
         self._last_active = self.ctx.loop.time()
+        self._timer_at = self._last_active + self.ctx.config.keepalive_timeout
         self._timer = self.ctx.loop.call_later(self.ctx.config.keepalive_timeout, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
         """Called by the transport with bytes the client sent."""
         self.reader.receive(data)
         if self.exchange is None:
-            self._last_active = self.ctx.loop.time()
+            self._last_active = now = self.ctx.loop.time()
+            self.clock.received(len(data), now)
             self._process()
+            if self.exchange is None and self.reader.waiting and not self._closed:
+                self._partial(now)
+            elif self.reader.streaming and not self._closed:
+                self._time_streamed_body(now)
         elif self.reader.streaming:
             self.exchange.body_received()  # a blob upload's body (manage.ManageExchange)
         else:
@@ -168,6 +179,7 @@ class ClientSideProtocol(asyncio.Protocol):
         """Called by the transport when the connection is closed or broken."""
         self._closed = True
         self.ctx.clients.discard(self)
+        self.clock.done()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -243,6 +255,7 @@ class ClientSideProtocol(asyncio.Protocol):
 
     def _reply(self, data: bytes, status: int, closing: bool, req=None, logged: int = 0) -> None:
         """Write a response olb made itself and finish the cycle."""
+        self.clock.done()
         self.transport.write(data)
         if self.ctx.observing:
             observe(self.ctx, self, None, status or logged, req, len(data))
@@ -255,7 +268,8 @@ class ClientSideProtocol(asyncio.Protocol):
         ex, self.exchange = self.exchange, None
         if self.ctx.observing and ex is not None:
             observe(self.ctx, self, ex, status)
-        self._last_active = self.ctx.loop.time()
+        self._last_active = now = self.ctx.loop.time()
+        self.clock.done()
         if self._closed:
             return
         if closing or not self.reader.finish_response(status, closing):
@@ -265,6 +279,33 @@ class ClientSideProtocol(asyncio.Protocol):
         # Re-parse what is buffered *before* resuming reading, so a pipelined
         # request does not flap the transport (aiohttp web_protocol does the same).
         self._process()
+        if self.exchange is None and self.reader.waiting and not self._closed:
+            self._partial(now)
+
+    def _time_streamed_body(self, now: float) -> None:
+        """A streamed body (a blob upload) began: time it by the body rule (slowclient.py)."""
+        cfg = self.ctx.config
+        self.clock.restart_body(now, 0)
+        self._rearm(self.clock.deadline(BODY, 0, now, cfg.header_timeout, cfg.body_timeout, cfg.body_min_rate))
+
+    def _rearm(self, deadline: float) -> None:
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.ctx.loop.call_at(deadline, self._on_timer)
+
+    def _partial(self, now: float) -> None:
+        """A request is partly read: refuse it over the body budget, else time it (slowclient.py)."""
+        if self.ctx.bodies.over:
+            self._reply(error_response(b"/", 503, "server busy, please try again.  too many request bytes "
+                                       "held (OLB_MAX_BODY_HELD)", closing=True, retry_after=1), 0, True)
+            return
+        cfg = self.ctx.config
+        # Only a request that spans reads gets here, and the keep-alive
+        # timer is re-armed at most once for it.
+        self._rearm(self.clock.deadline(self.reader.waiting, self.reader.body_bytes, now, cfg.header_timeout,
+                                        cfg.body_timeout, cfg.body_min_rate))
 
     def abort(self) -> None:
         """End the connection without a clean response end (mid-body failure)."""
@@ -278,15 +319,48 @@ class ClientSideProtocol(asyncio.Protocol):
     def _on_timer(self) -> None:
         # One lazily re-armed timer per connection: the deadline moves with
         # activity without rescheduling on every request (aiohttp's keep-alive).
-        timeout = self.ctx.config.keepalive_timeout
+        cfg = self.ctx.config
+        timeout = cfg.keepalive_timeout
+        now = self.ctx.loop.time()
         if self.exchange is None:
-            idle = self.ctx.loop.time() - self._last_active
-            if idle >= timeout:
+            reader = self.reader
+            if reader.waiting:
+                # A partial request is timed from its start, not its last byte (slowclient.py).
+                deadline = self.clock.deadline(reader.waiting, reader.body_bytes, now, cfg.header_timeout,
+                                               cfg.body_timeout, cfg.body_min_rate)
+                if now >= deadline:
+                    self._timer = None
+                    what = ("head", "HEADER") if reader.waiting == HEAD else ("body", "BODY")
+                    self._reply(error_response(b"/", 408, f"the request {what[0]} was not received in time "
+                                               f"(OLB_{what[1]}_TIMEOUT)", closing=True), 0, True)
+                    return
+                timeout = deadline - now
+            else:
+                idle = now - self._last_active
+                if idle >= timeout:
+                    self._timer = None
+                    self._closed = True
+                    self.transport.close()
+                    return
+                timeout -= idle
+        elif self.reader.streaming:
+            reader = self.reader
+            if self.gate.reasons & BODY_HELD:
+                # olb holds the client back (a backend is behind): not its time.
+                self.clock.restart_body(now, reader.body_bytes)
+            deadline = self.clock.deadline(BODY, reader.body_bytes, now, cfg.header_timeout, cfg.body_timeout,
+                                           cfg.body_min_rate)
+            if now >= deadline:
                 self._timer = None
-                self._closed = True
-                self.transport.close()
+                ex, self.exchange = self.exchange, None
+                ex.client_gone()
+                self._reply(error_response(ex.req.target, 408, "the request body was not received in "
+                                           "time (OLB_BODY_TIMEOUT)", closing=True), 0, True)
                 return
-            timeout -= idle
+            # Looked at every quarter of OLB_BODY_TIMEOUT, so that a pause by
+            # olb costs the client at most that much of its time.
+            timeout = min(timeout, deadline - now, cfg.body_timeout / 4)
+        self._timer_at = now + timeout
         self._timer = self.ctx.loop.call_later(timeout, self._on_timer)
 
 

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-after-tokens", type=int, default=None, help="in-band error after N tokens")
     g = p.add_argument_group("simulated GPU (off unless --gpu is given)")
     g.add_argument("--gpu", choices=sorted(PROFILES), default=None,
-                   help="GPU profile: loads, VRAM, eviction, pending queue, speeds from spec §6")
+                   help="GPU profile: loads, VRAM, eviction, pending queue, speeds (llama.cpp figures)")
     g.add_argument("--vram", type=float, default=None, help="GPU memory in GiB (default: the profile's)")
     g.add_argument("--load-fixed", type=float, default=None,
                    help="seconds of every load before reading weights (default: the profile's, 0.5)")

@@ -4,8 +4,8 @@ Rules for this module: no sockets and no timers.  A handler gets a parsed
 Request and a ResponseWriter (server.py implements it; tests may fake it) and
 either answers at once (`w.respond`) or hands a job to the engine, whose
 sink -- one of the output classes at the bottom -- writes tokens as they come.
-Every behaviour cites the spec (/work/shared/ollama-api.md) or the Ollama
-source it mirrors (server/routes.go, middleware/openai.go, openai/openai.go).
+Every behaviour cites the Ollama source it mirrors (server/routes.go,
+middleware/openai.go, openai/openai.go, api/types.go) or docs/api.md.
 
 ResponseWriter contract:
     respond(status, content_type, body)  a complete response (Content-Length)
@@ -19,7 +19,7 @@ ResponseWriter contract:
 Like Go's net/http under gin's c.Stream, a streamed response's head goes out
 with its first line, not before: a request that waits for a slot shows no
 status line yet, and an error before the first token is a real status code
-(spec §3 "Errors before the first byte").
+(server/routes.go, streamResponse; docs/api/errors.mdx).
 
 Order of checks per handler follows routes.go, because clients see the first
 failing check: e.g. /api/generate decodes, checks top_logprobs, resolves the
@@ -61,7 +61,7 @@ SSE = "text/event-stream"
 TEXT = "text/plain; charset=utf-8"
 
 QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
-# Deterministic mode's stand-in for a warm runner hand-over (spec §2.1: 1-7 ms).
+# Deterministic mode's stand-in for a warm runner hand-over (docs/api.md examples: 1-7 ms).
 NOMINAL_LOAD_NS = 1_000_000
 # Deterministic eval time per token when token_rate is 0 (as fast as possible).
 NOMINAL_FAST_TOKEN_NS = 100_000
@@ -361,7 +361,7 @@ class Api:
             w.job = pending
 
     def metrics(self, gen: Generation, t_req: float, prompt_tokens: int) -> dict:
-        """The six api.Metrics fields in integer ns (spec §2.1), all > 0
+        """The six api.Metrics fields in integer ns (api/types.go, Metrics), all > 0
         (omitempty would drop zeros).  Measured from the loop clock, or
         nominal under deterministic_time."""
         cfg = self.config
@@ -612,7 +612,7 @@ class Api:
         w.job = gen
 
     def _load_reply(self, w, oai, model_in, reason, chat):
-        """The load/unload answer: one object, never streamed (spec §2.1)."""
+        """The load/unload answer: one object, never streamed (routes.go GenerateHandler)."""
         created = self.clock.created_at().decode()
         if oai is None:
             if chat:
@@ -1580,7 +1580,7 @@ def _embedding(seed: int, key: str, text: str, dim: int) -> tuple:
 
 
 def embedding(seed: int, key: str, text: str, dim: int, dims: int) -> list:
-    """A deterministic, L2-normalised vector for `text` (spec §2.3)."""
+    """A deterministic, L2-normalised vector for `text` (server/routes.go, normalize)."""
     vec = list(_embedding(seed, key, text, dim))
     if 0 < dims < len(vec):
         vec = vec[:dims]
@@ -1649,7 +1649,7 @@ class _Output:
         raise NotImplementedError
 
     def fail(self, gen) -> None:
-        """The in-band error (error_after_tokens), spec §3 / streamResponse."""
+        """The in-band error (error_after_tokens), server/routes.go streamResponse."""
         msg = self.api.config.error_message
         if self.started:
             self.w.stream_write(go_dumps({"error": msg}) + b"\n")
@@ -1809,7 +1809,7 @@ class _OaiStream(_Output):
 
 class OaiChatStream(_OaiStream):
     """/v1/chat/completions, stream: role on the first delta, an empty-delta
-    finish chunk, the optional usage chunk, then [DONE] (spec §2.8)."""
+    finish chunk, the optional usage chunk, then [DONE] (middleware/openai.go ChatWriter)."""
 
     __slots__ = ()
 

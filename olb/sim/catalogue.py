@@ -1,10 +1,10 @@
 """The model catalogue: what a simulated Ollama has "installed".
 
 Rules for this module: pure data and name handling, no IO, no clock reads
-(callers pass times in).  Issue 3's GPU model reads sizes and KV geometry
+(callers pass times in).  The GPU model (gpu.py) reads sizes and KV geometry
 from ModelSpec, so keep those fields truthful.
 
-Model names follow Ollama's `types/model/name.go` (spec §1):
+Model names follow Ollama's `types/model/name.go` (ParseName, DisplayShortest):
 `[host/][namespace/]model[:tag][+build][@digest]`, parsed right to left,
 filled with `registry.ollama.ai/library/?:latest`, compared
 case-insensitively.  /api/tags and /api/ps print the display-shortest form,
@@ -166,8 +166,8 @@ class ModelSpec:
     vocab_size: int
     capabilities: tuple = ("completion", "tools")
     families: tuple = ()
-    # Relative decode speed (1.0 = SimConfig.token_rate).  Issue 3 may derive
-    # it from the simulated GPU; today every built-in model uses 1.0.
+    # Relative decode speed (1.0 = SimConfig.token_rate; gpu.py's eval_rate
+    # scales its rate by it too); every built-in model uses 1.0.
     speed: float = 1.0
 
     @property
@@ -188,7 +188,7 @@ class ModelSpec:
         return self.embedding_length // self.head_count
 
     def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """K and V for every layer (spec §4.5): 2 x layers x kv heads x head dim."""
+        """K and V for every layer (llama.cpp's KV cache): 2 x layers x kv heads x head dim."""
         return 2 * self.block_count * self.head_count_kv * self.head_dim * bytes_per_element
 
     def details(self) -> dict:
@@ -254,7 +254,7 @@ def _spec(name, arch, psize, pcount, quant, size, ctx, emb, blocks, heads, kv, f
 
 
 # Sizes and geometry of the Ollama library's default tags (GGUF metadata as
-# /api/show reports it; sizes from /api/tags of real installs, spec §6.2).
+# /api/show reports it; sizes from /api/tags of real installs, e.g. docs/api.md's example).
 KNOWN_MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     _spec("llama3.2:latest", "llama", "3.2B", 3212749888, "Q4_K_M", 2019393189,
           131072, 3072, 28, 24, 8, 8192, 128256),
@@ -355,7 +355,7 @@ class Installed:
     @property
     def blob_path(self) -> str:
         """The model's weights file (Ollama's ModelPath; the scheduler's
-        tie-break when it picks an eviction victim, spec §4.4)."""
+        tie-break when it picks an eviction victim, sched.go ByDurationAndName)."""
         return "/root/.ollama/models/blobs/sha256-" + hashlib.sha256(self.digest.encode()).hexdigest()
 
 

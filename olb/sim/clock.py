@@ -1,7 +1,7 @@
 """Wall-clock timestamps in Go's formats, real or frozen.
 
 Go marshals time.Time as RFC 3339 with nanoseconds and trailing zeros
-trimmed (spec §1): `created_at` is UTC ("2023-08-04T19:22:45.499127Z"),
+trimmed (time.Time.MarshalJSON): `created_at` is UTC ("2023-08-04T19:22:45.499127Z"),
 `expires_at`/`modified_at` are in the local zone ("...31.83753-07:00", or
 "...Z" where the zone's offset is 0).  A line is built per token, so the
 formatting caches the per-second part.

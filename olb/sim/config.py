@@ -1,16 +1,16 @@
 """SimConfig: every knob of the simulated Ollama, with its default and why.
 
-Defaults follow /work/shared/ollama-api.md (the "spec"): §4.1 for the
-scheduler (OLLAMA_NUM_PARALLEL=1 since v0.9.7, OLLAMA_MAX_QUEUE=512,
-OLLAMA_KEEP_ALIVE=5m) and §6.1 for speed (8B q4 decode ~130 tokens/s on a
-4090/A100/H100-class card).  The `olb-sim` command exposes each field as a
-flag (see olb/sim/__main__.py); its --parallel default is 4, not 1, because a
-demo cluster with one slot per instance is dull -- the Python default stays
-Ollama's.
+Defaults follow Ollama's envconfig/config.go for the scheduler
+(OLLAMA_NUM_PARALLEL=1 since v0.9.7, OLLAMA_MAX_QUEUE=512, OLLAMA_KEEP_ALIVE=5m
+in KeepAlive) and llama.cpp's measured single-stream speed for decode (8B q4
+~130 tokens/s on a 4090/A100/H100-class card; gpu.py says where from).  The
+`olb-sim` command exposes each field as a flag (see olb/sim/__main__.py);
+its --parallel default is 4, not 1, because a demo cluster with one slot per
+instance is dull -- the Python default stays Ollama's.
 
-Everything issue 3 added is opt-in: with `gpu` None and `time_scale` 1 an
-instance behaves exactly as before (instant loads, the slot-wait 503).  A
-GPU profile's figures (gpu.py) come from the spec's §6.
+Everything the GPU model added is opt-in: with `gpu` None and `time_scale` 1
+an instance behaves exactly as before (instant loads, the slot-wait 503).
+gpu.py's docstring names the sources of a GPU profile's figures.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from olb.sim.catalogue import parse_name
 from olb.sim.gpu import GpuProfile, gpu_profile
 
 # The installed models of a fresh instance: a realistic small workstation set
-# (spec §2.4, §6.2), one of each kind a balancer must route: small/medium chat
+# (sizes as /api/tags reports them, see catalogue.py), one of each kind a balancer must route: small/medium chat
 # models, an embedding-only model and one 70B.
 DEFAULT_MODELS = (
     "llama3.2:latest",
@@ -33,8 +33,8 @@ DEFAULT_MODELS = (
     "llama3.1:70b",
 )
 
-# What a crashing runner reports in band (spec §3: errors after streaming
-# began keep status 200 and end the stream with an {"error": ...} line).
+# What a crashing runner reports in band (server/routes.go, streamResponse: errors after
+# streaming began keep status 200 and end the stream with an {"error": ...} line).
 DEFAULT_ERROR_MESSAGE = "an error was encountered while running the model: unexpected EOF"
 
 
@@ -42,10 +42,10 @@ DEFAULT_ERROR_MESSAGE = "an error was encountered while running the model: unexp
 class SimConfig:
     """Knobs of one simulated Ollama instance (immutable; use `replace`).
 
-    Timing model per inference request (spec §7.3): wait for a slot (FIFO) ->
-    prefill for `ttft` (+ prompt tokens / `prompt_rate`) -> the first token ->
-    one token every 1/`token_rate` s -> the final `done` object right after the
-    last token.
+    Timing model per inference request: wait for a slot (FIFO: the semaphore
+    llm/llama_server.go's Completion acquires) -> prefill for `ttft` (+ prompt
+    tokens / `prompt_rate`) -> the first token -> one token every
+    1/`token_rate` s -> the final `done` object right after the last token.
     """
 
     # Catalogue: names of installed models (see catalogue.KNOWN_MODELS) or
@@ -53,7 +53,7 @@ class SimConfig:
     models: tuple = DEFAULT_MODELS
     # Parallel slots per loaded model (OLLAMA_NUM_PARALLEL; 1 since v0.9.7).
     num_parallel: int = 1
-    # Slots of embedding-only models: Ollama forces 1 (spec §2.3, [S] load).
+    # Slots of embedding-only models: Ollama forces 1 (server/sched.go, load).
     embed_parallel: int = 1
     # OLLAMA_MAX_QUEUE: one more waiting request gets 503 "server busy".
     # With a gpu it bounds the scheduler's pending queue (requests waiting
@@ -67,8 +67,9 @@ class SimConfig:
     # Prompt processing in tokens/s added to ttft; 0 = prompt length is free.
     prompt_rate: float = 0.0
     # Per-request slowdown alpha with n requests decoding on one model:
-    # rate(n) = token_rate / (1 + alpha * (n - 1)) (spec §6.3; ~0.15 for real
-    # llama.cpp builds).  0 = every slot decodes at the full rate.
+    # rate(n) = token_rate / (1 + alpha * (n - 1)) (~0.15 for real llama.cpp
+    # builds, fitted to llama.cpp PR #16894's batched-bench figures).
+    # 0 = every slot decodes at the full rate.
     parallel_slowdown: float = 0.0
     # Tokens generated when a request sets no options.num_predict/max_tokens;
     # the stream then ends with done_reason "stop".  With a limit it ends
@@ -81,9 +82,9 @@ class SimConfig:
     # Seed of the text generator: same seed + same request = same text.
     seed: int = 0
     # Reported by /api/version; also selects version-dependent error texts
-    # (spec §3: generate 404 quoting changed in v0.4.0, chat's in v0.12.0).
+    # (server/routes.go: GenerateHandler's 404 quoting changed in v0.4.0, ChatHandler's in v0.12.0).
     version: str = "0.12.6"
-    # Ollama's Host check when bound to a loopback address (spec §3).
+    # Ollama's Host check when bound to a loopback address (server/routes.go, allowedHostsMiddleware).
     host_check: bool = True
     # Fixed created_at/expires_at and nominal (not measured) durations, so two
     # fetches of the same request are byte-identical.
@@ -96,7 +97,7 @@ class SimConfig:
     # After this many tokens emit an in-band error and end the stream.
     error_after_tokens: int | None = None
     error_message: str = DEFAULT_ERROR_MESSAGE
-    # --- the simulated GPU (issue 3) --------------------------------------
+    # --- the simulated GPU -------------------------------------------------
     # None: no GPU -- instant loads, no memory, the speed knobs above.  A
     # gpu.GpuProfile or the name of one (gpu.PROFILES: "default", "h100",
     # "a100", "a100-pcie", "l40s", "rtx4090", "rtx3090"): Ollama's scheduler

@@ -9,12 +9,12 @@ timers.
 
 Two modes, chosen by SimConfig.gpu:
 
-* No GPU (the default, unchanged since issue 2): a model "loads" instantly
+* No GPU (the default, the simulator's first mode): a model "loads" instantly
   on first use, nothing is ever evicted, `max_queue` bounds the slot wait
   (see below), every request decodes at `token_rate`.
-* A GPU profile: Ollama's scheduler (spec §4.2-4.4) in front of the slots.
+* A GPU profile: Ollama's scheduler (server/sched.go) in front of the slots.
 
-Theory of operation, GPU mode (spec §4.2-4.4; server/sched.go at HEAD):
+Theory of operation, GPU mode (server/sched.go at HEAD: getRunner, processPending, load):
 
     acquire --(loaded, ready, !needs_reload)------------------> then(runner)  [getRunner fast path]
        |
@@ -49,9 +49,9 @@ behind it) waits for some other unload.  That stall is Ollama's, on purpose.
   it is not checked again while the scheduler evicts for it; a client that
   leaves during its load aborts the load (llama-server's WaitUntilRunning
   returns on ctx.Done: no runner, the scheduler moves on).
-* Victims (spec §4.4, ByDurationAndName): loaded runners sorted by keep-alive
-  (forever last), then model blob path; the first idle one, else the first,
-  waited for.
+* Victims (sched.go findRunnerToUnload, ByDurationAndName): loaded runners
+  sorted by keep-alive (forever last), then model blob path; the first idle
+  one, else the first, waited for.
 * needs_reload (sched.go needsReload): the request's runner options
   (RunnerOptions: num_ctx capped at the training context, num_batch,
   num_gpu unless -1, main_gpu, use_mmap, num_thread) differ from the
@@ -59,8 +59,9 @@ behind it) waits for some other unload.  That stall is Ollama's, on purpose.
   scheduler expires the runner and reloads the model once its requests end.
 * Keep-alive: a runner whose last request ends gets a timer (`keep_alive`;
   0 = unload at once).  A request's keep_alive replaces the runner's; a new
-  load without one uses SimConfig.keep_alive (spec §4.3).  `expires_at` is
-  the wall time of that timer, or now + keep_alive while loading.
+  load without one uses SimConfig.keep_alive (sched.go useLoadedRunner,
+  load).  `expires_at` is the wall time of that timer, or now + keep_alive
+  while loading.
 * Unloads hold their VRAM for `unload_s` (recovery); an unload that ends
   while the scheduler waits for one wakes it, like Ollama's unloadedCh.
 
@@ -68,7 +69,7 @@ Slots, both modes: a Runner has `parallel` slots (SlotGuard-style: `release`
 is called exactly once per granted job, on finish, fault or cancel) and a
 FIFO of waiters.  Without a GPU, `max_queue` bounds the waiters of the
 whole instance (the only 503 the simulator had before it modelled loads);
-with one, the slot wait is unbounded as in Ollama (issue #7758) unless
+with one, the slot wait is unbounded as in Ollama (ollama issue #7758) unless
 SimConfig.slot_queue bounds it.
 
 Timing: the first token comes when the prefill ends, then one token per
@@ -100,12 +101,12 @@ from olb.sim.gpu import FIT_FRACTION, SPILL_HEADROOM, Gpu, runner_bytes, spilled
 # Fall this far behind the token grid and the grid restarts at "now".
 RESYNC_S = 0.05
 # time.Duration(math.MaxInt64) in seconds: a negative keep_alive ("forever")
-# expires ~292 years out (spec §2.5: expires_at in 2318).
+# expires ~292 years out (api/types.go, Duration.UnmarshalJSON: expires_at in 2318).
 FOREVER_S = 9223372036.854775807
 # With token_rate 0 ("as fast as possible"), tokens per loop callback: enough
 # to amortise the callback, small enough to let other connections run.
 FAST_BATCH = 32
-# Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (spec §4.1).
+# Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (server/sched.go, defaultModelsPerGPU).
 MODELS_PER_GPU = 3
 # A prefill this close to done (in real seconds) counts as done: floating
 # point noise in the shared-work accounting.
@@ -165,7 +166,7 @@ def needs_reload(loaded: RunnerOptions, wanted: RunnerOptions) -> bool:
 
 def decode_interval(token_rate: float, speed: float, decoding: int, slowdown: float) -> float:
     """Seconds between tokens of one request while `decoding` requests decode
-    on the same model: 1 / r(n), r(n) = r1 / (1 + alpha (n - 1)) (spec §6.3).
+    on the same model: 1 / r(n), r(n) = r1 / (1 + alpha (n - 1)) (see gpu.py).
     0 means as fast as possible."""
     if token_rate <= 0 or speed <= 0:
         return 0.0
@@ -382,7 +383,7 @@ class Engine:
     def runner(self, model: Installed, keep_alive: float | None = None) -> Runner:
         """Without a GPU: the model's runner, created ("loaded") at once if
         needed.  `keep_alive` (seconds) replaces the runner's duration when
-        the request set one (spec §4.3)."""
+        the request set one (server/sched.go, useLoadedRunner)."""
         key = model.name.key
         r = self.runners.get(key)
         if r is None:
@@ -539,7 +540,7 @@ class Engine:
 
     def _needs_room(self, p: Pending) -> bool:
         """load's pre-flight check with other models resident: the new one
-        must fit in 80 % of the free memory (spec §4.4)."""
+        must fit in 80 % of the free memory (server/sched.go, load)."""
         need = runner_bytes(p.model.spec, p.opts.num_ctx, self._parallel(p.model.spec))
         return need > FIT_FRACTION * self.gpu.free
 
@@ -571,7 +572,7 @@ class Engine:
         r = Runner(model, self._parallel(spec), self.config.keep_alive if keep_alive is None else keep_alive,
                    opts)
         if r.size > gpu.free:
-            # Only a first model gets here (others must fit, spec §4.4):
+            # Only a first model gets here (others must fit, sched.go load):
             # Ollama loads it anyway with the rest in system RAM.
             r.size_vram = max(0, gpu.free - SPILL_HEADROOM)
         on_gpu = r.size_vram / r.size

@@ -1,8 +1,8 @@
 """Go's JSON, as Ollama's clients see it: encoding quirks and decoder errors.
 
 Why: the simulator must answer bad input with the texts Ollama's handlers
-produce (spec §3: "malformed JSON / wrong field type -> 400, Go decoder
-text"), and encode like Go's json.Marshal so byte comparisons with real
+produce (server/routes.go: malformed JSON or a wrong field type -> 400 with
+the Go decoder's text, err.Error() of c.ShouldBindJSON), and encode like Go's json.Marshal so byte comparisons with real
 Ollama fixtures hold.
 
 Encoding (encoding/json): `<`, `>`, `&`, U+2028 and U+2029 are escaped as

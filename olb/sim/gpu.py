@@ -5,27 +5,34 @@ decides nothing about *which* request runs (engine.py does) and formats no
 HTTP (api.py does), except the DCGM exporter's Prometheus text, which is a
 pure function of the state here.
 
-Where the numbers come from (/work/shared/ollama-api.md, "the spec"):
+Where the numbers come from:
 
-* Speeds, §6.1: every profile carries llama.cpp's measured single-stream
-  rates for an 8B and a 70B Q4_K_M model (eval = decode tokens/s, prompt =
-  prefill tokens/s).  Other models are placed on the power law through those
-  two points by file size: rate(size) = r8 * (r70 / r8) ** x with
+* Speeds: every profile carries llama.cpp's measured single-stream rates
+  for an 8B and a 70B Q4_K_M model (eval = decode tokens/s, prompt =
+  prefill tokens/s), from the README of XiongjieDai/GPU-Benchmarks-on-LLM-
+  Inference (LLaMA-3, 1024-token prompt and generation, 2024-05).  Ollama
+  runs llama.cpp's llama-server (llm/llama_server.go), so these apply.
+  Other models are placed on the power law through those two points by
+  file size: rate(size) = r8 * (r70 / r8) ** x with
   x = log(size / size8) / log(size70 / size8).  Decode is memory-bandwidth
   bound and prefill compute bound, so both fall roughly with size; the law
   gives ~265 t/s for a 3B and ~90 k prompt t/s for a 137M embedding model.
-* Loads, §6.2: load_s = load_fixed_s + size / disk_bytes_per_s.  The
-  defaults (0.5 s + 1.75 GB/s) give 3.3 s for an 8B q4 and 24.8 s for a 70B
-  q4, the spec's "~3 s" and "~25 s" from NVMe.
-* Memory, §4.5: a runner takes weights + KV cache (num_ctx x num_parallel
-  tokens) + a compute graph.  A model that does not fit even alone spills
-  the rest to system RAM (`size_vram < size` in /api/ps) and runs at
-  CPU_FACTOR of the GPU speed for the spilled share.
-* Concurrency, §6.3: n sequences of one model decode as a batch, each at
-  r / (1 + alpha (n - 1)).  Different models on one GPU do not batch
-  together: they take turns, so one decode round costs the sum of their
-  batch step times and every sequence on the GPU advances one token per
-  round.  Prefill is compute bound: the GPU's prompt throughput is shared
+* Loads: load_s = load_fixed_s + size / disk_bytes_per_s.  The defaults
+  (0.5 s + 1.75 GB/s) give 3.3 s for an 8B q4 and 24.8 s for a 70B q4 from
+  NVMe: Ollama's docs/api.md shows cold load_duration of 3-7 s for 3B-7B
+  models; the 70B figure is the same law (no code sets it; users report
+  far slower loads from network storage, ollama issue #4098).
+* Memory: a runner takes weights + KV cache (num_ctx x num_parallel
+  tokens, llm/llama_server.go, startLlamaServer's -c) + a compute graph.
+  A model that does not fit even alone spills the rest to system RAM
+  (`size_vram < size` in /api/ps) and runs at CPU_FACTOR of the GPU speed
+  for the spilled share.
+* Concurrency: n sequences of one model decode as a batch, each at
+  r / (1 + alpha (n - 1)), alpha ~0.15 fitted to llama.cpp PR #16894's
+  batched-bench figures (a fit, not a measurement of Ollama).  Different
+  models on one GPU do not batch together: they take turns, so one decode
+  round costs the sum of their batch step times and every sequence on the
+  GPU advances one token per round.  Prefill is compute bound: the GPU's prompt throughput is shared
   equally by the requests prefilling at the same time (processor sharing).
 
 Time: everything here is in *simulated* seconds; the engine divides by the
@@ -48,7 +55,7 @@ GIB = 1 << 30
 GRAPH_BYTES = 256 * MIB
 EMBED_GRAPH_BYTES = 64 * MIB
 # With other models resident a new one must fit in this share of the free
-# memory or something is evicted first (spec §4.4, Ollama's pre-flight check).
+# memory or something is evicted first (server/sched.go, load's pre-flight check).
 FIT_FRACTION = 0.8
 # What a first model that does not fit leaves free when it spills to CPU.
 SPILL_HEADROOM = 512 * MIB
@@ -73,18 +80,18 @@ class GpuProfile:
     model_name: str = "olb-sim 80GB GPU"
     # Total framebuffer in bytes.
     vram: int = 80 * GIB
-    # Single-stream tokens/s of an 8B and a 70B Q4_K_M model (spec §6.1).
+    # Single-stream tokens/s of an 8B and a 70B Q4_K_M model (llama.cpp, see above).
     eval_8b: float = 130.0
     prompt_8b: float = 6000.0
     eval_70b: float = 23.0
     prompt_70b: float = 800.0
     # Per-sequence slowdown in a batch: r(n) = r1 / (1 + alpha (n - 1)).
     alpha: float = 0.15
-    # load = load_fixed_s + size / disk_bytes_per_s (spec §6.2).
+    # load = load_fixed_s + size / disk_bytes_per_s (see "Loads" above).
     load_fixed_s: float = 0.5
     disk_bytes_per_s: float = 1.75e9
-    # VRAM recovery after an unload before the scheduler moves on (spec
-    # §4.4: Ollama polls up to 5 s, "typical convergence is 0.5-1.5s").
+    # VRAM recovery after an unload before the scheduler moves on (server/
+    # sched.go, waitForVRAMRecovery: up to 5 s, "typical convergence is 0.5-1.5s").
     unload_s: float = 1.0
 
     def __post_init__(self):
@@ -118,7 +125,7 @@ class GpuProfile:
         return self.load_fixed_s + spec.size / self.disk_bytes_per_s
 
 
-# The spec's §6.1 table (llama.cpp, LLaMA-3 Q4_K_M).  The 24 GB cards have no
+# GPU-Benchmarks-on-LLM-Inference's table (llama.cpp, LLaMA-3 Q4_K_M).  The 24 GB cards have no
 # single-card 70B figure (it does not fit); their 70B anchor is the 2-card
 # one, used only for the GPU share of a spilled model.
 PROFILES: dict[str, GpuProfile] = {p.name: p for p in (
@@ -142,7 +149,7 @@ def gpu_profile(name: str) -> GpuProfile:
 
 def runner_bytes(spec: ModelSpec, num_ctx: int, parallel: int) -> int:
     """Memory of a loaded runner: weights + KV for num_ctx x parallel + graph
-    (spec §4.5: the runner gets -c num_ctx*parallel)."""
+    (llm/llama_server.go, startLlamaServer: the runner gets -c num_ctx*parallel)."""
     graph = EMBED_GRAPH_BYTES if spec.embedding_only else GRAPH_BYTES
     ctx = min(num_ctx, spec.context_length)
     return spec.size + spec.kv_bytes_per_token() * ctx * parallel + graph

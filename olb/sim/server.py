@@ -119,7 +119,7 @@ _LOCAL_TLDS = (".localhost", ".local", ".internal")
 
 
 def allowed_host(host_header: str, hostname: str) -> bool:
-    """Ollama's allowedHostsMiddleware for a loopback bind (spec §3):
+    """Ollama's allowedHostsMiddleware for a loopback bind (server/routes.go, allowedHost):
     loopback/private/unspecified IPs, localhost, the machine's hostname and
     *.localhost|*.local|*.internal pass.  (Ollama also accepts the IPs of
     local interfaces; the simulator does not enumerate them.)"""
@@ -308,7 +308,7 @@ class SimProtocol(asyncio.Protocol):
         self._chunked = self.conn.their_http_version != b"1.0"
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers}
         if server.check_hosts and not server.host_allowed(headers.get("host", "")):
-            # Ollama answers a foreign Host with a bare 403 (spec §3).
+            # Ollama answers a foreign Host with a bare 403 (routes.go allowedHostsMiddleware).
             self.respond(403, None, b"")
             return
         if server.check_hosts and method == "OPTIONS":

@@ -173,7 +173,8 @@ def test_openai_retrieve_model_from_the_merged_view(loop):
 def test_anthropic_and_responses_requests_are_routed_by_model(loop):
     """/v1/messages and /v1/responses go to the backend that has the model;
     a model no backend has gets Ollama's 404 in each endpoint's shape without
-    touching a backend. (A backend that lacks the route answers gin's
+    sending the request to a backend (olb re-reads the catalogues first:
+    ModelDirectory.recheck). (A backend that lacks the route answers gin's
     text/plain 404, which says nothing about its models.)"""
 
     async def main():
@@ -187,11 +188,14 @@ def test_anthropic_and_responses_requests_are_routed_by_model(loop):
             counts = [(s.stats.by_path.get("/v1/messages", 0), s.stats.by_path.get("/v1/responses", 0))
                       for s in sims]
             installed = bytes(proxy.balancer.models.installed_mask("qwen2.5:7b"))
-            before = sum(s.stats.requests for s in sims)
+            def inference():
+                return sum(s.stats.by_path.get(p, 0) for s in sims for p in ("/v1/messages", "/v1/responses"))
+
+            before = inference()
             msg = await fetch(proxy.port, "POST", "/v1/messages",
                               {"model": "nope", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]})
             resp = await fetch(proxy.port, "POST", "/v1/responses", {"model": "nope", "input": "x"})
-            return counts, installed, msg, resp, sum(s.stats.requests for s in sims) - before
+            return counts, installed, msg, resp, inference() - before
         finally:
             await stop(proxy, sims)
 

@@ -47,7 +47,7 @@ def test_known_specs_are_consistent():
         assert spec.details()["families"] == [spec.architecture]
         info = spec.model_info()
         assert info[f"{spec.architecture}.context_length"] == spec.context_length
-    # spec §4.5: llama 3 8B keeps 128 KiB of f16 KV per token.
+    # 2 x 32 layers x 8 kv heads x 128 head dim x 2 bytes: llama 3 8B keeps 128 KiB of f16 KV per token.
     assert KNOWN_MODELS["llama3.1:8b"].kv_bytes_per_token() == 128 * 1024
     assert KNOWN_MODELS["nomic-embed-text:latest"].embedding_only
     assert not KNOWN_MODELS["llama3.2:latest"].embedding_only

@@ -111,7 +111,7 @@ def test_decode_interval_and_prefill():
     assert decode_interval(130, 1.0, 1, 0.0) == pytest.approx(1 / 130)
     assert decode_interval(0, 1.0, 5, 0.15) == 0.0
     assert decode_interval(100, 0.5, 1, 0.0) == pytest.approx(0.02)
-    # spec §6.3: r(n) = r1 / (1 + alpha (n - 1)).
+    # r(n) = r1 / (1 + alpha (n - 1)), fitted to llama.cpp PR #16894 (olb/sim/gpu.py).
     assert decode_interval(100, 1.0, 4, 0.15) == pytest.approx(1.45 / 100)
     assert decode_interval(100, 1.0, 0, 0.15) == pytest.approx(1 / 100)
     assert prefill_seconds(0.05, 6000, 0) == 0.05
@@ -350,7 +350,7 @@ def test_cold_model_loads_then_takes_the_fast_path():
     assert isinstance(p, Pending) and first.calls == []
     assert engine.runners[m.name.key].state == "loading"
     loop.run(until=T0 + 10)
-    # spec §6.2: ~3 s for an 8B q4 (0.5 s + 4.92 GB / 1.75 GB/s).
+    # ~3 s for an 8B q4 (0.5 s + 4.92 GB / 1.75 GB/s; olb/sim/gpu.py's load model).
     assert first.at == pytest.approx(T0 + load_s(cat, "llama3.1:8b")) and 3.0 < first.at - T0 < 3.5
     runner = first.calls[0][0]
     assert runner.state == "ready" and engine.loads == 1
@@ -380,7 +380,7 @@ def test_loaded_model_is_served_while_another_loads():
     assert engine.acquire(model(cat, "llama3.2"), None, fast) is None
     assert fast.at == T0 and slow.calls == []
     loop.run(until=T0 + 60)
-    # spec §6.2: ~25 s for a 70B q4.
+    # ~25 s for a 70B q4 from NVMe (olb/sim/gpu.py's load model).
     assert 24 < slow.at - T0 < 26
 
 
@@ -422,7 +422,7 @@ def test_max_loaded_evicts_by_keep_alive_then_model_path():
 
 def test_vram_that_does_not_fit_evicts():
     # 10 GiB: an 8B (5.7 GB with KV) and a 7B (5.2 GB) do not fit together
-    # (spec §4.4: the new one must fit in 80 % of the free memory).
+    # (server/sched.go, load: the new one must fit in 80 % of the free memory).
     loop, engine, cat = gpu_engine(GpuProfile(vram=10 * GIB))
     engine.acquire(model(cat, "llama3.1:8b"), None, Got(loop))
     loop.run(until=T0 + 5)

@@ -15,7 +15,7 @@ B8, B70 = KNOWN_MODELS["llama3.1:8b"], KNOWN_MODELS["llama3.1:70b"]
 
 def test_default_profile_is_the_spec_figures():
     p = GpuProfile()
-    # spec §6.1 suggested defaults, §6.2 load times.
+    # Defaults from llama.cpp's single-stream figures, and the load model (olb/sim/gpu.py).
     assert (p.eval_rate(B8), p.prompt_rate(B8)) == pytest.approx((130.0, 6000.0))
     assert (p.eval_rate(B70), p.prompt_rate(B70)) == pytest.approx((23.0, 800.0))
     assert p.load_seconds(B8) == pytest.approx(3.31, abs=0.01)
@@ -49,7 +49,7 @@ def test_unknown_profile_and_bad_values():
 
 
 def test_runner_bytes_and_spill():
-    # spec §4.5: Llama-3-8B KV is 128 KiB per token.
+    # Llama-3-8B KV is 128 KiB per token (2 x 32 layers x 8 kv heads x 128 x 2 bytes).
     assert runner_bytes(B8, 8192, 1) - runner_bytes(B8, 4096, 1) == 4096 * 128 * 1024
     assert runner_bytes(B8, 4096, 4) - runner_bytes(B8, 4096, 1) == 3 * 4096 * 128 * 1024
     # num_ctx is capped at the training context.
