@@ -271,6 +271,11 @@ def _add_hist(table: dict, key: tuple, counts: list, total: float) -> None:
 # --- token counts from a response's last bytes -----------------------------------------------------
 
 _INT = re.compile(rb"\d+")
+#: Ollama's Metrics as api/types.go orders them (prompt_eval_count, prompt_eval_duration, eval_count, eval_duration).
+_OLLAMA = re.compile(rb'"prompt_eval_count": ?(\d+)(?:,"prompt_eval_duration": ?\d+)?'
+                     rb'(?:,"eval_count": ?(\d+))?(?:,"eval_duration": ?(\d+))?')
+#: OpenAI's usage as openai/openai.go's Usage orders it.
+_USAGE = re.compile(rb'"usage": ?\{"prompt_tokens": ?(\d+),"completion_tokens": ?(\d+)')
 
 
 def _field(tail: bytes, name: bytes) -> int | None:
@@ -301,6 +306,20 @@ def read_tokens(tail: bytes):
         (prompt tokens, generated tokens, generation seconds or None), or
         None when the tail has no count.
     """
+    # The common shapes first, one search and one match each: Ollama's
+    # Metrics in Go's field order, then OpenAI's usage.
+    at = tail.rfind(b'"prompt_eval_count":')
+    if at >= 0:
+        m = _OLLAMA.match(tail, at)
+        if m is not None and m.group(2) is not None:
+            ns = m.group(3)
+            return int(m.group(1)), int(m.group(2)), (int(ns) / 1e9 if ns else None)
+    at = tail.rfind(b'"usage":')
+    if at >= 0:
+        m = _USAGE.match(tail, at)
+        if m is not None:
+            return int(m.group(1)), int(m.group(2)), None
+    # Any other order or spacing.
     evaluated = _field(tail, b'"eval_count":')
     if evaluated is not None:
         ns = _field(tail, b'"eval_duration":')
@@ -323,7 +342,7 @@ TAIL_BYTES = 1024
 def response_tokens(tail2, tail1, last: bytes):
     """read_tokens over the last TAIL_BYTES of a body: the relay's last two
     reads before the end (or None) and the final read's body bytes."""
-    if len(last) < TAIL_BYTES:
+    if len(last) < TAIL_BYTES and (tail1 is not None or tail2 is not None):
         last = b"".join(((tail2 or b"")[-TAIL_BYTES:], (tail1 or b"")[-TAIL_BYTES:], last))
     return read_tokens(last[-TAIL_BYTES:])
 
