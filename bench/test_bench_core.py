@@ -10,7 +10,9 @@ Groups:
                                   whole in one buffer and one chunk per feed.
     relay 200 NDJSON chunks       olb._relay.Relay.data_received (compiled) vs
                                   the same method in Python, as proxy.py had
-                                  it: the per-chunk cost above the syscalls.
+                                  it: the per-chunk cost above the syscalls;
+                                  `keep`: a chat stream's relay, which also
+                                  keeps each chunk for a continuation.
 
 Per-operation figures: divide the acquire+release means by PAIRS.  Pin the
 process to one CPU (taskset -c N ...) for numbers worth quoting.
@@ -207,9 +209,11 @@ class CRelay(Relay):
         self.ended = end
 
 
-@pytest.mark.parametrize("impl", ["python", "olb._relay"])
+@pytest.mark.parametrize("impl", ["python", "olb._relay", "olb._relay keep"])
 def test_relay_stream(benchmark, impl):
-    """200 chunks through data_received into a forward that keeps nothing."""
+    """200 chunks through data_received into a forward that keeps nothing;
+    `keep`: a chat stream, whose relay also keeps a reference to each chunk
+    for a continuation (olb/resume.py, OLB_RESUME_MAX_BYTES)."""
     import asyncio
 
     benchmark.group = "relay 200 NDJSON chunks"
@@ -219,9 +223,13 @@ def test_relay_stream(benchmark, impl):
     relay = PyRelay(loop, forward) if impl == "python" else CRelay(forward)
     scanner, received = relay.scanner, relay.data_received
 
+    keep = impl.endswith("keep")
+
     def stream():
         scanner.expect_chunked()
         relay.ended = None
+        if keep:
+            relay.keep, relay.keep_left = [], 512 * 1024
         for chunk in CHUNKS:
             received(chunk)
         return relay.ended

@@ -1,11 +1,16 @@
 """`olb-fast`: configuration, the demo cluster, and the worker processes.
 
+Signals (olb/lifecycle.py, docs/operations.md): SIGHUP reloads the
+configuration, SIGTERM and SIGINT stop after running streams finish.
+
 With OLB_WORKERS=1 (the default) the proxy runs in this process. With more,
 this process becomes a supervisor: it reserves the port, creates the shared
 in-flight counters (an anonymous shared mmap, inherited across fork), forks
 the workers — each binds the port with SO_REUSEPORT and runs its own uvloop
 — and restarts any worker that dies after reclaiming the requests it still
-held in the shared counts, so capacity is not leaked.
+held in the shared counts, so capacity is not leaked. A reload starts a new
+generation of workers with the new configuration and its own shared counts,
+and the old generation hands over (SIGUSR2) and exits.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import gc
 import logging
 import mmap
 import os
-import shutil
 import signal
+import shutil
 import socket
 import sys
 import tempfile
@@ -31,11 +36,13 @@ log = logging.getLogger("olb")
 #: A worker that dies sooner than this after its start is restarted only
 #: after a pause, so a crash loop does not spin the CPU.
 RESTART_BACKOFF = 1.0
-#: Seconds a stopping worker waits for running streams to finish.
-DRAIN_TIMEOUT = 10.0
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .lifecycle import block_signals
+
+    block_signals()  # until the handlers are in place (lifecycle.HELD_SIGNALS)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens its log on it
     try:
         cfg = config_mod.load(argv)
     except ConfigError as exc:
@@ -44,18 +51,25 @@ def main(argv: list[str] | None = None) -> None:
     from .accesslog import configure_logging
 
     configure_logging(config_mod.log_level_number(cfg.log_level), cfg.log_format)
+    loaded = cfg
     sim_pid = None
     if cfg.demo:
         sim_pid, urls = start_demo_cluster(cfg.demo)
         backends = config_mod.parse_backends(",".join(urls), cfg.max_inflight, var="--demo")
         cfg = dataclasses.replace(cfg, backends=cfg.backends + backends)
+
+    def reload() -> config_mod.Config:
+        return config_mod.load(argv)
+
     try:
         if cfg.workers == 1:
-            sock = _bind_or_exit(cfg, reuse_port=False)
-            _announce(cfg, sock.getsockname()[1])
-            run_worker(cfg, sock, None, None, 0, None)
+            # SO_REUSEPORT even alone: a new olb can take over the port while
+            # this one drains (docs/operations.md, Shutdown and upgrades).
+            sock = _bind_or_exit(cfg, reuse_port=True)
+            run_worker(cfg, sock, None, None, 0, load=reload, loaded=loaded,
+                       ready=lambda: _announce(cfg, sock.getsockname()[1]))
         else:
-            supervise(cfg)
+            supervise(cfg, reload, loaded)
     finally:
         if sim_pid is not None:
             _kill(sim_pid)
@@ -96,14 +110,16 @@ Ctrl-C stops olb and the simulated cluster.
 # --- workers ----------------------------------------------------------------------------------
 
 
-def run_worker(cfg, sock: socket.socket, shared, drained, worker: int, metrics_dir: str | None) -> None:
+def run_worker(cfg, sock: socket.socket, shared, drained, worker: int, load=None, loaded=None,
+               ready=None, metrics_dir: str | None = None) -> None:
     import uvloop
 
-    uvloop.run(_serve(cfg, sock, shared, drained, worker, metrics_dir))
+    uvloop.run(_serve(cfg, sock, shared, drained, worker, load, loaded, ready, metrics_dir))
 
 
-async def _serve(cfg, sock, shared, drained, worker: int, metrics_dir: str | None) -> None:
+async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready, metrics_dir) -> None:
     from .balancer import new_table
+    from .lifecycle import Lifecycle, unblock_signals
     from .server import start_proxy
 
     table = None
@@ -117,24 +133,25 @@ async def _serve(cfg, sock, shared, drained, worker: int, metrics_dir: str | Non
     # here is every open stream's pause).
     gc.freeze()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    life = Lifecycle(server, load)
+    life.loaded = loaded
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, life.request_stop)
+    if load is not None:
+        loop.add_signal_handler(signal.SIGHUP, life.reload)
+    else:
+        # Several workers: the supervisor reloads by starting new ones and
+        # sends SIGUSR2 to these; a SIGHUP sent to the whole group is its business.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        loop.add_signal_handler(signal.SIGUSR2, life.request_retire)
     loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)  # logrotate's postrotate
-    await stop.wait()
-    await _drain(server)
-    await server.close()
+    unblock_signals()
+    if ready is not None:
+        ready()
+    await life.run()
 
 
-async def _drain(server) -> None:
-    """Stop accepting, then give running streams a little time to finish."""
-    server._server.close()
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    while time.monotonic() < deadline and any(c.exchange is not None for c in server.ctx.clients):
-        await asyncio.sleep(0.05)
-
-
-def supervise(cfg) -> None:
+def supervise(cfg, load, loaded) -> None:
     from ._core import shared_size
     from .balancer import new_table
 
@@ -159,34 +176,78 @@ def supervise(cfg) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="olb-metrics-") if cfg.metrics else None
 
     stopping = False
-    children: dict[int, tuple[int, float]] = {}
+    # pid -> (worker slot, start time, generation); a reload starts a
+    # generation: new workers with the new configuration and their own
+    # shared counts, while the old ones finish what they hold and exit.
+    children: dict[int, tuple[int, float, int]] = {}
+    tables = {0: table}
+    generation = 0
     supervisor = os.getpid()
 
     def spawn(worker: int) -> None:
         sock = _bind_or_exit(cfg, reuse_port=True)
+        gen_shared, gen_drained = shared, drained
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)  # still blocked until the worker's handlers
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker's loop handles it
                 _die_with_parent(supervisor)
                 reserve.close()
-                run_worker(cfg, sock, shared, drained, worker, metrics_dir)
+                run_worker(cfg, sock, gen_shared, gen_drained, worker, metrics_dir=metrics_dir)
             except BaseException:
                 logging.getLogger("olb").exception("worker %d crashed", worker)
                 code = 1
             finally:
                 os._exit(code)
         sock.close()
-        children[pid] = (worker, time.monotonic())
+        children[pid] = (worker, time.monotonic(), generation)
 
     def on_signal(signum, frame) -> None:
         nonlocal stopping
         stopping = True
         for pid in list(children):
             _kill(pid, wait=False)
+
+    def on_reload(signum, frame) -> None:
+        nonlocal cfg, loaded, shared, drained, table, generation
+        from .lifecycle import check_reload
+
+        if stopping:
+            return
+        try:
+            new = load()
+            commits = check_reload(loaded, new)
+        except ConfigError as exc:
+            log.error("reload refused, the old settings stay: %s", exc)
+            return
+        for commit in commits:
+            commit()
+        logging.getLogger().setLevel(config_mod.log_level_number(new.log_level))  # the new workers inherit it
+        demo = cfg.backends[len(loaded.backends):]
+        was_draining = {(b.host, b.port) for i, b in enumerate(cfg.backends) if drained[i]}
+        loaded = new
+        cfg = dataclasses.replace(new, listen_port=cfg.listen_port, backends=new.backends + demo)
+        n = len(cfg.backends)
+        shared = mmap.mmap(-1, shared_size(n, cfg.workers))
+        drained = mmap.mmap(-1, n)
+        for i, b in enumerate(cfg.backends):  # a drain asked for before the reload holds after it
+            drained[i] = (b.host, b.port) in was_draining
+        generation += 1
+        table = tables[generation] = new_table(cfg, shared=shared, worker=0, workers=cfg.workers)
+        old = [pid for pid, (_, _, gen) in children.items() if gen != generation]
+        for w in range(cfg.workers):
+            spawn(w)
+        for pid in old:
+            try:
+                os.kill(pid, signal.SIGUSR2)  # lifecycle.Lifecycle.request_retire
+            except ProcessLookupError:
+                pass
+        log.warning("reload: %d backend(s); %d new worker(s) took over, %d finish what they hold",
+                    n, cfg.workers, len(old))
 
     def on_usr1(signum, frame) -> None:
         # logrotate signals the supervisor (the pid systemd knows): each worker reopens its file.
@@ -198,10 +259,14 @@ def supervise(cfg) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_reload)
     signal.signal(signal.SIGUSR1, on_usr1)
     for w in range(cfg.workers):
         spawn(w)
     _announce(cfg, cfg.listen_port)
+    from .lifecycle import unblock_signals
+
+    unblock_signals()
     while children:
         try:
             pid, status = os.wait()
@@ -209,15 +274,23 @@ def supervise(cfg) -> None:
             break
         if pid not in children:
             continue
-        worker, started = children.pop(pid)
+        worker, started, gen = children.pop(pid)
         if stopping:
+            continue
+        if gen != generation:
+            # A worker of an earlier configuration, retired by a reload.
+            tables[gen].reclaim_worker(worker)
+            if not any(g == gen for _, _, g in children.values()):
+                del tables[gen]
+            if status != 0:
+                log.error("retired worker %d (pid %d) ended with %s", worker, pid, _describe_status(status))
             continue
         reclaimed = table.reclaim_worker(worker)
         log.error("worker %d (pid %d) died (%s); reclaimed %d in-flight request(s); restarting",
                   worker, pid, _describe_status(status), reclaimed)
         if time.monotonic() - started < RESTART_BACKOFF:
             time.sleep(RESTART_BACKOFF)
-            if stopping:  # SIGTERM arrived during the pause
+            if stopping or gen != generation:  # SIGTERM, or a reload, arrived during the pause
                 continue
         spawn(worker)
     if metrics_dir is not None:

@@ -19,6 +19,10 @@ class Relay:
     last_io: float
     tail1: bytes | None
     tail2: bytes | None
+    keep: list[bytes | None] | None
+    keep_left: int
+    def keep_data(self, data: bytes) -> None:
+        """Keep `data` as data_received keeps what it forwards."""
     def data_received(self, data: bytes) -> None: ...
     # Defined by the subclass:
     def _read_head(self, data: bytes) -> None: ...

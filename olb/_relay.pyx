@@ -5,9 +5,11 @@ Theory of operation
 ===================
 
 What may live here: the work olb does for every read from a backend once the
-response head is through -- forward the bytes, find the body's end -- and
-nothing else.  Everything that happens once per request (heads, errors,
-timers, the pool) stays in Python, in proxy.BackendSideProtocol.
+response head is through -- forward the bytes, find the body's end, and for
+a chat stream keep a reference to what went out (olb/resume.py reads it if
+the backend dies: one list append per read, no copy) -- and nothing else.
+Everything that happens once per request (heads, errors, timers, the pool)
+stays in Python, in proxy.BackendSideProtocol.
 
 Why compiled: a streamed token is one read from the backend and one write to
 the client, and at 1,000 open streams that is 50,000 reads a second.  With
@@ -33,6 +35,11 @@ the per-chunk path reads, which the Python subclass also reads and writes:
               last bytes, where Ollama's final line carries its token counts
               (read once per request, by metrics.read_tokens; here it costs
               two reference moves a chunk, no Python call)
+    keep      a list that gets a reference to every bytes object forwarded
+              (the body as it went to the client, for olb/resume.py to read
+              if the stream breaks), or None: nothing kept
+    keep_left bytes keep may still take (OLB_RESUME_MAX_BYTES); past it
+              the list is emptied to [None] and keep set to None
 
 and calls three methods the subclass defines:
 
@@ -79,6 +86,8 @@ cdef class Relay:
     cdef public double last_io
     cdef public object tail1
     cdef public object tail2
+    cdef public object keep  # a list or None (object: the stub may say so)
+    cdef public Py_ssize_t keep_left
 
     def __cinit__(self, *args, **kwargs):
         # __cinit__ so that a Python subclass's __init__ need not call ours.
@@ -88,6 +97,29 @@ cdef class Relay:
         self.last_io = 0.0
         self.tail1 = None
         self.tail2 = None
+        self.keep = None
+        self.keep_left = 0
+
+    cdef int _keep(self, object data) except -1:
+        # A reference, not a copy: the bytes object is the one forwarded.
+        cdef list keep = <list?>self.keep
+        cdef Py_ssize_t n = len(data)
+        if n > self.keep_left:
+            # Over the bound: let go of it all. [None] tells the exchange,
+            # which holds the same list, that the stream was not kept whole.
+            del keep[:]
+            keep.append(None)
+            self.keep = None
+            return 0
+        self.keep_left -= n
+        keep.append(data)
+        return 0
+
+    def keep_data(self, data):
+        """Keep `data` as data_received keeps what it forwards (for body bytes
+        forwarded from Python: those that arrive with the head)."""
+        if self.keep is not None:
+            self._keep(data)
 
     def data_received(self, data):
         """Called by the transport with bytes from the backend: forward them as they are."""
@@ -104,6 +136,8 @@ cdef class Relay:
         if end < 0:
             self.tail2 = self.tail1
             self.tail1 = data
+            if self.keep is not None:
+                self._keep(data)
             self.forward(data)
         else:
             self._end(data, end)

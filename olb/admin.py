@@ -43,6 +43,7 @@ def status(ctx) -> dict:
         "policy": ctx.config.policy,
         "uptime_s": round(time.monotonic() - ctx.started, 3),
         "clients": len(ctx.clients),
+        "resume": ctx.resumes.as_dict(),
         "telemetry": ctx.telemetry.status() if ctx.telemetry is not None else None,
         "gpu": ({"available": gpu.available,
                  "readings": {str(i): r for i, r in gpu.readings.items()}}

@@ -146,6 +146,12 @@ class Balancer:
         #: Where pick() starts looking next (requests that take no slot go round).
         #: Probes under way after a timeout, by backend (see check()).
         self._checks: dict[int, asyncio.Task] = {}
+        #: After a reload (olb/lifecycle.py): per backend index, the new
+        #: balancer, its index there, and how many slots its table holds for
+        #: this one's requests still running on that backend.
+        self.handoff: dict[int, list] = {}
+        #: Stopping (SIGTERM): nothing more is queued.
+        self.stopping = False
 
     # --- admission -------------------------------------------------------------------
 
@@ -159,8 +165,21 @@ class Balancer:
 
     def release(self, index: int) -> None:
         self.table.release(index)
+        if self.handoff:
+            self._hand_back(index)
         if self.queue:
             self._drain_queue()
+
+    def _hand_back(self, index: int) -> None:
+        """A request that ran across a reload ended: free the slot the new balancer held for it."""
+        target = self.handoff.get(index)
+        if target is not None:
+            successor, new_index, held = target
+            if held <= 1:
+                del self.handoff[index]
+            else:
+                target[2] = held - 1
+            successor.release(new_index)
 
     def pick(self, allowed=None) -> int:
         """A healthy backend for a request that runs no model, or NO_BACKEND
@@ -182,6 +201,9 @@ class Balancer:
         Returns:
             fairqueue.QUEUED, FULL (503) or OVER_SHARE (429).
         """
+        if self.stopping:
+            self.rejected += 1
+            return FULL
         queue = self.queue
         result = queue.push(waiter, client, priority)
         if result == FULL:

@@ -31,6 +31,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from . import __version__
 from .errors import ConfigError
 
 DEMO_HINT = (
@@ -124,10 +125,13 @@ def _size(raw: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
-def _size_or_zero(raw: str) -> int:
-    if raw.strip() == "0":
+def _size_or_off(raw: str) -> int:
+    if re.fullmatch(r"\s*0+\s*([kKmMgG]?)(?:i?[bB])?\s*", raw):
         return 0
-    return _size(raw)
+    try:
+        return _size(raw)
+    except ValueError:
+        raise ValueError(f"0 (off) or a size in bytes, optionally with K, M or G (e.g. 512K), got {raw!r}") from None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -256,7 +260,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an idle client connection is kept open."),
     Setting("OLB_MAX_BODY", "max_body", "64M", _size,
             "Largest request body (images in chat make them megabytes); 413 beyond it."),
-    Setting("OLB_MAX_BODY_HELD", "max_body_held", "0", _size_or_zero,
+    Setting("OLB_MAX_BODY_HELD", "max_body_held", "0", _size_or_off,
             "Request body bytes one worker holds across all its clients (0: OLB_MAX_BODY); a request "
             "still being read gets 503 beyond it (docs/operations.md, \"Slow and hostile clients\")."),
     Setting("OLB_HEADER_TIMEOUT", "header_timeout", "10", _positive_float,
@@ -272,6 +276,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a request may wait in the queue; 503 with Retry-After after it."),
     Setting("OLB_RETRIES", "retries", "2", _int_at_least(0),
             "Extra attempts on other backends when one fails before its first response byte."),
+    Setting("OLB_RESUME_MAX_BYTES", "resume_max_bytes", "512K", _size_or_off,
+            "A chat stream (/api/chat, /v1/chat/completions) whose backend dies is continued on another "
+            "backend; olb keeps up to this much of each stream to do it (a longer one ends with an error "
+            "line, as before); 0 = off (docs/operations.md)."),
     Setting("OLB_EJECT_AFTER", "eject_after", "3", _int_at_least(1),
             "Failed requests in a row (broken connections, malformed responses; a timeout ejects only "
             "if the probe after it fails) after which a backend is taken out until a probe finds it "
@@ -311,6 +319,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLB_PULL", "pull", "all", _pull,
             "Where /api/pull goes: `all` healthy backends, or only those with `room` (whose known GPU "
             "memory can hold the model, when its size is known from a backend that has it)."),
+    Setting("OLB_CONFIG", "config", "", _raw,
+            "A file of `OLB_*=value` lines (a systemd `EnvironmentFile`) whose values override the "
+            "environment; SIGHUP re-reads it (docs/operations.md, Configuration file and reload)."),
+    Setting("OLB_SHUTDOWN_TIMEOUT", "shutdown_timeout", "30", _positive_float,
+            "Seconds running streams get to finish after SIGTERM; those still running then are cut "
+            "and logged. Queued requests get 503 with Retry-After at once."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
     Setting("OLB_LOG_FORMAT", "log_format", "text", _log_format,
@@ -358,6 +372,7 @@ class Config:
     queue_size: int = _default("queue_size")
     queue_timeout: float = _default("queue_timeout")
     retries: int = _default("retries")
+    resume_max_bytes: int = _default("resume_max_bytes")
     eject_after: int = _default("eject_after")
     workers: int = _default("workers")
     health_interval: float = _default("health_interval")
@@ -370,6 +385,8 @@ class Config:
     priority_header: str = _default("priority_header")
     session_header: str = _default("session_header")
     session_bound: float = _default("session_bound")
+    config: str = _default("config")
+    shutdown_timeout: float = _default("shutdown_timeout")
     log_level: str = _default("log_level")
     demo: int = _default("demo")
     log_format: str = _default("log_format")
@@ -460,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load balancer for Ollama: one endpoint in front of several `ollama serve` instances.",
         epilog="Every flag mirrors an OLB_* environment variable; a flag wins over its variable.",
     )
+    parser.add_argument("--version", action="version", version=f"olb-fast {__version__}")
     for s in SETTINGS:
         if s.env == "OLB_DEMO":
             parser.add_argument("--demo", nargs="?", const="3", default=None, metavar="N",
@@ -483,6 +501,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_parser()
     # argparse exits with status 2 on unknown flags itself, which is what we want.
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    path = args.config if args.config is not None else environ.get("OLB_CONFIG", "")
+    if path:
+        # The file's values override the environment; a flag still wins over both.
+        environ = {**environ, **read_env_file(path)}
     values: dict[str, object] = {}
     for s in SETTINGS:
         flag_value = getattr(args, s.field)
@@ -509,6 +531,57 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         backends=backends,
         **{s.field: values[s.field] for s in SETTINGS if s.field not in ("listen", "backends")},
     )
+
+
+#: Settings a reload cannot change: they shape the listening socket and the
+#: processes, which a running olb keeps (docs/operations.md).
+FIXED_ON_RELOAD = ("listen", "workers", "demo", "config")
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """The `OLB_*=value` lines of a file in systemd's EnvironmentFile format.
+
+    As systemd reads it (systemd.exec(5), EnvironmentFile=): blank lines and
+    lines starting with `#` or `;` are ignored; a value may be enclosed in
+    single or double quotes, which are removed; whitespace around the key and
+    the value is dropped. Every key must be a known OLB_* variable (a typo
+    would otherwise be silently ignored), and OLB_CONFIG may not name another file.
+
+    Raises:
+        ConfigError: the file cannot be read, or a line is malformed, naming
+            the file, the line and the variable.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"OLB_CONFIG: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_env_file(text, path)
+
+
+_KNOWN = {s.env for s in SETTINGS}
+
+
+def parse_env_file(text: str, path: str = "OLB_CONFIG") -> dict[str, str]:
+    """read_env_file's parser, on the file's text (see there)."""
+    values: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        where = f"{path}:{lineno}"
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{where}: expected VARIABLE=value, got {line!r}")
+        if key not in _KNOWN:
+            raise ConfigError(f"{key}: unknown variable ({where}); known: OLB_* settings in the README")
+        if key == "OLB_CONFIG":
+            raise ConfigError(f"OLB_CONFIG: cannot be set in the file it names ({where})")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
 
 
 def log_level_number(name: str) -> int:

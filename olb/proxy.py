@@ -38,7 +38,8 @@ Invariants: the backend index is acquired at admit and released exactly
 once (_release clears it; an exchange without a slot holds an index but
 nothing counted, and releases nothing); a client that goes away aborts the backend
 connection at once, because closing that socket is what makes Ollama stop
-generating; after the first response byte there is no retry.
+generating; after the first response byte there is no retry (a chat stream
+is continued on another backend instead: Exchange._resume, olb/resume.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import logging
 
 import orjson
 
-from . import admin, routing
+from . import admin, resume, routing
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
 from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, NoBackendAvailable,
@@ -85,7 +86,8 @@ class ProxyContext:
     """What every connection of one worker shares."""
 
     __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
-                 "host_check", "bodies", "metrics", "metrics_dir", "access_log", "observing", "backend_header")
+                 "host_check", "bodies", "resumes", "closing", "metrics", "metrics_dir", "access_log", "observing",
+                 "backend_header")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -100,6 +102,11 @@ class ProxyContext:
         self.host_check = None
         #: Request body bytes this worker holds (slowclient.py).
         self.bodies = BodyBudget(config.max_body_held or config.max_body)
+        #: Chat streams cut and continued (olb/resume.py).
+        self.resumes = resume.Tally()
+        #: Stopping or handing over (olb/lifecycle.py): each connection closes
+        #: once its response is written, instead of waiting for another request.
+        self.closing = False
         #: metrics.Metrics (OLB_METRICS), accesslog.AccessLog (OLB_ACCESS_LOG), or None;
         #: `observing` when either is on (metrics.observe runs at each request's end).
         self.metrics = None
@@ -116,6 +123,11 @@ class ClientSideProtocol(asyncio.Protocol):
 
     __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
                  "_timer", "_last_active", "_closed", "clock", "_timer_at", "t0")
+
+    @property
+    def last_active(self) -> float:
+        """The loop time this connection last started or finished a request (olb/lifecycle.py)."""
+        return self._last_active
 
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
@@ -272,7 +284,7 @@ class ClientSideProtocol(asyncio.Protocol):
         self.clock.done()
         if self._closed:
             return
-        if closing or not self.reader.finish_response(status, closing):
+        if closing or self.ctx.closing or not self.reader.finish_response(status, closing):
             self._closed = True
             self.transport.close()
             return
@@ -369,8 +381,8 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "runner", "slot", "probing", "rechecked", "name", "served", "t_admit", "t_first",
-                 "t_load", "sent", "tokens", "__weakref__")
+                 "affinity", "runner", "slot", "probing", "rechecked", "kept", "resumed", "name", "served", "t_admit",
+                 "t_first", "t_load", "sent", "tokens", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest, slot: bool = True):
         self.client = client
@@ -403,6 +415,11 @@ class Exchange:
         self.affinity = None
         #: Backends this request may no longer try (they failed it), or None.
         self.excluded = None
+        #: The list the relay keeps the streamed body in (Relay.keep), while
+        #: a chat stream could be continued elsewhere (olb/resume.py), or None.
+        self.kept = None
+        #: A continued stream's Continuation, or None.
+        self.resumed = None
         # For the metrics and the access log (metrics.observe): the model as
         # the request names it (normalised), the backend last tried, when
         # the request got its slot, its first response byte, and started a
@@ -534,6 +551,20 @@ class Exchange:
             f"server busy, please try again.  no backend became free within "
             f"{self.ctx.config.queue_timeout:g}s (OLB_QUEUE_TIMEOUT)"))
 
+    def moved(self, ctx) -> None:
+        """Called by olb/lifecycle.py on a reload while this request waits in
+        the queue: it is routed again under the new configuration (its masks
+        were the old backend table's), in the old queue's order."""
+        self.ctx = ctx
+        self.allowed = self.excluded = None
+        if ctx.balancer.models is None:
+            self.model = None
+        self._route()
+
+    def queue_closed(self) -> None:
+        """olb is stopping (SIGTERM): the queue is answered at once (olb/lifecycle.py)."""
+        self._fail(NoBackendAvailable("server busy, please try again.  olb is shutting down"))
+
     def reroute(self) -> None:
         """Its queue mask no longer has a usable backend: decide again."""
         if self.model is not None:
@@ -594,6 +625,8 @@ class Exchange:
         if ((head.status == 503 or (head.status == 404 and head.content_type.startswith(b"application/json")))
                 and self.model is not None and self._retry_elsewhere(head.status)):
             return None
+        if self.resumed is not None:
+            return self._continued_head(head)
         self.state = STREAMING
         self.head = head
         self.t_first = monotonic()
@@ -605,6 +638,12 @@ class Exchange:
                 self.ctx.metrics.load_answered(self.model, self.index, self.t_first - self.t_load)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
+        elif (head.status == 200 and head.framing == CHUNKED and self.ctx.config.resume_max_bytes
+              and resume.stream_kind(self.req.path, head.content_type)):
+            # A chat stream: keep what is forwarded, by reference, in case
+            # its backend dies (_resume).
+            self.kept = self.conn.keep = []
+            self.conn.keep_left = self.ctx.config.resume_max_bytes
         out = downstream_head(head, raw, self.closing)
         if self.ctx.backend_header is not None:
             # OLB_BACKEND_HEADER: one more field before the head's empty line.
@@ -612,6 +651,35 @@ class Exchange:
                                            self.ctx.balancer.backends[self.index].url.encode())
         self.sent = len(out)
         return out
+
+    def _continued_head(self, head) -> bytes | None:
+        """The head of a continuation (_resume): the client has its head
+        already, so nothing of it is forwarded; the body is spliced on."""
+        cont = self.resumed
+        if (head.status != 200 or head.framing != CHUNKED
+                or resume.stream_kind(self.req.path, head.content_type) != cont.kind):
+            conn = self._abort_conn()
+            self._backend_failed(BackendProtocolError(
+                f"backend {conn.pool.host}:{conn.pool.port} answered the continued stream with "
+                f"{head.status} {head.content_type.decode('latin-1')}"), retry=False, mark_down=False)
+            return None
+        self.state = STREAMING
+        if self.slot and self.model is not None:
+            self.ctx.balancer.models.answered(self.model, self.index, self.runner)
+        conn = self.conn
+        if self.kept is not None:
+            conn.keep = self.kept
+            conn.keep_left = cont.budget
+        if cont.splice is not None:
+            feed, write = cont.splice.feed, self.client.transport.write
+
+            def forward(data):
+                out = feed(data)
+                if out:
+                    write(out)
+
+            conn.forward = forward
+        return b""
 
     def _retry_elsewhere(self, status: int) -> bool:
         if self.attempts >= self.ctx.config.retries:
@@ -652,6 +720,8 @@ class Exchange:
         else:
             conn.close()
         self.state = DONE
+        if self.resumed is not None:
+            self.ctx.resumes.resumed += 1
         self.client.response_done(self.head.status, self.closing)
 
     def backend_lost(self, error: OlbError, *, got_bytes: bool, reused: bool, at_boundary: bool) -> None:
@@ -727,7 +797,12 @@ class Exchange:
         elif strike:
             balancer.strike(index, error.message)
         if self.state == STREAMING:
-            self._fail_mid_stream(error, at_boundary)
+            # A spliced SSE stream reaches the client in whole chunks only.
+            at_boundary = at_boundary or (self.resumed is not None and self.resumed.splice is not None)
+            if self.kept is not None and self.resumed is None:
+                self.ctx.resumes.cut += 1
+            if not self._resume(index, error, at_boundary):
+                self._fail_mid_stream(error, at_boundary)
             return
         if retry and self.attempts < self.ctx.config.retries:
             self.attempts += 1
@@ -762,8 +837,67 @@ class Exchange:
                 self.ctx.balancer.models.admitted(self.model, index, -1)
             self.ctx.balancer.release(index)
 
+    def _resume(self, index: int, error: OlbError, at_boundary: bool) -> bool:
+        """Continue a broken chat stream on another backend that has the
+        model (olb/resume.py; docs/operations.md, "Streams that survive
+        their backend"). False when it cannot be: the caller ends the stream
+        with an error line."""
+        kept, self.kept = self.kept, None
+        head = self.head
+        if kept is None or not at_boundary or self.client.exchange is not self:
+            return False
+        kind = resume.stream_kind(self.req.path, head.content_type)
+        progress = resume.read_progress(kind, kept)
+        if progress is None:
+            return False
+        if progress.finished:
+            # Only the end of the body was missing: end it, without an error.
+            self.state = DONE
+            self.ctx.resumes.resumed += 1
+            self.client.transport.write(resume.end_of_stream(kind, progress))
+            self.client.response_done(head.status, self.closing)
+            return True
+        cont = self.resumed
+        body = resume.continuation_body(kind, cont.body if cont else self.req.body, progress)
+        if body is None:
+            return False
+        balancer = self.ctx.balancer
+        if self.excluded is None:
+            self.excluded = bytearray(balancer.table.n)
+        self.excluded[index] = 1
+        excluded = self.excluded
+        have = balancer.models.installed_mask(self.model) if self.model is not None else None
+        if not any(b.up and not excluded[b.index] and (have is None or have[b.index]) for b in balancer.backends):
+            return False  # no other backend to continue on: the error as it is
+        self.allowed = bytearray(not x for x in excluded)
+        if cont is None:
+            self.resumed = cont = Continuation(kind, self.req.body, None, error.message)
+        if kind == resume.SSE and cont.splice is None and progress.id is not None and type(progress.created) is int:
+            # From the first event the client got on: a stream cut before
+            # any is forwarded as the continuation sends it.
+            cont.splice = resume.SseSplice(progress.id, progress.created)
+        cont.budget = self.ctx.config.resume_max_bytes - sum(map(len, kept))
+        self.kept = kept
+        req = self.req
+        self.req = ProxyRequest(req.method, req.target, req.http_version, req.headers, body, req.keep_alive,
+                                True)
+        # A continuation gets its own OLB_RETRIES before its first byte; each
+        # resume excludes the backend that failed, so they are bounded too.
+        self.attempts = 0
+        log.info("continuing a chat stream on another backend after %d tokens: %s", progress.tokens,
+                 error.message)
+        self._route()
+        return True
+
     def _fail(self, error: OlbError) -> None:
         """Answer with an error before any response byte was forwarded."""
+        if self.resumed is not None:
+            # A continuation found no backend: the client has a stream
+            # already, stopped on a chunk boundary. Its error says why the
+            # stream broke first.
+            self._fail_mid_stream(type(error)(f"{self.resumed.cause}; continuing the stream on another "
+                                              f"backend failed: {error.message}"), True)
+            return
         self.state = DONE
         req = self.req
         client = self.client
@@ -805,6 +939,24 @@ class Exchange:
         # Closing the backend socket is what makes Ollama cancel the generation.
         self._abort_conn()
         self._release()
+
+
+class Continuation:
+    """A chat stream being continued on another backend (Exchange._resume)."""
+
+    __slots__ = ("kind", "body", "splice", "budget", "cause")
+
+    def __init__(self, kind: int, body: bytes, splice, cause: str):
+        #: resume.NDJSON or resume.SSE.
+        self.kind = kind
+        #: The client's own request body: each continuation is built from it.
+        self.body = body
+        #: resume.SseSplice for an SSE stream (its events get the first id), else None.
+        self.splice = splice
+        #: What the relay may still keep of the stream (OLB_RESUME_MAX_BYTES less what it holds).
+        self.budget = 0
+        #: Why the stream broke the first time (the error line names it if no continuation works).
+        self.cause = cause
 
 
 class MergedExchange:
@@ -941,6 +1093,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             ex.client.gate.resume(PEER_SLOW)
         self.forward = None
         self.head = None
+        self.keep = None
         self.tail1 = self.tail2 = None
         if self._timer is not None:
             self._timer.cancel()
@@ -1009,6 +1162,8 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             self.forward(out)
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return
+        if self.keep is not None:
+            self.keep_data(rest)
         # The head and the first body bytes leave in one write: one syscall,
         # one segment (a small answer or a first token usually arrives whole,
         # with its head). When the head goes out unchanged, that is the read

@@ -27,45 +27,55 @@ class ProxyServer:
                  metrics_dir: str | None = None):
         self.config = config
         self.loop = loop
-        self.ctx = ProxyContext(config, loop, worker=worker)
-        self.ctx.balancer = self.balancer = Balancer(config, loop, BackendSideProtocol, table=table,
-                                                         drained=drained)
+        self.worker = worker
         self._observe(metrics_dir)
+        self.ctx = self.new_context(config, table=table, drained=drained)
+        self.balancer = self.ctx.balancer
         self._server = None
         self.port = 0
+        self._host = ""
         self.telemetry = None  # telemetry.TelemetryScraper when a backend has metrics=
 
+    def new_context(self, config: Config, table=None, drained=None) -> ProxyContext:
+        """A context (balancer included) for `config`; olb/lifecycle.py makes
+        a new one on reload and moves the connections to it."""
+        ctx = ProxyContext(config, self.loop, worker=self.worker)
+        ctx.balancer = Balancer(config, self.loop, BackendSideProtocol, table=table, drained=drained)
+        # The counters and the access log outlive a reload: every context shares the server's.
+        ctx.metrics = ctx.balancer.metrics = self.metrics
+        ctx.metrics_dir = self.metrics_dir
+        ctx.access_log = self.access_log
+        ctx.observing = ctx.metrics is not None or ctx.access_log is not None
+        if config.backend_header:
+            ctx.backend_header = config.backend_header.encode("latin-1")
+        return ctx
+
     def _observe(self, metrics_dir: str | None) -> None:
-        """OLB_METRICS, OLB_ACCESS_LOG and OLB_BACKEND_HEADER (docs/operations.md)."""
+        """OLB_METRICS and OLB_ACCESS_LOG (docs/operations.md): made once per worker."""
         cfg = self.config
-        ctx = self.ctx
         self._publish_handle = None
+        self.metrics = self.metrics_dir = self.access_log = None
         if cfg.metrics:
-            ctx.metrics = self.balancer.metrics = metrics.Metrics(len(cfg.backends))
+            self.metrics = metrics.Metrics(len(cfg.backends))
             if metrics_dir is not None:
-                ctx.metrics_dir = metrics_dir
+                self.metrics_dir = metrics_dir
                 # A worker restarted after a crash goes on from its predecessor's
                 # counters: the group's totals never go down.
-                before = metrics.read_state(metrics_dir, ctx.worker)
-                if before is not None:
-                    ctx.metrics.base = before
+                self.metrics.base = metrics.read_state(metrics_dir, self.worker)
         if cfg.access_log != "off":
-            ctx.access_log = AccessLog(cfg.access_log, cfg.log_format, self.loop)
-        ctx.observing = ctx.metrics is not None or ctx.access_log is not None
-        if cfg.backend_header:
-            ctx.backend_header = cfg.backend_header.encode("latin-1")
+            self.access_log = AccessLog(cfg.access_log, cfg.log_format, self.loop)
 
     def _publish(self) -> None:
         self._publish_handle = self.loop.call_later(metrics.PUBLISH_INTERVAL, self._publish)
         try:
             metrics.publish(self.ctx)
         except OSError as exc:
-            log.error("cannot publish this worker's metrics to %s: %s", self.ctx.metrics_dir, exc)
+            log.error("cannot publish this worker's metrics to %s: %s", self.metrics_dir, exc)
 
     def reopen_logs(self) -> None:
         """SIGUSR1: reopen the access log file (logrotate moved it)."""
-        if self.ctx.access_log is not None:
-            self.ctx.access_log.reopen()
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     @property
     def url(self) -> str:
@@ -79,33 +89,48 @@ class ProxyServer:
         self._server = await self.loop.create_server(
             lambda: ClientSideProtocol(self.ctx), sock=sock, backlog=2048)
         self.port = sock.getsockname()[1]
-        if listens_on_loopback(sock.getsockname()[0]):
+        self._host = sock.getsockname()[0]
+        self.start_context(self.ctx)
+        self.telemetry = self.ctx.telemetry
+        if self.metrics_dir is not None:
+            self._publish()
+
+    def start_context(self, ctx: ProxyContext) -> None:
+        """Start a context's background work: health checks, model polls, GPU readings."""
+        cfg = ctx.config
+        if listens_on_loopback(self._host):
             # What Ollama does on a loopback bind (hostcheck.py); olb's own
             # Host rewrite would otherwise remove it.
-            self.ctx.host_check = HostCheck()
-        self.balancer.start()
-        if self.ctx.metrics_dir is not None:
-            self._publish()
+            ctx.host_check = HostCheck()
+        ctx.balancer.start()
         # A backend with metrics= is remote: its gpus= are the scraped page's
         # `gpu` labels, not this machine's NVML indices.  Only the `llm`
         # policy scores GPU load; the plain ones do not read it.
         gpu_map = [() if b.metrics else b.gpus for b in cfg.backends]
         poll = cfg.gpu_poll if cfg.policy == "llm" else 0
         # Free GPU memory tells the model directory where a model fits.
-        models = self.balancer.models
+        models = ctx.balancer.models
         memory = models.set_gpu_memory if models is not None else None
         if poll > 0 and any(gpu_map):
             from .gpu import GpuMonitor
 
-            self.ctx.gpu = GpuMonitor(self.balancer.table, gpu_map, interval=poll, memory=memory)
-            self.ctx.gpu.start()
+            ctx.gpu = GpuMonitor(ctx.balancer.table, gpu_map, interval=poll, memory=memory)
+            ctx.gpu.start()
         if poll > 0 and any(b.metrics for b in cfg.backends):
             from .telemetry import TelemetryScraper
 
-            self.telemetry = TelemetryScraper(self.balancer.table, cfg.backends, interval=poll,
-                                              loop=self.loop, memory=memory)
-            self.telemetry.start()
-            self.ctx.telemetry = self.telemetry
+            ctx.telemetry = TelemetryScraper(ctx.balancer.table, cfg.backends, interval=poll,
+                                             loop=self.loop, memory=memory)
+            ctx.telemetry.start()
+
+    @staticmethod
+    async def close_context(ctx: ProxyContext) -> None:
+        """Stop a context's background work and close its backend connections."""
+        await ctx.balancer.close()
+        if ctx.gpu is not None:
+            ctx.gpu.stop()
+        if ctx.telemetry is not None:
+            await ctx.telemetry.close()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -115,15 +140,11 @@ class ProxyServer:
             self._publish_handle = None
         for client in list(self.ctx.clients):
             client.transport.close()
-        await self.balancer.close()
-        if self.ctx.gpu is not None:
-            self.ctx.gpu.stop()
-        if self.telemetry is not None:
-            await self.telemetry.close()
+        await self.close_context(self.ctx)
         if self._server is not None:
             await self._server.wait_closed()
-        if self.ctx.access_log is not None:
-            self.ctx.access_log.close()
+        if self.access_log is not None:
+            self.access_log.close()
 
 
 def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:

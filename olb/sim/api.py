@@ -672,14 +672,30 @@ class Api:
         if not messages:
             return self._acquire(w, style, entry, body,
                                  lambda runner: self._load_reply(w, None, model_in, "load", chat=True))
-        parts = []
-        for m in messages:
-            if m:
-                parts.append(f"{m.get('role') or ''}\n{m.get('content') or ''}\n")
+        parts = [f"{m.get('role') or ''}\n{m.get('content') or ''}\n" if m else "" for m in messages]
         text = "".join(parts)
         prompt_tokens = count_prompt_tokens(text, GENERATE_OVERHEAD + CHAT_MESSAGE_OVERHEAD * len(messages))
         n, reason = self._n_tokens(options)
         offset = self._offset(name, text, options)
+        skip = 0
+        lead = len(messages)
+        while lead and (messages[lead - 1] or {}).get("role") == "assistant":
+            lead -= 1
+        if lead < len(messages):
+            # A prefill: Ollama leaves the last assistant turn open
+            # (template.go Execute cuts the template after its .Response;
+            # collate joins assistant messages in a row with a blank line) and
+            # the model writes on from it.  The deterministic model here
+            # answers the conversation before the prefill; when the prefill
+            # is the start of that answer, it writes the rest, as a model at
+            # temperature 0 would, and its natural end stays where it was.
+            prefill = "\n\n".join((m or {}).get("content") or "" for m in messages[lead:])
+            base = self._offset(name, "".join(parts[:lead]), options)
+            k = self.corpus.tokens_in(base, prefill)
+            if k is not None:
+                offset, skip = base, k
+                if reason == "stop":
+                    n = max(0, n - k)
         if oai:
             stream = oai["stream"]
             sink_cls = oai.get("sinks", (OaiChatJson, OaiChatStream))[bool(stream)]
@@ -688,6 +704,7 @@ class Api:
             stream = stream is None or stream
             sink_cls = ChatStream if stream else ChatJson
         sink = sink_cls(self, w, req, model_in, offset, reason, prompt_tokens, oai)
+        sink.skip = skip
         corpus_text = self.corpus.text
         # The slot's cache after this turn holds the assistant's reply the
         # way the next turn's messages will render it.
@@ -1605,7 +1622,7 @@ class _Output:
     """Common state of one inference response."""
 
     __slots__ = ("api", "w", "req", "model", "offset", "reason", "prompt_tokens", "oai",
-                 "started", "context", "_prefix", "_first", "_mid", "_tail", "_clock", "_piece")
+                 "started", "context", "skip", "_prefix", "_first", "_mid", "_tail", "_clock", "_piece")
 
     def __init__(self, api: Api, w, req: Request, model: str, offset: int, reason: str,
                  prompt_tokens: int, oai):
@@ -1619,6 +1636,8 @@ class _Output:
         self.oai = oai
         self.started = False
         self.context = None
+        #: Tokens of the window already written by a prefill: output starts after them.
+        self.skip = 0
         self._clock = api.clock
         self._piece = api.corpus.piece
         self._setup()
@@ -1639,7 +1658,10 @@ class _Output:
         return self.reason if gen.limit == gen.n_tokens else "stop"
 
     def _text(self, gen) -> str:
-        return self.api.corpus.text(self.offset, gen.limit)
+        text = self.api.corpus.text
+        if self.skip:
+            return text(self.offset, self.skip + gen.limit)[len(text(self.offset, self.skip)):]
+        return text(self.offset, gen.limit)
 
     def _context(self, gen):
         text, n = self.context
@@ -1673,7 +1695,7 @@ class _NdjsonStream(_Output):
             self.started = True
             w.stream_start(200, NDJSON)
         w.stream_write(b"".join((self._prefix, self._clock.created_at(), self._mid,
-                                 self._piece(self.offset, i), self._tail)))
+                                 self._piece(self.offset, self.skip + i), self._tail)))
 
     def _end(self, gen, obj: dict) -> None:
         """Write the final object, with the metrics, and end the stream."""
@@ -1788,7 +1810,7 @@ class _OaiStream(_Output):
         if not self.started:
             self.started = True
             w.stream_start(200, SSE)
-        w.stream_write(b"".join((self._first if i == 0 else self._prefix, self._piece(self.offset, i),
+        w.stream_write(b"".join((self._first if i == 0 else self._prefix, self._piece(self.offset, self.skip + i),
                                  self._tail)))
 
     def finish(self, gen):

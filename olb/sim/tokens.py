@@ -120,6 +120,20 @@ class Corpus:
             rest = self.texts[offset + 1:] + self.texts[:end - CORPUS_LEN]
         return self.first_texts[offset] + "".join(rest)
 
+    def tokens_in(self, offset: int, prefix: str) -> int | None:
+        """k when `prefix` is text(offset, k) -- the first k tokens of the
+        window -- else None (a prefill the window does not start with)."""
+        if not prefix:
+            return 0
+        k, size = 0, 0
+        while size < len(prefix) and k < CORPUS_LEN:
+            piece = self.first_texts[offset] if k == 0 else self.texts[(offset + k) % CORPUS_LEN]
+            if not prefix.startswith(piece, size):
+                return None
+            size += len(piece)
+            k += 1
+        return k if size == len(prefix) else None
+
     def token_ids(self, offset: int, n: int) -> list:
         end = offset + n
         if end <= CORPUS_LEN:

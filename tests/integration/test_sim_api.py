@@ -869,3 +869,51 @@ def test_keep_alive_forever_and_by_path_cap(loop):
         server_mod.MAX_PATHS = cap
     assert ps[0]["expires_at"].startswith("23")          # now + MaxInt64 ns: year 2318
     assert len(by_path) == 4 and by_path["<other>"] == 4
+
+
+# --- an assistant prefill (template.go Execute: the last assistant turn stays open) ----------
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_chat_continues_an_assistant_prefill(loop, path):
+    """A conversation that ends with the start of the answer the model would
+    give gets the rest of that answer (a deterministic model continuing its
+    own text), and its natural end stays where it was; a prefill the answer
+    does not start with gets an answer of its own; num_predict / max_tokens
+    count new tokens only, as in Ollama."""
+    oai = path.startswith("/v1")
+    ask = [{"role": "user", "content": "why is the sky blue?"}]
+
+    def text_of(reply):
+        if oai:
+            chunks = [orjson.loads(e[6:]) for e in reply.events() if e != b"data: [DONE]"]
+            return [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+        return [line["message"]["content"] for line in reply.lines()]
+
+    async def go(s):
+        async def chat(messages, **extra):
+            body = {"model": "llama3.2", "messages": messages, "stream": True, **extra}
+            return text_of(await fetch(s, "POST", path, body))
+        whole = await chat(ask)
+        pieces = [p for p in whole if p]
+        prefix = "".join(pieces[:7])
+        rest = await chat(ask + [{"role": "assistant", "content": prefix}])
+        # Two assistant messages in a row are one turn (collate: a blank line between).
+        split = await chat(ask + [{"role": "assistant", "content": "".join(pieces[:3])},
+                                  {"role": "assistant", "content": "".join(pieces[3:7])}])
+        other = await chat(ask + [{"role": "assistant", "content": "Something else entirely"}])
+        limit = {"max_tokens": 5} if oai else {"options": {"num_predict": 5}}
+        limited = await chat(ask + [{"role": "assistant", "content": prefix}], **limit)
+        whole_reply = (await fetch(s, "POST", path, {"model": "llama3.2", "stream": False,
+                                                     "messages": ask + [{"role": "assistant", "content": prefix}]}))
+        doc = whole_reply.json()
+        unstreamed = doc["choices"][0]["message"]["content"] if oai else doc["message"]["content"]
+        return pieces, prefix, rest, split, other, limited, unstreamed
+
+    pieces, prefix, rest, split, other, limited, unstreamed = run(loop, go, FAST.replace(num_predict_default=20))
+    assert unstreamed == "".join(rest)
+    assert len(pieces) == 20
+    assert prefix + "".join(rest) == "".join(pieces)
+    assert len([p for p in rest if p]) == 13
+    assert "".join(split) != "".join(rest)  # "a\n\nb" is not the answer's start
+    assert "".join(other) and not "".join(other).startswith(pieces[7])
+    assert "".join(limited) == "".join(pieces[7:12])

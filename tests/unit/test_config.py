@@ -35,6 +35,16 @@ def test_sizes_and_durations():
     assert (cfg.max_body, cfg.queue_timeout, cfg.workers) == (2 * 1024 * 1024, 0.5, 4)
 
 
+@pytest.mark.parametrize("raw,value", [
+    (None, 512 * 1024),     # on by default (docs/operations.md, "Streams that survive their backend")
+    ("0", 0), ("0K", 0),    # off
+    ("64K", 64 * 1024), ("2M", 2 * 1024 * 1024), ("1000", 1000),
+])
+def test_resume_max_bytes(raw, value):
+    env = {"OLB_BACKENDS": "a:1"} if raw is None else {"OLB_BACKENDS": "a:1", "OLB_RESUME_MAX_BYTES": raw}
+    assert load(**env).resume_max_bytes == value
+
+
 @pytest.mark.parametrize("env,needle", [
     ({"OLB_BACKENDS": "ftp://a:1"}, "OLB_BACKENDS"),
     ({"OLB_BACKENDS": "https://a:1"}, "https backends are not supported"),
@@ -52,6 +62,8 @@ def test_sizes_and_durations():
      "OLB_POLICY: expected one of llm, least-inflight, round-robin, got 'random'"),
     ({"OLB_BACKENDS": "a:1", "OLB_POLICY": "round_robin"}, "OLB_POLICY"),
     ({"OLB_BACKENDS": "a:1", "OLB_PULL": "some"}, "OLB_PULL: expected one of all, room, got 'some'"),
+    ({"OLB_BACKENDS": "a:1", "OLB_RESUME_MAX_BYTES": "-1"}, "OLB_RESUME_MAX_BYTES: expected 0 (off) or a size"),
+    ({"OLB_BACKENDS": "a:1", "OLB_RESUME_MAX_BYTES": "some"}, "OLB_RESUME_MAX_BYTES"),
     ({}, "olb-fast --demo"),
 ])
 def test_bad_values_name_the_variable(env, needle):

@@ -89,3 +89,44 @@ def test_monotonic_is_the_clock_of_time_monotonic():
     b = monotonic()
     c = time.monotonic()
     assert a - 0.01 <= b <= c + 0.01
+
+
+def test_keep_holds_the_forwarded_objects_themselves():
+    """What a chat stream forwarded stays readable for olb/resume.py: the same
+    bytes objects, not copies, and not the body's tail (the stream ended)."""
+    r = Recorder()
+    r.head = object()
+    r.scanner.expect_chunked()
+    r.keep, r.keep_left = [], 100
+    first, second = b"3\r\nabc\r\n", b"2\r\nde\r\n"
+    r.keep_data(b"1\r\nz\r\n")
+    r.data_received(first)
+    r.data_received(second)
+    r.data_received(b"0\r\n\r\n")
+    assert r.keep[1] is first and r.keep[2] is second
+    assert r.keep == [b"1\r\nz\r\n", first, second]
+    assert r.keep_left == 100 - 6 - len(first) - len(second)
+
+
+def test_keep_past_its_bound_lets_go_and_leaves_a_marker():
+    r = Recorder()
+    r.head = object()
+    r.scanner.expect_chunked()
+    kept = r.keep = []
+    r.keep_left = 12
+    r.data_received(b"3\r\nabc\r\n")
+    r.data_received(b"3\r\ndef\r\n")  # 16 bytes > 12
+    assert kept == [None] and r.keep is None
+    r.data_received(b"3\r\nghi\r\n")
+    r.keep_data(b"more")
+    assert kept == [None]
+    assert [c[0] for c in r.calls] == ["forward"] * 3  # forwarding goes on regardless
+
+
+def test_nothing_is_kept_by_default():
+    r = Recorder()
+    r.head = object()
+    r.scanner.expect_chunked()
+    r.keep_data(b"x")
+    r.data_received(b"3\r\nabc\r\n")
+    assert r.keep is None

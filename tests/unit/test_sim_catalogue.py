@@ -106,3 +106,17 @@ def test_prompt_token_counts():
     ids = prompt_ids("hello", 5)
     assert ids[0] == 128000 and len(ids) == 5 and ids == prompt_ids("hello", 5)
     assert prompt_ids("x", 0) == []
+
+
+def test_tokens_in_finds_how_far_a_prefill_reaches_into_the_window():
+    """Corpus.tokens_in: how many of the window's tokens a prefill holds
+    (olb-sim's _chat continues an assistant prefill after them)."""
+    c = corpus(7)
+    for offset in (c.starts[0], c.starts[5], c.starts[-1]):   # the last one wraps past CORPUS_LEN
+        for k in (0, 1, 2, 17, 40):
+            assert c.tokens_in(offset, c.text(offset, k)) == k
+        text = c.text(offset, 6)
+        if len(text) - len(c.text(offset, 5)) > 1:
+            assert c.tokens_in(offset, text[:-1]) is None             # cut inside a piece
+        assert c.tokens_in(offset, " " + text) is None                # not the window's start
+        assert c.tokens_in(offset, text + "\n\n" + c.text(offset, 2)) is None
