@@ -325,7 +325,7 @@ class Balancer:
             log.warning("backend %s marked down: %s", backend.url, reason)
             backend.up = False
             if self.metrics is not None:
-                self.metrics.ejected(index)
+                self.metrics.ejected(backend.url)
             now = time.time()
             # A backend that answers probes but fails requests would flap in
             # and out: back-off keeps growing while it fails again soon after
@@ -396,7 +396,7 @@ class Balancer:
             log.warning("backend %s is back", backend.url)
             backend.up = True
             if self.metrics is not None:
-                self.metrics.returned(index)
+                self.metrics.returned(backend.url)
             self._apply_health(index)
 
     def drain(self, index: int, draining: bool) -> None:

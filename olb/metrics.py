@@ -42,9 +42,6 @@ TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 #: Buckets of generation speed (tokens per second), a small CPU model to a big GPU.
 TPS_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
 
-#: The backend of a request that reached none.
-NO_BACKEND_INDEX = -1
-
 #: Rejection reasons (olb_rejections_total's `reason`).
 QUEUE_FULL = "queue_full"
 QUEUE_TIMEOUT = "queue_timeout"
@@ -94,18 +91,18 @@ class _Series:
 class Metrics:
     """One worker's counters, updated on the request path.
 
-    Backends are kept by index (the table's); the collector names them by
-    URL. Every method here runs on the request path: dict and list updates,
-    no formatting.
+    Backends are kept by URL, as the page labels them (a reload may
+    reorder the table). Every method here runs on the request path: dict
+    and list updates, no formatting.
     """
 
     __slots__ = ("n", "series", "retries", "rejections", "ejections", "returns", "loads", "load_wait", "base")
 
     def __init__(self, n: int):
         self.n = n
-        #: (endpoint, model, backend index or -1) -> _Series.
+        #: (endpoint, model, backend URL or "") -> _Series.
         self.series: dict[tuple, _Series] = {}
-        # By backend index (dicts: a backend added later has its own).
+        # By backend URL (a reload may add, remove or reorder backends).
         self.retries: dict[int, int] = {}    # attempts given up on a backend and retried elsewhere
         self.rejections: dict[str, int] = {}
         self.ejections: dict[int, int] = {}  # taken out (marked down)
@@ -115,7 +112,7 @@ class Metrics:
         #: A predecessor's published state (a worker restarted after a crash), added to every view.
         self.base: dict | None = None
 
-    def request_done(self, endpoint: str, model: str, backend: int, status: int, queue_wait: float | None,
+    def request_done(self, endpoint: str, model: str, backend: str, status: int, queue_wait: float | None,
                      ttft: float | None, duration: float, tokens, stream: bool) -> None:
         """One request answered (or given up): count it and observe its times.
 
@@ -153,20 +150,20 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
-    def retried(self, backend: int) -> None:
+    def retried(self, backend: str) -> None:
         self.retries[backend] = self.retries.get(backend, 0) + 1
 
-    def ejected(self, backend: int) -> None:
+    def ejected(self, backend: str) -> None:
         self.ejections[backend] = self.ejections.get(backend, 0) + 1
 
-    def returned(self, backend: int) -> None:
+    def returned(self, backend: str) -> None:
         self.returns[backend] = self.returns.get(backend, 0) + 1
 
-    def load_started(self, model: str, backend: int) -> None:
+    def load_started(self, model: str, backend: str) -> None:
         key = (model, backend)
         self.loads[key] = self.loads.get(key, 0) + 1
 
-    def load_answered(self, model: str, backend: int, seconds: float) -> None:
+    def load_answered(self, model: str, backend: str, seconds: float) -> None:
         key = (model, backend)
         self.load_wait[key] = self.load_wait.get(key, 0.0) + seconds
 
@@ -404,8 +401,8 @@ class OlbCollector:
         balancer = ctx.balancer
         urls = [b.url for b in balancer.backends]
 
-        def name(index: int) -> str:
-            return urls[index] if 0 <= index < len(urls) else ""
+        def name(backend: str) -> str:
+            return backend
 
         m = merged(ctx)
         fam = CounterMetricFamily("olb_requests", "Requests answered, by endpoint, model, backend and status "
@@ -518,10 +515,10 @@ def queue_depths(queue) -> dict:
 
 
 def _per_backend(kind, metric: str, doc: str, urls, values):
-    """A family with a sample per backend; `values` a list by index, or a dict (0 where absent)."""
+    """A family with a sample per backend; `values` a list by index, or a dict by URL (0 where absent)."""
     fam = kind(metric, doc, labels=("backend",))
     for i, url in enumerate(urls):
-        fam.add_metric((url,), values.get(i, 0) if isinstance(values, dict) else values[i])
+        fam.add_metric((url,), values.get(url, 0) if isinstance(values, dict) else values[i])
     return fam
 
 
@@ -563,8 +560,7 @@ def observe(ctx, client, ex, status: int, req=None, sent: int | None = None) -> 
     it, or None for a response olb made itself (then `req` and `sent`)."""
     now = monotonic()
     duration = now - client.t0
-    backend = NO_BACKEND_INDEX
-    name = model = ""
+    backend = name = model = ""  # the backend's URL: counters stay right when a reload changes the list
     queue_wait = ttft = tokens = None
     stream = False
     retries = 0
@@ -574,7 +570,7 @@ def observe(ctx, client, ex, status: int, req=None, sent: int | None = None) -> 
         if t_first is not None:  # a proxy.Exchange (others are listings and model management)
             backend = ex.served
             name = ex.name or ""
-            if backend >= 0 and status != 404:
+            if backend and status != 404:
                 model = name  # only a model some backend has: the label set stays bounded
             if ex.slot and ex.t_admit:
                 queue_wait = ex.t_admit - client.t0
@@ -593,7 +589,6 @@ def observe(ctx, client, ex, status: int, req=None, sent: int | None = None) -> 
                              queue_wait, ttft, duration, tokens, stream)
     access = ctx.access_log
     if access is not None:
-        url = ctx.balancer.backends[backend].url if backend >= 0 else ""
         access.write(client.peer_ip, req.method if req is not None else b"-",
-                     req.target if req is not None else b"-", name, url, status, queue_wait, ttft, duration,
+                     req.target if req is not None else b"-", name, backend, status, queue_wait, ttft, duration,
                      sent, tokens, retries)

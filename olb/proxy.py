@@ -421,12 +421,12 @@ class Exchange:
         #: A continued stream's Continuation, or None.
         self.resumed = None
         # For the metrics and the access log (metrics.observe): the model as
-        # the request names it (normalised), the backend last tried, when
+        # the request names it (normalised), the backend last tried (URL), when
         # the request got its slot, its first response byte, and started a
         # load (0.0: not yet), the bytes sent to the client, the token
         # counts read from the response's end.
         self.name = None
-        self.served = NO_BACKEND
+        self.served = ""
         self.t_admit = self.t_first = self.t_load = 0.0
         self.sent = 0
         self.tokens = None
@@ -522,7 +522,8 @@ class Exchange:
     def admit(self, index: int) -> None:
         """A backend slot is ours (already counted in the table), or, for a
         request without one, the backend Balancer.pick chose."""
-        self.index = self.served = index
+        self.index = index
+        self.served = self.ctx.balancer.backends[index].url
         if not self.t_admit:
             self.t_admit = monotonic()
         self.t_load = 0.0
@@ -533,7 +534,7 @@ class Exchange:
                                                                                         self.runner):
                 self.t_load = self.t_admit if self.attempts == 0 else monotonic()
                 if self.ctx.metrics is not None:
-                    self.ctx.metrics.load_started(self.model, index)
+                    self.ctx.metrics.load_started(self.model, self.served)
                 # The model loads there (whether the router placed it or the
                 # queue admitted it): the requests that follow wait for this
                 # load, its victims leave that backend, and its catalogue is
@@ -635,7 +636,7 @@ class Exchange:
             # (for a stream, long before the response ends).
             self.ctx.balancer.models.answered(self.model, self.index, self.runner)
             if self.t_load and self.ctx.metrics is not None:
-                self.ctx.metrics.load_answered(self.model, self.index, self.t_first - self.t_load)
+                self.ctx.metrics.load_answered(self.model, self.served, self.t_first - self.t_load)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
         elif (head.status == 200 and head.framing == CHUNKED and self.ctx.config.resume_max_bytes
@@ -811,7 +812,7 @@ class Exchange:
             self.excluded[index] = 1
             self.allowed = bytearray(not x for x in self.excluded)
             if self.ctx.metrics is not None:
-                self.ctx.metrics.retried(index)
+                self.ctx.metrics.retried(balancer.backends[index].url)
             log.info("retrying %s on another backend after: %s", self.req.target.decode("latin-1"),
                      error.message)
             self.start()

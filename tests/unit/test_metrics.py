@@ -52,19 +52,19 @@ def test_endpoint_label_is_bounded(path, label):
 ])
 def test_time_buckets_are_le(value, bucket):
     m = metrics.Metrics(1)
-    m.request_done("/api/generate", "m", 0, 200, None, None, value, None, False)
-    counts, total = m.view().duration[("/api/generate", 0)]
+    m.request_done("/api/generate", "m", "http://a:1", 200, None, None, value, None, False)
+    counts, total = m.view().duration[("/api/generate", "http://a:1")]
     assert counts[bucket] == 1 and sum(counts) == 1 and total == value
 
 
 def test_request_done_counts_tokens_and_speed_of_streams_only():
     m = metrics.Metrics(2)
-    m.request_done("/api/generate", "m", 1, 200, 0.5, 0.1, 2.0, (10, 40, 2.0), True)
-    m.request_done("/api/generate", "m", 1, 200, 0.0, 0.1, 1.0, (5, 20, 1.0), False)
+    m.request_done("/api/generate", "m", "http://b:2", 200, 0.5, 0.1, 2.0, (10, 40, 2.0), True)
+    m.request_done("/api/generate", "m", "http://b:2", 200, 0.0, 0.1, 1.0, (5, 20, 1.0), False)
     v = m.view()
-    assert v.requests[("/api/generate", "m", 1, 200)] == 2
-    assert v.prompt_tokens[("m", 1)] == 15 and v.eval_tokens[("m", 1)] == 60
-    counts, total = v.tps[("m", 1)]
+    assert v.requests[("/api/generate", "m", "http://b:2", 200)] == 2
+    assert v.prompt_tokens[("m", "http://b:2")] == 15 and v.eval_tokens[("m", "http://b:2")] == 60
+    counts, total = v.tps[("m", "http://b:2")]
     assert sum(counts) == 1 and total == 20.0
     assert sum(v.queue_wait[("m",)][0]) == 2
 
@@ -72,29 +72,29 @@ def test_request_done_counts_tokens_and_speed_of_streams_only():
 def test_state_round_trips_and_adds_up():
     """What one worker publishes, added to another's counters, sums every series."""
     a, b = metrics.Metrics(2), metrics.Metrics(2)
-    a.request_done("/api/chat", "m", 0, 200, 0.01, 0.02, 0.3, (1, 2, None), False)
-    b.request_done("/api/chat", "m", 0, 200, 0.01, 0.02, 0.3, (1, 2, None), False)
-    b.request_done("/api/chat", "m", 1, 500, None, None, 0.1, None, False)
+    a.request_done("/api/chat", "m", "http://a:1", 200, 0.01, 0.02, 0.3, (1, 2, None), False)
+    b.request_done("/api/chat", "m", "http://a:1", 200, 0.01, 0.02, 0.3, (1, 2, None), False)
+    b.request_done("/api/chat", "m", "http://b:2", 500, None, None, 0.1, None, False)
     a.rejected(metrics.QUEUE_FULL)
     b.rejected(metrics.QUEUE_FULL)
-    b.retried(1)
-    a.ejected(0)
-    a.load_started("m", 0)
-    a.load_answered("m", 0, 2.5)
+    b.retried("http://b:2")
+    a.ejected("http://a:1")
+    a.load_started("m", "http://a:1")
+    a.load_answered("m", "http://a:1", 2.5)
     total = metrics.View(2)
     for m in (a, b):
         total.add_state(orjson.loads(orjson.dumps(m.state())))
-    assert total.requests == {("/api/chat", "m", 0, 200): 2, ("/api/chat", "m", 1, 500): 1}
+    assert total.requests == {("/api/chat", "m", "http://a:1", 200): 2, ("/api/chat", "m", "http://b:2", 500): 1}
     assert total.rejections == {metrics.QUEUE_FULL: 2}
-    assert total.retries == {1: 1} and total.ejections == {0: 1}
-    assert total.loads == {("m", 0): 1} and total.load_wait == {("m", 0): 2.5}
-    assert sum(total.duration[("/api/chat", 0)][0]) == 2
-    assert total.eval_tokens == {("m", 0): 4}
+    assert total.retries == {"http://b:2": 1} and total.ejections == {"http://a:1": 1}
+    assert total.loads == {("m", "http://a:1"): 1} and total.load_wait == {("m", "http://a:1"): 2.5}
+    assert sum(total.duration[("/api/chat", "http://a:1")][0]) == 2
+    assert total.eval_tokens == {("m", "http://a:1"): 4}
     # A worker restarted after a crash goes on from its predecessor's state.
     c = metrics.Metrics(2)
     c.base = orjson.loads(orjson.dumps(total.state()))
-    c.request_done("/api/chat", "m", 1, 500, None, None, 0.1, None, False)
-    assert c.view().requests == {("/api/chat", "m", 0, 200): 2, ("/api/chat", "m", 1, 500): 2}
+    c.request_done("/api/chat", "m", "http://b:2", 500, None, None, 0.1, None, False)
+    assert c.view().requests == {("/api/chat", "m", "http://a:1", 200): 2, ("/api/chat", "m", "http://b:2", 500): 2}
 
 
 class _Table:
@@ -138,8 +138,8 @@ class _Ctx:
 
 def test_render_parses_back():
     m = metrics.Metrics(2)
-    m.request_done("/api/generate", "m", 0, 200, 0.0, 0.05, 1.0, (3, 4, None), True)
-    m.request_done("/api/generate", "", -1, 404, None, None, 0.001, None, False)
+    m.request_done("/api/generate", "m", "http://a:1", 200, 0.0, 0.05, 1.0, (3, 4, None), True)
+    m.request_done("/api/generate", "", "", 404, None, None, 0.001, None, False)
     page = metrics.render(_Ctx(m)).decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(page) for s in f.samples}
