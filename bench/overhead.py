@@ -1,5 +1,11 @@
 """Overhead: the same load straight at the backends and through olb, nginx, HAProxy (and --extra), in one run.
 
+olb runs twice: `olb` with metrics and the access log off, `olb-obs` with both on
+(OLB_METRICS=on, OLB_ACCESS_LOG to a file); their CPU per op is compared at the end
+(`observability_cost`), the issue's limit being 10 % more:
+
+    python -m bench overhead --targets olb,olb-obs --cases version,generate,stream
+
     python -m bench overhead                  # every case, ~10 min on 2 cores
     python -m bench overhead --quick          # a smoke run, ~1.5 min
     python -m bench overhead --cases paced --paced-streams 1000
@@ -510,7 +516,7 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
                 rows.append(row)
                 progress.say(f"   {case:8} {_fmt_row(row)}")
         for r in running:
-            if r.kind == "olb":
+            if r.kind in ("olb", "olb-obs"):
                 row = next(x for x in reversed(rows) if x["target"] == r.name)
                 try:
                     host, port = r.admin
@@ -557,13 +563,40 @@ async def run(args, progress_stream=None) -> dict:
             rows += await run_case(loop, args, case, main, sweep, progress, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    observability = observability_cost(rows)
+    for c in observability:
+        progress.say(f"metrics + access log: {c['case']:14} olb {c['off_us']:7.2f} µs/op, olb-obs "
+                     f"{c['on_us']:7.2f} µs/op: {c['ratio'] - 1:+.1%}")
     return {"rows": rows, "skipped": skipped, "targets": [s.name for s in main],
-            "sweep": [s.name for s in sweep], "seconds": time.monotonic() - progress.started}
+            "sweep": [s.name for s in sweep], "observability": observability,
+            "seconds": time.monotonic() - progress.started}
+
+
+def observability_cost(rows: list[dict]) -> list[dict]:
+    """Proxy CPU per op with metrics and the access log on (olb-obs) against off (olb), per case.
+
+    The same load, the same rounds (targets alternate within each round), one worker each.
+    """
+    out = []
+    keys = []
+    for r in rows:
+        key = (r["case"], r.get("level"))
+        if key not in keys:
+            keys.append(key)
+    for case, level in keys:
+        same = [r for r in rows if r["case"] == case and r.get("level") == level and r["workers"] == 1]
+        off = next((r for r in same if r["kind"] == "olb"), None)
+        on = next((r for r in same if r["kind"] == "olb-obs"), None)
+        if off and on and off["cpu"]["proxy"]["us_per_op"] > 0:
+            a, b = off["cpu"]["proxy"]["us_per_op"], on["cpu"]["proxy"]["us_per_op"]
+            out.append({"case": case if level is None else f"{case} {level}", "off_us": a, "on_us": b,
+                        "ratio": b / a})
+    return out
 
 
 def add_arguments(p) -> None:
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
-    p.add_argument("--targets", default="direct,olb,nginx,haproxy",
+    p.add_argument("--targets", default="direct,olb,olb-obs,nginx,haproxy",
                    help="comma-separated: direct, olb, nginx, haproxy (missing ones are skipped with a message)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=CMD",
                    help="another balancer, as a command line with placeholders {listen} (127.0.0.1:PORT), "

@@ -14,6 +14,7 @@ import os
 #: The issue's targets for olb (see BENCHMARKS.md): limits relative to nginx, or absolute.
 SMALL_CPU_LIMIT = 2.5      # CPU per small request at most 2.5x nginx's
 STREAM_MEM_LIMIT_KIB = 32  # memory per open stream
+OBSERVE_CPU_LIMIT = 1.10   # CPU per request with metrics and the access log on, against off
 
 
 def _num(x: float, digits: int = 1) -> str:
@@ -185,6 +186,16 @@ def check_targets(rows: list[dict], nproc: int | None = None) -> list[dict]:
                 checks.append({"target": f"CPU per small request ≤ {SMALL_CPU_LIMIT}× nginx's ({case})",
                                "olb": f"{a:.1f} µs", "nginx": f"{b:.1f} µs", "ratio": a / b,
                                "met": a <= SMALL_CPU_LIMIT * b})
+    for case in ("version", "generate"):
+        if case in cases:
+            off = next((r for r in cases[case] if r["kind"] == "olb" and r["workers"] == 1), None)
+            on = next((r for r in cases[case] if r["kind"] == "olb-obs" and r["workers"] == 1), None)
+            if off and on:
+                a, b = _proxy_cpu(on), _proxy_cpu(off)
+                checks.append({"target": f"CPU per request with metrics and access log ≤ {OBSERVE_CPU_LIMIT}× "
+                                         f"without ({case}; olb-obs against olb, in the nginx column)",
+                               "olb": f"{a:.1f} µs", "nginx": f"{b:.1f} µs", "ratio": a / b,
+                               "met": a <= OBSERVE_CPU_LIMIT * b})
     for case in ("version", "stream"):
         cr = cases.get(case, [])
         olbs = sorted((r for r in cr if r["kind"] == "olb"), key=lambda r: r["workers"])

@@ -36,7 +36,10 @@ from .proc import Child, find_exe, process_tree
 #: Seconds a started proxy has to answer GET /api/version with 200.
 READY_TIMEOUT = 15.0
 
-KINDS = ("direct", "olb", "nginx", "haproxy")
+#: `olb` runs with metrics and the access log off (as nginx and HAProxy run here: no access
+#: log); `olb-obs` with both on (OLB_METRICS=on, OLB_ACCESS_LOG to a file): their CPU per
+#: request is the price of observability (report.check_targets).
+KINDS = ("direct", "olb", "olb-obs", "nginx", "haproxy")
 INSTALL_HINT = ("apt-get install -y nginx haproxy  (Debian/Ubuntu; the benchmark runs them as "
                 "foreground processes on 127.0.0.1, it needs no service running)")
 
@@ -118,7 +121,7 @@ class TargetSpec:
         """Start the target in front of `backends`, sized for `max_conns` concurrent client connections."""
         if self.kind == "direct":
             return Running(self.name, self.kind, 1, list(backends))
-        start = {"olb": _start_olb, "nginx": _start_nginx, "haproxy": _start_haproxy,
+        start = {"olb": _start_olb, "olb-obs": _start_olb, "nginx": _start_nginx, "haproxy": _start_haproxy,
                  "extra": _start_extra}[self.kind]
         return start(self, backends, max_conns, tmp)
 
@@ -162,16 +165,19 @@ def _private_dir(tmp: str, name: str) -> str:
 
 
 def _start_olb(spec: TargetSpec, backends, max_conns: int, tmp: str) -> Running:
+    observe = spec.kind == "olb-obs"
     env = dict(os.environ,
                OLB_BACKENDS=",".join(f"http://{h}:{p};max={max_conns}" for h, p in backends),
                OLB_LISTEN="127.0.0.1:0", OLB_WORKERS=str(spec.workers), OLB_HEALTH_INTERVAL="0",
                OLB_GPU_POLL="0", OLB_MAX_INFLIGHT=str(max_conns), OLB_LOG_LEVEL="warning",
-               OLB_ADMIN_LISTEN="127.0.0.1:0")
+               OLB_ADMIN_LISTEN="127.0.0.1:0",
+               OLB_METRICS="on" if observe else "off", OLB_LOG_FORMAT="text",
+               OLB_ACCESS_LOG=os.path.join(_private_dir(tmp, spec.name), "access.log") if observe else "off")
     # Two lines: the data port, then the admin listener's (/olb/status).
     child = Child([sys.executable, "-m", "olb"], env, rb"(?:listening|admin) on http://(\S+)", 2)
     host, port = child.found[0].rsplit(":", 1)
     admin_host, admin_port = child.found[1].rsplit(":", 1)
-    return Running(spec.name, "olb", spec.workers, [(host, int(port))], child=child,
+    return Running(spec.name, spec.kind, spec.workers, [(host, int(port))], child=child,
                    admin=(admin_host, int(admin_port)))
 
 

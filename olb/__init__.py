@@ -25,9 +25,11 @@ scheduling.md, management.md, operations.md):
     olb/_relay.pyx    compiled: the per-chunk path of a response (base of BackendSideProtocol)
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
-    olb/admin.py      /olb/status, /olb/health, /olb/drain, the dashboard: the admin gate
+    olb/admin.py      /olb/status, /olb/health, /olb/drain, /metrics, the dashboard: the admin gate
     olb/auth.py       API keys and their limits (OLB_API_KEYS), the admin token
     olb/dashboard.py  the dashboard's samples and events (the page: olb/dashboard.html)
+    olb/metrics.py    Prometheus metrics: counters on the request path, the page at scrape time
+    olb/accesslog.py  the access log (OLB_ACCESS_LOG) and the log format (OLB_LOG_FORMAT)
     olb/errors.py     error types, each with its HTTP status
     olb/local.py      errors of this machine (EMFILE...): olb's fault, never a backend's
     olb/agent.py      `olb-agent`: an NVML exporter with dcgm-exporter's names

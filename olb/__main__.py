@@ -22,8 +22,10 @@ import logging
 import mmap
 import os
 import signal
+import shutil
 import socket
 import sys
+import tempfile
 import time
 
 from . import config as config_mod
@@ -41,15 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     from .lifecycle import block_signals
 
     block_signals()  # until the handlers are in place (lifecycle.HELD_SIGNALS)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens its log on it
     try:
         cfg = config_mod.load(argv)
     except ConfigError as exc:
         print(f"olb-fast: {exc}", file=sys.stderr)
         sys.exit(exc.exit_status)
-    logging.basicConfig(
-        level=config_mod.log_level_number(cfg.log_level),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    from .accesslog import configure_logging
+
+    configure_logging(config_mod.log_level_number(cfg.log_level), cfg.log_format)
     # Every client and backend connection is a descriptor: take all the
     # system allows this process (olb/local.py).
     before, now = local.raise_nofile_limit()
@@ -147,14 +149,14 @@ Ctrl-C stops olb and the simulated cluster.
 
 
 def run_worker(cfg, sock: socket.socket, shared, drained, worker: int, load=None, loaded=None,
-               ready=None, admin_sock=None, samples=None) -> None:
+               ready=None, admin_sock=None, samples=None, metrics_dir: str | None = None) -> None:
     import uvloop
 
-    uvloop.run(_serve(cfg, sock, shared, drained, worker, load, loaded, ready, admin_sock, samples))
+    uvloop.run(_serve(cfg, sock, shared, drained, worker, load, loaded, ready, admin_sock, samples, metrics_dir))
 
 
 async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready, admin_sock=None,
-                 samples=None) -> None:
+                 samples=None, metrics_dir: str | None = None) -> None:
     from .balancer import new_table
     from .lifecycle import Lifecycle, unblock_signals
     from .server import start_proxy
@@ -163,7 +165,7 @@ async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready, a
     if shared is not None:
         table = new_table(cfg, shared=shared, worker=worker, workers=cfg.workers)
     server = await start_proxy(cfg, sock=sock, table=table, worker=worker, drained=drained,
-                               admin_sock=admin_sock, samples=samples)
+                               admin_sock=admin_sock, samples=samples, metrics_dir=metrics_dir)
     # What start-up built (modules, config, the table, the pools) lives as long
     # as the process: freeze it out of the cyclic collector's sight, so that a
     # full collection walks only request-time objects and stays short (a pause
@@ -181,6 +183,7 @@ async def _serve(cfg, sock, shared, drained, worker: int, load, loaded, ready, a
         # sends SIGUSR2 to these; a SIGHUP sent to the whole group is its business.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
         loop.add_signal_handler(signal.SIGUSR2, life.request_retire)
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)  # logrotate's postrotate
     unblock_signals()
     if ready is not None:
         ready()
@@ -225,6 +228,8 @@ def supervise(cfg, load, loaded) -> None:
                   f"(set OLB_ADMIN_LISTEN=HOST:PORT, or off)", file=sys.stderr)
             sys.exit(2)
         cfg = dataclasses.replace(cfg, admin_listen=(host, reserve_admin.getsockname()[1]))
+    # Where each worker publishes its counters for the others' scrapes (olb/metrics.py).
+    metrics_dir = tempfile.mkdtemp(prefix="olb-metrics-") if cfg.metrics else None
 
     stopping = False
     # pid -> (worker slot, start time, generation); a reload starts a
@@ -245,11 +250,12 @@ def supervise(cfg, load, loaded) -> None:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)  # still blocked until the worker's handlers
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker's loop handles it
                 _die_with_parent(supervisor)
                 reserve.close()
                 if reserve_admin is not None:
                     reserve_admin.close()
-                run_worker(cfg, sock, gen_shared, gen_drained, worker, samples=samples)
+                run_worker(cfg, sock, gen_shared, gen_drained, worker, samples=samples, metrics_dir=metrics_dir)
             except BaseException:
                 logging.getLogger("olb").exception("worker %d crashed", worker)
                 code = 1
@@ -302,9 +308,18 @@ def supervise(cfg, load, loaded) -> None:
         log.warning("reload: %d backend(s); %d new worker(s) took over, %d finish what they hold",
                     n, cfg.workers, len(old))
 
+    def on_usr1(signum, frame) -> None:
+        # logrotate signals the supervisor (the pid systemd knows): each worker reopens its file.
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_reload)
+    signal.signal(signal.SIGUSR1, on_usr1)
     for w in range(cfg.workers):
         spawn(w)
     _announce(cfg, cfg.listen_port, cfg.admin_listen[1] if reserve_admin is not None else None)
@@ -337,6 +352,8 @@ def supervise(cfg, load, loaded) -> None:
             if stopping or gen != generation:  # SIGTERM, or a reload, arrived during the pause
                 continue
         spawn(worker)
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _die_with_parent(parent: int) -> None:

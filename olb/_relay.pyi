@@ -17,6 +17,8 @@ class Relay:
     scanner: BodyScanner
     forward: Callable[[bytes], object] | None
     last_io: float
+    tail1: bytes | None
+    tail2: bytes | None
     keep: list[bytes | None] | None
     keep_left: int
     def keep_data(self, data: bytes) -> None:

@@ -30,6 +30,11 @@ the per-chunk path reads, which the Python subclass also reads and writes:
               else None
     last_io   when the backend last sent bytes, in monotonic() seconds (the
               backend idle timer reads it)
+    tail1, tail2  the last two reads forwarded whole (tail1 the newer), or
+              None: with the read that ends the body they hold a response's
+              last bytes, where Ollama's final line carries its token counts
+              (read once per request, by metrics.read_tokens; here it costs
+              two reference moves a chunk, no Python call)
     keep      a list that gets a reference to every bytes object forwarded
               (the body as it went to the client, for olb/resume.py to read
               if the stream breaks), or None: nothing kept
@@ -79,6 +84,8 @@ cdef class Relay:
     cdef public BodyScanner scanner
     cdef public object forward
     cdef public double last_io
+    cdef public object tail1
+    cdef public object tail2
     cdef public object keep  # a list or None (object: the stub may say so)
     cdef public Py_ssize_t keep_left
 
@@ -88,6 +95,8 @@ cdef class Relay:
         self.scanner = BodyScanner()
         self.forward = None
         self.last_io = 0.0
+        self.tail1 = None
+        self.tail2 = None
         self.keep = None
         self.keep_left = 0
 
@@ -125,6 +134,8 @@ cdef class Relay:
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return
         if end < 0:
+            self.tail2 = self.tail1
+            self.tail1 = data
             if self.keep is not None:
                 self._keep(data)
             self.forward(data)

@@ -1,4 +1,4 @@
-"""olb's own endpoints under /olb/: status, health, draining a backend, the dashboard.
+"""olb's own endpoints under /olb/: status, health, draining a backend, the dashboard; and /metrics.
 
 Where they are served (serve(), docs/operations.md "Admin listener"): on the
 admin listener (OLB_ADMIN_LISTEN, loopback by default), which serves
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from . import __version__
+from . import __version__, metrics
 from .auth import redact, token_matches
 from .http import error_response, simple_response
 from .manage import lacking
@@ -236,11 +236,27 @@ _PAGE_HEADERS = [
 ]
 
 
+def metrics_page(req, ctx) -> tuple[int, bytes]:
+    """GET /metrics: the Prometheus text page (olb/metrics.py), for a scraper."""
+    closing = not req.keep_alive
+    head_only = req.method == b"HEAD"
+    if req.method not in (b"GET", b"HEAD"):
+        return 405, error_response(req.target, 405, "method not allowed: use GET", closing=closing,
+                                   head_only=head_only)
+    if ctx.metrics is None:
+        return 404, error_response(req.target, 404, "metrics are off (OLB_METRICS=off)", closing=closing,
+                                   head_only=head_only)
+    return 200, simple_response(200, metrics.render(ctx), content_type=metrics.CONTENT_TYPE, closing=closing,
+                                head_only=head_only)
+
+
 def handle(req, ctx) -> tuple[int, bytes]:
     """Answer a request under /olb/; returns (status, full response bytes)."""
     closing = not req.keep_alive
     head_only = req.method == b"HEAD"
     path = req.path
+    if path == b"/metrics":
+        return metrics_page(req, ctx)
     if path in (b"/olb/drain", b"/olb/undrain"):
         if req.method != b"POST":
             return 405, error_response(req.target, 405, "method not allowed: use POST", closing=closing)

@@ -145,6 +145,8 @@ class Balancer:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.rejected = 0
+        #: metrics.Metrics when OLB_METRICS is on: ejections and returns are counted there.
+        self.metrics = None
         #: Where pick() starts looking next (requests that take no slot go round).
         #: Probes under way after a timeout, by backend (see check()).
         self._checks: dict[int, asyncio.Task] = {}
@@ -326,6 +328,8 @@ class Balancer:
         if backend.up:
             log.warning("backend %s marked down: %s", backend.url, reason)
             backend.up = False
+            if self.metrics is not None:
+                self.metrics.ejected(backend.url)
             now = time.time()
             # A backend that answers probes but fails requests would flap in
             # and out: back-off keeps growing while it fails again soon after
@@ -397,6 +401,8 @@ class Balancer:
         if not backend.up:
             log.warning("backend %s is back", backend.url)
             backend.up = True
+            if self.metrics is not None:
+                self.metrics.returned(backend.url)
             self._apply_health(index)
 
     def drain(self, index: int, draining: bool) -> None:

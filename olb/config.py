@@ -212,6 +212,49 @@ def _keys_file(raw: str) -> str:
     return path
 
 
+#: OLB_LOG_FORMAT's values (olb/accesslog.py).
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"one of {', '.join(LOG_FORMATS)}, got {raw!r}")
+    return value
+
+
+def _access_log(raw: str) -> str:
+    """`off`, `stderr`, or a file path whose directory exists."""
+    value = raw.strip()
+    if value.lower() in ("off", "stderr"):
+        return value.lower()
+    import os
+
+    if not value or os.path.isdir(value) or not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise ValueError(f"off, stderr or a file path in an existing directory, got {raw!r}")
+    return value
+
+
+def _on_off(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"on or off, got {raw!r}")
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_name(raw: str) -> str:
+    """An HTTP field name (RFC 9110 token), or "" for none."""
+    value = raw.strip()
+    if value and not _TOKEN.match(value):
+        raise ValueError(f"an HTTP header name such as X-Olb-Backend, or empty for none, got {raw!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     env: str
@@ -326,6 +369,17 @@ SETTINGS: tuple[Setting, ...] = (
             "and a non-loopback admin listener asks for it."),
     Setting("OLB_LOG_LEVEL", "log_level", "info", _log_level,
             "debug, info, warning or error."),
+    Setting("OLB_LOG_FORMAT", "log_format", "text", _log_format,
+            "How log lines are written, the access log's and all others: `text` or `json` "
+            "(one object a line; docs/operations.md)."),
+    Setting("OLB_ACCESS_LOG", "access_log", "off", _access_log,
+            "Where the access log (a line per request: client, model, backend, status, times, bytes, "
+            "tokens) goes: `stderr`, a file path (reopened on SIGUSR1, for logrotate) or `off`."),
+    Setting("OLB_METRICS", "metrics", "on", _on_off,
+            "Prometheus metrics at `GET /metrics` (docs/operations.md, Metrics): `on` or `off`."),
+    Setting("OLB_BACKEND_HEADER", "backend_header", "", _header_name,
+            "Response header naming the backend that served the request, e.g. `X-Olb-Backend`; "
+            "empty = none."),
     Setting("OLB_DEMO", "demo", "0", _int_at_least(0),
             "Start this many simulated Ollama instances and balance over them (`--demo` = 3)."),
 )
@@ -380,6 +434,10 @@ class Config:
     admin_listen: tuple[str, int] | None = _default("admin_listen")
     admin_token: str = _default("admin_token")
     demo: int = _default("demo")
+    log_format: str = _default("log_format")
+    access_log: str = _default("access_log")
+    metrics: bool = _default("metrics")
+    backend_header: str = _default("backend_header")
     pull: str = _default("pull")
 
 

@@ -162,3 +162,10 @@ class FairQueue:
             for client, line in lines.items():
                 for waiter in line:
                     yield waiter, client
+
+    def waiting(self):
+        """Yield (class, model) of every waiter (for the queue-depth gauge, at scrape time)."""
+        for priority, lines in enumerate(self._lines):
+            for line in lines.values():
+                for waiter in line:
+                    yield priority, getattr(waiter, "model", None)

@@ -65,6 +65,9 @@ from .http import (BODY, CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTI
                    RequestReader, downstream_head, error_body, error_response, parse_response_head,
                    simple_response, stream_error_tail, upstream_head)
 from .manage import ManageExchange, classify
+from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, observe, response_tokens
+from .metrics import NO_BACKEND as NO_BACKEND_REASON
+from .metrics import QUEUE_FULL as QUEUE_FULL_REASON
 from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
                      openai_model_id, parse_request, streams, takes_slot)
 from .slowclient import BodyBudget, RequestClock
@@ -85,7 +88,8 @@ class ProxyContext:
     """What every connection of one worker shares."""
 
     __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
-                 "host_check", "bodies", "resumes", "closing", "keys", "samples")
+                 "host_check", "bodies", "resumes", "closing", "keys", "samples", "metrics", "metrics_dir",
+                 "access_log", "observing", "backend_header")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -109,13 +113,22 @@ class ProxyContext:
         self.keys = None
         #: dashboard.Samples: what the dashboard shows over time.
         self.samples = None
+        #: metrics.Metrics (OLB_METRICS), accesslog.AccessLog (OLB_ACCESS_LOG), or None;
+        #: `observing` when either is on (metrics.observe runs at each request's end).
+        self.metrics = None
+        #: Where the workers publish their counters (several workers), else None.
+        self.metrics_dir = None
+        self.access_log = None
+        self.observing = False
+        #: OLB_BACKEND_HEADER's name (bytes), or None.
+        self.backend_header = None
 
 
 class ClientSideProtocol(asyncio.Protocol):
     """One client connection: requests in order, one exchange at a time."""
 
     __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
-                 "_timer", "_last_active", "_closed", "clock", "_timer_at", "listener", "key")
+                 "_timer", "_last_active", "_closed", "clock", "_timer_at", "listener", "key", "t0")
 
     @property
     def last_active(self) -> float:
@@ -133,6 +146,8 @@ class ClientSideProtocol(asyncio.Protocol):
         self.write_paused = False
         self._timer = None
         self._closed = False
+        #: When the current request was read (monotonic()): its duration starts there.
+        self.t0 = 0.0
 
     def connection_made(self, transport) -> None:
         """Called by the loop when a client connects."""
@@ -175,6 +190,8 @@ class ClientSideProtocol(asyncio.Protocol):
             # as nginx does unless proxy_ignore_client_abort is set.
             ex, self.exchange = self.exchange, None
             ex.client_gone()
+            if self.ctx.observing:
+                observe(self.ctx, self, ex, 499)
             return False
         self.reader.receive(b"")
         self._process()
@@ -191,6 +208,8 @@ class ClientSideProtocol(asyncio.Protocol):
         ex, self.exchange = self.exchange, None
         if ex is not None:
             ex.client_gone()
+            if self.ctx.observing:
+                observe(self.ctx, self, ex, 499)
         self._release_key()
 
     def pause_writing(self) -> None:
@@ -218,16 +237,19 @@ class ClientSideProtocol(asyncio.Protocol):
                 # Malformed or oversized: answer, then close — the rest of what
                 # the client sends can no longer be framed.
                 self._write_pending(reader)
-                self._reply(error_response(b"/", exc.status_hint, exc.message, closing=True), 0, True)
+                self.t0 = monotonic()
+                self._reply(error_response(b"/", exc.status_hint, exc.message, closing=True), 0, True,
+                            None, exc.status_hint)
                 return
             self._write_pending(reader)
             if type(req) is ProxyRequest:
+                self.t0 = monotonic()
                 listener = self.listener
                 check = self.ctx.host_check if listener is None else listener.host_check
                 if check is not None and not check.allows(req.header(b"host")):
                     # Ollama's DNS-rebinding protection (hostcheck.py), before
                     # anything else: /olb/ included.
-                    self._reply(FORBIDDEN if req.keep_alive else FORBIDDEN_CLOSE, 403, not req.keep_alive)
+                    self._reply(FORBIDDEN if req.keep_alive else FORBIDDEN_CLOSE, 403, not req.keep_alive, req)
                     continue
                 if listener is not None or admin.is_admin_path(req.path):
                     # The admin listener serves only admin endpoints; the data
@@ -239,7 +261,7 @@ class ClientSideProtocol(asyncio.Protocol):
                         status = 500
                         body = error_response(req.target, 500, "olb: internal error in an admin endpoint",
                                               closing=not req.keep_alive)
-                    self._reply(body, status, not req.keep_alive)
+                    self._reply(body, status, not req.keep_alive, req)
                     continue
                 keys = self.ctx.keys
                 if keys is not None:
@@ -271,17 +293,21 @@ class ClientSideProtocol(asyncio.Protocol):
         if out:
             self.transport.write(out)
 
-    def _reply(self, data: bytes, status: int, closing: bool) -> None:
+    def _reply(self, data: bytes, status: int, closing: bool, req=None, logged: int = 0) -> None:
         """Write a response olb made itself and finish the cycle."""
         self.clock.done()
         self.transport.write(data)
+        if self.ctx.observing:
+            observe(self.ctx, self, None, status or logged, req, len(data))
         if closing or not status or not self.reader.finish_response(status, closing):
             self._closed = True
             self.transport.close()
 
     def response_done(self, status: int, closing: bool) -> None:
         """Called by the exchange once its response has been written in full."""
-        self.exchange = None
+        ex, self.exchange = self.exchange, None
+        if self.ctx.observing and ex is not None:
+            observe(self.ctx, self, ex, status)
         self._release_key()
         self._last_active = now = self.ctx.loop.time()
         self.clock.done()
@@ -334,7 +360,10 @@ class ClientSideProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         """End the connection without a clean response end (mid-body failure)."""
-        self.exchange = None
+        ex, self.exchange = self.exchange, None
+        if self.ctx.observing and ex is not None:
+            head = getattr(ex, "head", None)
+            observe(self.ctx, self, ex, head.status if head is not None else 502)
         self._closed = True
         self.transport.abort()
 
@@ -391,8 +420,8 @@ class Exchange:
 
     __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
                  "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "runner", "slot", "probing", "rechecked", "kept", "resumed", "started",
-                 "__weakref__")
+                 "affinity", "runner", "slot", "probing", "rechecked", "kept", "resumed", "started", "name",
+                 "served", "t_admit", "t_first", "t_load", "sent", "tokens", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest, slot: bool = True):
         self.client = client
@@ -432,6 +461,16 @@ class Exchange:
         self.kept = None
         #: A continued stream's Continuation, or None.
         self.resumed = None
+        # For the metrics and the access log (metrics.observe): the model as
+        # the request names it (normalised), the backend last tried (URL), when
+        # the request got its slot, its first response byte, and started a
+        # load (0.0: not yet), the bytes sent to the client, the token
+        # counts read from the response's end.
+        self.name = None
+        self.served = ""
+        self.t_admit = self.t_first = self.t_load = 0.0
+        self.sent = 0
+        self.tokens = None
 
     def start(self) -> None:
         """Find the request a backend: the balancer's router decides (olb/routing.py)."""
@@ -445,7 +484,7 @@ class Exchange:
             if template is not None:
                 name, conversation, runner = parse_request(req.body)
                 if name is not None:
-                    model = normalize(name)
+                    self.name = model = normalize(name)
                     if conversation is not None and self.affinity is None and cfg.session_bound:
                         self.affinity = affinity_key(model.encode(), conversation)
                     if self.ctx.balancer.models is not None:
@@ -506,14 +545,21 @@ class Exchange:
         if result == QUEUED_OK:
             return True
         if result == OVER_SHARE:
-            self._fail(TooManyRequests(OVER_SHARE_TEXT))
+            self._reject(CLIENT_SHARE, TooManyRequests(OVER_SHARE_TEXT))
         else:
-            self._fail(NoBackendAvailable(QUEUE_FULL))
+            self._reject(QUEUE_FULL_REASON, NoBackendAvailable(QUEUE_FULL))
         return False
+
+    def _reject(self, reason: str, error: OlbError) -> None:
+        """olb refuses the request itself (olb_rejections_total's `reason`)."""
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.rejected(reason)
+        self._fail(error)
 
     def queue_evicted(self) -> None:
         """A lighter client took this request's place in a full queue."""
-        self._fail(TooManyRequests(OVER_SHARE_TEXT))
+        self._reject(CLIENT_SHARE, TooManyRequests(OVER_SHARE_TEXT))
 
     # --- called by the balancer's queue --------------------------------------------------------
 
@@ -521,11 +567,18 @@ class Exchange:
         """A backend slot is ours (already counted in the table), or, for a
         request without one, the backend Balancer.pick chose."""
         self.index = index
+        self.served = self.ctx.balancer.backends[index].url
+        if not self.t_admit:
+            self.t_admit = monotonic()
+        self.t_load = 0.0
         if self.slot and self.model is not None:
             models = self.ctx.balancer.models
             models.admitted(self.model, index, 1)
             if not models.loaded_mask(self.model)[index] or not models.runner_matches(self.model, index,
                                                                                         self.runner):
+                self.t_load = self.t_admit if self.attempts == 0 else monotonic()
+                if self.ctx.metrics is not None:
+                    self.ctx.metrics.load_started(self.model, self.served)
                 # The model loads there (whether the router placed it or the
                 # queue admitted it): the requests that follow wait for this
                 # load, its victims leave that backend, and its catalogue is
@@ -539,7 +592,7 @@ class Exchange:
             self.connect_task = self.ctx.loop.create_task(self._connect(index))
 
     def queue_expired(self) -> None:
-        self._fail(NoBackendAvailable(
+        self._reject(QUEUE_TIMEOUT, NoBackendAvailable(
             f"server busy, please try again.  no backend became free within "
             f"{self.ctx.config.queue_timeout:g}s (OLB_QUEUE_TIMEOUT)"))
 
@@ -568,7 +621,8 @@ class Exchange:
         balancer = self.ctx.balancer
         errors = [b.last_error for b in balancer.backends if b.last_error]
         detail = f": {errors[-1]}" if errors else ""
-        self._fail(BackendConnectError(f"no backend reachable ({len(balancer.backends)} configured){detail}"))
+        self._reject(NO_BACKEND_REASON, BackendConnectError(
+            f"no backend reachable ({len(balancer.backends)} configured){detail}"))
 
     # --- backend side ------------------------------------------------------------------
 
@@ -626,12 +680,15 @@ class Exchange:
             return self._continued_head(head)
         self.state = STREAMING
         self.head = head
+        self.t_first = monotonic()
         if self.slot and self.model is not None and head.status == 200:
             # Ollama answers once the model is loaded: it is ready there now
             # (for a stream, long before the response ends).
             self.ctx.balancer.models.answered(self.model, self.index, self.runner)
+            if self.t_load and self.ctx.metrics is not None:
+                self.ctx.metrics.load_answered(self.model, self.served, self.t_first - self.t_load)
         if self.slot and self.ctx.samples is not None:
-            self.ctx.samples.first_byte(monotonic() - self.started)
+            self.ctx.samples.first_byte(self.t_first - self.started)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
         elif (head.status == 200 and head.framing == CHUNKED and self.ctx.config.resume_max_bytes
@@ -640,7 +697,13 @@ class Exchange:
             # its backend dies (_resume).
             self.kept = self.conn.keep = []
             self.conn.keep_left = self.ctx.config.resume_max_bytes
-        return downstream_head(head, raw, self.closing)
+        out = downstream_head(head, raw, self.closing)
+        if self.ctx.backend_header is not None:
+            # OLB_BACKEND_HEADER: one more field before the head's empty line.
+            out = b"%s%s: %s\r\n\r\n" % (out[:-2], self.ctx.backend_header,
+                                           self.ctx.balancer.backends[self.index].url.encode())
+        self.sent = len(out)
+        return out
 
     def _continued_head(self, head) -> bytes | None:
         """The head of a continuation (_resume): the client has its head
@@ -693,14 +756,23 @@ class Exchange:
 
     def on_end(self, reusable: bool, last: bytes = b"") -> None:
         """The backend's response has been forwarded in full; `last` is the body's last piece."""
+        conn, self.conn = self.conn, None
+        if self.head.framing != NO_BODY:  # (the scanner was not reset for a body-less answer)
+            self.sent += conn.scanner.bytes_seen
+        if self.ctx.observing and self.name is not None and self.head.status == 200:
+            # The token counts are in the body's last bytes (metrics.read_tokens):
+            # the read that ended it and the two before it, read once here.
+            self.tokens = response_tokens(conn.tail2, conn.tail1, last)
         if self.slot:
-            # Token counts from the final line (dashboard.final_counts): the
-            # dashboard's tokens/s and the API key's tpm= limit.
-            prompt, generated = final_counts(last[-TAIL:]) if last else (0, 0)
+            # The dashboard's tokens/s and the API key's tpm= limit: the
+            # counts read above, else from the final read (dashboard.final_counts).
+            if self.tokens is not None:
+                prompt, generated = self.tokens[0], self.tokens[1]
+            else:
+                prompt, generated = final_counts(last[-TAIL:]) if last else (0, 0)
             if self.ctx.samples is not None:
                 self.ctx.samples.request_done(generated)
             self.client.charge_tokens(prompt + generated)
-        conn, self.conn = self.conn, None
         conn.detach()
         pool = conn.pool
         balancer = self.ctx.balancer
@@ -803,6 +875,8 @@ class Exchange:
                 self.excluded = bytearray(balancer.table.n)
             self.excluded[index] = 1
             self.allowed = bytearray(not x for x in self.excluded)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.retried(balancer.backends[index].url)
             log.info("retrying %s on another backend after: %s", self.req.target.decode("latin-1"),
                      error.message)
             self.start()
@@ -813,6 +887,8 @@ class Exchange:
         """Let go of the backend connection and close it at once; returns it (or None)."""
         conn, self.conn = self.conn, None
         if conn is not None:
+            if self.head is not None and self.head.framing != NO_BODY:
+                self.sent += conn.scanner.bytes_seen  # (for the access log: a response cut short)
             conn.detach()
             conn.abort()
         return conn
@@ -892,9 +968,10 @@ class Exchange:
         client = self.client
         if client.exchange is not self:
             return
-        client.transport.write(error_response(
-            req.target, error.status_hint, error.message, closing=self.closing,
-            retry_after=error.retry_after, head_only=req.method == b"HEAD"))
+        out = error_response(req.target, error.status_hint, error.message, closing=self.closing,
+                             retry_after=error.retry_after, head_only=req.method == b"HEAD")
+        self.sent = len(out)
+        client.transport.write(out)
         client.response_done(error.status_hint, self.closing)
 
     def _fail_mid_stream(self, error: OlbError, at_boundary: bool) -> None:
@@ -907,7 +984,9 @@ class Exchange:
         if head.framing == CHUNKED and at_boundary:
             # Ollama's own shape for a failure mid-stream: a last error line, a
             # clean end of the chunked body, status 200 already sent.
-            client.transport.write(stream_error_tail(head, error.message))
+            tail = stream_error_tail(head, error.message)
+            self.sent += len(tail)
+            client.transport.write(tail)
             client.response_done(head.status, self.closing)
         else:
             # A Content-Length or close-delimited body cannot be ended early in
@@ -1061,6 +1140,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         self._got_bytes = False
         self._reused = reused
         self._head_request = exchange.req.method == b"HEAD"
+        self.tail1 = self.tail2 = None
         client = exchange.client
         self.forward = client.transport.write
         if client.write_paused:
@@ -1092,6 +1172,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         self.forward = None
         self.head = None
         self.keep = None
+        self.tail1 = self.tail2 = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -1175,6 +1256,8 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
             self.forward(out + (rest if end < 0 else rest[:end]))
         if end >= 0:
             self._finish(rest, end)
+        else:
+            self.tail1 = rest
 
     def _end(self, data: bytes, end: int) -> None:
         if end:

@@ -16,7 +16,8 @@ import logging
 import socket
 import time
 
-from . import auth
+from . import auth, metrics
+from .accesslog import AccessLog
 from .admin import Listener
 from .balancer import Balancer
 from .config import Config
@@ -28,12 +29,14 @@ log = logging.getLogger("olb.server")
 
 
 class ProxyServer:
-    def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None, samples=None):
+    def __init__(self, config: Config, loop, table=None, worker: int = 0, drained=None, samples=None,
+                 metrics_dir: str | None = None):
         self.config = config
         self.loop = loop
         self.worker = worker
         # With several workers, `samples` is the shared buffer of their counter rows.
         self._samples = Samples(worker, config.workers, samples)
+        self._observe(metrics_dir)
         self.ctx = self.new_context(config, table=table, drained=drained)
         self.balancer = self.ctx.balancer
         self._server = None
@@ -55,7 +58,41 @@ class ProxyServer:
         if config.api_keys:
             ctx.keys = auth.KeyRing(auth.load_keys(config.api_keys), config.api_keys,
                                     workers=config.workers)
+        # The counters and the access log outlive a reload: every context shares the server's.
+        ctx.metrics = ctx.balancer.metrics = self.metrics
+        ctx.metrics_dir = self.metrics_dir
+        ctx.access_log = self.access_log
+        ctx.observing = ctx.metrics is not None or ctx.access_log is not None
+        if config.backend_header:
+            ctx.backend_header = config.backend_header.encode("latin-1")
         return ctx
+
+    def _observe(self, metrics_dir: str | None) -> None:
+        """OLB_METRICS and OLB_ACCESS_LOG (docs/operations.md): made once per worker."""
+        cfg = self.config
+        self._publish_handle = None
+        self.metrics = self.metrics_dir = self.access_log = None
+        if cfg.metrics:
+            self.metrics = metrics.Metrics(len(cfg.backends))
+            if metrics_dir is not None:
+                self.metrics_dir = metrics_dir
+                # A worker restarted after a crash goes on from its predecessor's
+                # counters: the group's totals never go down.
+                self.metrics.base = metrics.read_state(metrics_dir, self.worker)
+        if cfg.access_log != "off":
+            self.access_log = AccessLog(cfg.access_log, cfg.log_format, self.loop)
+
+    def _publish(self) -> None:
+        self._publish_handle = self.loop.call_later(metrics.PUBLISH_INTERVAL, self._publish)
+        try:
+            metrics.publish(self.ctx)
+        except OSError as exc:
+            log.error("cannot publish this worker's metrics to %s: %s", self.metrics_dir, exc)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the access log file (logrotate moved it)."""
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     @property
     def url(self) -> str:
@@ -88,6 +125,8 @@ class ProxyServer:
         self._tick = self.loop.call_later(1.0, self._sample)
         self.start_context(self.ctx)
         self.telemetry = self.ctx.telemetry
+        if self.metrics_dir is not None:
+            self._publish()
 
     def start_context(self, ctx: ProxyContext) -> None:
         """Start a context's background work: health checks, model polls, GPU readings."""
@@ -152,6 +191,9 @@ class ProxyServer:
             self._admin_server.close()
         if self._server is not None:
             self._server.close()
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+            self._publish_handle = None
         for client in list(self.ctx.clients):
             client.transport.close()
         await self.close_context(self.ctx)
@@ -159,6 +201,8 @@ class ProxyServer:
             await self._server.wait_closed()
         if self._admin_server is not None:
             await self._admin_server.wait_closed()
+        if self.access_log is not None:
+            self.access_log.close()
 
 
 def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -180,8 +224,8 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
 
 async def start_proxy(config: Config, *, sock: socket.socket | None = None, table=None,
                       worker: int = 0, drained=None, admin_sock: socket.socket | None = None,
-                      samples=None) -> ProxyServer:
+                      samples=None, metrics_dir: str | None = None) -> ProxyServer:
     server = ProxyServer(config, asyncio.get_running_loop(), table=table, worker=worker, drained=drained,
-                         samples=samples)
+                         samples=samples, metrics_dir=metrics_dir)
     await server.start(sock, admin_sock)
     return server
