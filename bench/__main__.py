@@ -7,6 +7,7 @@
     python -m bench scheduling [...]    bench/scheduling.py: olb's scheduler vs nginx/HAProxy, simulated cluster
     python -m bench chaos [...]         bench/chaos.py: backends killed, slow and non-reading clients, few
                                         descriptors; every request classified
+    python -m bench control [...]       bench/control_plane.py: requests that run no model, every slot busy
     python -m bench plot FILE.json...   the Markdown and plots again, from saved results
                                         (scheduling results merged: later rows replace earlier)
     python -m bench tools               which proxies this machine has
@@ -123,6 +124,12 @@ def cmd_chaos(p, args) -> int:
     return chaos.main(args.rest, RESULTS)
 
 
+def cmd_control(p, args) -> int:
+    from . import control_plane
+
+    return control_plane.main(args.rest)
+
+
 def cmd_tools(p, args) -> int:
     from . import proc, targets
 
@@ -169,6 +176,9 @@ def main(argv=None) -> int:
     ch = sub.add_parser("chaos", help="bench/chaos.py: olb under adversity, every request classified; "
                                       "its flags follow", add_help=False)
     ch.set_defaults(func=lambda a: cmd_chaos(ch, a), passthrough="chaos")
+    co = sub.add_parser("control", help="bench/control_plane.py: HEAD /, /api/version, /api/tags, /api/show "
+                                        "with every slot busy; its flags follow", add_help=False)
+    co.set_defaults(func=lambda a: cmd_control(co, a), passthrough="control")
     pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result; several "
                                      "scheduling results are merged, later rows replacing earlier ones")
     pl.add_argument("files", nargs="+", metavar="FILE.json")
@@ -176,7 +186,7 @@ def main(argv=None) -> int:
     pl.set_defaults(func=lambda a: cmd_plot(pl, a))
     t = sub.add_parser("tools", help="which proxies and plotting this machine has")
     t.set_defaults(func=lambda a: cmd_tools(t, a))
-    # `micro`, `e2e`, `scheduling` and `chaos` hand the flags they do not know to pytest and to their module.
+    # `micro`, `e2e`, `scheduling`, `chaos` and `control` hand the flags they do not know to pytest and to their module.
     args, rest = p.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", None):
         p.error(f"unrecognized arguments: {' '.join(rest)}")
