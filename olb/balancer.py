@@ -36,12 +36,12 @@ import collections
 import logging
 import time
 
+from . import local
 from ._core import NO_BACKEND, BackendTable
 from .client import BackendClient
 from .config import Config
-from . import local
 from .errors import LocalResourceError, OlbError
-from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
+from .fairqueue import FULL, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
 from .routing import ADMIT, WAIT, Router

@@ -507,7 +507,7 @@ def _metrics_url(raw: str, backend_host: str) -> str:
         raw = "http://" + raw
     parts = urlsplit(raw)
     try:
-        parts.port  # raises ValueError for a port that is out of range or not a number
+        _ = parts.port  # raises ValueError for a port that is out of range or not a number
     except ValueError:
         raise ValueError(expected) from None
     if parts.scheme != "http" or not parts.hostname or parts.fragment:

@@ -34,8 +34,8 @@ import asyncio
 import collections
 import hashlib
 import logging
-import time
 import re
+import time
 import urllib.parse
 from typing import NamedTuple
 

@@ -54,22 +54,55 @@ from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
 from .auth import refusal_response
 from .dashboard import TAIL, final_counts
-from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, LocalResourceError,
-                     NoBackendAvailable, NotFound, OlbError, TooManyRequests)
+from .errors import (
+    BackendConnectError,
+    BackendProtocolError,
+    BackendTimeout,
+    LocalResourceError,
+    NoBackendAvailable,
+    NotFound,
+    OlbError,
+    TooManyRequests,
+)
 from .fairqueue import OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
 from .flow import BODY as BODY_HELD
 from .flow import PEER_SLOW, PIPELINE, ReadGate, TimedReadGate, set_write_limits
 from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
-from .http import (BODY, CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
-                   RequestReader, downstream_head, error_body, error_response, parse_response_head,
-                   simple_response, stream_error_tail, upstream_head)
+from .http import (
+    BODY,
+    CHUNKED,
+    CLOSED,
+    HEAD,
+    LENGTH,
+    NEED_DATA,
+    NO_BODY,
+    UNTIL_CLOSE,
+    ProxyRequest,
+    RequestReader,
+    downstream_head,
+    error_body,
+    error_response,
+    parse_response_head,
+    simple_response,
+    stream_error_tail,
+    upstream_head,
+)
 from .manage import ManageExchange, classify
 from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, observe, response_tokens
 from .metrics import NO_BACKEND as NO_BACKEND_REASON
 from .metrics import QUEUE_FULL as QUEUE_FULL_REASON
-from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
-                     openai_model_id, parse_request, streams, takes_slot)
+from .models import (
+    MERGED_PATHS,
+    MODEL_ENDPOINTS,
+    affinity_key,
+    display_shortest,
+    normalize,
+    openai_model_id,
+    parse_request,
+    streams,
+    takes_slot,
+)
 from .slowclient import BodyBudget, RequestClock
 
 log = logging.getLogger("olb.proxy")
@@ -1047,7 +1080,6 @@ class MergedExchange:
     async def _run(self) -> None:
         balancer = self.ctx.balancer
         models = balancer.models
-        table = balancer.table
         healthy = [b.index for b in balancer.backends if b.up]
         answered = await asyncio.gather(*(models.refresh(i) for i in healthy))
         self.task = None

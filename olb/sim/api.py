@@ -41,17 +41,33 @@ from dataclasses import replace
 
 import orjson
 
-from olb.sim import gojson
-from olb.sim import gguf
-from olb.sim.catalogue import (DEFAULT_HOST, MEDIA_ADAPTER, MEDIA_CONFIG, MEDIA_LICENSE, MEDIA_MESSAGES,
-                               MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, Blob, Catalogue,
-                               Layer, ModelName, blob_path, known_spec, manifest_digest, model_layer_digest,
-                               parse_name, spec_from_gguf)
+from olb.sim import gguf, gojson
+from olb.sim.catalogue import (
+    DEFAULT_HOST,
+    MEDIA_ADAPTER,
+    MEDIA_CONFIG,
+    MEDIA_LICENSE,
+    MEDIA_MESSAGES,
+    MEDIA_MODEL,
+    MEDIA_PARAMS,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    Blob,
+    Catalogue,
+    Layer,
+    ModelName,
+    blob_path,
+    known_spec,
+    manifest_digest,
+    model_layer_digest,
+    parse_name,
+    spec_from_gguf,
+)
 from olb.sim.clock import Clock
 from olb.sim.config import SimConfig
 from olb.sim.engine import REJECTED, Engine, Generation, SlotHold, decode_interval, prefill_seconds
-from olb.sim.gpu import DCGM_CONTENT_TYPE, dcgm_text
 from olb.sim.gojson import DecodeError, EmptyBody, go_dumps, go_quote, go_string
+from olb.sim.gpu import DCGM_CONTENT_TYPE, dcgm_text
 from olb.sim.tokens import corpus, count_prompt_tokens, prompt_ids
 
 JSON_UTF8 = "application/json; charset=utf-8"   # gin's c.JSON
