@@ -435,7 +435,7 @@ class Balancer:
         except asyncio.TimeoutError:
             return f"GET / not answered within {timeout:g}s (OLB_CONNECT_TIMEOUT)"
         except LocalResourceError as exc:
-            local.report(f"probe of {backend.url} not sent", exc.__cause__)
+            local.report(f"probe of {backend.url} not sent", exc.__cause__)  # type: ignore[arg-type]  # raised from an OSError
             return UNKNOWN
         except OlbError as exc:
             return exc.message
@@ -484,6 +484,7 @@ class Balancer:
             self._spawn(self._refresh(index))
 
     async def _refresh(self, index: int) -> None:
+        assert self.models is not None  # refresh_models spawns this only with a directory
         try:
             await self.models.refresh(index)
         finally:
@@ -493,6 +494,7 @@ class Balancer:
 
     async def _poll_models(self) -> None:
         models = self.models
+        assert models is not None  # started only with a directory
         while not self._closed:
             await models.refresh_all()
             if self.queue:
