@@ -1154,7 +1154,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
     def __init__(self, pool):
         self.pool = pool
         self.loop = pool.loop
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it before any other callback
+        self.transport = None
         self.exchange: Exchange | None = None
         self.write_paused = False
         self._buf = b""
