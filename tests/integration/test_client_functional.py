@@ -9,9 +9,8 @@ from olb.client import BackendClient
 from olb.errors import BackendConnectError, BackendProtocolError, BackendTimeout
 from olb.sim import SimConfig, start_sim
 
+from harness import run
 
-def run(loop, coro, timeout=30):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 class Scripted:

@@ -10,13 +10,10 @@ import pytest
 from olb.sim import SimConfig, start_sim
 from olb.server import start_proxy
 
-from harness import RawClient, fetch, proxy_config, read_response
+from harness import RawClient, fetch, proxy_config, read_response, run, until
 
 FAST = SimConfig(token_rate=0, ttft=0, seed=5)
 
-
-def run(loop, coro, timeout=30):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 async def start(sim_configs, **overrides):
@@ -32,15 +29,6 @@ async def stop(proxy, sims):
     await proxy.close()
     for s in sims:
         await s.close()
-
-
-async def until(predicate, timeout=5.0):
-    """Wait for a condition the event loop will make true (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def inflight(proxy):

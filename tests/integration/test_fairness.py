@@ -5,14 +5,11 @@ import asyncio
 
 from olb.sim import SimConfig
 
-from harness import RawClient, start_cluster
+from harness import RawClient, run, start_cluster
 
 # One backend, one request at a time, each ~0.1 s: the queue decides the order.
 SLOW = SimConfig(token_rate=100, ttft=0, seed=5, num_predict_default=10, num_parallel=1)
 
-
-def run(loop, coro, timeout=60):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 async def send_all(cluster, specs):
@@ -55,7 +52,7 @@ def test_flood_from_one_client_does_not_starve_another(loop):
         finally:
             await cluster.close()
 
-    done = run(loop, main())
+    done = run(loop, main(), 60)
     names = [n for n, _ in done]
     assert all(status == 200 for _, status in done)
     # Arrived last behind 12; served within the first three.
@@ -72,7 +69,7 @@ def test_batch_yields_to_interactive(loop):
         finally:
             await cluster.close()
 
-    names = [n for n, _ in run(loop, main())]
+    names = [n for n, _ in run(loop, main(), 60)]
     # batch0 was admitted at once (nothing waited); after it, the three
     # interactive requests overtake the five batch ones still queued.
     assert names[0] == "batch0"
@@ -89,7 +86,7 @@ def test_full_queue_sheds_the_heaviest_client(loop):
         finally:
             await cluster.close()
 
-    done = dict(run(loop, main()))
+    done = dict(run(loop, main(), 60))
     # heavy0 runs, heavy1-4 fill the queue; light takes heavy4's place.
     assert done["light"] == 200
     assert done["heavy4"] == 429
@@ -106,6 +103,6 @@ def test_client_over_its_fixed_share_gets_429(loop):
         finally:
             await cluster.close()
 
-    done = dict(run(loop, main()))
+    done = dict(run(loop, main(), 60))
     assert [done[f"t{i}"] for i in range(4)] == [200, 200, 200, 429]
     assert done["other"] == 200

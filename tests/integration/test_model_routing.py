@@ -8,14 +8,11 @@ from olb.sim import SimConfig, start_sim
 from olb.sim.gpu import PROFILES
 from olb.server import start_proxy
 
-from harness import RawClient, fetch, proxy_config
+from harness import RawClient, fetch, proxy_config, run
 
 BASE = SimConfig(token_rate=0, ttft=0, seed=11)
 GiB = 1 << 30
 
-
-def run(loop, coro, timeout=30):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 async def start(sim_configs, **overrides):

@@ -12,15 +12,12 @@ import pytest
 from olb.server import start_proxy
 from olb.sim import SimConfig, start_sim
 
-from harness import RawClient, fetch, proxy_config
+from harness import RawClient, fetch, proxy_config, run
 
 # ttft keeps each request in flight for a while, so concurrent ones overlap.
 SIM = SimConfig(token_rate=0, ttft=0.15, seed=5)
 BODY = {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
 
-
-def run(loop, coro, timeout=30):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 async def served_by(policy: str, concurrent: int, sequential: int):

@@ -9,13 +9,10 @@ import pytest
 from olb.sim import SimConfig, start_sim
 from olb.server import start_proxy
 
-from harness import RawClient, fetch, proxy_config, read_response, request_bytes, start_cluster
+from harness import RawClient, fetch, proxy_config, read_response, request_bytes, run, start_cluster, until
 
 FAST = SimConfig(token_rate=0, ttft=0, seed=7, deterministic_time=True)
 
-
-def run(loop, coro, timeout=30):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 REQUESTS = [
@@ -226,10 +223,7 @@ def test_spread_follows_capacity(loop):
                 c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"})
             # While all seven stream, each backend is exactly full.
             await asyncio.sleep(0)  # let the proxy accept them
-            for _ in range(200):
-                if sum(s.stats.active for s in sims) == 7:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: sum(s.stats.active for s in sims) == 7, timeout=8)
             active = [s.stats.active for s in sims]
             inflight = [proxy.balancer.table.inflight(i) for i in range(3)]
             for c in clients:
@@ -260,10 +254,7 @@ def test_client_disconnect_closes_backend_at_once(loop):
             client.writer.transport.abort()
             await asyncio.wait_for(sim.abort_event.wait(), 2)
             elapsed = sim.aborts[-1] - t0
-            for _ in range(100):
-                if cluster.proxy.balancer.table.inflight(0) == 0:
-                    break
-                await asyncio.sleep(0.001)
+            await until(lambda: cluster.proxy.balancer.table.inflight(0) == 0, timeout=2)
             return elapsed, cluster.proxy.balancer.table.inflight(0), sim.stats.aborted
         finally:
             await cluster.close()
@@ -283,21 +274,12 @@ def test_client_disconnect_while_queued_leaves_no_trace(loop):
             await asyncio.wait_for(first.reader.readuntil(b'"done":false'), 5)
             second = await RawClient.connect(cluster.port)
             second.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "y"})
-            for _ in range(100):
-                if cluster.proxy.balancer.queue:
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: cluster.proxy.balancer.queue, timeout=2)
             queued = len(cluster.proxy.balancer.queue)
             second.writer.transport.abort()
-            for _ in range(100):
-                if not cluster.proxy.balancer.queue:
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: not cluster.proxy.balancer.queue, timeout=2)
             first.writer.transport.abort()
-            for _ in range(100):
-                if cluster.proxy.balancer.table.inflight(0) == 0:
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: cluster.proxy.balancer.table.inflight(0) == 0, timeout=2)
             return queued, len(cluster.proxy.balancer.queue), cluster.proxy.balancer.table.inflight(0)
         finally:
             await cluster.close()
@@ -315,10 +297,7 @@ def test_queue_full_and_queue_timeout_give_503_with_retry_after(loop):
             await asyncio.wait_for(holder.reader.readuntil(b'"done":false'), 5)
             waiting = await RawClient.connect(cluster.port)
             waiting.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "y", "stream": False})
-            for _ in range(100):
-                if cluster.proxy.balancer.queue:
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: cluster.proxy.balancer.queue, timeout=2)
             full = await fetch(cluster.port, "POST", "/api/generate", {"model": "llama3.2", "prompt": "z"})
             t0 = loop.time()
             timed_out = await waiting.response()
@@ -424,10 +403,7 @@ def test_backend_killed_mid_run(loop):
             clients = [await RawClient.connect(cluster.port) for _ in range(4)]
             for c in clients:
                 c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"})
-            for _ in range(200):
-                if victim.stats.active and survivor.stats.active:
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: victim.stats.active and survivor.stats.active, timeout=4)
             await victim.close()
             results = [await c.response(timeout=10) for c in clients]
             after = [await fetch(cluster.port, "POST", "/api/generate",
@@ -602,10 +578,7 @@ def test_gpu_load_steers_requests(loop, monkeypatch):
             clients = [await RawClient.connect(proxy.port) for _ in range(6)]
             for c in clients:
                 c.send("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"})
-            for _ in range(200):
-                if sum(s.stats.active for s in sims) == 6:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: sum(s.stats.active for s in sims) == 6, timeout=8)
             active = [s.stats.active for s in sims]
             for c in clients:
                 c.writer.transport.abort()
@@ -700,10 +673,7 @@ def test_ejected_backend_returns_after_a_probe(loop):
             # The same instance comes back on its port; the back-off probe
             # (GET /) finds it and lets it take requests again.
             sims[0] = await start_sim(FAST, port=port)
-            for _ in range(300):
-                if backend.up:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: backend.up, timeout=12)
             back = backend.up
             for i in range(6):
                 await fetch(proxy.port, "POST", "/api/generate",

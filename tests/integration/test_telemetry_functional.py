@@ -20,16 +20,13 @@ from olb import agent
 from olb.server import start_proxy
 from olb.sim import SimConfig, start_sim
 
-from harness import RawClient, fetch, proxy_config
+from harness import RawClient, fetch, proxy_config, run
 
 GiB = 1 << 30
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 SLOW = SimConfig(token_rate=20, ttft=0, seed=3, num_parallel=8, num_predict_default=100)
 
-
-def run(loop, coro, timeout=30):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 def dcgm_page(*gpus):
