@@ -11,9 +11,12 @@ Theory of operation
 `acquire(allowed)` returns a backend index already counted as in flight, or
 NO_BACKEND. On NO_BACKEND the request is either queued (some usable backend
 exists but all are full) or refused with 502 (none is usable). Every release
-wakes the queue: the head is admitted while the table has room for it
-(strict FIFO: a request never overtakes an earlier one that the same free
-slot could serve). With several workers the in-flight counts are shared but
+wakes the queue, which offers the free slot to its waiters in the fair
+queue's order (olb/fairqueue.py: round-robin across clients, each client's
+requests in arrival order, interactive before batch; docs/scheduling.md,
+"Queueing fairly"): a waiter whose mask allows that backend takes it, and
+one whose model may not load there yet keeps its place (routing rule E).
+With several workers the in-flight counts are shared but
 the queues are not: a slot freed by another worker is seen by polling the
 table every QUEUE_POLL seconds while this worker's queue is non-empty.
 
