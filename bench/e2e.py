@@ -51,10 +51,17 @@ if __package__ in (None, ""):
     # Run as a script (python bench/e2e.py): make `bench` importable from the repository root.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.load import (build_request, close_conns, http_get_json, merge_counts, open_conns,  # noqa: E402
-                        percentile, run_phase, sum_errors)
-from bench.proc import (TICK_S, Child, CpuSample, cpu_delta, machine, machine_busy_ticks,  # noqa: E402
-                        other_share, process_tree)
+from bench.load import (  # noqa: E402
+    build_request,
+    close_conns,
+    http_get_json,
+    merge_counts,
+    open_conns,
+    percentile,
+    run_phase,
+    sum_errors,
+)
+from bench.proc import TICK_S, Child, CpuSample, cpu_delta, machine, machine_busy_ticks, other_share, process_tree  # noqa: E402
 
 CASES = ("version", "generate", "stream")
 #: Share of the machine's CPU used by other processes during a phase above which the report warns

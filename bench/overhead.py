@@ -483,8 +483,8 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
                         step = progress.begin()
                         label = f"{step} paced {level} streams, round {i + 1}/{args.paced_rounds} → {r.name}"
                         groups = _groups(r, sim.pid, [o for o in running if o is not r])
-                        m = await _quiet(args, progress, step, lambda: measure_paced(
-                            loop, args, level, r, groups, progress, label))
+                        m = await _quiet(args, progress, step, lambda: measure_paced(  # noqa: B023 (awaited in this iteration)
+                            loop, args, level, r, groups, progress, label))  # noqa: B023
                         per[r.name].append(m)
                         progress.say(f"{step} paced {level} round {i + 1} {r.name:10} {m['rate']:8,.0f} chunks/s  "
                                      f"TTFT p99 {load.percentile(sorted(m['ttft']), 0.99) * 1e3:7.2f} ms  "
@@ -503,8 +503,8 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
                     step = progress.begin()
                     label = f"{step} {case} round {i + 1}/{args.rounds} → {r.name}"
                     groups = _groups(r, sim.pid, [o for o in running if o is not r])
-                    m = await _quiet(args, progress, step, lambda: measure_closed(
-                        loop, args, case, r, groups, progress, label))
+                    m = await _quiet(args, progress, step, lambda: measure_closed(  # noqa: B023 (awaited in this iteration)
+                        loop, args, case, r, groups, progress, label))  # noqa: B023
                     per[r.name].append(m)
                     cpu = m["cpu"]["proxy"]["cpu_s_schedstat"] / m["ops"] * 1e6 if m["ops"] and groups["proxy"] else 0
                     progress.say(f"{step} {case} round {i + 1} {r.name:10} {m['rate']:10,.0f} "
@@ -663,8 +663,8 @@ def finish_arguments(p, args) -> None:
         p.error("--paced-streams and --workers take comma-separated integers")
     args.sweep_kinds = split(args.sweep_kinds)
     args.sweep_cases = split(args.sweep_cases)
-    for name in ("backends", "rounds", "paced_rounds", "concurrency", "requests", "streams", "stream_requests", "tokens",
-                 "paced_tokens"):
+    for name in ("backends", "rounds", "paced_rounds", "concurrency", "requests", "streams", "stream_requests",
+                 "tokens", "paced_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.paced_streams or min(args.paced_streams) < 1 or not args.workers or min(args.workers) < 1:

@@ -105,8 +105,8 @@ def paced_table(rows: list[dict]) -> str:
         out.append(
             f"| {r['target']} | {r['open_mean']:,.0f} | {_num(r['rate'], 0)} ({_num(r['offered_rate'], 0)}) | "
             f"{_with(r['p50_ms'], ng and ng['p50_ms'], 2)} | {_with(r['p99_ms'], ng and ng['p99_ms'], 2)} | "
-            f"{'–' if added(r, 'p50_ms') is None else _with(added(r, 'p50_ms'), ng and added(ng, 'p50_ms'), 2, ADDED_FLOOR_MS)} | "
-            f"{'–' if added(r, 'p99_ms') is None else _with(added(r, 'p99_ms'), ng and added(ng, 'p99_ms'), 2, ADDED_FLOOR_MS)} | "
+            f"{'–' if added(r, 'p50_ms') is None else _with(added(r, 'p50_ms'), ng and added(ng, 'p50_ms'), 2, ADDED_FLOOR_MS)} | "  # noqa: E501
+            f"{'–' if added(r, 'p99_ms') is None else _with(added(r, 'p99_ms'), ng and added(ng, 'p99_ms'), 2, ADDED_FLOOR_MS)} | "  # noqa: E501
             f"{'–' if cpu is None else _with(cpu, ng and _proxy_cpu(ng))} | "
             f"{'–' if peak is None else _with(peak / 1024, ngm.get('peak_rss_kib', 0) / 1024 or None)} | "
             f"{'–' if per is None else _with(per, ngm.get('kib_per_stream'))} |")

@@ -101,8 +101,7 @@ import time
 
 from .load import http_get
 from .proc import Child, CpuSample, cpu_delta, find_exe, machine
-from .targets import (Running, TargetSpec, _listening_socket, _private_dir, nginx_conf,
-                      wait_ready)
+from .targets import Running, TargetSpec, _listening_socket, _private_dir, nginx_conf, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

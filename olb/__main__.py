@@ -21,8 +21,8 @@ import gc
 import logging
 import mmap
 import os
-import signal
 import shutil
+import signal
 import socket
 import sys
 import tempfile

@@ -36,12 +36,12 @@ import collections
 import logging
 import time
 
+from . import local
 from ._core import NO_BACKEND, BackendTable
 from .client import BackendClient
 from .config import Config
-from . import local
 from .errors import LocalResourceError, OlbError
-from .fairqueue import FULL, OVER_SHARE, QUEUED, FairQueue
+from .fairqueue import FULL, QUEUED, FairQueue
 from .models import ModelDirectory
 from .pool import BackendPool
 from .routing import ADMIT, WAIT, Router
@@ -435,7 +435,7 @@ class Balancer:
         except asyncio.TimeoutError:
             return f"GET / not answered within {timeout:g}s (OLB_CONNECT_TIMEOUT)"
         except LocalResourceError as exc:
-            local.report(f"probe of {backend.url} not sent", exc.__cause__)
+            local.report(f"probe of {backend.url} not sent", exc.__cause__)  # type: ignore[arg-type]  # raised from an OSError
             return UNKNOWN
         except OlbError as exc:
             return exc.message
@@ -484,6 +484,7 @@ class Balancer:
             self._spawn(self._refresh(index))
 
     async def _refresh(self, index: int) -> None:
+        assert self.models is not None  # refresh_models spawns this only with a directory
         try:
             await self.models.refresh(index)
         finally:
@@ -493,6 +494,7 @@ class Balancer:
 
     async def _poll_models(self) -> None:
         models = self.models
+        assert models is not None  # started only with a directory
         while not self._closed:
             await models.refresh_all()
             if self.queue:

@@ -466,7 +466,7 @@ def parse_backends(raw: str, default_max: int, var: str = "OLB_BACKENDS") -> tup
                 + (" (https backends are not supported)" if parts.scheme == "https" else "")
             )
         port = 11434 if port is None else port
-        fields: dict[str, object] = {"max_inflight": default_max}
+        fields: dict[str, Any] = {"max_inflight": default_max}
         for opt in opts:
             key, sep, value = opt.partition("=")
             key = key.strip().lower()
@@ -488,10 +488,10 @@ def parse_backends(raw: str, default_max: int, var: str = "OLB_BACKENDS") -> tup
                     raise ValueError("one of max=, weight=, gpus=, metrics=")
             except ValueError as exc:
                 raise ConfigError(f"{var}: bad option {opt!r} for {url}: expected {exc}") from None
-        key = (parts.hostname, port)
-        if key in seen:
+        address = (parts.hostname, port)
+        if address in seen:
             raise ConfigError(f"{var}: backend {parts.hostname}:{port} is listed twice")
-        seen.add(key)
+        seen.add(address)
         specs.append(BackendSpec(url=f"http://{parts.netloc}", host=parts.hostname, port=port, **fields))
     return tuple(specs)
 
@@ -507,7 +507,7 @@ def _metrics_url(raw: str, backend_host: str) -> str:
         raw = "http://" + raw
     parts = urlsplit(raw)
     try:
-        parts.port  # raises ValueError for a port that is out of range or not a number
+        _ = parts.port  # raises ValueError for a port that is out of range or not a number
     except ValueError:
         raise ValueError(expected) from None
     if parts.scheme != "http" or not parts.hostname or parts.fragment:
@@ -550,7 +550,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if path:
         # The file's values override the environment; a flag still wins over both.
         environ = {**environ, **read_env_file(path)}
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for s in SETTINGS:
         flag_value = getattr(args, s.field)
         if flag_value is not None:
@@ -565,9 +565,9 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             raise ConfigError(f"{source}: expected {exc}") from None
         values[s.field + "__source"] = source
 
-    host, port = values["listen"]  # type: ignore[misc]
-    backends = parse_backends(values["backends"], values["max_inflight"],  # type: ignore[arg-type]
-                              var=values["backends__source"])  # type: ignore[arg-type]
+    host, port = values["listen"]
+    backends = parse_backends(values["backends"], values["max_inflight"],
+                              var=values["backends__source"])
     if not backends and not values["demo"]:
         raise ConfigError(f"{values['backends__source']}: {DEMO_HINT}")
     return Config(

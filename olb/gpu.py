@@ -306,7 +306,7 @@ def read_gpu(nvml: Any, handle: Any) -> GpuReading:
     return make_reading(util.gpu, mem.free, mem.total)
 
 
-def make_reading(util_percent: float, free_bytes: int, total_bytes: int) -> GpuReading:
+def make_reading(util_percent: float, free_bytes: float, total_bytes: float) -> GpuReading:
     """A GpuReading from raw figures, clamped into the table's ranges."""
     total = int(total_bytes)
     free = min(max(int(free_bytes), 0), total)

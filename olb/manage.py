@@ -200,7 +200,7 @@ def room_targets(healthy: list[int], size: int | None, capacity: list[int | None
     """
     if not size:
         return list(healthy)
-    return [i for i in healthy if capacity[i] is None or capacity[i] >= size]
+    return [i for i in healthy if (room := capacity[i]) is None or room >= size]
 
 
 def lacking(names: list[set[str] | None], urls: list[str]) -> dict[str, list[str]]:
@@ -343,7 +343,8 @@ def combine(op: str, results: list[Result], neutral: tuple[int, ...] = ()) -> tu
     good = [r for r in results if r.ok]
     if not failed:
         first = good[0] if good else results[0]
-        return first.status, first.body, first.content_type
+        # status None (not asked) counts as failed, so first has a status.
+        return first.status, first.body, first.content_type  # type: ignore[return-value]
     if len(failed) == len(results) and len({(r.status, r.error) for r in failed}) == 1:
         first = failed[0]
         if first.status is not None:
@@ -371,7 +372,7 @@ class Fanout:
                  "paused", "on_pause", "on_resume")
 
     def __init__(self, n: int, high: int = FANOUT_HIGH_WATER, on_pause=None, on_resume=None):
-        self._queues = [collections.deque() for _ in range(n)]
+        self._queues: list[collections.deque[bytes]] = [collections.deque() for _ in range(n)]
         self._sizes = [0] * n
         self._open = [True] * n
         self._waiters: list = [None] * n
@@ -464,7 +465,7 @@ class ManageExchange:
         self.op = op
         self.task = None
         self.fanout: Fanout | None = None
-        self.body_done = None
+        self.body_done: asyncio.Future | None = None
         self.closing = not req.keep_alive
         self.conn = None  # no data-path backend connection (ClientSideProtocol looks)
         self._head_sent = False
@@ -599,11 +600,11 @@ class ManageExchange:
             self._error(411, "a blob upload needs a Content-Length (olb streams it to several backends)")
             return
         loop = self.ctx.loop
-        self.body_done = loop.create_future()
+        self.body_done = body_done = loop.create_future()
         self.fanout = Fanout(len(targets), on_pause=self._pause_body, on_resume=self._pump)
         self._pump()
         uploads = [self._upload(k, i, int(length)) for k, i in enumerate(targets)]
-        results = (await asyncio.gather(*uploads, self.body_done))[:-1]
+        results = (await asyncio.gather(*uploads, body_done))[:-1]
         if not results:  # every backend had it: Ollama answers 200 without reading
             self._respond(simple_response(200, b"", content_type=JSON, closing=self.closing), 200)
             return
@@ -614,6 +615,7 @@ class ManageExchange:
 
     async def _upload(self, k: int, index: int, length: int) -> Result:
         fan = self.fanout
+        assert fan is not None  # _upload runs only under the blob upload that made it
         result = await self._ask(index, "POST", fan.branch(k), content_length=length)
         fan.drop(k)  # done or failed: it no longer holds the client back
         return result
@@ -679,11 +681,11 @@ class ManageExchange:
                             body += piece
                             if len(body) > MAX_ANSWER:
                                 raise BackendProtocolError(f"answer over {MAX_ANSWER} bytes")
-                        whole[k] = Result(index, self._url(index), resp.status, body, ctype)
+                        whole[k] = answer = Result(index, self._url(index), resp.status, body, ctype)
                         if resp.status == 200:
                             merger.feed(k, request_doc(body))  # "stream": false
                         else:
-                            merger.fail(k, whole[k].error)
+                            merger.fail(k, answer.error)
                         return
                     pending = b""
                     async for piece in resp:

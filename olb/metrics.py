@@ -103,10 +103,10 @@ class Metrics:
         #: (endpoint, model, backend URL or "") -> _Series.
         self.series: dict[tuple, _Series] = {}
         # By backend URL (a reload may add, remove or reorder backends).
-        self.retries: dict[int, int] = {}    # attempts given up on a backend and retried elsewhere
+        self.retries: dict[str, int] = {}    # attempts given up on a backend and retried elsewhere
         self.rejections: dict[str, int] = {}
-        self.ejections: dict[int, int] = {}  # taken out (marked down)
-        self.returns: dict[int, int] = {}    # back after a probe found it healthy
+        self.ejections: dict[str, int] = {}  # taken out (marked down)
+        self.returns: dict[str, int] = {}    # back after a probe found it healthy
         self.loads: dict[tuple, int] = {}         # (model, backend): loads olb triggered
         self.load_wait: dict[tuple, float] = {}   # (model, backend): seconds to the answer
         #: A predecessor's published state (a worker restarted after a crash), added to every view.
@@ -204,10 +204,10 @@ class View:
     def __init__(self, n: int):
         self.n = n
         self.requests: dict[tuple, int] = {}      # (endpoint, model, backend, status)
-        self.retries: dict[int, int] = {}
+        self.retries: dict[str, int] = {}
         self.rejections: dict[str, int] = {}
-        self.ejections: dict[int, int] = {}
-        self.returns: dict[int, int] = {}
+        self.ejections: dict[str, int] = {}
+        self.returns: dict[str, int] = {}
         #: Histograms: label key -> [bucket counts (last: +Inf), sum].
         self.queue_wait: dict[tuple, list] = {}   # (model,)
         self.ttft: dict[tuple, list] = {}         # (model, backend)

@@ -34,10 +34,10 @@ import asyncio
 import collections
 import hashlib
 import logging
-import time
 import re
+import time
 import urllib.parse
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import orjson
 
@@ -531,7 +531,7 @@ class ModelDirectory:
         self.placed: set[tuple[str, int]] = set()
         #: Called with a backend's index when a model olb placed there has
         #: loaded (the balancer re-reads that backend's catalogue).
-        self.on_load = None
+        self.on_load: Callable[[int], None] | None = None
         #: Per backend, the most models and the most VRAM (bytes) its /api/ps
         #: has shown resident at once: room it is known to have (see fits).
         self.room_models = [0] * self.n

@@ -54,22 +54,56 @@ from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
 from .auth import refusal_response
 from .dashboard import TAIL, final_counts
-from .errors import (BackendConnectError, BackendProtocolError, BackendTimeout, LocalResourceError,
-                     NoBackendAvailable, NotFound, OlbError, TooManyRequests)
+from .errors import (
+    BackendConnectError,
+    BackendProtocolError,
+    BackendTimeout,
+    LocalResourceError,
+    NoBackendAvailable,
+    NotFound,
+    OlbError,
+    TooManyRequests,
+)
 from .fairqueue import OVER_SHARE
 from .fairqueue import QUEUED as QUEUED_OK
 from .flow import BODY as BODY_HELD
 from .flow import PEER_SLOW, PIPELINE, ReadGate, TimedReadGate, set_write_limits
 from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
-from .http import (BODY, CHUNKED, CLOSED, HEAD, LENGTH, NEED_DATA, NO_BODY, UNTIL_CLOSE, ProxyRequest,
-                   RequestReader, downstream_head, error_body, error_response, parse_response_head,
-                   simple_response, stream_error_tail, upstream_head)
+from .http import (
+    BODY,
+    CHUNKED,
+    CLOSED,
+    HEAD,
+    LENGTH,
+    NEED_DATA,
+    NO_BODY,
+    UNTIL_CLOSE,
+    ProxyRequest,
+    RequestReader,
+    ResponseHead,
+    downstream_head,
+    error_body,
+    error_response,
+    parse_response_head,
+    simple_response,
+    stream_error_tail,
+    upstream_head,
+)
 from .manage import ManageExchange, classify
 from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, observe, response_tokens
 from .metrics import NO_BACKEND as NO_BACKEND_REASON
 from .metrics import QUEUE_FULL as QUEUE_FULL_REASON
-from .models import (MERGED_PATHS, MODEL_ENDPOINTS, affinity_key, display_shortest, normalize,
-                     openai_model_id, parse_request, streams, takes_slot)
+from .models import (
+    MERGED_PATHS,
+    MODEL_ENDPOINTS,
+    affinity_key,
+    display_shortest,
+    normalize,
+    openai_model_id,
+    parse_request,
+    streams,
+    takes_slot,
+)
 from .slowclient import BodyBudget, RequestClock
 
 log = logging.getLogger("olb.proxy")
@@ -140,9 +174,9 @@ class ClientSideProtocol(asyncio.Protocol):
         #: admin.Listener on the admin listener; None on the data port.
         self.listener = listener
         #: The API key of the request in progress (auth.KeyRing.check), or None.
-        self.key = None
-        self.transport = None
-        self.exchange: Exchange | None = None
+        self.key: bytes | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it before any other callback
+        self.exchange: Exchange | MergedExchange | ManageExchange | None = None
         self.write_paused = False
         self._timer = None
         self._closed = False
@@ -175,7 +209,7 @@ class ClientSideProtocol(asyncio.Protocol):
             elif self.reader.streaming and not self._closed:
                 self._time_streamed_body(now)
         elif self.reader.streaming:
-            self.exchange.body_received()  # a blob upload's body (manage.ManageExchange)
+            self.exchange.body_received()  # type: ignore[union-attr]  # only a blob upload streams (manage.ManageExchange)'s body (manage.ManageExchange)
         else:
             # A pipelined request arrived while a response is in progress. h11
             # keeps it (it answers PAUSED until the cycle ends); stop reading so
@@ -272,6 +306,7 @@ class ClientSideProtocol(asyncio.Protocol):
                         continue
                     self.key = key
                 path = req.path
+                ex: Exchange | MergedExchange | ManageExchange
                 if (req.method == b"GET" and self.ctx.balancer.models is not None
                         and (path in MERGED_PATHS or openai_model_id(path) is not None)):
                     self.exchange = ex = MergedExchange(self, req)
@@ -433,44 +468,44 @@ class Exchange:
         #: `allowed`, set before start(), restricts either kind.
         self.slot = slot
         #: The backend connection a probe is deciding about (backend_timeout), or None.
-        self.probing = None
+        self.probing: BackendSideProtocol | None = None
         self.ctx = client.ctx
         self.req = req
         self.index = NO_BACKEND
         self.conn: BackendSideProtocol | None = None
-        self.allowed = None
+        self.allowed: bytearray | None = None
         self.attempts = 0
         self.state = QUEUED
-        self.head = None
+        self.head: ResponseHead | None = None
         self.closing = not req.keep_alive
         self.queue_timer = None
         self.queue_key = None
-        self.connect_task = None
+        self.connect_task: asyncio.Task | None = None
         self.reused_retry = False
         #: The catalogues were re-read once for this request's missing model.
         self.rechecked = False
-        self.model = None
+        self.model: str | None = None
         #: Its runner options (models.parse_request): () for the defaults.
         self.runner = ()
         #: 64-bit key of the conversation this request belongs to, or None.
-        self.affinity = None
+        self.affinity: int | None = None
         #: Backends this request may no longer try (they failed it), or None.
-        self.excluded = None
+        self.excluded: bytearray | None = None
         #: The list the relay keeps the streamed body in (Relay.keep), while
         #: a chat stream could be continued elsewhere (olb/resume.py), or None.
-        self.kept = None
+        self.kept: list[bytes | None] | None = None
         #: A continued stream's Continuation, or None.
-        self.resumed = None
+        self.resumed: Continuation | None = None
         # For the metrics and the access log (metrics.observe): the model as
         # the request names it (normalised), the backend last tried (URL), when
         # the request got its slot, its first response byte, and started a
         # load (0.0: not yet), the bytes sent to the client, the token
         # counts read from the response's end.
-        self.name = None
+        self.name: str | None = None
         self.served = ""
         self.t_admit = self.t_first = self.t_load = 0.0
         self.sent = 0
-        self.tokens = None
+        self.tokens: tuple | None = None
 
     def start(self) -> None:
         """Find the request a backend: the balancer's router decides (olb/routing.py)."""
@@ -695,8 +730,10 @@ class Exchange:
               and resume.stream_kind(self.req.path, head.content_type)):
             # A chat stream: keep what is forwarded, by reference, in case
             # its backend dies (_resume).
-            self.kept = self.conn.keep = []
-            self.conn.keep_left = self.ctx.config.resume_max_bytes
+            conn = self.conn
+            assert conn is not None  # on_head: the connection that read the head is attached
+            self.kept = conn.keep = []
+            conn.keep_left = self.ctx.config.resume_max_bytes
         out = downstream_head(head, raw, self.closing)
         if self.ctx.backend_header is not None:
             # OLB_BACKEND_HEADER: one more field before the head's empty line.
@@ -709,6 +746,7 @@ class Exchange:
         """The head of a continuation (_resume): the client has its head
         already, so nothing of it is forwarded; the body is spliced on."""
         cont = self.resumed
+        assert cont is not None  # on_head calls this only for a continuation
         if (head.status != 200 or head.framing != CHUNKED
                 or resume.stream_kind(self.req.path, head.content_type) != cont.kind):
             conn = self._abort_conn()
@@ -720,6 +758,7 @@ class Exchange:
         if self.slot and self.model is not None:
             self.ctx.balancer.models.answered(self.model, self.index, self.runner)
         conn = self.conn
+        assert conn is not None  # attached: it read this head
         if self.kept is not None:
             conn.keep = self.kept
             conn.keep_left = cont.budget
@@ -757,9 +796,11 @@ class Exchange:
     def on_end(self, reusable: bool, last: bytes = b"") -> None:
         """The backend's response has been forwarded in full; `last` is the body's last piece."""
         conn, self.conn = self.conn, None
-        if self.head.framing != NO_BODY:  # (the scanner was not reset for a body-less answer)
+        head = self.head
+        assert conn is not None and head is not None  # on_end follows on_head on the attached connection
+        if head.framing != NO_BODY:  # (the scanner was not reset for a body-less answer)
             self.sent += conn.scanner.bytes_seen
-        if self.ctx.observing and self.name is not None and self.head.status == 200:
+        if self.ctx.observing and self.name is not None and head.status == 200:
             # The token counts are in the body's last bytes (metrics.read_tokens):
             # the read that ended it and the two before it, read once here.
             self.tokens = response_tokens(conn.tail2, conn.tail1, last)
@@ -785,7 +826,7 @@ class Exchange:
         self.state = DONE
         if self.resumed is not None:
             self.ctx.resumes.resumed += 1
-        self.client.response_done(self.head.status, self.closing)
+        self.client.response_done(head.status, self.closing)
 
     def backend_lost(self, error: OlbError, *, got_bytes: bool, reused: bool, at_boundary: bool) -> None:
         """The backend connection closed or broke before the response ended."""
@@ -839,7 +880,7 @@ class Exchange:
             return  # answered meanwhile, or ended otherwise
         error = probe.result()
         if error is None:
-            conn.wait_longer()  # slow, not dead
+            conn.wait_longer()  # type: ignore[union-attr]  # slow, not dead (conn is self.conn, checked above)
             return
         url = self.ctx.balancer.backends[self.index].url
         self._abort_conn()
@@ -911,6 +952,7 @@ class Exchange:
         head = self.head
         if kept is None or not at_boundary or self.client.exchange is not self:
             return False
+        assert head is not None  # kept is set by on_head, with the head
         kind = resume.stream_kind(self.req.path, head.content_type)
         progress = resume.read_progress(kind, kept)
         if progress is None:
@@ -941,7 +983,7 @@ class Exchange:
             # From the first event the client got on: a stream cut before
             # any is forwarded as the continuation sends it.
             cont.splice = resume.SseSplice(progress.id, progress.created)
-        cont.budget = self.ctx.config.resume_max_bytes - sum(map(len, kept))
+        cont.budget = self.ctx.config.resume_max_bytes - sum(map(len, kept))  # type: ignore[arg-type]  # the relay keeps bytes only
         self.kept = kept
         req = self.req
         self.req = ProxyRequest(req.method, req.target, req.http_version, req.headers, body, req.keep_alive,
@@ -980,6 +1022,7 @@ class Exchange:
         if client.exchange is not self:
             return
         head = self.head
+        assert head is not None  # mid-stream: on_head set it
         log.warning("stream from backend failed after the first byte: %s", error.message)
         if head.framing == CHUNKED and at_boundary:
             # Ollama's own shape for a failure mid-stream: a last error line, a
@@ -1047,7 +1090,6 @@ class MergedExchange:
     async def _run(self) -> None:
         balancer = self.ctx.balancer
         models = balancer.models
-        table = balancer.table
         healthy = [b.index for b in balancer.backends if b.up]
         answered = await asyncio.gather(*(models.refresh(i) for i in healthy))
         self.task = None
@@ -1070,7 +1112,7 @@ class MergedExchange:
         elif path == b"/v1/models":
             doc = models.merged_openai_models()
         else:
-            self._retrieve(models, openai_model_id(path), closing, head_only)
+            self._retrieve(models, openai_model_id(path), closing, head_only)  # type: ignore[arg-type]  # an id: not a listing path
             return
         body = orjson.dumps(doc)
         client.transport.write(simple_response(200, body, closing=closing, head_only=head_only))
@@ -1152,7 +1194,7 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         """Another OLB_FIRST_BYTE_TIMEOUT for the first byte (the backend
         answered a probe: slow, not dead)."""
         self._attached_at = monotonic()
-        self._arm(self.exchange.ctx.config.first_byte_timeout)
+        self._arm(self.exchange.ctx.config.first_byte_timeout)  # type: ignore[union-attr]  # probed while attached
 
     def _arm(self, delay: float) -> None:
         if self._timer is not None:
@@ -1231,17 +1273,19 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         out = ex.on_head(head, raw)
         if out is None:
             return
+        forward = self.forward  # attach() set it; on_head may have replaced it (a continuation's splice)
+        assert forward is not None
         if framing == NO_BODY or (framing == LENGTH and head.length == 0):
-            self.forward(out)
+            forward(out)
             self._finish(rest, 0)
             return
         if not rest:
-            self.forward(out)
+            forward(out)
             return
         try:
             end = scanner.feed(rest)
         except ValueError as exc:
-            self.forward(out)
+            forward(out)
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return
         if self.keep is not None:
@@ -1251,9 +1295,9 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         # with its head). When the head goes out unchanged, that is the read
         # buffer itself, not a copy.
         if out is raw and (end < 0 or end == len(rest)):
-            self.forward(buf)
+            forward(buf)
         else:
-            self.forward(out + (rest if end < 0 else rest[:end]))
+            forward(out + (rest if end < 0 else rest[:end]))
         if end >= 0:
             self._finish(rest, end)
         else:
@@ -1261,14 +1305,15 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
 
     def _end(self, data: bytes, end: int) -> None:
         if end:
-            self.forward(data if end == len(data) else data[:end])
+            self.forward(data if end == len(data) else data[:end])  # type: ignore[misc]  # attached: set
         self._finish(data, end)
 
     def _finish(self, data: bytes, end: int) -> None:
         # Bytes beyond the response mean the backend is not speaking plain
         # request/response on this connection; do not reuse it.
-        reusable = self.head.keep_alive and end == len(data)
-        self.exchange.on_end(reusable, data[:end] if end < len(data) else data)
+        # Only while attached, after the head: both are set.
+        reusable = self.head.keep_alive and end == len(data)  # type: ignore[union-attr]
+        self.exchange.on_end(reusable, data[:end] if end < len(data) else data)  # type: ignore[union-attr]
 
     def _protocol_error(self, message: str) -> None:
         ex = self.exchange

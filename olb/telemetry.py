@@ -406,7 +406,8 @@ class TelemetryScraper:
             if target.expiry is not None:
                 target.expiry.cancel()
                 target.expiry = None
-            await target.client.close()
+            if target.client is not None:
+                await target.client.close()
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -466,11 +467,12 @@ class TelemetryScraper:
         if target.error is not None:
             self._log.info("GPU metrics at %s read again", target.url)
         target.readings, target.problems = readings, problems
-        target.ok = self._loop.time()
+        loop = self._running_loop()
+        target.ok = loop.time()
         target.error = None
         if target.expiry is not None:
             target.expiry.cancel()
-        target.expiry = self._loop.call_later(self.stale_after, self._expire, target)
+        target.expiry = loop.call_later(self.stale_after, self._expire, target)
         table = self._table
         for i, gpus in target.backends:
             # gpus= () counts every GPU on the page, the incomplete ones too.
@@ -529,6 +531,7 @@ async def _fetch(target: _Target) -> bytes:
     """GET the page through the target's control-plane client (keep-alive;
     h11 frames it, so a truncated answer is an error rather than half a
     page; the body is capped at MAX_SCRAPE_BYTES)."""
+    assert target.client is not None  # set by add() before any scrape
     resp = await target.client.request("GET", target.path, headers=(
         (b"accept", _ACCEPT), (b"accept-encoding", b"identity"), (b"user-agent", f"olb/{__version__}")))
     if resp.status != 200:

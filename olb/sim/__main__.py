@@ -166,7 +166,7 @@ async def serve(config: SimConfig, host: str, port: int, count: int) -> int:
     if config.gpu is None:
         speed = f"{config.token_rate:g} tokens/s, ttft {config.ttft:g}s"
     else:
-        speed = f"gpu {config.gpu.name} {config.gpu.vram / GIB:g} GiB"
+        speed = f"gpu {config.gpu.name} {config.gpu.vram / GIB:g} GiB"  # type: ignore[union-attr]  # a name became its profile
     scale = f", time scale {config.time_scale:g}" if config.time_scale != 1 else ""
     print(f"olb-sim: {count} instance(s), parallel {config.num_parallel}, {speed}{scale}",
           file=sys.stderr, flush=True)

@@ -41,17 +41,33 @@ from dataclasses import replace
 
 import orjson
 
-from olb.sim import gojson
-from olb.sim import gguf
-from olb.sim.catalogue import (DEFAULT_HOST, MEDIA_ADAPTER, MEDIA_CONFIG, MEDIA_LICENSE, MEDIA_MESSAGES,
-                               MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, Blob, Catalogue,
-                               Layer, ModelName, blob_path, known_spec, manifest_digest, model_layer_digest,
-                               parse_name, spec_from_gguf)
+from olb.sim import gguf, gojson
+from olb.sim.catalogue import (
+    DEFAULT_HOST,
+    MEDIA_ADAPTER,
+    MEDIA_CONFIG,
+    MEDIA_LICENSE,
+    MEDIA_MESSAGES,
+    MEDIA_MODEL,
+    MEDIA_PARAMS,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    Blob,
+    Catalogue,
+    Layer,
+    ModelName,
+    blob_path,
+    known_spec,
+    manifest_digest,
+    model_layer_digest,
+    parse_name,
+    spec_from_gguf,
+)
 from olb.sim.clock import Clock
 from olb.sim.config import SimConfig
 from olb.sim.engine import REJECTED, Engine, Generation, SlotHold, decode_interval, prefill_seconds
-from olb.sim.gpu import DCGM_CONTENT_TYPE, dcgm_text
 from olb.sim.gojson import DecodeError, EmptyBody, go_dumps, go_quote, go_string
+from olb.sim.gpu import DCGM_CONTENT_TYPE, dcgm_text
 from olb.sim.tokens import corpus, count_prompt_tokens, prompt_ids
 
 JSON_UTF8 = "application/json; charset=utf-8"   # gin's c.JSON
@@ -235,12 +251,12 @@ class Api:
         if methods is not None:
             return methods, None
         # gin's `:param` matches exactly one non-empty segment.
-        for prefix, methods in (("/v1/models/", {"GET": self.oai_model}),
+        for prefix, table in (("/v1/models/", {"GET": self.oai_model}),
                                 ("/api/blobs/", {"HEAD": self.blob_head, "POST": self.blob_post})):
             if path.startswith(prefix):
                 param = path[len(prefix):]
                 if param and "/" not in param:
-                    return methods, param
+                    return table, param
         return None, None
 
     def body_consumer(self, method: bytes, target: bytes):
@@ -471,8 +487,8 @@ class Api:
 
     def _layer_text(self, entry, media: str) -> str | None:
         """The content of a model's text layer (template, system, ...), if any."""
-        texts = [self.catalogue.blob(x.digest) for x in entry.layers if x.media_type == media]
-        texts = [t.data.decode("utf-8", "replace") for t in texts if t is not None and t.data is not None]
+        blobs = [self.catalogue.blob(x.digest) for x in entry.layers if x.media_type == media]
+        texts = [t.data.decode("utf-8", "replace") for t in blobs if t is not None and t.data is not None]
         return "\n".join(texts) if texts else None
 
     def _show_body(self, entry, body) -> bytes:
@@ -581,6 +597,7 @@ class Api:
         n, reason = self._n_tokens(options)
         offset = self._offset(name, text, options)
         stream = body.get("stream")
+        sink_cls: type
         if oai:
             sink_cls = OaiCompletionStream if oai["stream"] else OaiCompletionJson
             stream = bool(oai["stream"])
@@ -1004,7 +1021,7 @@ class Api:
             for layer in base.layers:
                 layers.append((layer, f"using existing layer {layer.digest}"))
         elif files is not None:
-            found = []
+            found: list = []
             for item in self._gguf_layers(files, False, found):
                 yield item
                 if "error" in item:
@@ -1058,7 +1075,7 @@ class Api:
                 cat.add_blob(digest, Blob(size, gguf=True, kv={}))
                 layers[i] = (Layer(MEDIA_MODEL, digest, size), f"{state} {digest}")
                 spec = replace(spec, quantization_level=want, size=size)
-        statuses = []
+        statuses: list = []
 
         def set_layer(media, data: bytes | None):
             nonlocal layers
@@ -1137,6 +1154,7 @@ class Api:
                             f"{name.model}/{name.tag}: no such file or directory")
             return
         layers = entry.all_layers()
+        assert name is not None  # the entry was looked up by it
         if name.host.lower() != DEFAULT_HOST:
             host = name.host
             yield _fail(f'Head "https://{host}/v2/{name.namespace}/{name.model}/blobs/{layers[0].digest}": '
@@ -1380,7 +1398,7 @@ class Api:
     @staticmethod
     def _oai_options(body) -> dict:
         """FromChatRequest/FromCompleteRequest option mapping."""
-        options = {}
+        options: dict = {}
         stop = body.get("stop")
         if isinstance(stop, str):
             options["stop"] = [stop]
@@ -1635,7 +1653,7 @@ class _Output:
         self.prompt_tokens = prompt_tokens
         self.oai = oai
         self.started = False
-        self.context = None
+        self.context: tuple | None = None
         #: Tokens of the window already written by a prefill: output starts after them.
         self.skip = 0
         self._clock = api.clock

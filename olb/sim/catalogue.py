@@ -383,6 +383,7 @@ class Catalogue:
                 layers: tuple = (), config: Layer | None = None, digest: str = "") -> Installed:
         """Write a manifest: the model's layers become stored blobs."""
         name = name or parse_name(spec.name)
+        assert name is not None  # a spec's name is a valid one
         entry = Installed(name, spec, modified, digest, layers, config)
         self.installed[name.key] = entry
         for layer in entry.all_layers():
@@ -443,7 +444,7 @@ def spec_from_gguf(name: str, size: int, kv: dict) -> ModelSpec:
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
 
     count = num("general.parameter_count", max(1, round(size * base.parameter_count / base.size)))
-    quant = FILE_TYPE_NAMES.get(kv.get("general.file_type"), base.quantization_level)
+    quant = FILE_TYPE_NAMES.get(kv.get("general.file_type"), base.quantization_level)  # type: ignore[arg-type]  # not an int: the default
     a = arch or base.architecture
     return ModelSpec(
         name=name, architecture=a, parameter_size=human_number(count), parameter_count=count,
@@ -464,6 +465,6 @@ def known_spec(name: str) -> ModelSpec | None:
     if n is None:
         return None
     for spec in KNOWN_MODELS.values():
-        if parse_name(spec.name).key == n.key:
+        if parse_name(spec.name).key == n.key:  # type: ignore[union-attr]  # built-in names parse
             return spec
     return None

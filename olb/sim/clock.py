@@ -60,7 +60,7 @@ class Clock:
     def __init__(self, frozen: bool = False):
         self.frozen = frozen
         self._sec = -1
-        self._sec_text = ""
+        self._sec_text = b""
         self._fixed_utc = format_utc(FIXED_TIME_NS).encode()
 
     def now_ns(self) -> int:

@@ -250,8 +250,8 @@ class Runner:
         self.size_vram = self.size
         self.eval_rate = 0.0         # GPU mode: tokens/s alone (spill included)
         self.prompt_rate = 0.0
-        self.slots = None            # GPU mode with prefix_cache: [Slot]
-        self.expire_reason = None    # EVICT / RELOAD: expired by the scheduler
+        self.slots: list[Slot] | None = None  # GPU mode with prefix_cache: [Slot]
+        self.expire_reason: str | None = None  # EVICT / RELOAD: expired by the scheduler
         self.timer = None            # keep-alive timer (GPU mode)
 
     @property
@@ -263,12 +263,15 @@ class Runner:
         longest prefix with `text`, the least recently used on a tie (the
         llama.cpp/Ollama runner's cache-slot choice)."""
         best, best_common = None, -1
-        for slot in self.slots:
+        slots = self.slots
+        assert slots is not None  # prefix_cache mode only
+        for slot in slots:
             if slot.busy:
                 continue
             common = common_prefix(slot.text, text) if slot.text and text else 0
-            if common > best_common or (common == best_common and slot.used < best.used):
+            if common > best_common or (common == best_common and slot.used < best.used):  # type: ignore[union-attr, attr-defined]  # common >= 0 > -1: best is set first
                 best, best_common = slot, common
+        assert best is not None  # the caller holds a slot: one is free
         best.busy = True
         best.used = now
         return best, best_common
@@ -319,7 +322,9 @@ class Engine:
         self._event_at = None             # the model instant of the timer running now
         self._last = 0.0                  # now() never goes back
         profile = config.gpu
-        self.gpu = Gpu(profile, lambda: self.now() * self.scale) if profile is not None else None
+        # SimConfig resolved a profile name to its GpuProfile.
+        self.gpu = Gpu(profile, lambda: self.now() * self.scale) if profile is not None else None  # type: ignore[arg-type]
+        self.slot_limit: int | None
         if config.slot_queue is not None:
             self.slot_limit = config.slot_queue
         else:
@@ -327,10 +332,10 @@ class Engine:
         self.max_loaded = config.max_loaded_models or MODELS_PER_GPU
         # The scheduler (GPU mode).
         self.pending: deque = deque()     # not yet taken (Ollama's channel buffer)
-        self._current = None              # the Pending being served
-        self._blocked = None              # None | "load" | "unload"
-        self._loading = None              # (runner, timer handle) of the load in progress
-        self._wait_since = None           # engine time the scheduler began waiting on a victim
+        self._current: Pending | None = None  # the Pending being served
+        self._blocked: str | None = None  # None | "load" | "unload"
+        self._loading: tuple | None = None  # (runner, timer handle) of the load in progress
+        self._wait_since: float | None = None  # engine time the scheduler began waiting on a victim
         self._pf_timer = None
         self._streams_off: set = set()    # non-streamed jobs decoding (re-planned on step changes)
         self._timers: set = set()         # load and recovery timers, for close()
@@ -530,7 +535,7 @@ class Engine:
             self._evict(r, RELOAD)
             return False
         if len(self.runners) >= self.max_loaded or (self.runners and self._needs_room(p)):
-            self._evict(self._victim(), EVICT)
+            self._evict(self._victim(), EVICT)  # type: ignore[arg-type]  # runners is not empty here
             return False
         if p.cancelled:
             # load -> WaitUntilRunning(req.ctx) fails at once: no runner.
@@ -542,6 +547,7 @@ class Engine:
         """load's pre-flight check with other models resident: the new one
         must fit in 80 % of the free memory (server/sched.go, load)."""
         need = runner_bytes(p.model.spec, p.opts.num_ctx, self._parallel(p.model.spec))
+        assert self.gpu is not None  # GPU mode only
         return need > FIT_FRACTION * self.gpu.free
 
     def _victim(self) -> Runner | None:
@@ -569,6 +575,7 @@ class Engine:
     def _new_runner(self, model: Installed, keep_alive, opts: RunnerOptions) -> Runner:
         spec = model.spec
         gpu = self.gpu
+        assert gpu is not None  # GPU mode only
         r = Runner(model, self._parallel(spec), self.config.keep_alive if keep_alive is None else keep_alive,
                    opts)
         if r.size > gpu.free:
@@ -590,6 +597,7 @@ class Engine:
         r.state = "loading"
         self.loads += 1
         self._blocked = "load"
+        assert self.gpu is not None  # GPU mode only
         handle = self._scheduler_timer(self.gpu.profile.load_seconds(p.model.spec), self._loaded, r)
         self._loading = (r, handle)
 
@@ -605,6 +613,7 @@ class Engine:
         r.state = "ready"
         r.expires_at = self._expiry(r.keep_alive)
         p, self._current, self._blocked, self._loading = self._current, None, None, None
+        assert p is not None  # the Pending whose load this was
         self._hand(r, p.keep_alive, p.then)
         self._pump()
 
@@ -616,13 +625,17 @@ class Engine:
         s.loaded, so nothing waits for it."""
         if p is not self._current or self._blocked != "load":
             return
-        r, handle = self._loading
+        loading = self._loading
+        assert loading is not None  # _blocked == "load": _load set it
+        r, handle = loading
         handle.cancel()
         self._timers.discard(handle)
-        if self.runners.get(r.model.name.key) is r:
-            del self.runners[r.model.name.key]
+        key = r.model.name.key
+        if self.runners.get(key) is r:
+            del self.runners[key]
         r.state = "gone"
         self._current, self._blocked, self._loading = None, None, None
+        assert self.gpu is not None  # GPU mode only
         self._scheduler_timer(self.gpu.profile.unload_s, self._freed, r)
         self._pump()
 
@@ -670,9 +683,11 @@ class Engine:
             self.evictions += 1
         elif r.expire_reason == RELOAD:
             self.reloads += 1
+        assert self.gpu is not None  # GPU mode only
         self._scheduler_timer(self.gpu.profile.unload_s, self._recovered, r)
 
     def _freed(self, r: Runner) -> None:
+        assert self.gpu is not None  # GPU mode only
         self.gpu.used -= r.size_vram
 
     def _recovered(self, r: Runner) -> None:
@@ -682,7 +697,7 @@ class Engine:
         self._freed(r)
         if self._blocked == "unload":
             self._blocked = None
-            self.eviction_wait += self.now() - self._wait_since
+            self.eviction_wait += self.now() - self._wait_since  # type: ignore[operator]  # _evict set it with _blocked
             self._wait_since = None
             self._pump()
 
@@ -691,10 +706,12 @@ class Engine:
     def prefill_start(self, job, work: float) -> None:
         """`job` needs `work` simulated seconds of the GPU alone; job.prefilled()
         is called when its share of the GPU has done it."""
+        assert self.gpu is not None  # GPU mode only
         self.gpu.prefill_add(job, work)
         self._prefill_rearm()
 
     def prefill_cancel(self, job) -> None:
+        assert self.gpu is not None  # GPU mode only
         self.gpu.prefill_remove(job)
         self._prefill_rearm()
 
@@ -702,12 +719,14 @@ class Engine:
         if self._pf_timer is not None:
             self._pf_timer.cancel()
             self._pf_timer = None
+        assert self.gpu is not None  # GPU mode only
         nxt = self.gpu.prefill_next()
         if nxt is not None:
             self._pf_timer = self._after(nxt[0], self._prefill_fire)
 
     def _prefill_fire(self) -> None:
         self._pf_timer = None
+        assert self.gpu is not None  # GPU mode only
         done = self.gpu.prefill_done(PREFILL_SLACK_S * self.scale)
         self._prefill_rearm()
         for job, at in done:
@@ -715,6 +734,7 @@ class Engine:
 
     def decode_start(self, gen, at: float) -> None:
         """`gen` joins the GPU's decode batch at `at` (engine clock)."""
+        assert self.gpu is not None  # GPU mode only
         self.gpu.decode_start(gen.runner)
         self._replan(at)
         if not gen.stream:
@@ -723,6 +743,7 @@ class Engine:
     def decode_stop(self, gen, at: float) -> None:
         """`gen` leaves the batch at `at`; a late timer does not slow the others."""
         self._streams_off.discard(gen)
+        assert self.gpu is not None  # GPU mode only
         self.gpu.decode_stop(gen.runner)
         self._replan(at)
 
@@ -791,10 +812,10 @@ class _Job:
 
     def start(self) -> bool:
         """Submit for a slot; False if the instance's queue is full."""
-        self.t_submit = self.engine.now()
-        self._state = "queued"
-        if not self.engine.submit(self.runner, self):
-            self._state = "new"
+        self.t_submit = self.engine.now()  # type: ignore[misc, attr-defined]  # the subclass's slot
+        self._state = "queued"  # type: ignore[misc]  # the subclass's slot
+        if not self.engine.submit(self.runner, self):  # type: ignore[attr-defined]  # the subclass's slots
+            self._state = "new"  # type: ignore[misc]  # the subclass's slot
             return False
         return True
 

@@ -93,7 +93,7 @@ async def run(url: str, mode: str, concurrency: int, total: int, tokens: int, ti
     state = {"sent": 0, "done": 0, "lines": 0, "limit": total, "deadline": t0 + timeout}
     clients = []
     for _ in range(concurrency):
-        _, proto = await loop.create_connection(lambda: _Client(request, mode == "stream", state), host, port)
+        _, proto = await loop.create_connection(lambda: _Client(request, mode == "stream", state), host, port)  # type: ignore[arg-type]  # None: getaddrinfo's loopback
         clients.append(proto)
     await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)), timeout + 5)
     elapsed = time.perf_counter() - t0

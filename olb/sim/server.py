@@ -150,13 +150,13 @@ class SimProtocol(asyncio.Protocol):
 
     def __init__(self, server: "SimServer"):
         self.server = server
-        self.transport = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it first
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.job = None
         self.done = True            # no response in progress
         self.writable = True
         self._req = None
-        self._body = []
+        self._body: list[bytes] = []
         self._upload = None
         self._in_response = False
         self._chunked = True
@@ -557,6 +557,7 @@ async def start_sim(config: SimConfig | None = None, host: str = "127.0.0.1", po
     own = sock is None
     if own:
         sock = _listen(host, port)
+    assert sock is not None
     try:
         server = SimServer(config or SimConfig(), loop, host, sock)
     except BaseException:
