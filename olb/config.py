@@ -134,14 +134,19 @@ def _size_or_off(raw: str) -> int:
         raise ValueError(f"0 (off) or a size in bytes, optionally with K, M or G (e.g. 512K), got {raw!r}") from None
 
 
+def _one_of(values: tuple[str, ...]):
+    """A parser for a setting that takes one of `values` (case-insensitive)."""
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in values:
+            raise ValueError(f"one of {', '.join(values)}, got {raw!r}")
+        return value
+
+    return parse
+
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def _log_level(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in _LOG_LEVELS:
-        raise ValueError(f"one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
-    return value
+_log_level = _one_of(_LOG_LEVELS)
 
 
 def _bound(raw: str) -> float:
@@ -157,23 +162,13 @@ def _bound(raw: str) -> float:
 #: OLB_POLICY's values: what each routes by (docs/scheduling.md, "Plain policies").
 POLICIES = ("llm", "least-inflight", "round-robin")
 
-
-def _policy(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in POLICIES:
-        raise ValueError(f"one of {', '.join(POLICIES)}, got {raw!r}")
-    return value
+_policy = _one_of(POLICIES)
 
 
 #: OLB_PULL's values: which healthy backends /api/pull goes to (docs/management.md).
 PULL_TARGETS = ("all", "room")
 
-
-def _pull(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in PULL_TARGETS:
-        raise ValueError(f"one of {', '.join(PULL_TARGETS)}, got {raw!r}")
-    return value
+_pull = _one_of(PULL_TARGETS)
 
 
 def _raw(raw: str) -> str:
@@ -215,12 +210,7 @@ def _keys_file(raw: str) -> str:
 #: OLB_LOG_FORMAT's values (olb/accesslog.py).
 LOG_FORMATS = ("text", "json")
 
-
-def _log_format(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in LOG_FORMATS:
-        raise ValueError(f"one of {', '.join(LOG_FORMATS)}, got {raw!r}")
-    return value
+_log_format = _one_of(LOG_FORMATS)
 
 
 def _access_log(raw: str) -> str:

@@ -231,13 +231,7 @@ def parse_request(body: bytes) -> Routed:
     if not body:
         return NOTHING
     if len(body) <= SMALL_BODY:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return NOTHING
-        if not isinstance(doc, dict):
-            return NOTHING
-        return _routed(doc.get("model") or doc.get("name"), doc.get("messages"), doc.get("options"))
+        return parse_request_whole(body)
     try:
         return _parse_big(body)
     except _OverBudget:
