@@ -179,18 +179,6 @@ class Lifecycle:
                 log.warning("reload: backend %s removed; %d running request(s) finish there first",
                             b.url, old.balancer.table.inflight(b.index))
         new.started = old.started
-        # The worker's body budget and resume tally span generations: a
-        # connection keeps counting its held bytes in the budget it started
-        # with (slowclient.RequestClock), which must be the one its new ctx
-        # checks; the cap is the new file's.
-        new.bodies = old.bodies
-        new.bodies.cap = cfg.max_body_held or cfg.max_body
-        new.resumes = old.resumes
-        if old.keys is not None and new.keys is not None and old.keys.path == new.keys.path:
-            # The same key file: keep the ring, so the requests each key has
-            # running still count against its limits; read the file again.
-            old.keys.reload()
-            new.keys = old.keys
         server.ctx = new
         server.balancer = new.balancer
         server.config = cfg

@@ -37,6 +37,9 @@ class ProxyServer:
         # With several workers, `samples` is the shared buffer of their counter rows.
         self._samples = Samples(worker, config.workers, samples)
         self._observe(metrics_dir)
+        #: Set by the first new_context, shared by every later one (see there).
+        self._bodies = self._resumes = None
+        self._keys: auth.KeyRing | None = None
         self.ctx = self.new_context(config, table=table, drained=drained)
         self.balancer = self.ctx.balancer
         self._server = None
@@ -53,11 +56,28 @@ class ProxyServer:
         a new one on reload and moves the connections to it."""
         ctx = ProxyContext(config, self.loop, worker=self.worker)
         ctx.balancer = Balancer(config, self.loop, BackendSideProtocol, table=table, drained=drained)
-        # One ring of dashboard samples per worker, whatever the generation.
+        # What belongs to the worker, not to one generation of settings: a
+        # reload (olb/lifecycle.py) makes a new context, and these carry over.
+        # One ring of dashboard samples per worker.
         ctx.samples = self._samples
-        if config.api_keys:
-            ctx.keys = auth.KeyRing(auth.load_keys(config.api_keys), config.api_keys,
-                                    workers=config.workers)
+        # One body budget: a connection keeps counting its held bytes in the
+        # budget it started with (slowclient.RequestClock), which must be the
+        # one its new context checks; the cap is the new settings'. One
+        # resume tally.
+        if self._bodies is None:
+            self._bodies, self._resumes = ctx.bodies, ctx.resumes
+        ctx.bodies, ctx.resumes = self._bodies, self._resumes
+        ctx.bodies.cap = config.max_body_held or config.max_body
+        # One key ring per key file: the requests each key has running still
+        # count against its limits after a reload, which reads the file again.
+        keys = self._keys
+        if not config.api_keys:
+            keys = None
+        elif keys is not None and keys.path == config.api_keys:
+            _reload_keys(keys)
+        else:
+            keys = auth.KeyRing(auth.load_keys(config.api_keys), config.api_keys, workers=config.workers)
+        self._keys = ctx.keys = keys
         # The counters and the access log outlive a reload: every context shares the server's.
         ctx.metrics = ctx.balancer.metrics = self.metrics
         ctx.metrics_dir = self.metrics_dir
@@ -170,19 +190,6 @@ class ProxyServer:
         self._tick = self.loop.call_later(1.0, self._sample)
         self.ctx.samples.tick(self.balancer)
 
-    def reload_keys(self) -> str | None:
-        """Read OLB_API_KEYS's file again (SIGHUP); None when done, else why
-        it was refused (logged; the old keys stay)."""
-        keys = self.ctx.keys
-        if keys is None:
-            return None
-        error = keys.reload()
-        if error is None:
-            log.info("API keys reloaded: %d key(s) from %s", len(keys.keys), keys.path)
-        else:
-            log.error("API keys not reloaded, the old ones stay: %s", error)
-        return error
-
     async def close(self) -> None:
         if self._tick is not None:
             self._tick.cancel()
@@ -203,6 +210,16 @@ class ProxyServer:
             await self._admin_server.wait_closed()
         if self.access_log is not None:
             self.access_log.close()
+
+
+def _reload_keys(keys) -> None:
+    """Read OLB_API_KEYS's file again (a reload); a bad file is refused
+    whole, logged, and the old keys stay."""
+    error = keys.reload()
+    if error is None:
+        log.info("API keys reloaded: %d key(s) from %s", len(keys.keys), keys.path)
+    else:
+        log.error("API keys not reloaded, the old ones stay: %s", error)
 
 
 def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
