@@ -21,16 +21,13 @@ a model newly in a backend's loaded set is a load (gone from it: an unload).
 That keeps the balancer and the model directory free of dashboard hooks, at
 the cost of a second's resolution.
 
-Token counts come from a response's last bytes (final_counts): Ollama's
-final line carries `prompt_eval_count` and `eval_count`, an OpenAI response
-its `usage`. A stream whose final line and chunked end arrive in separate
-reads is not counted (see docs/operations.md, Dashboard).
+Token counts come from a response's last bytes, read once per response by
+metrics.read_tokens (Exchange.on_end); see docs/operations.md, Access control.
 """
 
 from __future__ import annotations
 
 import collections
-import re
 import time
 
 #: Counter row layout (float64 each).
@@ -40,28 +37,6 @@ FIELDS = 4
 RING = 300
 #: Events kept.
 EVENTS = 50
-#: Bytes at a response's end searched for its token counts (Ollama's final
-#: line ends with the counts and durations, well within this).
-TAIL = 512
-
-_COUNT = re.compile(rb'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
-
-
-def final_counts(tail: bytes) -> tuple[int, int]:
-    """(prompt tokens, generated tokens) in a response's last bytes; (0, 0) if absent.
-
-    Ollama's final line: `prompt_eval_count`, `eval_count` (api/types.go
-    Metrics); OpenAI's `usage`: `prompt_tokens`, `completion_tokens`.
-    """
-    prompt = generated = 0
-    for name, value in _COUNT.findall(tail):
-        if name in (b"prompt_eval_count", b"prompt_tokens"):
-            prompt = int(value)
-        else:
-            generated = int(value)
-    return prompt, generated
-
-
 def shared_size(workers: int) -> int:
     """Bytes of the shared counter rows for `workers` workers (an mmap of this size)."""
     return workers * FIELDS * 8

@@ -53,7 +53,6 @@ from . import admin, local, resume, routing
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
 from .auth import refusal_response
-from .dashboard import TAIL, final_counts
 from .errors import (
     BackendConnectError,
     BackendProtocolError,
@@ -800,17 +799,17 @@ class Exchange:
         assert conn is not None and head is not None  # on_end follows on_head on the attached connection
         if head.framing != NO_BODY:  # (the scanner was not reset for a body-less answer)
             self.sent += conn.scanner.bytes_seen
-        if self.ctx.observing and self.name is not None and head.status == 200:
+        observed = self.ctx.observing and self.name is not None
+        tokens = None
+        if head.status == 200 and (observed or self.slot):
             # The token counts are in the body's last bytes (metrics.read_tokens):
-            # the read that ended it and the two before it, read once here.
-            self.tokens = response_tokens(conn.tail2, conn.tail1, last)
+            # the read that ended it and the two before it, read once here for
+            # the metrics and access log, the dashboard and the tpm= limit.
+            tokens = response_tokens(conn.tail2, conn.tail1, last)
+            if observed:
+                self.tokens = tokens
         if self.slot:
-            # The dashboard's tokens/s and the API key's tpm= limit: the
-            # counts read above, else from the final read (dashboard.final_counts).
-            if self.tokens is not None:
-                prompt, generated = self.tokens[0], self.tokens[1]
-            else:
-                prompt, generated = final_counts(last[-TAIL:]) if last else (0, 0)
+            prompt, generated = (tokens[0], tokens[1]) if tokens is not None else (0, 0)
             if self.ctx.samples is not None:
                 self.ctx.samples.request_done(generated)
             self.client.charge_tokens(prompt + generated)

@@ -4,7 +4,8 @@ on a fake clock, the cross-site check, and the token counts of a final line."""
 import pytest
 
 from olb import admin, auth
-from olb.dashboard import Samples, final_counts
+from olb.dashboard import Samples
+from olb.metrics import read_tokens
 from olb.errors import ConfigError
 from olb.http import ProxyRequest
 
@@ -171,8 +172,11 @@ def test_cross_site(headers, refused):
     (b'"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}', (9, 12)),
     (b'{"done":false,"response":"eval_count"}', (0, 0)),
 ])
-def test_final_counts(tail, counts):
-    assert final_counts(tail) == counts
+def test_the_counts_charged_to_a_key(tail, counts):
+    """What on_end charges (the dashboard's tokens/s, a key's tpm=): read_tokens's
+    prompt and generated counts, (0, 0) where it finds none."""
+    found = read_tokens(tail)
+    assert ((found[0], found[1]) if found is not None else (0, 0)) == counts
 
 
 def test_samples_rates_from_counter_rows_of_all_workers():
