@@ -10,14 +10,20 @@ olb runs twice: `olb` with metrics and the access log off, `olb-obs` with both o
     python -m bench overhead --quick          # a smoke run, ~1.5 min
     python -m bench overhead --cases paced --paced-streams 1000
 
-Cases (each starts its own simulated Ollama, `python -m olb.sim`, with two
-instances unless --backends says otherwise, and its own proxies in front of
-them; everything on 127.0.0.1):
+Cases (each starts its own backend process with two Ollama instances unless
+--backends says otherwise, and its own proxies in front of them; everything on
+127.0.0.1).  --backend says which backends, each case running on each in
+turn: `sim`, olb-sim (`python -m olb.sim`), and `raw`, bench/rawmock.py, a
+minimal uvloop mock that is not olb-sim and writes every token with its own
+write() (a figure that holds only on olb-sim does not count):
 
     version   GET /api/version, --concurrency keep-alive connections, closed loop
     generate  POST /api/generate stream:false, 16 tokens (a ~0.6 KB answer), closed loop
-    stream    /api/generate streams, tokens as fast as the simulator writes them,
+    stream    /api/generate streams, tokens as fast as the backend writes them,
               on --streams connections; an op is one NDJSON line (one token)
+    burst     the same with many short streams: --burst-streams (64) connections,
+              --burst-tokens (32) a stream; the raw backend writes --burst-yield (8)
+              tokens back to back, then yields to its loop
     paced     N concurrent streams (--paced-streams, e.g. 250,500,1000), a token every
               --token-interval s (20 ms), --paced-tokens per stream; each connection
               starts its next stream when one ends, and the connections start spread
@@ -59,8 +65,13 @@ import time
 from . import load, proc, targets
 from .progress import Progress
 
-CASES = ("version", "generate", "stream", "paced")
-CLOSED_CASES = ("version", "generate", "stream")
+CASES = ("version", "generate", "stream", "burst", "paced")
+CLOSED_CASES = ("version", "generate", "stream", "burst")
+#: Cases whose op is one streamed chunk (an NDJSON line), not a request.
+STREAM_CASES = ("stream", "burst", "paced")
+#: What the proxies stand in front of: olb-sim (`python -m olb.sim`) or bench/rawmock.py.
+BACKENDS = ("sim", "raw")
+BACKEND_NAMES = {"sim": "olb-sim", "raw": "the raw mock"}
 #: Share of the machine's CPU used by other processes during a phase above which the report warns
 #: (the loopback's softirq time, charged to no process, is a few per cent by itself).
 BUSY_ELSEWHERE = 0.10
@@ -70,13 +81,26 @@ MEM_EVERY = 0.5
 CDF_POINTS = [i / 100 for i in range(100)] + [0.99 + i / 1000 for i in range(10)] + [1.0]
 
 
-def _sim_argv(args, case: str) -> list[str]:
+def _shape(args, case: str) -> tuple[int, int, int]:
+    """(connections, measured requests per round, tokens per stream) of a closed-loop case."""
+    if case == "stream":
+        return args.streams, args.stream_requests, args.tokens
+    if case == "burst":
+        return args.burst_streams, args.burst_requests, args.burst_tokens
+    return args.concurrency, args.requests, args.tokens
+
+
+def _backend_argv(args, case: str, backend: str) -> list[str]:
     if case == "paced":
         slots = max(args.paced_streams)
         rate, ttft = 1.0 / args.token_interval, args.paced_ttft
     else:
-        slots = args.streams if case == "stream" else args.concurrency
+        slots = _shape(args, case)[0]
         rate, ttft = 0.0, 0.0
+    if backend == "raw":
+        return [sys.executable, "-m", "bench.rawmock", "--host", "127.0.0.1", "--port", "0",
+                "--count", str(args.backends), "--burst", str(args.burst_yield),
+                "--token-interval", f"{1.0 / rate if rate else 0:g}", "--ttft", f"{ttft:g}"]
     # Enough slots per instance that the simulator never queues, whatever the balancing.
     return [sys.executable, "-m", "olb.sim", "--host", "127.0.0.1", "--port", "0",
             "--count", str(args.backends), "--parallel", str(slots), "--max-queue", "8192",
@@ -107,11 +131,10 @@ def _requests(case: str, conns_addresses, count: int, **kw) -> list[bytes]:
 
 async def measure_closed(loop, args, case: str, running, groups, progress: Progress, label: str) -> dict:
     """Warm up, then one measured phase of `case` against `running`, CPU of every group around it."""
-    stream = case == "stream"
-    nconns = args.streams if stream else args.concurrency
-    count = args.stream_requests if stream else args.requests
+    stream = case in STREAM_CASES
+    nconns, count, tokens = _shape(args, case)
     warm = max(nconns, count // 10)
-    requests = _requests(case, running.addresses, nconns, tokens=args.tokens)
+    requests = _requests("stream" if stream else case, running.addresses, nconns, tokens=tokens)
     conns = await load.open_conns(loop, running.addresses, nconns)
     try:
         warmup = await load.run_phase(loop, conns, requests, warm, args.phase_seconds)
@@ -122,8 +145,7 @@ async def measure_closed(loop, args, case: str, running, groups, progress: Progr
         async def watch(phase):
             holder["phase"] = phase
             if stream:
-                await progress.watch(label, args.phase_seconds, lambda: phase.lines,
-                                     args.stream_requests * args.tokens, "chunks")
+                await progress.watch(label, args.phase_seconds, lambda: phase.lines, count * tokens, "chunks")
             else:
                 await progress.watch(label, args.phase_seconds, lambda: phase.completed, count, "req")
 
@@ -199,14 +221,16 @@ def _cpu_figures(rounds_cpu: list[dict], rounds_ops: list[int]) -> dict:
     return out
 
 
-def aggregate_closed(case: str, running, rounds: list[dict]) -> dict:
+def aggregate_closed(case: str, backend: str, running, rounds: list[dict]) -> dict:
     """One row from several rounds: the median rate, pooled latencies, summed CPU over summed ops."""
     ops = sum(r["ops"] for r in rounds)
     rates = sorted(r["rate"] for r in rounds)
     lat = sorted(x for r in rounds for x in r["latencies"])
     errors, lines = load.merge_counts(rounds)
+    stream = case in STREAM_CASES
     return {
         "case": case,
+        "backend": backend,
         "target": running.name,
         "kind": running.kind,
         "workers": running.workers,
@@ -217,8 +241,8 @@ def aggregate_closed(case: str, running, rounds: list[dict]) -> dict:
         "rate": _median(rates),
         "rate_min": rates[0],
         "rate_max": rates[-1],
-        "unit": "chunks/s" if case == "stream" else "req/s",
-        "latency": "first token" if case == "stream" else "full response",
+        "unit": "chunks/s" if stream else "req/s",
+        "latency": "first token" if stream else "full response",
         "p50_ms": load.percentile(lat, 0.50) * 1e3,
         "p99_ms": load.percentile(lat, 0.99) * 1e3,
         "samples": len(lat),
@@ -237,10 +261,10 @@ async def warm_sim(loop, args, case: str, backends) -> None:
         reqs = _requests("stream", backends, 16, tokens=4)
         count = 64
     else:
-        n = args.streams if case == "stream" else args.concurrency
+        n, measured, tokens = _shape(args, case)
         conns = await load.open_conns(loop, backends, n)
-        reqs = _requests(case, backends, n, tokens=args.tokens)
-        count = max(n, (args.stream_requests if case == "stream" else args.requests) // 3)
+        reqs = _requests("stream" if case in STREAM_CASES else case, backends, n, tokens=tokens)
+        count = max(n, measured // 3)
     try:
         await load.run_phase(loop, conns, reqs, count, 10.0)
     finally:
@@ -329,13 +353,14 @@ async def measure_paced(loop, args, level: int, running, groups, progress: Progr
     }
 
 
-def aggregate_paced(args, level: int, running, rounds: list[dict], idle_mem: dict | None) -> dict:
+def aggregate_paced(args, level: int, backend: str, running, rounds: list[dict], idle_mem: dict | None) -> dict:
     """One row from the rounds of a level: pooled TTFT, median rate and CPU, memory over all samples."""
     ttft = sorted(x for r in rounds for x in r["ttft"])
     errors, lines = load.merge_counts(rounds)
     rates = [r["rate"] for r in rounds]
     row = {
         "case": "paced",
+        "backend": backend,
         "level": level,
         "target": running.name,
         "kind": running.kind,
@@ -399,7 +424,7 @@ def plan_targets(args) -> tuple[list[targets.TargetSpec], list[targets.TargetSpe
 
 def _count_steps(args, main, sweep) -> int:
     n = 0
-    for case in args.cases:
+    for case in args.cases * len(args.backend):
         if case == "paced":
             n += len(args.paced_streams) * args.paced_rounds * len(main)
         else:
@@ -448,15 +473,14 @@ async def _stop_all(running) -> None:
         r.stop()
 
 
-async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: str) -> list[dict]:
-    sim = proc.Child(_sim_argv(args, case), None, rb"^(http://\S+)", args.backends)
+async def run_case(loop, args, case: str, backend: str, main, sweep, progress: Progress, tmp: str) -> list[dict]:
+    sim = proc.Child(_backend_argv(args, case, backend), None, rb"^(http://\S+)", args.backends)
     backends = []
     for url in sim.found:
         host, port = url.split("//", 1)[1].rsplit(":", 1)
         backends.append((host, int(port)))
     specs = list(main) + (list(sweep) if case in args.sweep_cases and case != "paced" else [])
-    max_conns = max(args.paced_streams) if case == "paced" else (
-        args.streams if case == "stream" else args.concurrency)
+    max_conns = max(args.paced_streams) if case == "paced" else _shape(args, case)[0]
     running = []
     rows: list[dict] = []
     try:
@@ -464,7 +488,7 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
             r = spec.start(backends, max_conns, os.path.join(tmp, case))
             running.append(r)
             await targets.wait_ready(r)
-        progress.say(f"\n## {case}: {', '.join(r.name for r in running)}; backends "
+        progress.say(f"\n## {case} on {BACKEND_NAMES[backend]}: {', '.join(r.name for r in running)}; backends "
                      f"{', '.join(f'{h}:{p}' for h, p in backends)}")
         await warm_sim(loop, args, case, backends)
         if case == "paced":
@@ -492,7 +516,7 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
                                      + (f"  ERRORS {m['errors']}" if m["errors"] else ""))
                         await asyncio.sleep(0.3)
                 for r in running:
-                    row = aggregate_paced(args, level, r, per[r.name], idle.get(r.name))
+                    row = aggregate_paced(args, level, backend, r, per[r.name], idle.get(r.name))
                     rows.append(row)
                     progress.say(f"   paced {level:5} {_fmt_row(row)}")
         else:
@@ -508,11 +532,11 @@ async def run_case(loop, args, case: str, main, sweep, progress: Progress, tmp: 
                     per[r.name].append(m)
                     cpu = m["cpu"]["proxy"]["cpu_s_schedstat"] / m["ops"] * 1e6 if m["ops"] and groups["proxy"] else 0
                     progress.say(f"{step} {case} round {i + 1} {r.name:10} {m['rate']:10,.0f} "
-                                 f"{'chunks' if case == 'stream' else 'req'}/s  proxy {cpu:6.1f} µs/op  "
+                                 f"{'chunks' if case in STREAM_CASES else 'req'}/s  proxy {cpu:6.1f} µs/op  "
                                  f"others {m['other_cpu_share']:4.0%}"
                                  + (f"  ERRORS {m['errors']}" if m["errors"] else ""))
             for r in running:
-                row = aggregate_closed(case, r, per[r.name])
+                row = aggregate_closed(case, backend, r, per[r.name])
                 rows.append(row)
                 progress.say(f"   {case:8} {_fmt_row(row)}")
         for r in running:
@@ -559,8 +583,9 @@ async def run(args, progress_stream=None) -> dict:
     os.chmod(tmp, 0o755)
     rows: list[dict] = []
     try:
-        for case in args.cases:
-            rows += await run_case(loop, args, case, main, sweep, progress, tmp)
+        for backend in args.backend:
+            for case in args.cases:
+                rows += await run_case(loop, args, case, backend, main, sweep, progress, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     observability = observability_cost(rows)
@@ -584,7 +609,8 @@ def observability_cost(rows: list[dict]) -> list[dict]:
         if key not in keys:
             keys.append(key)
     for case, level in keys:
-        same = [r for r in rows if r["case"] == case and r.get("level") == level and r["workers"] == 1]
+        same = [r for r in rows if r["case"] == case and r.get("level") == level and r["workers"] == 1
+                and r.get("backend", "sim") == "sim"]
         off = next((r for r in same if r["kind"] == "olb"), None)
         on = next((r for r in same if r["kind"] == "olb-obs"), None)
         if off and on and off["cpu"]["proxy"]["us_per_op"] > 0:
@@ -602,13 +628,21 @@ def add_arguments(p) -> None:
                    help="another balancer, as a command line with placeholders {listen} (127.0.0.1:PORT), "
                         "{host}, {port}, {backends} (h:p,h:p), {backend_urls} (http://h:p,...), {tmp} "
                         "(a scratch directory); repeatable")
-    p.add_argument("--backends", type=int, default=2, help="simulated Ollama instances (one process)")
+    p.add_argument("--backend", default="sim,raw",
+                   help="what the proxies stand in front of, each in turn: sim (olb-sim, python -m olb.sim), "
+                        "raw (bench/rawmock.py: uvloop, one write() per token)")
+    p.add_argument("--backends", type=int, default=2, help="Ollama instances (one process)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the closed-loop cases")
     p.add_argument("--concurrency", type=int, default=32, help="keep-alive connections, version and generate")
     p.add_argument("--requests", type=int, default=15000, help="measured requests per target and round")
     p.add_argument("--streams", type=int, default=4, help="concurrent streams, stream case")
     p.add_argument("--stream-requests", type=int, default=160, help="measured streams per target and round")
     p.add_argument("--tokens", type=int, default=2000, help="tokens per stream, stream case")
+    p.add_argument("--burst-streams", type=int, default=64, help="concurrent streams, burst case")
+    p.add_argument("--burst-requests", type=int, default=1500, help="measured streams per target and round, burst")
+    p.add_argument("--burst-tokens", type=int, default=32, help="tokens per stream, burst case")
+    p.add_argument("--burst-yield", type=int, default=8,
+                   help="the raw backend writes this many tokens back to back, then yields to its loop")
     p.add_argument("--phase-seconds", type=float, default=12.0,
                    help="wall-time cap of one measured phase (requests stop being sent after it)")
     p.add_argument("--paced-streams", default="250,500,1000",
@@ -640,10 +674,15 @@ def finish_arguments(p, args) -> None:
         args.paced_rounds = 1
         args.requests = min(args.requests, 4000)
         args.stream_requests = min(args.stream_requests, 40)
+        args.burst_requests = min(args.burst_requests, 400)
         if args.paced_streams == "250,500,1000":
             args.paced_streams = "100,300"
         args.window = min(args.window, 3.0)
     args.cases = split(args.cases)
+    args.backend = split(args.backend)
+    bad = [b for b in args.backend if b not in BACKENDS]
+    if bad or not args.backend:
+        p.error(f"--backend takes a comma-separated subset of: {', '.join(BACKENDS)}")
     bad = [c for c in args.cases if c not in CASES]
     if bad:
         p.error(f"unknown case(s): {', '.join(bad)}")
@@ -664,7 +703,7 @@ def finish_arguments(p, args) -> None:
     args.sweep_kinds = split(args.sweep_kinds)
     args.sweep_cases = split(args.sweep_cases)
     for name in ("backends", "rounds", "paced_rounds", "concurrency", "requests", "streams", "stream_requests",
-                 "tokens", "paced_tokens"):
+                 "tokens", "paced_tokens", "burst_streams", "burst_requests", "burst_tokens", "burst_yield"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.paced_streams or min(args.paced_streams) < 1 or not args.workers or min(args.workers) < 1:

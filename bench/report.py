@@ -58,6 +58,21 @@ def _nginx(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["kind"] == "nginx" and r["workers"] == 1), None)
 
 
+def _haproxy(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r["kind"] == "haproxy" and r["workers"] == 1), None)
+
+
+def _by_backend(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows per backend the proxies stood in front of (results from before --backend: olb-sim)."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r.get("backend", "sim"), []).append(r)
+    return out
+
+
+BACKEND_TITLES = {"sim": "olb-sim", "raw": "the raw mock (bench/rawmock.py)"}
+
+
 def _direct(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["kind"] == "direct"), None)
 
@@ -66,15 +81,16 @@ CASE_TITLES = {
     "version": "Small requests: `GET /api/version`",
     "generate": "Small requests: `POST /api/generate`, `stream:false`, 16 tokens",
     "stream": "Streaming, tokens as fast as possible",
+    "burst": "Many short streams, tokens as fast as possible",
 }
 
 
 def closed_table(rows: list[dict]) -> str:
     ng = _nginx(rows)
     unit = "chunk" if rows[0]["unit"] == "chunks/s" else "req"
-    lat = "first token" if rows[0]["case"] == "stream" else "latency"
+    lat = "first token" if unit == "chunk" else "latency"
     out = [f"| target | {rows[0]['unit']} (median; range) | {lat} p50 ms | {lat} p99 ms | "
-           f"proxy CPU µs/{unit} | sim CPU µs/{unit} | client CPU µs/{unit} |",
+           f"proxy CPU µs/{unit} | backend CPU µs/{unit} | client CPU µs/{unit} |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cpu = _proxy_cpu(r)
@@ -136,8 +152,20 @@ def check_targets(rows: list[dict], nproc: int | None = None) -> list[dict]:
     """The issue's targets for olb, each with the figures it compares and whether it is met.
 
     `met` is None where this machine cannot tell: throughput against workers needs a core per
-    worker beside the ones the load generator and the simulator keep busy.
+    worker beside the ones the load generator and the simulator keep busy.  Each backend's rows
+    are checked apart, the backend named in the target where there is more than one.
     """
+    by = _by_backend(rows)
+    checks = []
+    for backend, brows in by.items():
+        for c in _check_targets(brows, nproc):
+            if len(by) > 1:
+                c["target"] += f" [{BACKEND_TITLES.get(backend, backend).split(' (')[0]}]"
+            checks.append(c)
+    return checks
+
+
+def _check_targets(rows: list[dict], nproc: int | None) -> list[dict]:
     checks = []
     cases = _by_case(rows)
 
@@ -145,12 +173,12 @@ def check_targets(rows: list[dict], nproc: int | None = None) -> list[dict]:
         olb = next((r for r in case_rows if r["kind"] == "olb" and r["workers"] == 1), None)
         return olb, _nginx(case_rows)
 
-    for case in ("stream",):
+    for case, what in (("stream", "tokens as fast as possible"), ("burst", "many short streams")):
         if case in cases:
             olb, ng = pair(cases[case])
             if olb and ng:
                 a, b = _proxy_cpu(olb), _proxy_cpu(ng)
-                checks.append({"target": "CPU per streamed chunk ≤ nginx's (tokens as fast as possible)",
+                checks.append({"target": f"CPU per streamed chunk ≤ nginx's ({what})",
                                "olb": f"{a:.2f} µs", "nginx": f"{b:.2f} µs", "ratio": a / b, "met": a <= b})
     paced = cases.get("paced", [])
     top = max((r["level"] for r in paced), default=None)
@@ -171,6 +199,11 @@ def check_targets(rows: list[dict], nproc: int | None = None) -> list[dict]:
                                            f"direct {d['p99_ms']:.1f} ms)",
                                "olb": f"{a:+.2f} ms", "nginx": f"{b:+.2f} ms",
                                "ratio": a / b if b >= ADDED_FLOOR_MS else float("nan"), "met": a <= b})
+        hp = _haproxy(level)
+        if olb and hp:
+            a, b = olb["p99_ms"], hp["p99_ms"]
+            checks.append({"target": f"TTFT p99 ≤ HAProxy's ({top} streams; HAProxy in the nginx column)",
+                           "olb": f"{a:.1f} ms", "nginx": f"{b:.1f} ms", "ratio": a / b, "met": a <= b})
         if olb and olb.get("memory"):
             per = olb["memory"]["kib_per_stream"]
             ngper = (ng or {}).get("memory", {}).get("kib_per_stream")
@@ -231,7 +264,8 @@ def targets_table(checks: list[dict]) -> str:
 def warnings(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
-        where = f"{r['case']}{' ' + str(r['level']) if 'level' in r else ''} {r['target']}"
+        where = (f"{r['case']}{' ' + str(r['level']) if 'level' in r else ''} {r['target']}"
+                 f"{' (raw mock)' if r.get('backend') == 'raw' else ''}")
         if r["errors"]:
             out.append(f"{where}: errors {r['errors']}")
         if r["other_cpu_share"] > 0.10:
@@ -257,7 +291,6 @@ def warnings(rows: list[dict]) -> list[str]:
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    cases = _by_case(rows)
     parts = []
     m = result.get("machine")
     if m:
@@ -268,16 +301,20 @@ def markdown(result: dict) -> str:
         parts.append(f"Command: `{result['command']}`")
     for why in result.get("skipped", []):
         parts.append(f"Skipped: {why}")
-    for case in ("version", "generate", "stream"):
-        if case in cases:
-            main = [r for r in cases[case] if r["workers"] == 1]
-            parts.append(f"### {CASE_TITLES[case]}\n\n{closed_table(main)}")
-    paced = cases.get("paced", [])
-    for level in sorted({r["level"] for r in paced}):
-        at = [r for r in paced if r["level"] == level]
-        parts.append(f"### {level} paced streams (a token every "
-                     f"{1000 * level / at[0]['offered_rate']:.0f} ms)\n\n{paced_table(at)}")
-    sweep = sweep_table([r for r in rows if r["case"] != "paced"])
+    by = _by_backend(rows)
+    for backend, brows in by.items():
+        on = f" (on {BACKEND_TITLES.get(backend, backend)})" if len(by) > 1 else ""
+        cases = _by_case(brows)
+        for case in ("version", "generate", "stream", "burst"):
+            if case in cases:
+                main = [r for r in cases[case] if r["workers"] == 1]
+                parts.append(f"### {CASE_TITLES[case]}{on}\n\n{closed_table(main)}")
+        paced = cases.get("paced", [])
+        for level in sorted({r["level"] for r in paced}):
+            at = [r for r in paced if r["level"] == level]
+            parts.append(f"### {level} paced streams (a token every "
+                         f"{1000 * level / at[0]['offered_rate']:.0f} ms){on}\n\n{paced_table(at)}")
+    sweep = sweep_table([r for r in rows if r["case"] != "paced" and r.get("backend", "sim") == "sim"])
     if sweep:
         parts.append(f"### Workers\n\n{sweep}")
     checks = check_targets(rows, (m or {}).get("nproc"))
@@ -305,7 +342,8 @@ def _color(row: dict, i: int) -> str:
 
 
 def plot(result: dict, outdir: str) -> list[str]:
-    """PNG plots into `outdir`; the paths written (none when matplotlib is missing)."""
+    """PNG plots into `outdir`, one set per backend (`-raw` in the raw mock's names); the paths
+    written (none when matplotlib is missing)."""
     try:
         import matplotlib
 
@@ -314,7 +352,13 @@ def plot(result: dict, outdir: str) -> list[str]:
     except ImportError:
         return []
     os.makedirs(outdir, exist_ok=True)
-    rows = result["rows"]
+    written = []
+    for backend, rows in _by_backend(result["rows"]).items():
+        written += _plot(plt, rows, outdir, "" if backend == "sim" else f"-{backend}")
+    return written
+
+
+def _plot(plt, rows: list[dict], outdir: str, suffix: str) -> list[str]:
     cases = _by_case(rows)
     written = []
 
@@ -343,7 +387,7 @@ def plot(result: dict, outdir: str) -> list[str]:
             ax.legend(fontsize=7)
         fig.suptitle(f"paced streams, a token every {1000 * paced[0]['level'] / paced[0]['offered_rate']:.0f} ms")
         fig.tight_layout()
-        path = os.path.join(outdir, "paced_vs_load.png")
+        path = os.path.join(outdir, f"paced_vs_load{suffix}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
@@ -357,30 +401,30 @@ def plot(result: dict, outdir: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(outdir, "paced_ttft_cdf.png")
+        path = os.path.join(outdir, f"paced_ttft_cdf{suffix}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
 
-    closed = [c for c in ("version", "generate", "stream") if c in cases]
+    closed = [c for c in ("version", "generate", "stream", "burst") if c in cases]
     if closed:
         fig, axes = plt.subplots(1, len(closed), figsize=(5 * len(closed), 4), squeeze=False)
         for ax, case in zip(axes[0], closed):
             for i, r in enumerate(cases[case]):
                 _cdf_line(ax, r, _color(r, i))
-            ax.set(title=f"{case}: {'first token' if case == 'stream' else 'latency'}",
+            ax.set(title=f"{case}: {'first token' if case in ('stream', 'burst') else 'latency'}",
                    xlabel="ms (log)", ylabel="share of requests")
             ax.set_xscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(outdir, "latency_cdf.png")
+        path = os.path.join(outdir, f"latency_cdf{suffix}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
 
     bars = []
-    for case in ("version", "generate", "stream"):
+    for case in ("version", "generate", "stream", "burst"):
         bars += [(case, r) for r in cases.get(case, []) if r["kind"] != "direct"]
     if paced:
         top = max(r["level"] for r in paced)
@@ -399,7 +443,7 @@ def plot(result: dict, outdir: str) -> list[str]:
             for j, v in enumerate(vals):
                 ax.text(j, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
         fig.tight_layout()
-        path = os.path.join(outdir, "cpu_per_op.png")
+        path = os.path.join(outdir, f"cpu_per_op{suffix}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)

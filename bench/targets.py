@@ -39,7 +39,8 @@ READY_TIMEOUT = 15.0
 #: `olb` runs with metrics and the access log off (as nginx and HAProxy run here: no access
 #: log); `olb-obs` with both on (OLB_METRICS=on, OLB_ACCESS_LOG to a file): their CPU per
 #: request is the price of observability (report.check_targets).
-KINDS = ("direct", "olb", "olb-obs", "nginx", "haproxy")
+#: `floor` is bench/floor.py: a bare uvloop byte pipe, the least a Protocol proxy costs.
+KINDS = ("direct", "olb", "olb-obs", "nginx", "haproxy", "floor")
 INSTALL_HINT = ("apt-get install -y nginx haproxy  (Debian/Ubuntu; the benchmark runs them as "
                 "foreground processes on 127.0.0.1, it needs no service running)")
 
@@ -122,7 +123,7 @@ class TargetSpec:
         if self.kind == "direct":
             return Running(self.name, self.kind, 1, list(backends))
         start = {"olb": _start_olb, "olb-obs": _start_olb, "nginx": _start_nginx, "haproxy": _start_haproxy,
-                 "extra": _start_extra}[self.kind]
+                 "floor": _start_floor, "extra": _start_extra}[self.kind]
         return start(self, backends, max_conns, tmp)
 
 
@@ -179,6 +180,14 @@ def _start_olb(spec: TargetSpec, backends, max_conns: int, tmp: str) -> Running:
     admin_host, admin_port = child.found[1].rsplit(":", 1)
     return Running(spec.name, spec.kind, spec.workers, [(host, int(port))], child=child,
                    admin=(admin_host, int(admin_port)))
+
+
+def _start_floor(spec: TargetSpec, backends, max_conns: int, tmp: str) -> Running:
+    child = Child([sys.executable, "-m", "bench.floor", "--listen", "127.0.0.1:0",
+                   "--backends", ",".join(f"{h}:{p}" for h, p in backends)], None,
+                  rb"floor listening on http://(\S+)", 1)
+    host, port = child.found[0].rsplit(":", 1)
+    return Running(spec.name, spec.kind, 1, [(host, int(port))], child=child)
 
 
 # --- nginx ---------------------------------------------------------------------------------------
