@@ -13,6 +13,12 @@ Groups:
                                   it: the per-chunk cost above the syscalls;
                                   `keep`: a chat stream's relay, which also
                                   keeps each chunk for a continuation.
+    response head                 olb._http.parse_response_head vs the Python
+                                  original (tests/http_reference.py) on
+                                  Ollama's head of a streamed /api/chat.
+    upstream head                 olb._http.upstream_head vs the Python
+                                  original on the ollama Python client's
+                                  /api/chat request.
 
 Per-operation figures: divide the acquire+release means by PAIRS.  Pin the
 process to one CPU (taskset -c N ...) for numbers worth quoting.
@@ -24,8 +30,10 @@ import h11
 import pytest
 
 from olb._core import NO_BACKEND, BackendTable
-from olb._http import BodyScanner
+from olb._http import BodyScanner, parse_response_head, upstream_head
 from olb._relay import Relay
+from olb.http import ProxyRequest
+from tests import http_reference
 
 PAIRS = 100  # acquire+release pairs per timed call: amortises the call overhead
 SIZES = [4, 64, 1024]
@@ -238,3 +246,38 @@ def test_relay_stream(benchmark, impl):
         assert benchmark(stream) == len(CHUNKS[-1])
     finally:
         loop.close()
+
+
+# -- the backend side's heads: one of each per proxied request ----------------------
+
+
+#: What Ollama (Go net/http) answers to a streamed /api/chat.
+OLLAMA_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+               b"Date: Sat, 01 Jun 2024 12:00:00 GMT\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+#: The ollama Python client's /api/chat request, as RequestReader hands it out.
+CHAT = ProxyRequest(b"POST", b"/api/chat", b"1.1",
+                    [(b"host", b"127.0.0.1:11434"), (b"accept-encoding", b"gzip, deflate"),
+                     (b"connection", b"keep-alive"), (b"content-length", b"96"),
+                     (b"content-type", b"application/json"), (b"accept", b"application/json"),
+                     (b"user-agent", b"ollama-python/0.4.7 (x86_64 linux) Python/3.11.7")],
+                    b'{"model":"llama3.2","messages":[{"role":"user","content":"Why is the sky blue?"}]}',
+                    True, True)
+
+
+@pytest.mark.parametrize("impl", ["olb._http", "python"])
+def test_parse_response_head(benchmark, impl):
+    parse = parse_response_head if impl == "olb._http" else http_reference.parse_response_head
+    benchmark.group = "response head"
+    benchmark.extra_info.update(impl=impl, head_bytes=len(OLLAMA_HEAD))
+    head, size = benchmark(parse, OLLAMA_HEAD + b"5\r\n", False)
+    assert size == len(OLLAMA_HEAD) and head.framing == http_reference.CHUNKED
+
+
+@pytest.mark.parametrize("impl", ["olb._http", "python"])
+def test_upstream_head(benchmark, impl):
+    build = upstream_head if impl == "olb._http" else http_reference.upstream_head
+    benchmark.group = "upstream head"
+    benchmark.extra_info.update(impl=impl, fields=len(CHAT.headers))
+    out = benchmark(build, CHAT, b"127.0.0.1:11435", b"127.0.0.1")
+    assert out == http_reference.upstream_head(CHAT, b"127.0.0.1:11435", b"127.0.0.1")

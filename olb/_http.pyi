@@ -1,10 +1,10 @@
-"""Type stubs for olb._http (compiled HTTP framing: request heads, body ends).
+"""Type stubs for olb._http (compiled HTTP framing: request, upstream and response heads, body ends).
 
 The docstrings in _http.pyx are the reference; these stubs carry the
 signatures and a one-line summary each.
 """
 
-from typing import Literal
+from typing import Final, Literal, Protocol
 
 from typing_extensions import Buffer
 
@@ -45,3 +45,54 @@ class BodyScanner:
     @property
     def bytes_seen(self) -> int:
         """Body bytes consumed so far, chunk framing included."""
+
+class _UpstreamRequest(Protocol):
+    """What upstream_head reads of an olb.http.ProxyRequest."""
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    has_body_framing: bool
+
+def upstream_head(req: _UpstreamRequest, hostport: bytes, client_ip: bytes) -> bytes:
+    """The request head olb sends to a backend: Host rewritten, hop-by-hop fields dropped,
+    X-Forwarded-For/-Host and Content-Length added."""
+
+#: Largest request or response head (16 KiB).
+MAX_HEAD: Final[int]
+#: ResponseHead.framing values (RFC 9112 section 6.3).
+NO_BODY: Final[int]
+CHUNKED: Final[int]
+LENGTH: Final[int]
+UNTIL_CLOSE: Final[int]
+
+class ResponseHead:
+    """A backend's response head, as parse_response_head reads it."""
+
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    framing: int
+    length: int
+    keep_alive: bool
+    hop_by_hop: bool
+    content_type: bytes
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: int,
+        length: int,
+        keep_alive: bool,
+        hop_by_hop: bool,
+        content_type: bytes,
+    ) -> None: ...
+
+def parse_response_head(buf: Buffer, head_request: bool) -> tuple[ResponseHead, int] | None:
+    """(ResponseHead, head length), or None while the head is incomplete.
+
+    Raises olb.errors.BackendProtocolError on a malformed or oversized head.
+    """

@@ -1,12 +1,16 @@
 # cython: language_level=3, embedsignature=True
-"""olb's compiled HTTP framing: request heads in, response body ends out.
+"""olb's compiled HTTP framing: request heads read, backend heads built and read, body ends found.
 
 Theory of operation
 ===================
 
-What may live here: byte scanning on the data path that must not cost a
-Python call per byte.  No IO, no policy; the decisions are in _core.pyx and
-the protocol logic (what a request or response means) in http.py.
+What may live here: byte scanning and byte building on the data path, run
+once per request or per chunk, that would otherwise cost a Python call per
+byte, per header or per list item.  No IO, no policy; the decisions are in
+_core.pyx and the protocol logic (what a request or response means, when a
+connection closes) in http.py, which re-exports what is here.  Each
+function here is a drop-in for a plain Python one and is held to it by a
+differential test; the Python reference is kept in the tests.
 
 parse_request_head
 ------------------
@@ -29,6 +33,37 @@ head it accepts is one h11 accepts with the same method, target, version,
 tests/unit/test_http_head.py checks that against h11 on a corpus of real
 client heads and on seeded random mutations of them.
 
+upstream_head
+-------------
+The request head olb sends to a backend: the client's head with the Host
+rewritten to the backend's address, hop-by-hop fields dropped (RFC 9110
+section 7.6.1, the fields a Connection header names included) and
+X-Forwarded-For / X-Forwarded-Host / Content-Length added.  Built in one
+bytes object: a pass over the fields measures it, a second fills it, so a
+request costs one allocation instead of a list of parts and a join.
+Inputs that are not plain bytes in a list of 2-tuples (never the case for
+what RequestReader hands out, but a ProxyRequest is a public class) go
+through the same logic written with a list and a join.  The Python
+original is tests/http_reference.py; tests/unit/test_http_response_head.py
+compares the two byte for byte.
+
+parse_response_head and ResponseHead
+------------------------------------
+The backend's response head: status, (lower-cased name, value) pairs, the
+body's framing (RFC 9112 section 6.3) and whether the connection stays
+open.  Ollama's Go net/http is a trusted peer, so this is a strict, small
+parser, not h11 (see http.py, "Response side").  It finds the head's end
+(memchr for each LF), then reads the lines in place, allocating only what
+the result holds: the reason, one bytes object per name and per value,
+their tuples and the list.  It accepts and refuses exactly what the Python
+original did (same results, same BackendProtocolError messages, the checks
+in the same order), which tests/unit/test_http_response_head.py checks on
+real Ollama heads and on seeded random mutations of them.  Its one
+liberty: any bytes-like buffer is read, and the fields are bytes (the
+Python one gave a bytearray's slices for a bytearray; olb passes bytes).
+ResponseHead's fields are plain objects, so that the class reads and
+writes from Python as the Python one did.
+
 BodyScanner
 -----------
 A resumable state machine that reports where an HTTP/1.1 response body ends
@@ -45,8 +80,15 @@ from cpython.bytes cimport (
     PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
 )
+from cpython.list cimport PyList_CheckExact, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t
-from libc.string cimport memcmp
+from libc.string cimport memchr, memcmp, memcpy
+
+# The errors module, not the class: a class imported here would be a public
+# name of this module (tests/unit/test_stubs.py), and it is raised only on
+# the error path.
+from . import errors
 
 
 cdef unsigned char CR = 13
@@ -641,3 +683,606 @@ cdef class BodyScanner:
         self._state = state
         self._bytes_seen += n
         return -1
+
+
+# ---------------------------------------------------------------------------
+# upstream_head
+
+cdef enum _Upstream:
+    UP_FORWARD = 0      # copied to the backend as it came
+    UP_DROP             # hop-by-hop, or rewritten (Host, Content-Length)
+    UP_CONNECTION       # dropped, and the fields it names are dropped too
+    UP_HOST             # dropped; its value becomes X-Forwarded-Host
+    UP_FORWARDED_FOR    # dropped; re-added with the client's address after it
+
+cdef enum:
+    # Connection tokens kept as spans into the field values.  Clients send
+    # one ("keep-alive" or "close"); more than this and the tokens go into a
+    # Python set, as http.py had them, so that a head full of tokens costs
+    # a hash per field rather than a comparison per token per field.
+    MAX_SPAN_TOKENS = 8
+
+cdef struct _Span:
+    const unsigned char* p
+    Py_ssize_t n
+
+
+cdef inline bint _is(const char* p, Py_ssize_t n, const char* lit, Py_ssize_t m) noexcept:
+    return n == m and memcmp(p, lit, m) == 0
+
+
+cdef int _upstream_kind(const char* p, Py_ssize_t n) noexcept:
+    # What upstream_head does with a field, by its name.  The names are
+    # compared exactly, as the frozenset of http.py did: RequestReader's
+    # names are lower-case already (h11's and parse_request_head's).
+    if n == 2:
+        return UP_DROP if _is(p, n, b"te", 2) else UP_FORWARD
+    if n == 4:
+        return UP_HOST if _is(p, n, b"host", 4) else UP_FORWARD
+    if n == 6:
+        return UP_DROP if _is(p, n, b"expect", 6) else UP_FORWARD
+    if n == 7:
+        return UP_DROP if _is(p, n, b"trailer", 7) or _is(p, n, b"upgrade", 7) else UP_FORWARD
+    if n == 10:
+        if _is(p, n, b"connection", 10):
+            return UP_CONNECTION
+        return UP_DROP if _is(p, n, b"keep-alive", 10) else UP_FORWARD
+    if n == 14:
+        return UP_DROP if _is(p, n, b"content-length", 14) else UP_FORWARD
+    if n == 15:
+        return UP_FORWARDED_FOR if _is(p, n, b"x-forwarded-for", 15) else UP_FORWARD
+    if n == 16:
+        return UP_DROP if _is(p, n, b"proxy-connection", 16) else UP_FORWARD
+    if n == 17:
+        return UP_DROP if _is(p, n, b"transfer-encoding", 17) else UP_FORWARD
+    if n == 19:
+        return UP_DROP if _is(p, n, b"proxy-authorization", 19) else UP_FORWARD
+    return UP_FORWARD
+
+
+cdef inline bint _is_space(unsigned char c) noexcept:
+    # bytes.strip()'s whitespace (Py_ISSPACE): SP, HTAB, LF, VT, FF, CR.
+    return c == SP or 9 <= c <= 13
+
+
+cdef int _split_tokens(const unsigned char* p, Py_ssize_t n, _Span* out, int count) noexcept:
+    # Appends the items of the comma-separated list p[:n] to out[count:],
+    # each stripped as bytes.strip() strips (the lower-casing is left to
+    # _named); returns the new count, or -1 past MAX_SPAN_TOKENS.
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t lo
+    cdef Py_ssize_t hi
+    cdef Py_ssize_t i
+    for i in range(n + 1):
+        if i == n or p[i] == 44:  # ","
+            if count == MAX_SPAN_TOKENS:
+                return -1
+            lo = start
+            hi = i
+            while lo < hi and _is_space(p[lo]):
+                lo += 1
+            while hi > lo and _is_space(p[hi - 1]):
+                hi -= 1
+            out[count].p = p + lo
+            out[count].n = hi - lo
+            count += 1
+            start = i + 1
+    return count
+
+
+cdef bint _named(bytes name, const _Span* tokens, int count, object token_set) except -1:
+    # Whether a Connection field names this field: http.py compared the
+    # name with each token lower-cased, exactly (so an upper-case byte in
+    # the name never matches).
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+    cdef Py_ssize_t k
+    cdef int t
+    if token_set is not None:
+        return name in token_set
+    for t in range(count):
+        if tokens[t].n != n:
+            continue
+        k = 0
+        while k < n and _lower(tokens[t].p[k]) == p[k]:
+            k += 1
+        if k == n:
+            return True
+    return False
+
+
+cdef inline char* _put(char* w, bytes b) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(w, PyBytes_AS_STRING(b), n)
+    return w + n
+
+
+cdef inline char* _put_lit(char* w, const char* lit, Py_ssize_t n) noexcept:
+    memcpy(w, lit, n)
+    return w + n
+
+
+cdef set _connection_tokens(headers):
+    # http.py's _connection_tokens, for the paths that need a set.
+    tokens = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+cdef object _upstream_head_bytes(bytes method, bytes target, bint http10, list headers,
+                                 bytes hostport, bytes client_ip, bint with_length,
+                                 Py_ssize_t body_len):
+    # The fast path of upstream_head: every input plain bytes.  Returns None
+    # when a field is not a 2-tuple of bytes (upstream_head then takes the
+    # general path).  Between the passes no Python code runs, so the list
+    # the second pass reads is the one the first measured.
+    cdef Py_ssize_t n = PyList_GET_SIZE(headers)
+    cdef Py_ssize_t i
+    cdef Py_ssize_t size
+    cdef Py_ssize_t digits = 0
+    cdef Py_ssize_t v
+    cdef int kind
+    cdef int count = 0
+    cdef bint connection = False
+    cdef _Span tokens[MAX_SPAN_TOKENS]
+    cdef char number[24]
+    cdef char* w
+    cdef bytes name
+    cdef bytes value
+    cdef object token_set = None
+    cdef object forwarded_for = None
+    cdef object orig_host = None
+
+    # Pass 1: check and classify the fields, gather the Connection tokens,
+    # measure what is forwarded.
+    size = PyBytes_GET_SIZE(method) + 1 + PyBytes_GET_SIZE(target) + 17 + PyBytes_GET_SIZE(hostport) + 2
+    for i in range(n):
+        item = headers[i]
+        if not PyTuple_CheckExact(item) or PyTuple_GET_SIZE(item) != 2:
+            return None
+        if not PyBytes_CheckExact((<tuple>item)[0]) or not PyBytes_CheckExact((<tuple>item)[1]):
+            return None
+        name = (<tuple>item)[0]
+        value = (<tuple>item)[1]
+        kind = _upstream_kind(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+        if kind == UP_FORWARD:
+            size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+        elif kind == UP_CONNECTION:
+            connection = True
+            if token_set is None:
+                count = _split_tokens(<const unsigned char*>PyBytes_AS_STRING(value),
+                                      PyBytes_GET_SIZE(value), tokens, count)
+                if count < 0:
+                    token_set = _connection_tokens(headers)
+        elif kind == UP_HOST:
+            orig_host = value  # the last one, as http.py took it
+        elif kind == UP_FORWARDED_FOR:
+            forwarded_for = value
+    if connection:
+        # Fields named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
+        for i in range(n):
+            name = (<tuple>headers[i])[0]
+            if (_upstream_kind(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) == UP_FORWARD
+                    and _named(name, tokens, count, token_set)):
+                size -= PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE((<tuple>headers[i])[1]) + 4
+    size += 17 + PyBytes_GET_SIZE(client_ip) + 2  # x-forwarded-for
+    if forwarded_for:
+        size += PyBytes_GET_SIZE(forwarded_for) + 2
+    if orig_host is not None:
+        size += 18 + PyBytes_GET_SIZE(orig_host) + 2
+    if with_length:
+        v = body_len
+        while True:
+            number[23 - digits] = <char>(48 + v % 10)
+            digits += 1
+            v //= 10
+            if v == 0:
+                break
+        size += 16 + digits + 2
+    size += 2
+
+    # Pass 2: fill.
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(out)
+    w = _put(w, method)
+    w[0] = b" "
+    w = _put(w + 1, target)
+    w = _put_lit(w, b" HTTP/1.0\r\nhost: " if http10 else b" HTTP/1.1\r\nhost: ", 17)
+    w = _put(w, hostport)
+    w = _put_lit(w, b"\r\n", 2)
+    for i in range(n):
+        name = (<tuple>headers[i])[0]
+        if _upstream_kind(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) != UP_FORWARD:
+            continue
+        if connection and _named(name, tokens, count, token_set):
+            continue
+        w = _put(w, name)
+        w = _put_lit(w, b": ", 2)
+        w = _put(w, (<tuple>headers[i])[1])
+        w = _put_lit(w, b"\r\n", 2)
+    w = _put_lit(w, b"x-forwarded-for: ", 17)
+    if forwarded_for:
+        w = _put(w, forwarded_for)
+        w = _put_lit(w, b", ", 2)
+    w = _put(w, client_ip)
+    w = _put_lit(w, b"\r\n", 2)
+    if orig_host is not None:
+        w = _put_lit(w, b"x-forwarded-host: ", 18)
+        w = _put(w, orig_host)
+        w = _put_lit(w, b"\r\n", 2)
+    if with_length:
+        w = _put_lit(w, b"content-length: ", 16)
+        w = _put_lit(w, number + 24 - digits, digits)
+        w = _put_lit(w, b"\r\n", 2)
+    w = _put_lit(w, b"\r\n", 2)
+    assert w == PyBytes_AS_STRING(out) + size
+    return out
+
+
+# RFC 9110 section 7.6.1 hop-by-hop fields, plus Proxy-Connection (sent by
+# old clients).  Host and Content-Length are rewritten, Expect is answered by
+# olb itself (the body is already complete when the request goes upstream).
+# _upstream_kind is the same set, for the fast path.
+cdef set _DROP_UPSTREAM = {
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
+    b"proxy-authorization",
+}
+
+
+cdef bytes _upstream_head_any(method, target, bint http10, headers, hostport, client_ip,
+                              bint with_length, Py_ssize_t body_len):
+    # upstream_head for inputs that are not all plain bytes: http.py's code
+    # as it was, so that anything it accepted (a bytearray value, a list for
+    # a pair) gives the same bytes, and anything it refused the same error.
+    cdef set drop = _DROP_UPSTREAM
+    tokens = None
+    parts = [method, b" ", target, b" HTTP/1.0\r\nhost: " if http10 else b" HTTP/1.1\r\nhost: ",
+             hostport, b"\r\n"]
+    forwarded_for = None
+    orig_host = None
+    for name, value in headers:
+        if name in drop:
+            if name == b"connection":
+                tokens = _connection_tokens(headers)
+            elif name == b"host":
+                orig_host = value
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for = value
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if tokens:
+        kept = parts[:6]
+        for i in range(6, len(parts), 4):
+            if parts[i] not in tokens:
+                kept += parts[i:i + 4]
+        parts = kept
+    parts += (b"x-forwarded-for: ",
+              forwarded_for + b", " + client_ip if forwarded_for else client_ip, b"\r\n")
+    if orig_host is not None:
+        parts += (b"x-forwarded-host: ", orig_host, b"\r\n")
+    if with_length:
+        parts += (b"content-length: ", b"%d" % body_len, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def upstream_head(req, hostport, client_ip):
+    """The request head olb sends to a backend (the body follows unchanged).
+
+    Args:
+        req: an olb.http.ProxyRequest (method, target, http_version, headers,
+            body and has_body_framing are read).
+        hostport: the backend's address, sent as Host (Ollama bound to
+            127.0.0.1 answers 403 to a non-local Host).
+        client_ip: appended to X-Forwarded-For.
+
+    Returns:
+        The head, bytes, through its empty line.  Hop-by-hop fields (RFC 9110
+        section 7.6.1, Proxy-Connection, the fields Connection names),
+        Expect, Proxy-Authorization, Host and Content-Length are dropped; the
+        client's Host becomes X-Forwarded-Host, and Content-Length is the
+        body's length when there is a body or the client framed one.
+
+    HTTP/1.0 clients are forwarded as HTTP/1.0, so the backend answers
+    without chunked framing (which such a client cannot read) and closes.
+    """
+    cdef bint with_length
+    cdef Py_ssize_t body_len = 0
+    method = req.method
+    target = req.target
+    http10 = req.http_version == b"1.0"
+    headers = req.headers
+    body = req.body
+    with_length = True if body else bool(req.has_body_framing)
+    if with_length:
+        body_len = len(body)
+    if (PyBytes_CheckExact(method) and PyBytes_CheckExact(target) and PyList_CheckExact(headers)
+            and PyBytes_CheckExact(hostport) and PyBytes_CheckExact(client_ip)):
+        out = _upstream_head_bytes(method, target, http10, headers, hostport, client_ip, with_length, body_len)
+        if out is not None:
+            return out
+    return _upstream_head_any(method, target, http10, headers, hostport, client_ip, with_length, body_len)
+
+
+# ---------------------------------------------------------------------------
+# parse_response_head
+
+cdef enum:
+    _MAX_HEAD = 16 * 1024
+
+#: Largest request or response head. h11's default is 16 KiB, chosen after
+#: node (80 KiB), tomcat (8 KiB) and IIS (16 KiB); we keep it.
+MAX_HEAD = _MAX_HEAD
+
+cdef enum _Framing:
+    # Body framing of a response, from RFC 9112 section 6.3.
+    FRAMING_NO_BODY = 0
+    FRAMING_CHUNKED = 1
+    FRAMING_LENGTH = 2
+    FRAMING_UNTIL_CLOSE = 3
+
+#: ResponseHead.framing: no body (1xx, 204, 304, or the answer to HEAD).
+NO_BODY = FRAMING_NO_BODY
+#: ResponseHead.framing: Transfer-Encoding: chunked.
+CHUNKED = FRAMING_CHUNKED
+#: ResponseHead.framing: Content-Length bytes.
+LENGTH = FRAMING_LENGTH
+#: ResponseHead.framing: the body runs until the backend closes.
+UNTIL_CLOSE = FRAMING_UNTIL_CLOSE
+
+
+@cython.final
+@cython.freelist(16)
+cdef class ResponseHead:
+    """A backend's response head, as parse_response_head reads it.
+
+    status (int), reason (bytes), headers ([(lower-case name, value)], the
+    values stripped of SP/HTAB), framing (NO_BODY, CHUNKED, LENGTH or
+    UNTIL_CLOSE), length (the Content-Length, -1 if none), keep_alive
+    (bool), hop_by_hop (a hop-by-hop field was sent: the head must be
+    rebuilt to be forwarded) and content_type (bytes, b"" if none).
+    """
+
+    cdef public object status
+    cdef public object reason
+    cdef public object headers
+    cdef public object framing
+    cdef public object length
+    cdef public object keep_alive
+    cdef public object hop_by_hop
+    cdef public object content_type
+
+    def __init__(self, status, reason, headers, framing, length, keep_alive, hop_by_hop, content_type):
+        # parse_response_head does not come through here (ResponseHead.__new__
+        # and the fields set in C); this is for Python callers.
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.framing = framing
+        self.length = length
+        self.keep_alive = keep_alive
+        self.hop_by_hop = hop_by_hop
+        self.content_type = content_type
+
+
+cdef inline Py_ssize_t _crlf(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end) noexcept:
+    # The CR of the first CRLF in p[pos:end], or end if there is none: where
+    # bytes.split(b"\r\n") would cut.  memchr finds the LFs (a line has one).
+    cdef const unsigned char* q
+    pos += 1
+    while pos < end:
+        q = <const unsigned char*>memchr(p + pos, LF, end - pos)
+        if q == NULL:
+            return end
+        pos = q - p
+        if p[pos - 1] == CR:
+            return pos - 1
+        pos += 1
+    return end
+
+
+cdef bint _has_token(const unsigned char* p, Py_ssize_t n, const char* lit, Py_ssize_t m) noexcept:
+    # Whether the comma-separated list p[:n] holds `lit` (lower-case) once
+    # each item is stripped and lower-cased as bytes.strip().lower() does.
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t lo
+    cdef Py_ssize_t hi
+    cdef Py_ssize_t i
+    for i in range(n + 1):
+        if i == n or p[i] == 44:  # ","
+            lo = start
+            hi = i
+            while lo < hi and _is_space(p[lo]):
+                lo += 1
+            while hi > lo and _is_space(p[hi - 1]):
+                hi -= 1
+            if _name_is(p + lo, hi - lo, lit, m):
+                return True
+            start = i + 1
+    return False
+
+
+cdef inline bytes _cut(const unsigned char* p, Py_ssize_t n, Py_ssize_t most):
+    # p[:n][:most], for an error message.
+    return PyBytes_FromStringAndSize(<const char*>p, n if n < most else most)
+
+
+cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_request):
+    cdef Py_ssize_t limit = n if n < _MAX_HEAD else _MAX_HEAD
+    cdef Py_ssize_t end = -1
+    cdef Py_ssize_t i = 3
+    cdef Py_ssize_t pos
+    cdef Py_ssize_t start
+    cdef Py_ssize_t colon
+    cdef Py_ssize_t vs
+    cdef Py_ssize_t ve
+    cdef Py_ssize_t k
+    cdef Py_ssize_t name_len
+    cdef const unsigned char* q
+    cdef char* out
+    cdef int status
+    cdef int framing
+    cdef int64_t v
+    cdef bint http11
+    cdef bint chunked = False
+    cdef bint close
+    cdef bint hop = False
+    cdef bint over
+    cdef unsigned char c
+    cdef ResponseHead head
+    cdef object length = None
+    cdef bytes name
+    cdef bytes value
+    cdef bytes content_type = b""
+
+    # The end of the head: the first CRLF CRLF.  One limit however the bytes
+    # arrive: a head read whole is held to it too.  Searching only the first
+    # MAX_HEAD bytes decides as a search of all of them would: an end found
+    # past the limit, or none in a buffer longer than it, is too large.
+    while i < limit:
+        q = <const unsigned char*>memchr(p + i, LF, limit - i)
+        if q == NULL:
+            break
+        i = q - p
+        if p[i - 1] == CR and p[i - 2] == LF and p[i - 3] == CR:
+            end = i - 3
+            break
+        i += 1
+    if end < 0:
+        if n > _MAX_HEAD:
+            raise errors.BackendProtocolError("backend sent a response head larger than 16 KiB")
+        return None
+
+    # Status line: "HTTP/1." any-byte SP 3DIGIT [any-byte reason].  The
+    # minor version byte is not checked; only "1" makes the head HTTP/1.1.
+    pos = _crlf(p, 0, end)
+    if (pos < 12 or memcmp(p, b"HTTP/1.", 7) != 0 or p[8] != SP
+            or not (48 <= p[9] <= 57 and 48 <= p[10] <= 57 and 48 <= p[11] <= 57)):
+        raise errors.BackendProtocolError(f"backend sent a malformed status line: {_cut(p, pos, 64)!r}")
+    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    http11 = p[7] == 49
+    close = not http11
+    reason = PyBytes_FromStringAndSize(<const char*>(p + 13), pos - 13) if pos > 13 else b""
+
+    headers = []
+    while pos < end:
+        # A field line: name ":" value, the name non-empty and not ending in
+        # SP/HTAB; the value is stripped of SP/HTAB and otherwise taken as
+        # it is (a trusted peer: no obs-fold or CTL checks).
+        start = pos + 2
+        pos = _crlf(p, start, end)
+        q = <const unsigned char*>memchr(p + start, COLON, pos - start) if pos > start else NULL
+        colon = q - p if q != NULL else start
+        if colon == start or p[colon - 1] == SP or p[colon - 1] == HTAB:
+            raise errors.BackendProtocolError(
+                f"backend sent a malformed header line: {_cut(p + start, pos - start, 64)!r}")
+        name_len = colon - start
+        name = PyBytes_FromStringAndSize(NULL, name_len)
+        out = PyBytes_AS_STRING(name)
+        for k in range(name_len):
+            out[k] = <char>_lower(p[start + k])
+        vs = colon + 1
+        ve = pos
+        while vs < ve and (p[vs] == SP or p[vs] == HTAB):
+            vs += 1
+        while ve > vs and (p[ve - 1] == SP or p[ve - 1] == HTAB):
+            ve -= 1
+        value = PyBytes_FromStringAndSize(<const char*>(p + vs), ve - vs)
+        headers.append((name, value))
+
+        if _is(out, name_len, b"content-length", 14):
+            # 1*DIGIT; a second one must say the same.  Up to 10**18 in C,
+            # longer ones through int() as http.py read them all (which
+            # raises ValueError past sys.get_int_max_str_digits()).
+            if vs == ve:
+                raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {value[:32]!r}")
+            v = 0
+            over = False
+            for k in range(vs, ve):
+                c = p[k]
+                if not 48 <= c <= 57:
+                    raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {value[:32]!r}")
+                if v >= 100000000000000000:
+                    over = True
+                else:
+                    v = v * 10 + (c - 48)
+            number = int(value) if over else v
+            if length is not None and number != length:
+                raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {value[:32]!r}")
+            length = number
+        elif _is(out, name_len, b"transfer-encoding", 17):
+            # Only chunked as the last coding frames a body we can find the end of.
+            k = ve
+            while k > vs and p[k - 1] != 44:  # ","
+                k -= 1
+            while k < ve and _is_space(p[k]):
+                k += 1
+            i = ve
+            while i > k and _is_space(p[i - 1]):
+                i -= 1
+            chunked = _name_is(p + k, i - k, b"chunked", 7)
+            if not chunked:
+                raise errors.BackendProtocolError(
+                    f"backend sent an unsupported Transfer-Encoding: {value[:32]!r}")
+        elif _is(out, name_len, b"content-type", 12):
+            content_type = value
+        elif _is(out, name_len, b"connection", 10):
+            hop = True
+            if _has_token(p + vs, ve - vs, b"close", 5):
+                close = True
+            elif not http11 and _has_token(p + vs, ve - vs, b"keep-alive", 10):
+                close = False
+        elif (_is(out, name_len, b"keep-alive", 10) or _is(out, name_len, b"proxy-connection", 16)
+              or _is(out, name_len, b"trailer", 7) or _is(out, name_len, b"upgrade", 7)):
+            hop = True
+
+    if status < 200 or status == 204 or status == 304 or head_request:
+        framing = FRAMING_NO_BODY
+    elif chunked:
+        framing = FRAMING_CHUNKED
+    elif length is not None:
+        framing = FRAMING_LENGTH
+    else:
+        framing = FRAMING_UNTIL_CLOSE
+        close = True
+    head = ResponseHead.__new__(ResponseHead)
+    head.status = status
+    head.reason = reason
+    head.headers = headers
+    head.framing = framing
+    head.length = -1 if length is None else length
+    head.keep_alive = not close
+    head.hop_by_hop = hop
+    head.content_type = content_type
+    return head, end + 4
+
+
+def parse_response_head(buf, bint head_request):
+    """Parse a backend's response head from the start of `buf`.
+
+    Args:
+        buf: bytes (or any bytes-like object) read so far from the backend
+            for this response.
+        head_request: the request was HEAD (the response has no body
+            whatever it says).
+
+    Returns:
+        (ResponseHead, head_length) or None when the head is not complete yet.
+
+    Raises:
+        BackendProtocolError: the bytes are not an HTTP/1.x response head,
+            or the head is larger than MAX_HEAD.
+    """
+    cdef Py_buffer view
+    if PyBytes_CheckExact(buf):
+        return _parse_response(<const unsigned char*>PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf),
+                               head_request)
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        return _parse_response(<const unsigned char*>view.buf, view.len, head_request)
+    finally:
+        PyBuffer_Release(&view)

@@ -12,7 +12,8 @@ import h11
 import pytest
 
 from olb._http import parse_request_head
-from olb.http import MAX_HEAD, RequestReader, _connection_tokens, _items
+from olb.http import MAX_HEAD, RequestReader, _items
+from tests.http_reference import _connection_tokens
 
 # Request heads as the clients olb serves write them (captured from each
 # client's own code: header order, case and spacing as sent).
