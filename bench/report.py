@@ -12,7 +12,7 @@ import math
 import os
 
 #: The issue's targets for olb (see BENCHMARKS.md): limits relative to nginx, or absolute.
-SMALL_CPU_LIMIT = 2.5      # CPU per small request at most 2.5x nginx's
+SMALL_CPU_LIMIT = 1.5      # CPU per small request at most 1.5x nginx's (issue 12)
 STREAM_MEM_LIMIT_KIB = 32  # memory per open stream
 OBSERVE_CPU_LIMIT = 1.10   # CPU per request with metrics and the access log on, against off
 

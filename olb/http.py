@@ -129,13 +129,15 @@ def _connection_tokens(headers) -> set[bytes]:
 class ProxyRequest:
     """A complete client request, as read by RequestReader."""
 
-    __slots__ = ("method", "target", "http_version", "headers", "body", "keep_alive", "has_body_framing",
+    __slots__ = ("method", "target", "path", "http_version", "headers", "body", "keep_alive", "has_body_framing",
                  "streamed")
 
     def __init__(self, method: bytes, target: bytes, http_version: bytes, headers: list,
                  body: bytes, keep_alive: bool, has_body_framing: bool, streamed: bool = False):
         self.method = method
         self.target = target
+        #: The target without its query (read several times a request: kept, not a property).
+        self.path = target.partition(b"?")[0]
         self.http_version = http_version
         self.headers = headers  # [(lower-case name, value)] as h11 gives them
         self.body = body
@@ -143,10 +145,6 @@ class ProxyRequest:
         self.has_body_framing = has_body_framing
         #: The body is not in `body`: read it with RequestReader.next_body().
         self.streamed = streamed
-
-    @property
-    def path(self) -> bytes:
-        return self.target.partition(b"?")[0]
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
