@@ -8,6 +8,8 @@
     python -m bench chaos [...]         bench/chaos.py: backends killed, slow and non-reading clients, few
                                         descriptors; every request classified
     python -m bench control [...]       bench/control_plane.py: requests that run no model, every slot busy
+    python -m bench count [...]         bench/count.py: syscalls, wake-ups, instructions, Python frames and
+                                        allocations per chunk or request, olb against nginx, HAProxy, floor
     python -m bench plot FILE.json...   the Markdown and plots again, from saved results
                                         (scheduling results merged: later rows replace earlier)
     python -m bench tools               which proxies this machine has
@@ -130,6 +132,12 @@ def cmd_control(p, args) -> int:
     return control_plane.main(args.rest)
 
 
+def cmd_count(p, args) -> int:
+    from . import count
+
+    return count.main(args.rest)
+
+
 def cmd_tools(p, args) -> int:
     from . import proc, targets
 
@@ -179,6 +187,9 @@ def main(argv=None) -> int:
     co = sub.add_parser("control", help="bench/control_plane.py: HEAD /, /api/version, /api/tags, /api/show "
                                         "with every slot busy; its flags follow", add_help=False)
     co.set_defaults(func=lambda a: cmd_control(co, a), passthrough="control")
+    cn = sub.add_parser("count", help="bench/count.py: syscalls, wake-ups, instructions, Python frames and "
+                                      "allocations per chunk or request; its flags follow", add_help=False)
+    cn.set_defaults(func=lambda a: cmd_count(cn, a), passthrough="count")
     pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result; several "
                                      "scheduling results are merged, later rows replacing earlier ones")
     pl.add_argument("files", nargs="+", metavar="FILE.json")
@@ -186,7 +197,8 @@ def main(argv=None) -> int:
     pl.set_defaults(func=lambda a: cmd_plot(pl, a))
     t = sub.add_parser("tools", help="which proxies and plotting this machine has")
     t.set_defaults(func=lambda a: cmd_tools(t, a))
-    # `micro`, `e2e`, `scheduling`, `chaos` and `control` hand the flags they do not know to pytest and to their module.
+    # `micro`, `e2e`, `scheduling`, `chaos`, `control` and `count` hand the flags they do not know
+    # to pytest and to their module.
     args, rest = p.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", None):
         p.error(f"unrecognized arguments: {' '.join(rest)}")
