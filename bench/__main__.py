@@ -1,7 +1,7 @@
 """`python -m bench`: olb's benchmarks, from the repository root with the venv active.
 
-    python -m bench overhead            olb vs direct vs nginx vs HAProxy (~6 min on 2 cores)
-    python -m bench overhead --quick    a smoke run (~1.5 min)
+    python -m bench overhead            olb vs direct vs nginx vs HAProxy vs floor, on olb-sim and the raw mock (~25 min)
+    python -m bench overhead --quick    a smoke run (~5 min)
     python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core and olb._http (~20 s)
     python -m bench e2e [...]           bench/e2e.py: olb vs direct only, more detail per process
     python -m bench scheduling [...]    bench/scheduling.py: olb's scheduler vs nginx/HAProxy, simulated cluster

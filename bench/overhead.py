@@ -6,8 +6,8 @@ olb runs twice: `olb` with metrics and the access log off, `olb-obs` with both o
 
     python -m bench overhead --targets olb,olb-obs --cases version,generate,stream
 
-    python -m bench overhead                  # every case, ~10 min on 2 cores
-    python -m bench overhead --quick          # a smoke run, ~1.5 min
+    python -m bench overhead                  # every case on both backends, ~25 min on 2 cores
+    python -m bench overhead --quick          # a smoke run, ~5 min
     python -m bench overhead --cases paced --paced-streams 1000
 
 Cases (each starts its own backend process with two Ollama instances unless

@@ -10,7 +10,8 @@ ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["overhead", "--help"], ["scheduling", "--help"],
-                                  ["e2e", "--help"], ["chaos", "--help"], ["control", "--help"], ["plot", "--help"], ["tools"]])
+                                  ["e2e", "--help"], ["chaos", "--help"], ["control", "--help"], ["count", "--help"], ["plot", "--help"],
+                                  ["tools"]])
 def test_bench_subcommands_answer(argv):
     out = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
