@@ -187,9 +187,12 @@ class MockConn(asyncio.Protocol):
         chat = path == "/api/chat"
         if req.get("stream", True) is False:
             text = " ".join(f"tok{i}" for i in range(tokens))
-            out = {"model": "llama3.2", "created_at": CREATED.decode(), "done": True, "done_reason": "stop",
-                   "eval_count": tokens, "prompt_eval_count": 8}
+            # In Go's field order (api/types.go GenerateResponse, ChatResponse with Metrics), as
+            # Ollama writes it.
+            out = {"model": "llama3.2", "created_at": CREATED.decode()}
             out["message" if chat else "response"] = {"role": "assistant", "content": text} if chat else text
+            out.update(done=True, done_reason="stop", total_duration=1000000, load_duration=1000,
+                       prompt_eval_count=8, prompt_eval_duration=1000, eval_count=tokens, eval_duration=1000000)
             write(_reply(200, json.dumps(out, separators=(",", ":")).encode()))
             return
         write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"

@@ -158,8 +158,9 @@ class RequestReader:
 
     Call `receive(data)` with what the socket read (b"" at EOF), then
     `next_request()` until it returns NEED_DATA, PAUSED or CLOSED. After each
-    call, `take_output()` has bytes to write, if any (only an interim
-    `100 Continue` today).
+    call, `take_output()` has bytes to write when `output` is not empty (only
+    an interim `100 Continue` today: the caller looks at `output` first, so
+    the usual request costs no call for it).
 
     Two parsers, one at a time (see "Theory of operation" above):
 
@@ -178,7 +179,7 @@ class RequestReader:
     `next_body()`, and `streaming` is true until the body has ended.
     """
 
-    __slots__ = ("_conn", "_max_body", "_max_head", "_head", "_headers", "_chunks", "_size", "_output",
+    __slots__ = ("_conn", "_max_body", "_max_head", "_head", "_headers", "_chunks", "_size", "output",
                  "_buf", "_scanned", "_eof", "_busy", "_target", "_close", "streaming", "waiting", "body_bytes")
 
     def __init__(self, max_body: int, max_head: int = MAX_HEAD):
@@ -189,7 +190,7 @@ class RequestReader:
         self._headers: list = []
         self._chunks: list[bytes] = []
         self._size = 0
-        self._output = b""
+        self.output = b""
         self._buf: bytes | bytearray = b""  # FAST: what the client sent, unparsed
         self._scanned = 0   # FAST: how far the search for the head's end got
         self._eof = False   # FAST: the client closed its sending side
@@ -218,7 +219,7 @@ class RequestReader:
             self._buf += data
 
     def take_output(self) -> bytes:
-        out, self._output = self._output, b""
+        out, self.output = self.output, b""
         return out
 
     def next_request(self):
@@ -341,7 +342,7 @@ class RequestReader:
                 if conn.client_is_waiting_for_100_continue:
                     # curl sends Expect: 100-continue for bodies over 1 MiB and waits
                     # for this before sending the body (RFC 9110 §10.1.1).
-                    self._output += conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    self.output += conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                 if streamed:
                     self.streaming = True
                     self.waiting = IDLE

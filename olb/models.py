@@ -197,6 +197,7 @@ SCAN_BUDGET = 20_000
 #: whose values differ from the loaded runner's unloads and reloads the model.
 #: num_gpu < 0 is ignored there ("Don't reload runner if num_gpu=-1").
 RELOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
+_RELOAD_SET = frozenset(RELOAD_OPTIONS)
 
 
 class Routed(NamedTuple):
@@ -280,8 +281,8 @@ def runner_key(options) -> tuple:
     """The RELOAD_OPTIONS an `options` object sets, as sorted (name, value)
     pairs: what Ollama's needsReload compares. Values that are not plain
     scalars are left out (Ollama would answer 400 for them)."""
-    if not isinstance(options, dict) or not options:
-        return ()
+    if not isinstance(options, dict) or _RELOAD_SET.isdisjoint(options):
+        return ()  # the usual case (num_predict, temperature...): one set operation
     key = []
     for name in RELOAD_OPTIONS:
         value = options.get(name)

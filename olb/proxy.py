@@ -272,12 +272,14 @@ class ClientSideProtocol(asyncio.Protocol):
             except OlbError as exc:
                 # Malformed or oversized: answer, then close — the rest of what
                 # the client sends can no longer be framed.
-                self._write_pending(reader)
+                if reader.output:
+                    self._write_pending(reader)
                 self.t0 = monotonic()
                 self._reply(error_response(b"/", exc.status_hint, exc.message, closing=True), 0, True,
                             None, exc.status_hint)
                 return
-            self._write_pending(reader)
+            if reader.output:
+                self._write_pending(reader)
             if type(req) is ProxyRequest:
                 self.t0 = monotonic()
                 listener = self.listener
@@ -320,7 +322,8 @@ class ClientSideProtocol(asyncio.Protocol):
                 ex.start()
                 return
             if req is NEED_DATA:
-                self.gate.resume(PIPELINE)
+                if self.gate.reasons & PIPELINE:  # (resume would check it too: this saves the call)
+                    self.gate.resume(PIPELINE)
             elif req is CLOSED:
                 self.transport.close()
             return
@@ -345,7 +348,8 @@ class ClientSideProtocol(asyncio.Protocol):
         ex, self.exchange = self.exchange, None
         if self.ctx.observing and ex is not None:
             observe(self.ctx, self, ex, status)
-        self._release_key()
+        if self.key is not None:  # (OLB_API_KEYS; a call saved per request without)
+            self._release_key()
         self._last_active = now = self.ctx.loop.time()
         self.clock.done()
         if self._closed:
@@ -1238,7 +1242,8 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
         self.keep = None
         self.tail1 = self.tail2 = None
         # The timer stays armed (_arm): it stops when it fires unattached.
-        self.gate.resume(PEER_SLOW)
+        if self.gate.reasons:  # (resume would check it too: this saves the call)
+            self.gate.resume(PEER_SLOW)
 
     def close(self) -> None:
         self._closed = True

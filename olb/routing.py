@@ -61,6 +61,10 @@ class Decision:
 
 
 def admit(index: int, placed: bool = False) -> Decision:
+    if not placed and index < len(_ADMITS):
+        # Decisions are values nobody changes: the common one, a backend
+        # with no placement, is made once per index (no object a request).
+        return _ADMITS[index]
     return Decision(ADMIT, index, placed=placed)
 
 
@@ -69,6 +73,7 @@ def wait(mask) -> Decision:
 
 
 UNREACHABLE_DECISION = Decision(FAIL, reason=UNREACHABLE)
+_ADMITS = tuple(Decision(ADMIT, i) for i in range(1024))
 MISSING_DECISION = Decision(FAIL, reason=MISSING)
 
 
