@@ -1,6 +1,6 @@
 """`python -m bench`: olb's benchmarks, from the repository root with the venv active.
 
-    python -m bench overhead            olb vs direct vs nginx vs HAProxy vs floor, on olb-sim and the raw mock (~25 min)
+    python -m bench overhead            olb vs direct, nginx, HAProxy, floor; olb-sim and the raw mock (~17 min)
     python -m bench overhead --quick    a smoke run (~5 min)
     python -m bench micro [PYTEST ARGS]  pytest-benchmark micro-benchmarks of olb._core and olb._http (~20 s)
     python -m bench e2e [...]           bench/e2e.py: olb vs direct only, more detail per process

@@ -6,7 +6,7 @@ olb runs twice: `olb` with metrics and the access log off, `olb-obs` with both o
 
     python -m bench overhead --targets olb,olb-obs --cases version,generate,stream
 
-    python -m bench overhead                  # every case on both backends, ~25 min on 2 cores
+    python -m bench overhead                  # every case on both backends, ~17 min on 2 cores
     python -m bench overhead --quick          # a smoke run, ~5 min
     python -m bench overhead --cases paced --paced-streams 1000
 

@@ -21,7 +21,7 @@ scheduling.md, management.md, operations.md):
     olb/models.py     what each backend has installed and loaded (model routing)
     olb/manage.py     model management across the cluster (pull, create, delete, blobs, ...)
     olb/_core.pyx     compiled: the backend table (selection and in-flight counts)
-    olb/_http.pyx     compiled: request-head fast path, response body-end scanner
+    olb/_http.pyx     compiled: request-head fast path, backend response head, upstream head, body-end scanner
     olb/_relay.pyx    compiled: the per-chunk path of a response (base of BackendSideProtocol)
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
