@@ -46,6 +46,9 @@ class BodyScanner:
     def bytes_seen(self) -> int:
         """Body bytes consumed so far, chunk framing included."""
 
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """The lower-cased tokens of every Connection field in `headers`."""
+
 class _UpstreamRequest(Protocol):
     """What upstream_head reads of an olb.http.ProxyRequest."""
 

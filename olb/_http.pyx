@@ -802,12 +802,15 @@ cdef inline char* _put_lit(char* w, const char* lit, Py_ssize_t n) noexcept:
     return w + n
 
 
-cdef set _connection_tokens(headers):
-    # http.py's _connection_tokens, for the paths that need a set.
-    tokens = set()
+cpdef set connection_tokens(headers):
+    """The lower-cased tokens of every Connection field in `headers`
+    ([(lower-case name, value)]): what RequestReader reads keep-alive from,
+    and the field names upstream_head drops as hop-by-hop."""
+    cdef set tokens = set()
     for name, value in headers:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+            for t in value.split(b","):
+                tokens.add(t.strip().lower())
     return tokens
 
 
@@ -855,7 +858,7 @@ cdef object _upstream_head_bytes(bytes method, bytes target, bint http10, list h
                 count = _split_tokens(<const unsigned char*>PyBytes_AS_STRING(value),
                                       PyBytes_GET_SIZE(value), tokens, count)
                 if count < 0:
-                    token_set = _connection_tokens(headers)
+                    token_set = connection_tokens(headers)
         elif kind == UP_HOST:
             orig_host = value  # the last one, as http.py took it
         elif kind == UP_FORWARDED_FOR:
@@ -946,7 +949,7 @@ cdef bytes _upstream_head_any(method, target, bint http10, headers, hostport, cl
     for name, value in headers:
         if name in drop:
             if name == b"connection":
-                tokens = _connection_tokens(headers)
+                tokens = connection_tokens(headers)
             elif name == b"host":
                 orig_host = value
             continue

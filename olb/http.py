@@ -66,7 +66,7 @@ from ._http import MAX_HEAD as MAX_HEAD
 from ._http import NO_BODY as NO_BODY
 from ._http import UNTIL_CLOSE as UNTIL_CLOSE
 from ._http import ResponseHead as ResponseHead
-from ._http import parse_request_head
+from ._http import connection_tokens, parse_request_head
 from ._http import parse_response_head as parse_response_head
 from ._http import upstream_head as upstream_head
 from .errors import BadRequest, PayloadTooLarge
@@ -116,14 +116,6 @@ def _items(headers) -> list[tuple[bytes, bytes]]:
     if full is None:
         return list(headers)
     return [(name, value) for _, name, value in full]
-
-
-def _connection_tokens(headers) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
 
 
 class ProxyRequest:
@@ -348,7 +340,7 @@ class RequestReader:
                     self.waiting = IDLE
                     self.body_bytes = 0
                     keep_alive = (event.http_version == b"1.1" and not self._close
-                                  and b"close" not in _connection_tokens(headers))
+                                  and b"close" not in connection_tokens(headers))
                     framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
                     return ProxyRequest(event.method, self._target, event.http_version, headers,
                                         b"", keep_alive, framing, streamed=True)
@@ -359,7 +351,7 @@ class RequestReader:
                 self._chunks = []
                 headers = self._headers
                 keep_alive = (head.http_version == b"1.1" and not self._close
-                              and b"close" not in _connection_tokens(headers))
+                              and b"close" not in connection_tokens(headers))
                 framing = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
                 self.waiting = IDLE
                 return ProxyRequest(head.method, self._target, head.http_version, headers,

@@ -12,8 +12,8 @@ import h11
 import pytest
 
 from olb._http import parse_request_head
+from olb._http import connection_tokens
 from olb.http import MAX_HEAD, RequestReader, _items
-from tests.http_reference import _connection_tokens
 
 # Request heads as the clients olb serves write them (captured from each
 # client's own code: header order, case and spacing as sent).
@@ -110,7 +110,7 @@ def h11_reads(data: bytes):
     assert type(event) is h11.Request
     headers = _items(event.headers)
     lengths = [int(v) for n, v in headers if n == b"content-length"]
-    keep_alive = event.http_version == b"1.1" and b"close" not in _connection_tokens(headers)
+    keep_alive = event.http_version == b"1.1" and b"close" not in connection_tokens(headers)
     return (event.method, event.target, event.http_version, headers, lengths[0] if lengths else -1, keep_alive)
 
 
