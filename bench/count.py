@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from . import load, proc, targets
+from . import load, overhead, proc, targets
 
 CASES = {"burst": (64, 32), "stream": (4, 2000), "version": (32, 0)}
 TRACEPOINTS = {
@@ -109,9 +109,7 @@ def _callgrind_counts(path: str) -> dict[str, int]:
 async def _load(loop, addresses, case: str, conns: int = 0):
     """Keep-alive connections and their requests for `case` (`conns` of them, or the case's number)."""
     n = conns or CASES[case][0]
-    kind = "version" if case == "version" else "stream"
-    reqs = [load.build_request(kind, "%s:%d" % addresses[i % len(addresses)], tokens=CASES[case][1])
-            for i in range(n)]
+    reqs = overhead._requests("version" if case == "version" else "stream", addresses, n, tokens=CASES[case][1])
     return await load.open_conns(loop, addresses, n), reqs
 
 
@@ -154,21 +152,12 @@ async def measure(loop, args, spec: targets.TargetSpec, backends, events, tmp: s
 async def callgrind(loop, args, kind: str, backends, tmp: str) -> dict:
     """One Python target under callgrind: counts in a window zeroed after the warm-up."""
     out = os.path.join(tmp, f"cg.{kind}")
-    env = dict(os.environ)
-    if kind == "olb":
-        env.update(OLB_BACKENDS=",".join(f"http://{h}:{p};max=4096" for h, p in backends),
-                   OLB_LISTEN="127.0.0.1:0", OLB_WORKERS="1", OLB_HEALTH_INTERVAL="0", OLB_GPU_POLL="0",
-                   OLB_MAX_INFLIGHT="4096", OLB_LOG_LEVEL="warning", OLB_ADMIN_LISTEN="off",
-                   OLB_METRICS="off", OLB_ACCESS_LOG="off")
-        argv, pattern = ["-m", "olb"], rb"listening on http://(\S+)"
-    else:
-        argv = ["-m", "bench.floor", "--backends", ",".join(f"{h}:{p}" for h, p in backends)]
-        pattern = rb"floor listening on http://(\S+)"
-    child = proc.Child(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-                        sys.executable] + argv, env, pattern, 1)
+    running = targets.TargetSpec(kind).start(backends, 64, tmp, wrap=(
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"))
+    child = running.child
+    assert child is not None  # olb and floor run as a child process (callgrind_control needs its pid)
     try:
-        host, port = child.found[0].rsplit(":", 1)
-        addresses = [(host, int(port))]
+        addresses = running.addresses
         conns, reqs = await _load(loop, addresses, args.case, 16 if args.case != "version" else 8)
         try:
             await load.run_phase(loop, conns, reqs, len(conns) * 4, 120)
@@ -178,7 +167,7 @@ async def callgrind(loop, args, kind: str, backends, tmp: str) -> dict:
         finally:
             load.close_conns(conns)
     finally:
-        child.stop()
+        running.stop()
     dumps = sorted(glob.glob(out + ".*"), key=os.path.getmtime)
     counts = _callgrind_counts(dumps[-1]) if dumps else {}
     ops = phase.completed if args.case == "version" else phase.lines
@@ -190,7 +179,7 @@ async def run(args) -> dict:
     loop = asyncio.get_running_loop()
     mock = proc.Child([sys.executable, "-m", "bench.rawmock", "--count", "2", "--burst", str(args.burst)],
                       None, rb"^(http://\S+)", 2)
-    backends = [(u.split("//")[1].rsplit(":", 1)[0], int(u.rsplit(":", 1)[1])) for u in mock.found]
+    backends = [proc.address(url) for url in mock.found]
     events = _perf_events()
     tmp = tempfile.mkdtemp(prefix="olb-count-")
     rows, cg = [], []

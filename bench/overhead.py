@@ -475,10 +475,7 @@ async def _stop_all(running) -> None:
 
 async def run_case(loop, args, case: str, backend: str, main, sweep, progress: Progress, tmp: str) -> list[dict]:
     sim = proc.Child(_backend_argv(args, case, backend), None, rb"^(http://\S+)", args.backends)
-    backends = []
-    for url in sim.found:
-        host, port = url.split("//", 1)[1].rsplit(":", 1)
-        backends.append((host, int(port)))
+    backends = [proc.address(url) for url in sim.found]
     specs = list(main) + (list(sweep) if case in args.sweep_cases and case != "paced" else [])
     max_conns = max(args.paced_streams) if case == "paced" else _shape(args, case)[0]
     running = []

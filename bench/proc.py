@@ -249,6 +249,12 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
+def address(url: str) -> tuple[str, int]:
+    """`http://host:port` (or `host:port`), as a child prints where it listens -> (host, port)."""
+    host, port = url.split("//", 1)[-1].rsplit(":", 1)
+    return host, int(port)
+
+
 def find_exe(name: str) -> str | None:
     """`name` on PATH or in the sbin directories Debian installs nginx and HAProxy into."""
     path = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/usr/local/sbin:/sbin"

@@ -42,9 +42,13 @@ _PS = json.dumps({"models": [{"name": MODEL, "model": MODEL, "size": 3400000000,
                               "size_vram": 3400000000, "context_length": 4096}]}).encode()
 _VERSION = b'{"version":"0.12.6"}'
 _ROOT = b"Ollama is running"
+_JSON = b"application/json; charset=utf-8"
+#: GET (and HEAD) path -> (body, content type).
+_GETS = {"/": (_ROOT, b"text/plain; charset=utf-8"), "/api/version": (_VERSION, _JSON),
+         "/api/tags": (_TAGS, _JSON), "/api/ps": (_PS, _JSON)}
 
 
-def _reply(status: int, body: bytes, ctype: bytes = b"application/json; charset=utf-8",
+def _reply(status: int, body: bytes, ctype: bytes = _JSON,
            head_only: bool = False) -> bytes:
     reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}[status]
     head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nDate: Wed, 02 Dec 2026 12:00:00 GMT\r\n"
@@ -167,13 +171,11 @@ class MockConn(asyncio.Protocol):
     def handle(self, method: str, path: str, body: bytes) -> None:
         write = self.transport.write
         if method in ("GET", "HEAD"):
-            answer = {"/": (_ROOT, b"text/plain; charset=utf-8"), "/api/version": (_VERSION, None),
-                      "/api/tags": (_TAGS, None), "/api/ps": (_PS, None)}.get(path)
+            answer = _GETS.get(path)
             if answer is None:
                 write(_reply(404, b'{"error":"404 page not found"}', head_only=method == "HEAD"))
             else:
-                write(_reply(200, answer[0], answer[1] or b"application/json; charset=utf-8",
-                             head_only=method == "HEAD"))
+                write(_reply(200, *answer, head_only=method == "HEAD"))
             return
         if method != "POST" or path not in ("/api/generate", "/api/chat"):
             write(_reply(404, b'{"error":"404 page not found"}'))

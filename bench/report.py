@@ -54,12 +54,12 @@ def _by_case(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _one_worker(rows: list[dict], kind: str) -> dict | None:
+    return next((r for r in rows if r["kind"] == kind and r["workers"] == 1), None)
+
+
 def _nginx(rows: list[dict]) -> dict | None:
-    return next((r for r in rows if r["kind"] == "nginx" and r["workers"] == 1), None)
-
-
-def _haproxy(rows: list[dict]) -> dict | None:
-    return next((r for r in rows if r["kind"] == "haproxy" and r["workers"] == 1), None)
+    return _one_worker(rows, "nginx")
 
 
 def _by_backend(rows: list[dict]) -> dict[str, list[dict]]:
@@ -170,8 +170,7 @@ def _check_targets(rows: list[dict], nproc: int | None) -> list[dict]:
     cases = _by_case(rows)
 
     def pair(case_rows):
-        olb = next((r for r in case_rows if r["kind"] == "olb" and r["workers"] == 1), None)
-        return olb, _nginx(case_rows)
+        return _one_worker(case_rows, "olb"), _nginx(case_rows)
 
     for case, what in (("stream", "tokens as fast as possible"), ("burst", "many short streams")):
         if case in cases:
@@ -199,7 +198,7 @@ def _check_targets(rows: list[dict], nproc: int | None) -> list[dict]:
                                            f"direct {d['p99_ms']:.1f} ms)",
                                "olb": f"{a:+.2f} ms", "nginx": f"{b:+.2f} ms",
                                "ratio": a / b if b >= ADDED_FLOOR_MS else float("nan"), "met": a <= b})
-        hp = _haproxy(level)
+        hp = _one_worker(level, "haproxy")
         if olb and hp:
             a, b = olb["p99_ms"], hp["p99_ms"]
             checks.append({"target": f"TTFT p99 ≤ HAProxy's ({top} streams; HAProxy in the nginx column)",
@@ -221,8 +220,7 @@ def _check_targets(rows: list[dict], nproc: int | None) -> list[dict]:
                                "met": a <= SMALL_CPU_LIMIT * b})
     for case in ("version", "generate"):
         if case in cases:
-            off = next((r for r in cases[case] if r["kind"] == "olb" and r["workers"] == 1), None)
-            on = next((r for r in cases[case] if r["kind"] == "olb-obs" and r["workers"] == 1), None)
+            off, on = _one_worker(cases[case], "olb"), _one_worker(cases[case], "olb-obs")
             if off and on:
                 a, b = _proxy_cpu(on), _proxy_cpu(off)
                 checks.append({"target": f"CPU per request with metrics and access log ≤ {OBSERVE_CPU_LIMIT}× "

@@ -120,10 +120,19 @@ class TargetSpec:
                 return f"{self.extra_name}: {exe or 'empty command'!r} is not an executable"
         return None
 
-    def start(self, backends: list[tuple[str, int]], max_conns: int, tmp: str) -> Running:
-        """Start the target in front of `backends`, sized for `max_conns` concurrent client connections."""
+    def start(self, backends: list[tuple[str, int]], max_conns: int, tmp: str,
+              wrap: tuple[str, ...] = ()) -> Running:
+        """Start the target in front of `backends`, sized for `max_conns` concurrent client connections.
+
+        `wrap`: a command the target runs under (`valgrind --tool=callgrind ...`: bench/count.py);
+        only for the Python targets, olb and floor.
+        """
         if self.kind == "direct":
             return Running(self.name, self.kind, 1, list(backends))
+        if wrap:
+            if self.kind not in ("olb", "olb-obs", "floor"):
+                raise ValueError(f"{self.kind} cannot run under {wrap[0]}")
+            return {"floor": _start_floor}.get(self.kind, _start_olb)(self, backends, max_conns, tmp, wrap)
         start = {"olb": _start_olb, "olb-obs": _start_olb, "nginx": _start_nginx, "haproxy": _start_haproxy,
                  "floor": _start_floor, "extra": _start_extra}[self.kind]
         return start(self, backends, max_conns, tmp)
@@ -167,7 +176,7 @@ def _private_dir(tmp: str, name: str) -> str:
 # --- olb -----------------------------------------------------------------------------------------
 
 
-def _start_olb(spec: TargetSpec, backends, max_conns: int, tmp: str) -> Running:
+def _start_olb(spec: TargetSpec, backends, max_conns: int, tmp: str, wrap: tuple[str, ...] = ()) -> Running:
     observe = spec.kind == "olb-obs"
     env = dict(os.environ,
                OLB_BACKENDS=",".join(f"http://{h}:{p};max={max_conns}" for h, p in backends),
@@ -177,15 +186,15 @@ def _start_olb(spec: TargetSpec, backends, max_conns: int, tmp: str) -> Running:
                OLB_METRICS="on" if observe else "off", OLB_LOG_FORMAT="text",
                OLB_ACCESS_LOG=os.path.join(_private_dir(tmp, spec.name), "access.log") if observe else "off")
     # Two lines: the data port, then the admin listener's (/olb/status).
-    child = Child([sys.executable, "-m", "olb"], env, rb"(?:listening|admin) on http://(\S+)", 2)
+    child = Child([*wrap, sys.executable, "-m", "olb"], env, rb"(?:listening|admin) on http://(\S+)", 2)
     host, port = child.found[0].rsplit(":", 1)
     admin_host, admin_port = child.found[1].rsplit(":", 1)
     return Running(spec.name, spec.kind, spec.workers, [(host, int(port))], child=child,
                    admin=(admin_host, int(admin_port)))
 
 
-def _start_floor(spec: TargetSpec, backends, max_conns: int, tmp: str) -> Running:
-    child = Child([sys.executable, "-m", "bench.floor", "--listen", "127.0.0.1:0",
+def _start_floor(spec: TargetSpec, backends, max_conns: int, tmp: str, wrap: tuple[str, ...] = ()) -> Running:
+    child = Child([*wrap, sys.executable, "-m", "bench.floor", "--listen", "127.0.0.1:0",
                    "--backends", ",".join(f"{h}:{p}" for h, p in backends)], None,
                   rb"floor listening on http://(\S+)", 1)
     host, port = child.found[0].rsplit(":", 1)
