@@ -21,6 +21,7 @@ when matplotlib is installed (`pip install '.[bench]'`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -108,34 +109,19 @@ def cmd_micro(p, args) -> int:
     return rc
 
 
-def cmd_e2e(p, args) -> int:
-    from . import e2e
-
-    return e2e.main(args.rest)
-
-
-def cmd_scheduling(p, args) -> int:
-    from . import scheduling
-
-    return scheduling.main(args.rest) or 0
-
-
-def cmd_chaos(p, args) -> int:
-    from . import chaos
-
-    return chaos.main(args.rest, RESULTS)
-
-
-def cmd_control(p, args) -> int:
-    from . import control_plane
-
-    return control_plane.main(args.rest)
-
-
-def cmd_count(p, args) -> int:
-    from . import count
-
-    return count.main(args.rest)
+#: The sub-commands that hand their flags to a module's main(argv): name, module, help, and
+#: how main is called (chaos also takes the results directory).
+PASSTHROUGH = (
+    ("e2e", "e2e", "bench/e2e.py (olb vs direct)", lambda mod, rest: mod.main(rest)),
+    ("scheduling", "scheduling", "bench/scheduling.py: olb's scheduler on a simulated LLM cluster",
+     lambda mod, rest: mod.main(rest) or 0),
+    ("chaos", "chaos", "bench/chaos.py: olb under adversity, every request classified",
+     lambda mod, rest: mod.main(rest, RESULTS)),
+    ("control", "control_plane", "bench/control_plane.py: HEAD /, /api/version, /api/tags, /api/show "
+     "with every slot busy", lambda mod, rest: mod.main(rest)),
+    ("count", "count", "bench/count.py: syscalls, wake-ups, instructions, Python frames and allocations "
+     "per chunk or request", lambda mod, rest: mod.main(rest)),
+)
 
 
 def cmd_tools(p, args) -> int:
@@ -176,20 +162,10 @@ def main(argv=None) -> int:
     m.add_argument("--out", default=RESULTS)
     m.set_defaults(passthrough="pytest")
     m.set_defaults(func=lambda a: cmd_micro(m, a))
-    e = sub.add_parser("e2e", help="bench/e2e.py (olb vs direct); its flags follow", add_help=False)
-    e.set_defaults(func=lambda a: cmd_e2e(e, a), passthrough="e2e")
-    sc = sub.add_parser("scheduling", help="bench/scheduling.py: olb's scheduler on a simulated LLM cluster; "
-                                           "its flags follow", add_help=False)
-    sc.set_defaults(func=lambda a: cmd_scheduling(sc, a), passthrough="scheduling")
-    ch = sub.add_parser("chaos", help="bench/chaos.py: olb under adversity, every request classified; "
-                                      "its flags follow", add_help=False)
-    ch.set_defaults(func=lambda a: cmd_chaos(ch, a), passthrough="chaos")
-    co = sub.add_parser("control", help="bench/control_plane.py: HEAD /, /api/version, /api/tags, /api/show "
-                                        "with every slot busy; its flags follow", add_help=False)
-    co.set_defaults(func=lambda a: cmd_control(co, a), passthrough="control")
-    cn = sub.add_parser("count", help="bench/count.py: syscalls, wake-ups, instructions, Python frames and "
-                                      "allocations per chunk or request; its flags follow", add_help=False)
-    cn.set_defaults(func=lambda a: cmd_count(cn, a), passthrough="count")
+    for name, module, text, call in PASSTHROUGH:
+        sp = sub.add_parser(name, help=f"{text}; its flags follow", add_help=False)
+        sp.set_defaults(func=lambda a, module=module, call=call: call(
+            importlib.import_module(f".{module}", __package__), a.rest), passthrough=name)
     pl = sub.add_parser("plot", help="Markdown and plots again from a saved JSON result; several "
                                      "scheduling results are merged, later rows replacing earlier ones")
     pl.add_argument("files", nargs="+", metavar="FILE.json")
