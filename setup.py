@@ -53,6 +53,11 @@ setup(
         Extension("olb._core", ["olb/_core.pyx"], extra_compile_args=["-O2"]),
         Extension("olb._http", ["olb/_http.pyx"], extra_compile_args=["-O2"]),
         Extension("olb._relay", ["olb/_relay.pyx"], extra_compile_args=["-O2"]),
+        Extension("olb._tokens", ["olb/_tokens.pyx"], extra_compile_args=["-O2"]),
+        Extension("olb.http", ["olb/http.py"], extra_compile_args=["-O2"]),
+        Extension("olb.models", ["olb/models.py"], extra_compile_args=["-O2"]),
+        Extension("olb.routing", ["olb/routing.py"], extra_compile_args=["-O2"]),
+        Extension("olb.proxy", ["olb/proxy.py"], extra_compile_args=["-O2"]),
     ],
     cmdclass={"build_ext": build_ext},
 )

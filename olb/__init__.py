@@ -1,7 +1,10 @@
 """olb: a load balancer for Ollama and other LLM inference servers.
 
 Where a request goes (read in this order; the design is in docs/:
-scheduling.md, management.md, operations.md):
+scheduling.md, management.md, operations.md, performance.md). The modules
+with a .pxd beside them (http, proxy, models, routing) are Python compiled
+by Cython, the .pxd declaring their classes' layout (docs/performance.md);
+the .pyx modules are Cython proper.
 
     olb/__main__.py   the `olb-fast` command: configuration, workers
     olb/config.py     OLB_* variables and flags -> Config
@@ -23,6 +26,7 @@ scheduling.md, management.md, operations.md):
     olb/_core.pyx     compiled: the backend table (selection and in-flight counts)
     olb/_http.pyx     compiled: request-head fast path, backend response head, upstream head, body-end scanner
     olb/_relay.pyx    compiled: the per-chunk path of a response (base of BackendSideProtocol)
+    olb/_tokens.pyx   compiled: the token counts at a response's end (metrics.read_tokens)
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
     olb/admin.py      /olb/status, /olb/health, /olb/drain, /metrics, the dashboard: the admin gate

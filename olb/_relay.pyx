@@ -9,7 +9,8 @@ response head is through -- forward the bytes, find the body's end, and for
 a chat stream keep a reference to what went out (olb/resume.py reads it if
 the backend dies: one list append per read, no copy) -- and nothing else.
 Everything that happens once per request (heads, errors, timers, the pool)
-stays in Python, in proxy.BackendSideProtocol.
+stays in proxy.BackendSideProtocol (Python source, compiled as an extension
+type that subclasses this one: docs/performance.md).
 
 Why compiled: a streamed token is one read from the backend and one write to
 the client, and at 1,000 open streams that is 50,000 reads a second.  With
@@ -20,7 +21,8 @@ for this one (`pytest bench/test_bench_core.py -k relay --benchmark-only`,
 the scanner and the clock without a Python call.
 
 Relay is the base class of proxy.BackendSideProtocol.  It owns the fields
-the per-chunk path reads, which the Python subclass also reads and writes:
+the per-chunk path reads, which the subclass also reads and writes (their
+declarations are in _relay.pxd, so that the subclass can cimport them):
 
     head      the backend's response head once parsed (http.ResponseHead);
               None while it is being read, and data_received then hands the
@@ -80,17 +82,9 @@ def monotonic():
 cdef class Relay:
     """The body-forwarding half of a backend connection's protocol (see the module doc)."""
 
-    cdef public object head
-    cdef public BodyScanner scanner
-    cdef public object forward
-    cdef public double last_io
-    cdef public object tail1
-    cdef public object tail2
-    cdef public object keep  # a list or None (object: the stub may say so)
-    cdef public Py_ssize_t keep_left
 
     def __cinit__(self, *args, **kwargs):
-        # __cinit__ so that a Python subclass's __init__ need not call ours.
+        # __cinit__ so that a subclass's __init__ need not call ours.
         self.head = None
         self.scanner = BodyScanner()
         self.forward = None

@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """Sans-IO HTTP for the proxy: bytes in, requests and response heads out.
 
 Rules for this module: no sockets, no transports, no event loop. The IO shell
@@ -121,8 +122,6 @@ def _items(headers) -> list[tuple[bytes, bytes]]:
 class ProxyRequest:
     """A complete client request, as read by RequestReader."""
 
-    __slots__ = ("method", "target", "path", "http_version", "headers", "body", "keep_alive", "has_body_framing",
-                 "streamed")
 
     def __init__(self, method: bytes, target: bytes, http_version: bytes, headers: list,
                  body: bytes, keep_alive: bool, has_body_framing: bool, streamed: bool = False):
@@ -171,8 +170,6 @@ class RequestReader:
     `next_body()`, and `streaming` is true until the body has ended.
     """
 
-    __slots__ = ("_conn", "_max_body", "_max_head", "_head", "_headers", "_chunks", "_size", "output",
-                 "_buf", "_scanned", "_eof", "_busy", "_target", "_close", "streaming", "waiting", "body_bytes")
 
     def __init__(self, max_body: int, max_head: int = MAX_HEAD):
         self._conn: h11.Connection | None = None  # None: FAST mode
@@ -209,6 +206,11 @@ class RequestReader:
         else:
             self._buf = bytearray(self._buf)
             self._buf += data
+
+    def buffered(self) -> bool:
+        """Is there something for next_request to read (bytes, or the client's EOF)?
+        When not, it would only answer NEED_DATA, and its caller may skip it."""
+        return self._conn is not None or bool(self._buf) or self._eof
 
     def take_output(self) -> bytes:
         out, self.output = self.output, b""

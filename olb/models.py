@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """What each backend has: installed models (/api/tags) and loaded ones (/api/ps).
 
 Rules for this module: model names, per-model backend masks and what the
@@ -214,6 +215,7 @@ class Routed(NamedTuple):
 
 
 NOTHING = Routed(None, None, ())
+_new_tuple = tuple.__new__
 
 
 def parse_request(body: bytes) -> Routed:
@@ -263,7 +265,12 @@ def _routed(model, messages, options) -> Routed:
         return NOTHING
     affinity = None
     if isinstance(messages, list) and messages:
-        if any(isinstance(m, dict) and m.get("role") in ("assistant", "tool") for m in messages):
+        for m in messages:  # (a loop, not any() over a generator: no closure when compiled)
+            if isinstance(m, dict) and m.get("role") in ("assistant", "tool"):
+                break
+        else:
+            m = None
+        if m is not None:
             lead = []
             for message in messages:
                 lead.append(message)
@@ -274,7 +281,8 @@ def _routed(model, messages, options) -> Routed:
     # starts with the chat template's tokens, the same for every
     # conversation): generate traffic is kept together by the session
     # header alone.
-    return Routed(model, affinity, runner_key(options))
+    # tuple.__new__: a NamedTuple's own __new__ is a Python function (a frame a request).
+    return _new_tuple(Routed, (model, affinity, runner_key(options)))
 
 
 def runner_key(options) -> tuple:
@@ -802,7 +810,11 @@ class ModelDirectory:
         counts = self.inflight.get(model)
         if counts is None or not self.placed:
             return 0
-        return sum(counts[i] for i in range(self.n) if (model, i) in self.placed)
+        waiting = 0
+        for i in range(self.n):
+            if (model, i) in self.placed:
+                waiting += counts[i]
+        return waiting
 
     def spare(self, model: str, mask, waiting=None) -> bytearray:
         """The part of `mask` where loading `model` cannot evict a model in

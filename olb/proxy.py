@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """The IO shell: asyncio Protocols that move bytes between clients and backends.
 
 Rules for this module: Protocol classes and the Exchange that glues one
@@ -123,9 +124,6 @@ OVER_SHARE_TEXT = ("too many requests waiting from this client, please try again
 class ProxyContext:
     """What every connection of one worker shares."""
 
-    __slots__ = ("config", "loop", "balancer", "clients", "gpu", "telemetry", "started", "worker",
-                 "host_check", "bodies", "resumes", "closing", "keys", "samples", "metrics", "metrics_dir",
-                 "access_log", "observing", "backend_header")
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
@@ -160,11 +158,9 @@ class ProxyContext:
         self.backend_header = None
 
 
-class ClientSideProtocol(asyncio.Protocol):
+class ClientSideProtocol:
     """One client connection: requests in order, one exchange at a time."""
 
-    __slots__ = ("ctx", "transport", "reader", "gate", "exchange", "write_paused", "peer_ip",
-                 "_timer", "_last_active", "_closed", "clock", "_timer_at", "listener", "key", "t0")
 
     @property
     def last_active(self) -> float:
@@ -360,9 +356,12 @@ class ClientSideProtocol(asyncio.Protocol):
             return
         # Re-parse what is buffered *before* resuming reading, so a pipelined
         # request does not flap the transport (aiohttp web_protocol does the same).
-        self._process()
-        if self.exchange is None and self.reader.waiting and not self._closed:
-            self._partial(now)
+        # Nothing buffered (the usual case): nothing to parse, and no
+        # pipelined request paused the reading.
+        if self.reader.buffered() or self.gate.reasons & PIPELINE:
+            self._process()
+            if self.exchange is None and self.reader.waiting and not self._closed:
+                self._partial(now)
 
     def _time_streamed_body(self, now: float) -> None:
         """A streamed body (a blob upload) began: time it by the body rule (slowclient.py)."""
@@ -459,10 +458,6 @@ class ClientSideProtocol(asyncio.Protocol):
 class Exchange:
     """One client request on its way through olb (see the state diagram above)."""
 
-    __slots__ = ("client", "ctx", "req", "index", "conn", "allowed", "attempts", "state", "head",
-                 "closing", "queue_timer", "queue_key", "connect_task", "reused_retry", "model", "excluded",
-                 "affinity", "runner", "slot", "probing", "rechecked", "kept", "resumed", "started", "name",
-                 "served", "t_admit", "t_first", "t_load", "sent", "tokens", "__weakref__")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest, slot: bool = True):
         self.client = client
@@ -1063,7 +1058,6 @@ class Exchange:
 class Continuation:
     """A chat stream being continued on another backend (Exchange._resume)."""
 
-    __slots__ = ("kind", "body", "splice", "budget", "cause")
 
     def __init__(self, kind: int, body: bytes, splice, cause: str):
         #: resume.NDJSON or resume.SSE.
@@ -1086,7 +1080,6 @@ class MergedExchange:
     answers, as a client expects of "one Ollama".
     """
 
-    __slots__ = ("client", "ctx", "req", "conn", "task")
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
         self.client = client
@@ -1150,7 +1143,7 @@ class MergedExchange:
             task.cancel()
 
 
-class BackendSideProtocol(Relay, asyncio.Protocol):
+class BackendSideProtocol(Relay):
     """One TCP connection to a backend: idle in its pool, or serving one exchange.
 
     The per-chunk path (data_received once the head is through) is
@@ -1159,8 +1152,6 @@ class BackendSideProtocol(Relay, asyncio.Protocol):
     scanner, forward (the client's transport.write) and last_io.
     """
 
-    __slots__ = ("pool", "loop", "transport", "gate", "exchange", "write_paused", "_buf",
-                 "_got_bytes", "_reused", "_attached_at", "_timer", "_timer_at", "_closed", "_head_request")
 
     def __init__(self, pool):
         self.pool = pool

@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """Where a request goes: the placement rules, as a function of state.
 
 Rules for this module: no I/O, no awaiting, no Exchange. A Router reads the
@@ -41,7 +42,6 @@ class Decision:
     live loaded mask). FAIL: `reason` is UNREACHABLE or MISSING.
     """
 
-    __slots__ = ("kind", "index", "mask", "placed", "reason")
 
     def __init__(self, kind: int, index: int = NO_BACKEND, mask=None, placed: bool = False,
                  reason: int = UNREACHABLE):
@@ -99,8 +99,6 @@ class Router:
         session_bound: OLB_SESSION_BOUND (0: conversations are not kept together).
     """
 
-    __slots__ = ("table", "models", "queued", "spread_queue", "session_bound", "decisions", "cold_decisions",
-                 "_next_pick")
 
     def __init__(self, table, models, queued, spread_queue: int, session_bound: float):
         self.table = table

@@ -478,15 +478,15 @@ def test_recheck_shares_one_round_and_waits_out_its_interval(monkeypatch):
 
     import olb.models as models_mod
 
-    d = directory(2)
     reads = []
 
-    async def refresh(index):
-        reads.append(index)
-        await asyncio.sleep(0)
-        return True
+    class Counted(ModelDirectory):
+        async def refresh(self, index):
+            reads.append(index)
+            await asyncio.sleep(0)
+            return True
 
-    d.refresh = refresh
+    d = Counted([SimpleNamespace(index=i, spec=None) for i in range(2)], interval=10, timeout=1)
     clock = [100.0]
     monkeypatch.setattr(models_mod.time, "monotonic", lambda: clock[0])
 

@@ -1,0 +1,92 @@
+# cython: language_level=3
+#
+# The typed layout of proxy.py's classes when it is compiled (Cython's
+# pure-Python mode: proxy.py stays plain Python, and runs as such when it is
+# not compiled). With it, a request's path through these classes reads
+# fields from C structs and calls the cpdef methods below as C functions,
+# not through Python frames and attribute dictionaries. See docs/performance.md.
+
+cimport cython
+
+from olb._relay cimport Relay
+from olb.http cimport ProxyRequest, RequestReader
+
+
+@cython.final
+cdef class ProxyContext:
+    cdef public object config, loop, balancer, clients, gpu, telemetry, worker, host_check, bodies
+    cdef public object resumes, keys, samples, metrics, metrics_dir, access_log, backend_header
+    cdef public double started
+    cdef public bint closing, observing
+
+
+@cython.final
+cdef class ClientSideProtocol:
+    cdef public ProxyContext ctx
+    cdef public RequestReader reader
+    cdef public object transport, gate, exchange, peer_ip, _timer, clock, listener, key
+    cdef public bint write_paused, _closed
+    cdef public double _last_active, _timer_at, t0
+
+    cpdef _process(self)
+    cpdef _write_pending(self, reader)
+    cpdef _reply(self, data, int status, bint closing, req=*, int logged=*)
+    cpdef response_done(self, int status, bint closing)
+    cpdef _partial(self, double now)
+    cpdef _release_key(self)
+    cpdef charge_tokens(self, tokens)
+    cpdef abort(self)
+
+
+@cython.final
+cdef class Exchange:
+    cdef public ClientSideProtocol client
+    cdef public ProxyContext ctx
+    cdef public BackendSideProtocol conn
+    cdef public ProxyRequest req
+    cdef public object allowed, head, queue_timer, queue_key, connect_task, model, excluded
+    cdef public object affinity, runner, probing, kept, resumed, name, served, tokens
+    cdef public Py_ssize_t index, attempts, state, sent
+    cdef public bint closing, reused_retry, slot, rechecked
+    cdef public double started, t_admit, t_first, t_load
+    cdef object __weakref__
+
+    cpdef start(self)
+    cpdef _route(self)
+    cpdef admit(self, Py_ssize_t index)
+    cpdef _send(self, BackendSideProtocol conn, bint reused)
+    cpdef on_head(self, head, raw)
+    cpdef on_end(self, bint reusable, last=*)
+    cpdef _abort_conn(self)
+    cpdef _release(self)
+    cpdef _fail(self, error)
+    cpdef client_gone(self)
+
+
+@cython.final
+cdef class Continuation:
+    cdef public object kind, body, splice, cause
+    cdef public Py_ssize_t budget
+
+
+@cython.final
+cdef class MergedExchange:
+    cdef public ClientSideProtocol client
+    cdef public ProxyContext ctx
+    cdef public object req, conn, task
+
+
+@cython.final
+cdef class BackendSideProtocol(Relay):
+    cdef public object pool, loop, transport, gate, _buf, _timer
+    cdef public Exchange exchange
+    cdef public bint write_paused, _got_bytes, _reused, _closed, _head_request
+    cdef public double _attached_at, _timer_at
+
+    cpdef reusable(self)
+    cpdef attach(self, Exchange exchange, bint reused)
+    cpdef _arm(self, double deadline, double now)
+    cpdef detach(self)
+    cpdef close(self)
+    cpdef abort(self)
+    cpdef _finish(self, data, Py_ssize_t end)
