@@ -58,6 +58,11 @@ setup(
         Extension("olb.models", ["olb/models.py"], extra_compile_args=["-O2"]),
         Extension("olb.routing", ["olb/routing.py"], extra_compile_args=["-O2"]),
         Extension("olb.proxy", ["olb/proxy.py"], extra_compile_args=["-O2"]),
+        Extension("olb.slowclient", ["olb/slowclient.py"], extra_compile_args=["-O2"]),
+        Extension("olb.pool", ["olb/pool.py"], extra_compile_args=["-O2"]),
+        Extension("olb.hostcheck", ["olb/hostcheck.py"], extra_compile_args=["-O2"]),
+        Extension("olb.dashboard", ["olb/dashboard.py"], extra_compile_args=["-O2"]),
+        Extension("olb.manage", ["olb/manage.py"], extra_compile_args=["-O2"]),
     ],
     cmdclass={"build_ext": build_ext},
 )

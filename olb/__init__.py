@@ -2,9 +2,9 @@
 
 Where a request goes (read in this order; the design is in docs/:
 scheduling.md, management.md, operations.md, performance.md). The modules
-with a .pxd beside them (http, proxy, models, routing) are Python compiled
-by Cython, the .pxd declaring their classes' layout (docs/performance.md);
-the .pyx modules are Cython proper.
+with a .pxd beside them (those a request passes through) are Python
+compiled by Cython, the .pxd declaring their classes' layout
+(docs/performance.md); the .pyx modules are Cython proper.
 
     olb/__main__.py   the `olb-fast` command: configuration, workers
     olb/config.py     OLB_* variables and flags -> Config

@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """What the dashboard (/olb/ on the admin listener) shows over time: a ring
 of recent samples, and recent ejections and model loads.
 

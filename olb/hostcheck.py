@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """Ollama's DNS-rebinding protection, applied on olb's own listener.
 
 Ollama listening on a loopback address refuses a request whose `Host` is
@@ -111,7 +112,6 @@ class HostCheck:
     """allowed() with the answers remembered per Host value (the hot path
     pays one dict lookup)."""
 
-    __slots__ = ("hostname", "_seen")
 
     def __init__(self, hostname: str | None = None):
         self.hostname = socket.gethostname() if hostname is None else hostname

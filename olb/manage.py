@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """Model management across the cluster: pull, push, create, copy, delete, blobs, stop.
 
 olb must look like ONE Ollama. Inference goes to one backend; model

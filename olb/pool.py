@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """Keep-alive connections to one backend.
 
 Opening a TCP connection per request would add a round trip and a socket
@@ -17,8 +18,6 @@ import socket
 
 
 class BackendPool:
-    __slots__ = ("loop", "index", "host", "port", "hostport", "connect_timeout", "max_idle",
-                 "_idle", "_factory", "opened")
 
     def __init__(self, loop, index: int, host: str, port: int, hostport: bytes,
                  connect_timeout: float, protocol_factory, max_idle: int = 64):

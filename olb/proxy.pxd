@@ -9,13 +9,17 @@
 cimport cython
 
 from olb._relay cimport Relay
+from olb.dashboard cimport Samples
 from olb.http cimport ProxyRequest, RequestReader
+from olb.pool cimport BackendPool
+from olb.slowclient cimport RequestClock
 
 
 @cython.final
 cdef class ProxyContext:
     cdef public object config, loop, balancer, clients, gpu, telemetry, worker, host_check, bodies
-    cdef public object resumes, keys, samples, metrics, metrics_dir, access_log, backend_header
+    cdef public Samples samples
+    cdef public object resumes, keys, metrics, metrics_dir, access_log, backend_header
     cdef public double started
     cdef public bint closing, observing
 
@@ -24,7 +28,8 @@ cdef class ProxyContext:
 cdef class ClientSideProtocol:
     cdef public ProxyContext ctx
     cdef public RequestReader reader
-    cdef public object transport, gate, exchange, peer_ip, _timer, clock, listener, key
+    cdef public RequestClock clock
+    cdef public object transport, gate, exchange, peer_ip, _timer, listener, key
     cdef public bint write_paused, _closed
     cdef public double _last_active, _timer_at, t0
 
@@ -78,7 +83,8 @@ cdef class MergedExchange:
 
 @cython.final
 cdef class BackendSideProtocol(Relay):
-    cdef public object pool, loop, transport, gate, _buf, _timer
+    cdef public BackendPool pool
+    cdef public object loop, transport, gate, _buf, _timer
     cdef public Exchange exchange
     cdef public bint write_paused, _got_bytes, _reused, _closed, _head_request
     cdef public double _attached_at, _timer_at

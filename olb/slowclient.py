@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """Limits on what a client may cost while it sends a request: time and held bytes.
 
 Rules for this module: no sockets and no timers; the IO shell
@@ -47,7 +48,6 @@ from .http import BODY, HEAD
 class BodyBudget:
     """Request body bytes held by one worker, against its cap (OLB_MAX_BODY_HELD)."""
 
-    __slots__ = ("cap", "held")
 
     def __init__(self, cap: int):
         self.cap = cap
@@ -65,7 +65,6 @@ class RequestClock:
     being read must be complete.
     """
 
-    __slots__ = ("budget", "began", "body_began", "body_base", "held")
 
     def __init__(self, budget: BodyBudget):
         self.budget = budget

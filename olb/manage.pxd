@@ -1,0 +1,8 @@
+# cython: language_level=3
+#
+# manage.py compiled (Cython's pure-Python mode, as proxy.pxd; see
+# docs/performance.md): every request is classified, and every generate and
+# chat request looked at as a possible `ollama stop`.
+
+cpdef classify(method, path, body=*)
+cpdef stop_model(path, body)
