@@ -261,8 +261,14 @@ class RequestReader:
             self.waiting = BODY
             self.body_bytes = len(buf) - head_len
             return NEED_DATA
-        # One copy, through a memoryview (a bytearray slice would be a second).
-        body = bytes(memoryview(buf)[head_len:end]) if length > 0 else b""
+        # One copy: a bytes slice is one, a bytearray's is taken through a
+        # memoryview (its slice would be a bytearray, then a second copy).
+        if length <= 0:
+            body = b""
+        elif type(buf) is bytes:
+            body = buf[head_len:end]
+        else:
+            body = bytes(memoryview(buf)[head_len:end])
         self._buf = bytes(buf[end:]) if end < len(buf) else b""
         self._scanned = 0
         self._busy = True

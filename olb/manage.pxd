@@ -4,5 +4,5 @@
 # docs/performance.md): every request is classified, and every generate and
 # chat request looked at as a possible `ollama stop`.
 
-cpdef classify(method, path, body=*)
-cpdef stop_model(path, body)
+cpdef classify(bytes method, bytes path, body=*)
+cpdef stop_model(bytes path, body)

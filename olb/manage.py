@@ -78,6 +78,7 @@ _OPS = {
     (b"POST", b"/api/copy"): COPY,
     (b"DELETE", b"/api/delete"): DELETE,
 }
+_OP_PATHS = frozenset(path for _, path in _OPS)
 BLOB_PREFIX = b"/api/blobs/"
 
 #: A stop request is a few hundred bytes; a bigger body is an inference
@@ -105,9 +106,10 @@ NDJSON = b"application/x-ndjson"
 
 def classify(method: bytes, path: bytes, body: bytes = b"") -> str | None:
     """The management operation a request is, or None (an ordinary request)."""
-    op = _OPS.get((method, path))
-    if op is not None:
-        return op
+    if path in _OP_PATHS:  # (the usual request: one set lookup, no key tuple)
+        op = _OPS.get((method, path))
+        if op is not None:
+            return op
     if path.startswith(BLOB_PREFIX):
         if method == b"HEAD":
             return BLOB_HEAD

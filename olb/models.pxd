@@ -27,7 +27,7 @@ cdef class ModelDirectory:
     cpdef waiting_for_load(self, model)
 
 
-cpdef takes_slot(method, path)
+cpdef bint takes_slot(bytes method, bytes path)
 cpdef parse_request(body)
 cpdef parse_request_whole(body)
 cpdef _routed(model, messages, options)

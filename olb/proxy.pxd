@@ -11,7 +11,9 @@ cimport cython
 from olb._relay cimport Relay
 from olb.dashboard cimport Samples
 from olb.http cimport ProxyRequest, RequestReader
+from olb.models cimport ModelDirectory
 from olb.pool cimport BackendPool
+from olb.routing cimport Decision, Router
 from olb.slowclient cimport RequestClock
 
 
@@ -57,12 +59,17 @@ cdef class Exchange:
     cdef object __weakref__
 
     cpdef start(self)
+    # (Typed locals: the directory's and the router's methods are C calls.)
+    @cython.locals(router=Router, decision=Decision)
     cpdef _route(self)
+    @cython.locals(models=ModelDirectory)
     cpdef admit(self, Py_ssize_t index)
     cpdef _send(self, BackendSideProtocol conn, bint reused)
+    @cython.locals(models=ModelDirectory)
     cpdef on_head(self, head, raw)
     cpdef on_end(self, bint reusable, last=*)
     cpdef _abort_conn(self)
+    @cython.locals(models=ModelDirectory)
     cpdef _release(self)
     cpdef _fail(self, error)
     cpdef client_gone(self)

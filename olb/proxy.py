@@ -725,7 +725,8 @@ class Exchange:
         if self.slot and self.model is not None and head.status == 200:
             # Ollama answers once the model is loaded: it is ready there now
             # (for a stream, long before the response ends).
-            self.ctx.balancer.models.answered(self.model, self.index, self.runner)
+            models = self.ctx.balancer.models
+            models.answered(self.model, self.index, self.runner)
             if self.t_load and self.ctx.metrics is not None:
                 self.ctx.metrics.load_answered(self.model, self.served, self.t_first - self.t_load)
         if self.slot and self.ctx.samples is not None:
@@ -945,9 +946,11 @@ class Exchange:
     def _release(self) -> None:
         index, self.index = self.index, NO_BACKEND
         if index != NO_BACKEND and self.slot:
+            balancer = self.ctx.balancer
             if self.model is not None:
-                self.ctx.balancer.models.admitted(self.model, index, -1)
-            self.ctx.balancer.release(index)
+                models = balancer.models
+                models.admitted(self.model, index, -1)
+            balancer.release(index)
 
     def _resume(self, index: int, error: OlbError, at_boundary: bool) -> bool:
         """Continue a broken chat stream on another backend that has the
