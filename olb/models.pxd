@@ -8,10 +8,13 @@ cimport cython
 
 
 cdef class ModelDirectory:
-    cdef public object backends, interval, timeout, installed, loaded, known, tags, ps, ps_names
-    cdef public object inflight, placed, on_load, room_models, room_vram, _layout, ps_vram
-    cdef public object footprint, disk_size, overhead, vram_free, gpu_count, _recheck, _recheck_at
-    cdef public object _recent, demand, runners, ps_context, keyed, evicting, leaving
+    # Containers typed by kind, so that their lookups are C-API calls.
+    cdef public dict installed, loaded, inflight, runners, ps_context, evicting, leaving, footprint, disk_size
+    cdef public set placed, keyed
+    cdef public list tags, ps, ps_names, room_models, room_vram, ps_vram, vram_free, gpu_count
+    cdef public bytearray known
+    cdef public object backends, interval, timeout, on_load, _layout, overhead, _recheck, _recheck_at
+    cdef public object _recent, demand
     cdef public Py_ssize_t n
 
     cpdef installed_mask(self, model)
