@@ -19,6 +19,10 @@ Groups:
     upstream head                 olb._http.upstream_head vs the Python
                                   original on the ollama Python client's
                                   /api/chat request.
+    token counts                  olb._tokens.response_tokens vs the regex
+                                  original (tests/tokens_reference.py) on
+                                  Ollama's last line of a non-streamed
+                                  /api/generate (read once per response).
 
 Per-operation figures: divide the acquire+release means by PAIRS.  Pin the
 process to one CPU (taskset -c N ...) for numbers worth quoting.
@@ -32,8 +36,9 @@ import pytest
 from olb._core import NO_BACKEND, BackendTable
 from olb._http import BodyScanner, parse_response_head, upstream_head
 from olb._relay import Relay
+from olb._tokens import response_tokens
 from olb.http import ProxyRequest
-from tests import http_reference
+from tests import http_reference, tokens_reference
 
 PAIRS = 100  # acquire+release pairs per timed call: amortises the call overhead
 SIZES = [4, 64, 1024]
@@ -281,3 +286,18 @@ def test_upstream_head(benchmark, impl):
     benchmark.extra_info.update(impl=impl, fields=len(CHAT.headers))
     out = benchmark(build, CHAT, b"127.0.0.1:11435", b"127.0.0.1")
     assert out == http_reference.upstream_head(CHAT, b"127.0.0.1:11435", b"127.0.0.1")
+
+
+#: Ollama's answer to a non-streamed /api/generate, its Metrics last (api/types.go).
+GENERATE_ANSWER = (b'{"model":"llama3.2","created_at":"2026-12-02T10:00:00.000000Z","response":"The sky is blue '
+                   b'because of Rayleigh scattering.","done":true,"done_reason":"stop","context":[1,2,3],'
+                   b'"total_duration":512000000,"load_duration":1000,"prompt_eval_count":26,'
+                   b'"prompt_eval_duration":130000000,"eval_count":298,"eval_duration":4709000000}')
+
+
+@pytest.mark.parametrize("impl", ["olb._tokens", "python"])
+def test_response_tokens(benchmark, impl):
+    read = response_tokens if impl == "olb._tokens" else tokens_reference.response_tokens
+    benchmark.group = "token counts"
+    benchmark.extra_info.update(impl=impl, body_bytes=len(GENERATE_ANSWER))
+    assert benchmark(read, None, None, GENERATE_ANSWER) == (26, 298, 4.709)
