@@ -102,6 +102,12 @@ _positive_float = _seconds(zero_is_off=False)
 _non_negative_float = _seconds(zero_is_off=True)
 
 
+#: The largest count or size a setting may hold: the compiled modules keep
+#: them in 64-bit C integers (docs/performance.md), so a larger one must be
+#: refused here, not overflow when the first connection arrives.
+LARGEST = 2**62
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -110,6 +116,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise ValueError(f"an integer >= {low}, got {raw!r}") from None
         if value < low:
             raise ValueError(f"an integer >= {low}, got {raw!r}")
+        if value > LARGEST:
+            raise ValueError(f"an integer >= {low} and at most 2^62, got {raw!r}")
         return value
 
     return parse
@@ -122,7 +130,10 @@ def _size(raw: str) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", raw)
     if not m or int(m.group(1)) == 0:
         raise ValueError(f"a size in bytes > 0, optionally with K, M or G (e.g. 64M), got {raw!r}")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if size > LARGEST:
+        raise ValueError(f"a size in bytes of at most 2^62, got {raw!r}")
+    return size
 
 
 def _size_or_off(raw: str) -> int:

@@ -64,6 +64,12 @@ def test_resume_max_bytes(raw, value):
     ({"OLB_BACKENDS": "a:1", "OLB_PULL": "some"}, "OLB_PULL: expected one of all, room, got 'some'"),
     ({"OLB_BACKENDS": "a:1", "OLB_RESUME_MAX_BYTES": "-1"}, "OLB_RESUME_MAX_BYTES: expected 0 (off) or a size"),
     ({"OLB_BACKENDS": "a:1", "OLB_RESUME_MAX_BYTES": "some"}, "OLB_RESUME_MAX_BYTES"),
+    # Past what the compiled modules hold in 64-bit integers: refused here, not at the first request.
+    ({"OLB_BACKENDS": "a:1", "OLB_MAX_BODY": "99999999999999999999G"}, "OLB_MAX_BODY: expected a size in bytes of at most 2^62"),
+    ({"OLB_BACKENDS": "a:1", "OLB_MAX_BODY_HELD": "99999999999999999999G"}, "OLB_MAX_BODY_HELD"),
+    ({"OLB_BACKENDS": "a:1", "OLB_RESUME_MAX_BYTES": "99999999999999999999G"}, "OLB_RESUME_MAX_BYTES"),
+    ({"OLB_BACKENDS": "http://a:1;max=99999999999999999999999"}, "max=99999999999999999999999"),
+    ({"OLB_BACKENDS": "a:1", "OLB_MAX_INFLIGHT": "99999999999999999999999"}, "at most 2^62"),
     ({}, "olb-fast --demo"),
 ])
 def test_bad_values_name_the_variable(env, needle):
