@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """The access log (one line per request) and the format of all of olb's logs.
 
 OLB_ACCESS_LOG says where access lines go: `stderr`, a file path (opened

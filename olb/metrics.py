@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """olb's Prometheus metrics: counted on the request path, rendered at scrape time.
 
 Rules for this module: the request path pays a few dict or list updates
@@ -79,8 +80,6 @@ class _Series:
     with fewer labels are sums over these, made at scrape time (Metrics.view).
     """
 
-    __slots__ = ("status", "duration", "duration_sum", "ttft", "ttft_sum", "queue", "queue_sum", "tps", "tps_sum",
-                 "prompt", "generated")
 
     def __init__(self):
         self.status: dict[int, int] = {}
@@ -98,7 +97,6 @@ class Metrics:
     and list updates, no formatting.
     """
 
-    __slots__ = ("n", "series", "retries", "rejections", "ejections", "returns", "loads", "load_wait", "base")
 
     def __init__(self, n: int):
         self.n = n
