@@ -33,5 +33,6 @@ cdef class ModelDirectory:
 cpdef bint takes_slot(bytes method, bytes path)
 cpdef parse_request(body)
 cpdef parse_request_whole(body)
+cpdef _routed_doc(dict doc)
 cpdef _routed(model, messages, options)
 cpdef runner_key(options)

@@ -5,6 +5,8 @@
 
 cimport cython
 
+from olb.models cimport ModelDirectory
+
 
 @cython.final
 cdef class Decision:
@@ -15,7 +17,8 @@ cdef class Decision:
 
 
 cdef class Router:
-    cdef public object table, models, queued, spread_queue, session_bound
+    cdef public ModelDirectory models
+    cdef public object table, queued, spread_queue, session_bound
     cdef public Py_ssize_t decisions, cold_decisions, _next_pick
 
     cpdef acquire(self, allowed=*, affinity=*)

@@ -194,7 +194,7 @@ class Router:
             # Every backend's catalogue is known and none has it: Ollama's 404.
             return MISSING_DECISION
         spread = self.spread_queue
-        queued = self.queued[model]
+        queued = self.queued.get(model, 0)  # (a Counter: get() is dict's, [] a Python-level slot)
         warm = without(models.warm_mask(model, runner), excluded)
         # Rule 1, warm. Waiting for the model counts olb's queue and the
         # requests a backend holds behind a load olb started: on a cold
