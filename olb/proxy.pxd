@@ -16,6 +16,13 @@ from olb.pool cimport BackendPool
 from olb.routing cimport Decision, Router
 from olb.slowclient cimport RequestClock
 
+# Functions of other compiled modules that a request calls: cimported, they
+# are C calls (proxy.py's own imports of the same names serve it uncompiled).
+from olb.http cimport downstream_head
+from olb.manage cimport classify
+from olb.metrics cimport observe
+from olb.models cimport parse_request, takes_slot
+
 
 @cython.final
 cdef class ProxyContext:
