@@ -63,6 +63,8 @@ setup(
         Extension("olb.hostcheck", ["olb/hostcheck.py"], extra_compile_args=["-O2"]),
         Extension("olb.dashboard", ["olb/dashboard.py"], extra_compile_args=["-O2"]),
         Extension("olb.manage", ["olb/manage.py"], extra_compile_args=["-O2"]),
+        Extension("olb.fairqueue", ["olb/fairqueue.py"], extra_compile_args=["-O2"]),
+        Extension("olb.balancer", ["olb/balancer.py"], extra_compile_args=["-O2"]),
         Extension("olb.metrics", ["olb/metrics.py"], extra_compile_args=["-O2"]),
         Extension("olb.accesslog", ["olb/accesslog.py"], extra_compile_args=["-O2"]),
     ],

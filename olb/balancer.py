@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """Backend choice, admission queue and backend health for one worker.
 
 Rules for this module: decisions are made by the compiled BackendTable
@@ -68,8 +69,6 @@ UNKNOWN = "not probed: olb is out of a local resource"
 class Backend:
     """What a worker knows of one backend besides the table's counters."""
 
-    __slots__ = ("index", "spec", "url", "pool", "client", "up", "down_since", "last_error", "probe_delay",
-                 "probing", "strikes")
 
     def __init__(self, index, spec, pool, client=None):
         self.index = index

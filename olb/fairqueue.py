@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """The admission queue: fair across clients, with an interactive/batch priority.
 
 Rules for this module: a data structure and its service order, nothing
@@ -46,7 +47,6 @@ OVER_SHARE = 2
 
 
 class FairQueue:
-    __slots__ = ("size", "per_client", "_lines", "_count", "_per_client", "_turn")
 
     def __init__(self, size: int, per_client: int):
         self.size = size

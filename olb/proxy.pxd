@@ -9,6 +9,7 @@
 cimport cython
 
 from olb._relay cimport Relay
+from olb.balancer cimport Backend
 from olb.dashboard cimport Samples
 from olb.http cimport ProxyRequest, RequestReader
 from olb.models cimport ModelDirectory
@@ -69,7 +70,7 @@ cdef class Exchange:
     # (Typed locals: the directory's and the router's methods are C calls.)
     @cython.locals(router=Router, decision=Decision)
     cpdef _route(self)
-    @cython.locals(models=ModelDirectory)
+    @cython.locals(models=ModelDirectory, backend=Backend)
     cpdef admit(self, Py_ssize_t index)
     cpdef _send(self, BackendSideProtocol conn, bint reused)
     @cython.locals(models=ModelDirectory)

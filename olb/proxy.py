@@ -603,7 +603,8 @@ class Exchange:
         """A backend slot is ours (already counted in the table), or, for a
         request without one, the backend Balancer.pick chose."""
         self.index = index
-        self.served = self.ctx.balancer.backends[index].url
+        backend = self.ctx.balancer.backends[index]
+        self.served = backend.url
         if not self.t_admit:
             self.t_admit = monotonic()
         self.t_load = 0.0
@@ -621,7 +622,7 @@ class Exchange:
                 # re-read when it answers (ModelDirectory.mark_placed).
                 models.mark_placed(self.model, index, self.runner)
         self.state = CONNECTING
-        conn = self.ctx.balancer.backends[index].pool.take()
+        conn = backend.pool.take()
         if conn is not None:
             self._send(conn, reused=True)
         else:
