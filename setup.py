@@ -48,25 +48,19 @@ class build_ext(_build_ext):
         super().finalize_options()
 
 
+#: Cython proper: the compiled core.
+PYX = ["_core", "_http", "_relay", "_tokens"]
+#: Python modules compiled in Cython's pure-Python mode, each with a .pxd
+#: beside it (docs/performance.md); each keeps Python's semantics with the
+#: directives in its first line, which override the .pyx ones above.
+PURE = ["http", "models", "routing", "proxy", "slowclient", "pool", "hostcheck", "dashboard", "manage",
+        "fairqueue", "balancer", "metrics", "accesslog"]
+
 setup(
     ext_modules=[
-        Extension("olb._core", ["olb/_core.pyx"], extra_compile_args=["-O2"]),
-        Extension("olb._http", ["olb/_http.pyx"], extra_compile_args=["-O2"]),
-        Extension("olb._relay", ["olb/_relay.pyx"], extra_compile_args=["-O2"]),
-        Extension("olb._tokens", ["olb/_tokens.pyx"], extra_compile_args=["-O2"]),
-        Extension("olb.http", ["olb/http.py"], extra_compile_args=["-O2"]),
-        Extension("olb.models", ["olb/models.py"], extra_compile_args=["-O2"]),
-        Extension("olb.routing", ["olb/routing.py"], extra_compile_args=["-O2"]),
-        Extension("olb.proxy", ["olb/proxy.py"], extra_compile_args=["-O2"]),
-        Extension("olb.slowclient", ["olb/slowclient.py"], extra_compile_args=["-O2"]),
-        Extension("olb.pool", ["olb/pool.py"], extra_compile_args=["-O2"]),
-        Extension("olb.hostcheck", ["olb/hostcheck.py"], extra_compile_args=["-O2"]),
-        Extension("olb.dashboard", ["olb/dashboard.py"], extra_compile_args=["-O2"]),
-        Extension("olb.manage", ["olb/manage.py"], extra_compile_args=["-O2"]),
-        Extension("olb.fairqueue", ["olb/fairqueue.py"], extra_compile_args=["-O2"]),
-        Extension("olb.balancer", ["olb/balancer.py"], extra_compile_args=["-O2"]),
-        Extension("olb.metrics", ["olb/metrics.py"], extra_compile_args=["-O2"]),
-        Extension("olb.accesslog", ["olb/accesslog.py"], extra_compile_args=["-O2"]),
+        Extension(f"olb.{name}", [f"olb/{name}.pyx"], extra_compile_args=["-O2"]) for name in PYX
+    ] + [
+        Extension(f"olb.{name}", [f"olb/{name}.py"], extra_compile_args=["-O2"]) for name in PURE
     ],
     cmdclass={"build_ext": build_ext},
 )

@@ -37,8 +37,9 @@ The rules, in the order they are tried:
 
 from libc.string cimport memcmp
 
-#: Digits read in C; a longer number (never a token count) goes to int().
-DEF MAX_DIGITS = 18
+cdef enum:
+    # Digits read in C; a longer number (never a token count) goes to int().
+    MAX_DIGITS = 18
 
 #: Bytes at a response's end searched for token counts: Ollama's last line
 #: puts its Metrics last (~200 bytes), an OpenAI stream its usage chunk
