@@ -21,9 +21,10 @@ in front of the raw mock (bench/rawmock.py), on one fixed load:
     python -m bench count --callgrind --targets olb,floor
 
 Cases: burst (the overhead benchmark's burst case: 64 connections, 32-token
-streams), stream (4 connections, 2,000-token streams) and version (GET
-/api/version on 32 connections).  An op is a chunk (one NDJSON line) for the
-streams and a request for version.
+streams), stream (4 connections, 2,000-token streams), version (GET
+/api/version on 32 connections) and generate (a small POST /api/generate with
+"stream": false on 32 connections, the per-request target's shape).  An op is a
+chunk (one NDJSON line) for the streams and a request for version and generate.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ import time
 
 from . import load, overhead, proc, targets
 
-CASES = {"burst": (64, 32), "stream": (4, 2000), "version": (32, 0)}
+CASES = {"burst": (64, 32), "stream": (4, 2000), "version": (32, 0), "generate": (32, 0)}
+PER_REQUEST = ("version", "generate")
 TRACEPOINTS = {
     "read": ("syscalls:sys_enter_read", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_readv"),
     "write": ("syscalls:sys_enter_write", "syscalls:sys_enter_sendto", "syscalls:sys_enter_writev",
@@ -109,7 +111,7 @@ def _callgrind_counts(path: str) -> dict[str, int]:
 async def _load(loop, addresses, case: str, conns: int = 0):
     """Keep-alive connections and their requests for `case` (`conns` of them, or the case's number)."""
     n = conns or CASES[case][0]
-    reqs = overhead._requests("version" if case == "version" else "stream", addresses, n, tokens=CASES[case][1])
+    reqs = overhead._requests(case if case in PER_REQUEST else "stream", addresses, n, tokens=CASES[case][1])
     return await load.open_conns(loop, addresses, n), reqs
 
 
@@ -135,7 +137,7 @@ async def measure(loop, args, spec: targets.TargetSpec, backends, events, tmp: s
                 perf.wait(10)
         finally:
             load.close_conns(conns)
-        ops = phase.completed if args.case == "version" else phase.lines
+        ops = phase.completed if args.case in PER_REQUEST else phase.lines
         row = {"target": spec.name, "requests": phase.completed, "chunks": phase.lines, "ops": ops,
                "errors": phase.errors}
         if before is not None and after is not None:
@@ -158,7 +160,7 @@ async def callgrind(loop, args, kind: str, backends, tmp: str) -> dict:
     assert child is not None  # olb and floor run as a child process (callgrind_control needs its pid)
     try:
         addresses = running.addresses
-        conns, reqs = await _load(loop, addresses, args.case, 16 if args.case != "version" else 8)
+        conns, reqs = await _load(loop, addresses, args.case, 8 if args.case in PER_REQUEST else 16)
         try:
             await load.run_phase(loop, conns, reqs, len(conns) * 4, 120)
             subprocess.run(["callgrind_control", "-z", str(child.pid)], capture_output=True, check=False)
@@ -170,7 +172,7 @@ async def callgrind(loop, args, kind: str, backends, tmp: str) -> dict:
         running.stop()
     dumps = sorted(glob.glob(out + ".*"), key=os.path.getmtime)
     counts = _callgrind_counts(dumps[-1]) if dumps else {}
-    ops = phase.completed if args.case == "version" else phase.lines
+    ops = phase.completed if args.case in PER_REQUEST else phase.lines
     return {"target": kind, "requests": phase.completed, "ops": ops,
             **{f"{k}_per_op": v / ops for k, v in counts.items() if ops}}
 
@@ -211,7 +213,7 @@ async def run(args) -> dict:
 
 
 def _unit(case: str) -> str:
-    return "request" if case == "version" else "chunk"
+    return "request" if case in PER_REQUEST else "chunk"
 
 
 def _fmt(row: dict, case: str) -> str:
@@ -221,7 +223,7 @@ def _fmt(row: dict, case: str) -> str:
         text += f"  CPU {row['cpu_us_per_op']:6.2f} µs/{unit}"
     for name, n in row.get("syscalls", {}).items():
         text += f"  {name} {n / row['ops']:.3f}"
-    if case != "version" and row["requests"]:
+    if case not in PER_REQUEST and row["requests"]:
         text += f"  ({row['chunks'] / row['requests']:.0f} chunks a stream)"
     if row["errors"]:
         text += f"  ERRORS {row['errors']}"

@@ -16,13 +16,35 @@ cdef class BodyScanner:
     cdef int64_t _chunk_size     # size being parsed from a chunk-size line
     cdef Py_ssize_t _line_len    # bytes of the current size/trailer line so far
     cdef Py_ssize_t _digits      # hex digits of the current size line so far
-    cdef int64_t _bytes_seen
+    # Body bytes consumed so far, as on the wire (chunk framing included).
+    cdef readonly int64_t bytes_seen
     cdef const char* _error      # static C string: why the framing is bad
     cdef int _error_byte         # offending byte, or -1 for a length limit
     cdef int64_t _error_at       # body offset of the offending byte
     cdef bint _fed_at_boundary   # the last chunked piece fed began between chunks
 
+    cpdef expect_chunked(self)
+    cpdef expect_length(self, int64_t n)
+    cpdef expect_close(self)
+    cpdef Py_ssize_t feed(self, data) except -3
     cdef void _reset(self, int mode) noexcept
     cdef Py_ssize_t feed_c(self, object data) except -3
     cdef Py_ssize_t _scan(self, const unsigned char* p, Py_ssize_t n) noexcept
     cdef Py_ssize_t _scan_chunked(self, const unsigned char* p, Py_ssize_t n) noexcept
+
+
+@cython.final
+cdef class ResponseHead:
+    cdef public int status
+    cdef public object reason
+    cdef public object headers
+    cdef public int framing
+    cdef public object length
+    cdef public bint keep_alive
+    cdef public bint hop_by_hop
+    cdef public object content_type
+
+
+cpdef parse_response_head(buf, bint head_request)
+cpdef bytes upstream_head_parts(method, target, bint http10, headers, body, bint has_body_framing,
+                                hostport, client_ip)

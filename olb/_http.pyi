@@ -63,6 +63,10 @@ def upstream_head(req: _UpstreamRequest, hostport: bytes, client_ip: bytes) -> b
     """The request head olb sends to a backend: Host rewritten, hop-by-hop fields dropped,
     X-Forwarded-For/-Host and Content-Length added."""
 
+def upstream_head_parts(method: bytes, target: bytes, http10: bool, headers: list[tuple[bytes, bytes]],
+                        body: bytes, has_body_framing: bool, hostport: bytes, client_ip: bytes) -> bytes:
+    """upstream_head from the request's parts (what proxy.py calls)."""
+
 #: Largest request or response head (16 KiB).
 MAX_HEAD: Final[int]
 #: ResponseHead.framing values (RFC 9112 section 6.3).

@@ -379,7 +379,7 @@ cdef enum:
     MAX_CHUNK_LINE = 4096  # bytes
 
 # Largest chunk size we accept (4 EiB, far beyond any real body).  Keeps the
-# size arithmetic and _bytes_seen clear of int64 overflow.
+# size arithmetic and bytes_seen clear of int64 overflow.
 cdef int64_t MAX_CHUNK_SIZE = (<int64_t>1) << 62  # bytes
 
 
@@ -412,17 +412,17 @@ cdef class BodyScanner:
         self._chunk_size = 0
         self._line_len = 0
         self._digits = 0
-        self._bytes_seen = 0
+        self.bytes_seen = 0
         self._error = NULL
         self._error_byte = -1
         self._error_at = 0
         self._fed_at_boundary = False
 
-    def expect_chunked(self):
+    cpdef expect_chunked(self):
         """Start a body sent with Transfer-Encoding: chunked."""
         self._reset(MODE_CHUNKED)
 
-    def expect_length(self, int64_t n):
+    cpdef expect_length(self, int64_t n):
         """Start a body of exactly `n` bytes (Content-Length).
 
         Args:
@@ -436,7 +436,7 @@ cdef class BodyScanner:
         self._reset(MODE_LENGTH if n > 0 else MODE_DONE)
         self._remaining = n
 
-    def expect_close(self):
+    cpdef expect_close(self):
         """Start a body that ends when the backend closes the connection."""
         self._reset(MODE_CLOSE)
 
@@ -460,12 +460,7 @@ cdef class BodyScanner:
         return (self._mode == MODE_CHUNKED and self._state == CS_SIZE
                 and self._line_len == 0)
 
-    @property
-    def bytes_seen(self):
-        """Body bytes consumed so far, as on the wire (chunk framing included)."""
-        return self._bytes_seen
-
-    def feed(self, data):
+    cpdef Py_ssize_t feed(self, data) except -3:
         """Scan the next piece of the body.
 
         Args:
@@ -518,15 +513,15 @@ cdef class BodyScanner:
         if self._mode == MODE_LENGTH:
             if n < self._remaining:
                 self._remaining -= n
-                self._bytes_seen += n
+                self.bytes_seen += n
                 return -1
             end = <Py_ssize_t>self._remaining
-            self._bytes_seen += self._remaining
+            self.bytes_seen += self._remaining
             self._remaining = 0
             self._mode = MODE_DONE
             return end
         if self._mode == MODE_CLOSE:
-            self._bytes_seen += n
+            self.bytes_seen += n
             return -1
         if self._mode == MODE_DONE:
             return 0
@@ -660,7 +655,7 @@ cdef class BodyScanner:
                     error = b"expected LF after CR ending the trailer section"
                     break
                 end = pos + 1
-                self._bytes_seen += end
+                self.bytes_seen += end
                 self._state = state
                 self._mode = MODE_DONE
                 return end
@@ -669,7 +664,7 @@ cdef class BodyScanner:
                 self._mode = MODE_ERROR
                 self._error = b"chunk-size or trailer line longer than 4096 bytes"
                 self._error_byte = -1
-                self._error_at = self._bytes_seen + pos
+                self._error_at = self.bytes_seen + pos
                 return -2
             pos += 1
 
@@ -678,10 +673,10 @@ cdef class BodyScanner:
             self._mode = MODE_ERROR
             self._error = error
             self._error_byte = c
-            self._error_at = self._bytes_seen + pos
+            self._error_at = self.bytes_seen + pos
             return -2
         self._state = state
-        self._bytes_seen += n
+        self.bytes_seen += n
         return -1
 
 
@@ -993,16 +988,17 @@ def upstream_head(req, hostport, client_ip):
     HTTP/1.0 clients are forwarded as HTTP/1.0, so the backend answers
     without chunked framing (which such a client cannot read) and closes.
     """
-    cdef bint with_length
-    cdef Py_ssize_t body_len = 0
-    method = req.method
-    target = req.target
-    http10 = req.http_version == b"1.0"
-    headers = req.headers
-    body = req.body
-    with_length = True if body else bool(req.has_body_framing)
-    if with_length:
-        body_len = len(body)
+    return upstream_head_parts(req.method, req.target, req.http_version == b"1.0", req.headers, req.body,
+                               req.has_body_framing, hostport, client_ip)
+
+
+cpdef bytes upstream_head_parts(method, target, bint http10, headers, body, bint has_body_framing,
+                                hostport, client_ip):
+    """upstream_head from the request's parts: what proxy.py, compiled, calls
+    (it holds the request typed; _http cannot cimport http.ProxyRequest, which
+    imports this module)."""
+    cdef bint with_length = True if body else has_body_framing
+    cdef Py_ssize_t body_len = len(body) if with_length else 0
     if (PyBytes_CheckExact(method) and PyBytes_CheckExact(target) and PyList_CheckExact(headers)
             and PyBytes_CheckExact(hostport) and PyBytes_CheckExact(client_ip)):
         out = _upstream_head_bytes(method, target, http10, headers, hostport, client_ip, with_length, body_len)
@@ -1050,14 +1046,7 @@ cdef class ResponseHead:
     rebuilt to be forwarded) and content_type (bytes, b"" if none).
     """
 
-    cdef public object status
-    cdef public object reason
-    cdef public object headers
-    cdef public object framing
-    cdef public object length
-    cdef public object keep_alive
-    cdef public object hop_by_hop
-    cdef public object content_type
+    # (Fields in _http.pxd: proxy.py, compiled, reads them as struct members.)
 
     def __init__(self, status, reason, headers, framing, length, keep_alive, hop_by_hop, content_type):
         # parse_response_head does not come through here (ResponseHead.__new__
@@ -1264,7 +1253,7 @@ cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_requ
     return head, end + 4
 
 
-def parse_response_head(buf, bint head_request):
+cpdef parse_response_head(buf, bint head_request):
     """Parse a backend's response head from the start of `buf`.
 
     Args:

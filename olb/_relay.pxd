@@ -16,3 +16,12 @@ cdef class Relay:
     cdef public Py_ssize_t keep_left
 
     cdef int _keep(self, object data) except -1
+    # What the subclass defines (see _relay.pyx): C calls through the vtable
+    # for proxy.BackendSideProtocol, Python overrides for a Python subclass.
+    cpdef _read_head(self, data)
+    cpdef _end(self, data, Py_ssize_t end)
+    cpdef _protocol_error(self, message)
+
+
+# The relay's clock, a C call from another compiled module.
+cpdef double monotonic() noexcept

@@ -71,7 +71,7 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-def monotonic():
+cpdef double monotonic() noexcept:
     """Seconds on the relay's clock (CLOCK_MONOTONIC): the clock of Relay.last_io.
 
     The idle timer compares last_io with this, so both sides read one clock.
@@ -108,6 +108,18 @@ cdef class Relay:
         self.keep_left -= n
         keep.append(data)
         return 0
+
+    cpdef _read_head(self, data):
+        """Bytes that arrived while head is None (the subclass parses the head)."""
+        raise NotImplementedError
+
+    cpdef _end(self, data, Py_ssize_t end):
+        """The body ended: data[:end] is its tail."""
+        raise NotImplementedError
+
+    cpdef _protocol_error(self, message):
+        """The chunked framing is malformed."""
+        raise NotImplementedError
 
     def keep_data(self, data):
         """Keep `data` as data_received keeps what it forwards (for body bytes

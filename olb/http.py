@@ -70,6 +70,7 @@ from ._http import ResponseHead as ResponseHead
 from ._http import connection_tokens, parse_request_head
 from ._http import parse_response_head as parse_response_head
 from ._http import upstream_head as upstream_head
+from ._http import upstream_head_parts as upstream_head_parts
 from .errors import BadRequest, PayloadTooLarge
 
 NEED_DATA = h11.NEED_DATA

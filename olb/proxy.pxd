@@ -8,9 +8,11 @@
 
 cimport cython
 
+from olb._http cimport BodyScanner, ResponseHead
 from olb._relay cimport Relay
 from olb.balancer cimport Backend
 from olb.dashboard cimport Samples
+from olb.hostcheck cimport HostCheck
 from olb.http cimport ProxyRequest, RequestReader
 from olb.models cimport ModelDirectory
 from olb.pool cimport BackendPool
@@ -19,15 +21,27 @@ from olb.slowclient cimport RequestClock
 
 # Functions of other compiled modules that a request calls: cimported, they
 # are C calls (proxy.py's own imports of the same names serve it uncompiled).
+from olb._http cimport parse_response_head, upstream_head_parts
+from olb._relay cimport monotonic
 from olb.http cimport downstream_head
 from olb.manage cimport classify
 from olb.metrics cimport observe
 from olb.models cimport parse_request, takes_slot
 
 
+cdef class Exchange  # (declared below; ClientSideProtocol's methods name it)
+
+
 @cython.final
 cdef class ProxyContext:
-    cdef public object config, loop, balancer, clients, gpu, telemetry, worker, host_check, bodies
+    cdef public object config, loop, clients, gpu, telemetry, worker, host_check, bodies
+    cdef object _balancer
+    cdef public ModelDirectory models
+    cdef public Router router
+    cdef public list backends
+    cdef public bytes session_header
+    cdef public double session_bound, first_byte_timeout, idle_timeout
+    cdef public Py_ssize_t resume_max_bytes
     cdef public Samples samples
     cdef public object resumes, keys, metrics, metrics_dir, access_log, backend_header
     cdef public double started
@@ -44,6 +58,8 @@ cdef class ClientSideProtocol:
     cdef public double _last_active, _timer_at, t0
 
     cpdef _process(self)
+    @cython.locals(exchange=Exchange, check=HostCheck)
+    cpdef bint _request(self, ProxyRequest req) except -1
     cpdef _write_pending(self, reader)
     cpdef _reply(self, data, int status, bint closing, req=*, int logged=*)
     cpdef response_done(self, int status, bint closing)
@@ -59,7 +75,8 @@ cdef class Exchange:
     cdef public ProxyContext ctx
     cdef public BackendSideProtocol conn
     cdef public ProxyRequest req
-    cdef public object allowed, head, queue_timer, queue_key, connect_task, model, excluded
+    cdef public ResponseHead head
+    cdef public object allowed, queue_timer, queue_key, connect_task, model, excluded
     cdef public object affinity, runner, probing, kept, resumed, name, served, tokens
     cdef public Py_ssize_t index, attempts, state, sent
     cdef public bint closing, reused_retry, slot, rechecked
@@ -74,7 +91,8 @@ cdef class Exchange:
     cpdef admit(self, Py_ssize_t index)
     cpdef _send(self, BackendSideProtocol conn, bint reused)
     @cython.locals(models=ModelDirectory)
-    cpdef on_head(self, head, raw)
+    cpdef on_head(self, ResponseHead head, raw)
+    @cython.locals(head=ResponseHead)
     cpdef on_end(self, bint reusable, last=*)
     cpdef _abort_conn(self)
     @cython.locals(models=ModelDirectory)
@@ -96,7 +114,8 @@ cdef class MergedExchange:
     cdef public object req, conn, task
 
 
-@cython.final
+# Not final: it overrides Relay's cpdef callbacks (_read_head, _end,
+# _protocol_error), which Cython refuses in a final class.
 cdef class BackendSideProtocol(Relay):
     cdef public BackendPool pool
     cdef public object loop, transport, gate, _buf, _timer
@@ -110,4 +129,9 @@ cdef class BackendSideProtocol(Relay):
     cpdef detach(self)
     cpdef close(self)
     cpdef abort(self)
+    @cython.locals(head=ResponseHead)
     cpdef _finish(self, data, Py_ssize_t end)
+    # Relay's callbacks (olb/_relay.pxd): C calls from its data_received.
+    @cython.locals(ex=Exchange, head=ResponseHead, scanner=BodyScanner, size=Py_ssize_t, end=Py_ssize_t,
+                   framing=int)
+    cpdef _read_head(self, data)

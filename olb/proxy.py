@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -69,6 +70,9 @@ from .fairqueue import QUEUED as QUEUED_OK
 from .flow import BODY as BODY_HELD
 from .flow import PEER_SLOW, PIPELINE, ReadGate, TimedReadGate, set_write_limits
 from .hostcheck import FORBIDDEN, FORBIDDEN_CLOSE
+
+if TYPE_CHECKING:  # (compiled, proxy.pxd cimports ResponseHead: this name must differ)
+    from .http import ResponseHead as Head
 from .http import (
     BODY,
     CHUNKED,
@@ -80,14 +84,13 @@ from .http import (
     UNTIL_CLOSE,
     ProxyRequest,
     RequestReader,
-    ResponseHead,
     downstream_head,
     error_body,
     error_response,
     parse_response_head,
     simple_response,
     stream_error_tail,
-    upstream_head,
+    upstream_head_parts,
 )
 from .manage import ManageExchange, classify
 from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, observe, response_tokens
@@ -104,6 +107,7 @@ from .models import (
     streams,
     takes_slot,
 )
+from .routing import ADMIT, MISSING, WAIT
 from .slowclient import BodyBudget, RequestClock
 
 log = logging.getLogger("olb.proxy")
@@ -127,6 +131,13 @@ class ProxyContext:
 
     def __init__(self, config, loop, balancer=None, worker=0):
         self.config = config
+        # The settings a request reads, as fields: typed, when compiled
+        # (proxy.pxd), they are struct reads, not attribute lookups on Config.
+        self.session_header = config.session_header.encode()
+        self.session_bound = config.session_bound
+        self.first_byte_timeout = config.first_byte_timeout
+        self.idle_timeout = config.idle_timeout
+        self.resume_max_bytes = config.resume_max_bytes
         self.loop = loop
         self.balancer = balancer
         self.clients: set = set()
@@ -156,6 +167,20 @@ class ProxyContext:
         self.observing = False
         #: OLB_BACKEND_HEADER's name (bytes), or None.
         self.backend_header = None
+
+    @property
+    def balancer(self):
+        """The balancer.Balancer of this generation of settings."""
+        return self._balancer
+
+    @balancer.setter
+    def balancer(self, balancer) -> None:
+        self._balancer = balancer
+        # What a request reads of it, as fields (typed when compiled, as
+        # above); a Balancer sets them once, in its __init__.
+        self.models: Any = balancer.models if balancer is not None else None
+        self.router: Any = balancer.router if balancer is not None else None
+        self.backends: list = balancer.backends if balancer is not None else []
 
 
 class ClientSideProtocol:
@@ -277,52 +302,64 @@ class ClientSideProtocol:
             if reader.output:
                 self._write_pending(reader)
             if type(req) is ProxyRequest:
-                self.t0 = monotonic()
-                listener = self.listener
-                check = self.ctx.host_check if listener is None else listener.host_check
-                if check is not None and not check.allows(req.header(b"host")):
-                    # Ollama's DNS-rebinding protection (hostcheck.py), before
-                    # anything else: /olb/ included.
-                    self._reply(FORBIDDEN if req.keep_alive else FORBIDDEN_CLOSE, 403, not req.keep_alive, req)
-                    continue
-                if listener is not None or admin.is_admin_path(req.path):
-                    # The admin listener serves only admin endpoints; the data
-                    # port only behind OLB_ADMIN_TOKEN (admin.serve).
-                    try:
-                        status, body = admin.serve(req, self.ctx, listener)
-                    except Exception:  # a bug there must not take the connection down unanswered
-                        log.exception("admin endpoint %s failed", req.target.decode("latin-1"))
-                        status = 500
-                        body = error_response(req.target, 500, "olb: internal error in an admin endpoint",
-                                              closing=not req.keep_alive)
-                    self._reply(body, status, not req.keep_alive, req)
-                    continue
-                keys = self.ctx.keys
-                if keys is not None:
-                    # OLB_API_KEYS (auth.py): 401 without a known key, 429 over its limits.
-                    key = keys.check(req.header(b"authorization"))
-                    if type(key) is not bytes:
-                        self._reply(refusal_response(req, key), key.status, not req.keep_alive)
-                        continue
-                    self.key = key
-                path = req.path
-                ex: Exchange | MergedExchange | ManageExchange
-                if (req.method == b"GET" and self.ctx.balancer.models is not None
-                        and (path in MERGED_PATHS or openai_model_id(path) is not None)):
-                    self.exchange = ex = MergedExchange(self, req)
-                elif (op := classify(req.method, path, req.body)) is not None:
-                    # Model management: every backend it concerns, never an inference slot.
-                    self.exchange = ex = ManageExchange(self, req, op)
-                else:
-                    self.exchange = ex = Exchange(self, req, takes_slot(req.method, path))
-                ex.start()
-                return
+                if self._request(req):
+                    return
+                continue
             if req is NEED_DATA:
                 if self.gate.reasons & PIPELINE:  # (resume would check it too: this saves the call)
                     self.gate.resume(PIPELINE)
             elif req is CLOSED:
                 self.transport.close()
             return
+
+    def _request(self, req: ProxyRequest) -> bool:
+        """A request was read whole: answer it (olb's own answers), or start
+        its exchange. True when an exchange took it (no further request is
+        read until it ends); False when it was answered at once."""
+        self.t0 = monotonic()
+        listener = self.listener
+        check = self.ctx.host_check if listener is None else listener.host_check
+        if check is not None and not check.allows(req.header(b"host")):
+            # Ollama's DNS-rebinding protection (hostcheck.py), before
+            # anything else: /olb/ included.
+            self._reply(FORBIDDEN if req.keep_alive else FORBIDDEN_CLOSE, 403, not req.keep_alive, req)
+            return False
+        if listener is not None or admin.is_admin_path(req.path):
+            # The admin listener serves only admin endpoints; the data
+            # port only behind OLB_ADMIN_TOKEN (admin.serve).
+            try:
+                status, body = admin.serve(req, self.ctx, listener)
+            except Exception:  # a bug there must not take the connection down unanswered
+                log.exception("admin endpoint %s failed", req.target.decode("latin-1"))
+                status = 500
+                body = error_response(req.target, 500, "olb: internal error in an admin endpoint",
+                                      closing=not req.keep_alive)
+            self._reply(body, status, not req.keep_alive, req)
+            return False
+        keys = self.ctx.keys
+        if keys is not None:
+            # OLB_API_KEYS (auth.py): 401 without a known key, 429 over its limits.
+            key = keys.check(req.header(b"authorization"))
+            if type(key) is not bytes:
+                self._reply(refusal_response(req, key), key.status, not req.keep_alive)
+                return False
+            self.key = key
+        path = req.path
+        if (req.method == b"GET" and self.ctx.models is not None
+                and (path in MERGED_PATHS or openai_model_id(path) is not None)):
+            merged = MergedExchange(self, req)
+            self.exchange = merged
+            merged.start()
+        elif (op := classify(req.method, path, req.body)) is not None:
+            # Model management: every backend it concerns, never an inference slot.
+            managed = ManageExchange(self, req, op)
+            self.exchange = managed
+            managed.start()
+        else:
+            exchange = Exchange(self, req, takes_slot(req.method, path))
+            self.exchange = exchange
+            exchange.start()  # (typed, when compiled: a C call)
+        return True
 
     def _write_pending(self, reader) -> None:
         out = reader.take_output()
@@ -470,15 +507,16 @@ class Exchange:
         self.slot = slot
         #: The backend connection a probe is deciding about (backend_timeout), or None.
         self.probing: BackendSideProtocol | None = None
-        self.ctx = client.ctx
+        # (Read through the typed fields: the arguments are Python objects here.)
+        self.ctx = self.client.ctx
         self.req = req
         self.index = NO_BACKEND
         self.conn: BackendSideProtocol | None = None
         self.allowed: bytearray | None = None
         self.attempts = 0
         self.state = QUEUED
-        self.head: ResponseHead | None = None
-        self.closing = not req.keep_alive
+        self.head: Head | None = None
+        self.closing = not self.req.keep_alive
         self.queue_timer = None
         self.queue_key = None
         self.connect_task: asyncio.Task | None = None
@@ -512,8 +550,8 @@ class Exchange:
         """Find the request a backend: the balancer's router decides (olb/routing.py)."""
         req = self.req
         if self.attempts == 0:
-            cfg = self.ctx.config
-            session = req.header(cfg.session_header.encode()) if cfg.session_bound else None
+            ctx = self.ctx
+            session = req.header(ctx.session_header) if ctx.session_bound else None
             if session:
                 self.affinity = affinity_key(session)
             template = MODEL_ENDPOINTS.get(req.path) if req.method == b"POST" else None
@@ -521,16 +559,16 @@ class Exchange:
                 name, conversation, runner = parse_request(req.body)
                 if name is not None:
                     self.name = model = normalize(name)
-                    if conversation is not None and self.affinity is None and cfg.session_bound:
+                    if conversation is not None and self.affinity is None and ctx.session_bound:
                         self.affinity = affinity_key(model.encode(), conversation)
-                    if self.ctx.balancer.models is not None:
+                    if ctx.models is not None:
                         self.model = model
                         self.runner = runner
         self._route()
 
     def _route(self) -> None:
         """Ask the router, then carry out its decision."""
-        router = self.ctx.balancer.router
+        router = self.ctx.router
         if not self.slot:
             decision = router.route_no_slot(self.model, self.allowed, self.excluded)
         elif self.model is None:
@@ -538,15 +576,15 @@ class Exchange:
         else:
             decision = router.route(self.model, self.runner, self.affinity, self.excluded)
         kind = decision.kind
-        if kind == routing.ADMIT:
+        if kind == ADMIT:
             self.admit(decision.index)  # marks a placement (ModelDirectory.mark_placed)
             # Those already waiting for the model's warm backends may take it.
             if decision.placed and self.ctx.balancer.queue:
                 self.ctx.balancer.wake()
-        elif kind == routing.WAIT:
+        elif kind == WAIT:
             if self._enqueue(decision.mask):
                 self.state = QUEUED
-        elif decision.reason == routing.MISSING:
+        elif decision.reason == MISSING:
             if not self.rechecked:
                 # Not listed anywhere as of the last poll: read the
                 # catalogues again before refusing (ModelDirectory.recheck).
@@ -603,13 +641,13 @@ class Exchange:
         """A backend slot is ours (already counted in the table), or, for a
         request without one, the backend Balancer.pick chose."""
         self.index = index
-        backend = self.ctx.balancer.backends[index]
+        backend = self.ctx.backends[index]
         self.served = backend.url
         if not self.t_admit:
             self.t_admit = monotonic()
         self.t_load = 0.0
         if self.slot and self.model is not None:
-            models = self.ctx.balancer.models
+            models = self.ctx.models
             models.admitted(self.model, index, 1)
             if not models.loaded_mask(self.model)[index] or not models.runner_matches(self.model, index,
                                                                                         self.runner):
@@ -692,7 +730,8 @@ class Exchange:
         self.state = WAITING
         conn.attach(self, reused)
         req = self.req
-        head = upstream_head(req, conn.pool.hostport, self.client.peer_ip)
+        head = upstream_head_parts(req.method, req.target, req.http_version == b"1.0", req.headers, req.body,
+                                   req.has_body_framing, conn.pool.hostport, self.client.peer_ip)
         body = req.body
         if not body:
             conn.transport.write(head)
@@ -726,7 +765,7 @@ class Exchange:
         if self.slot and self.model is not None and head.status == 200:
             # Ollama answers once the model is loaded: it is ready there now
             # (for a stream, long before the response ends).
-            models = self.ctx.balancer.models
+            models = self.ctx.models
             models.answered(self.model, self.index, self.runner)
             if self.t_load and self.ctx.metrics is not None:
                 self.ctx.metrics.load_answered(self.model, self.served, self.t_first - self.t_load)
@@ -734,19 +773,19 @@ class Exchange:
             self.ctx.samples.first_byte(self.t_first - self.started)
         if head.framing == UNTIL_CLOSE:
             self.closing = True
-        elif (head.status == 200 and head.framing == CHUNKED and self.ctx.config.resume_max_bytes
+        elif (head.status == 200 and head.framing == CHUNKED and self.ctx.resume_max_bytes
               and resume.stream_kind(self.req.path, head.content_type)):
             # A chat stream: keep what is forwarded, by reference, in case
             # its backend dies (_resume).
             conn = self.conn
             assert conn is not None  # on_head: the connection that read the head is attached
             self.kept = conn.keep = []
-            conn.keep_left = self.ctx.config.resume_max_bytes
+            conn.keep_left = self.ctx.resume_max_bytes
         out = downstream_head(head, raw, self.closing)
         if self.ctx.backend_header is not None:
             # OLB_BACKEND_HEADER: one more field before the head's empty line.
             out = b"%s%s: %s\r\n\r\n" % (out[:-2], self.ctx.backend_header,
-                                           self.ctx.balancer.backends[self.index].url.encode())
+                                           self.ctx.backends[self.index].url.encode())
         self.sent = len(out)
         return out
 
@@ -824,8 +863,7 @@ class Exchange:
             self.client.charge_tokens(prompt + generated)
         conn.detach()
         pool = conn.pool
-        balancer = self.ctx.balancer
-        balancer.backends[self.index].strikes = 0
+        self.ctx.backends[self.index].strikes = 0
         self._release()
         if reusable:
             pool.put(conn)
@@ -947,11 +985,10 @@ class Exchange:
     def _release(self) -> None:
         index, self.index = self.index, NO_BACKEND
         if index != NO_BACKEND and self.slot:
-            balancer = self.ctx.balancer
             if self.model is not None:
-                models = balancer.models
+                models = self.ctx.models
                 models.admitted(self.model, index, -1)
-            balancer.release(index)
+            self.ctx.balancer.release(index)
 
     def _resume(self, index: int, error: OlbError, at_boundary: bool) -> bool:
         """Continue a broken chat stream on another backend that has the
@@ -1087,7 +1124,8 @@ class MergedExchange:
 
     def __init__(self, client: ClientSideProtocol, req: ProxyRequest):
         self.client = client
-        self.ctx = client.ctx
+        # (Read through the typed fields: the arguments are Python objects here.)
+        self.ctx = self.client.ctx
         self.req = req
         self.conn = None
         self.task = None
@@ -1196,7 +1234,7 @@ class BackendSideProtocol(Relay):
         if client.write_paused:
             self.gate.pause(PEER_SLOW)
         self._attached_at = self.last_io = now = monotonic()
-        self._arm(now + exchange.ctx.config.first_byte_timeout, now)
+        self._arm(now + exchange.ctx.first_byte_timeout, now)
 
     def wait_longer(self) -> None:
         """Another OLB_FIRST_BYTE_TIMEOUT for the first byte (the backend
@@ -1261,7 +1299,7 @@ class BackendSideProtocol(Relay):
             self._got_bytes = True
             # From the first byte on, silence is timed by OLB_IDLE_TIMEOUT,
             # not by what is left of the first-byte one.
-            self._arm(now + ex.ctx.config.idle_timeout, now)
+            self._arm(now + ex.ctx.idle_timeout, now)
         buf = self._buf + data if self._buf else data
         try:
             parsed = parse_response_head(buf, self._head_request)
@@ -1332,7 +1370,8 @@ class BackendSideProtocol(Relay):
         # Bytes beyond the response mean the backend is not speaking plain
         # request/response on this connection; do not reuse it.
         # Only while attached, after the head: both are set.
-        reusable = self.head.keep_alive and end == len(data)  # type: ignore[union-attr]
+        head = self.head
+        reusable = head.keep_alive and end == len(data)  # type: ignore[union-attr]
         self.exchange.on_end(reusable, data[:end] if end < len(data) else data)  # type: ignore[union-attr]
 
     def _protocol_error(self, message: str) -> None:
