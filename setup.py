@@ -54,7 +54,7 @@ PYX = ["_core", "_http", "_relay", "_tokens"]
 #: beside it (docs/performance.md); each keeps Python's semantics with the
 #: directives in its first line, which override the .pyx ones above.
 PURE = ["http", "models", "routing", "proxy", "slowclient", "pool", "hostcheck", "dashboard", "manage",
-        "fairqueue", "balancer", "metrics", "accesslog"]
+        "fairqueue", "balancer", "metrics", "accesslog", "admin"]
 
 setup(
     ext_modules=[

@@ -103,3 +103,6 @@ def parse_response_head(buf: Buffer, head_request: bool) -> tuple[ResponseHead, 
 
     Raises olb.errors.BackendProtocolError on a malformed or oversized head.
     """
+
+def contains(data: Buffer, needle: bytes) -> bool:
+    """Whether `needle` occurs in `data`: `needle in data` without CPython's detour through int."""

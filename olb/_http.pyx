@@ -85,6 +85,11 @@ from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t
 from libc.string cimport memchr, memcmp, memcpy
 
+
+cdef extern from "string.h" nogil:
+    # GNU and BSD libc (Python.h defines _GNU_SOURCE).
+    const void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen)
+
 # The errors module, not the class: a class imported here would be a public
 # name of this module (tests/unit/test_stubs.py), and it is raised only on
 # the error path.
@@ -288,7 +293,7 @@ cdef object _parse_head(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_hea
             minor == 49 and not close)
 
 
-def parse_request_head(data, Py_ssize_t max_head, Py_ssize_t search_from=0):
+cpdef parse_request_head(data, Py_ssize_t max_head, Py_ssize_t search_from=0):
     """Parse the request head at the start of `data`, if it is the plain case.
 
     Args:
@@ -1276,5 +1281,27 @@ cpdef parse_response_head(buf, bint head_request):
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
         return _parse_response(<const unsigned char*>view.buf, view.len, head_request)
+    finally:
+        PyBuffer_Release(&view)
+
+
+# ---------------------------------------------------------------------------
+# contains
+
+cpdef bint contains(data, bytes needle) except -1:
+    """Whether `needle` occurs in `data` (bytes or any bytes-like object).
+
+    What `needle in data` answers, without its cost: bytes.__contains__
+    first tries the needle as an integer, and raises and clears a TypeError
+    for a bytes one; bytes.find parses its arguments as a tuple.  Asked of
+    every generate and chat body (manage.stop_model).
+    """
+    cdef Py_buffer view
+    if PyBytes_CheckExact(data):
+        return memmem(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                      PyBytes_AS_STRING(needle), PyBytes_GET_SIZE(needle)) != NULL
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return memmem(view.buf, view.len, PyBytes_AS_STRING(needle), PyBytes_GET_SIZE(needle)) != NULL
     finally:
         PyBuffer_Release(&view)

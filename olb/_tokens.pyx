@@ -111,7 +111,7 @@ cdef object _field(object tail, const unsigned char* p, Py_ssize_t n, bytes name
     return _number(tail, p, start, end) if end > start else None
 
 
-def read_tokens(bytes tail):
+cpdef read_tokens(bytes tail):
     """Token counts from the last bytes of a response body (see the module doc).
 
     Returns:
@@ -172,7 +172,7 @@ def read_tokens(bytes tail):
     return prompt or 0, completion or 0, None
 
 
-def response_tokens(tail2, tail1, bytes last):
+cpdef response_tokens(tail2, tail1, bytes last):
     """read_tokens over the last TAIL_BYTES of a body: the relay's last two
     reads before the end (or None) and the final read's body bytes."""
     if len(last) < TAIL_BYTES and (tail1 is not None or tail2 is not None):

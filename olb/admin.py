@@ -1,3 +1,4 @@
+# cython: annotation_typing=False, boundscheck=True, wraparound=True, cdivision=False
 """olb's own endpoints under /olb/: status, health, draining a backend, the dashboard; and /metrics.
 
 Where they are served (serve(), docs/operations.md "Admin listener"): on the

@@ -5,6 +5,8 @@
 
 cimport cython
 
+from olb._http cimport parse_request_head
+
 
 @cython.final
 cdef class ProxyRequest:

@@ -4,5 +4,8 @@
 # docs/performance.md): every request is classified, and every generate and
 # chat request looked at as a possible `ollama stop`.
 
+from olb._http cimport contains
+
+
 cpdef classify(bytes method, bytes path, body=*)
 cpdef stop_model(bytes path, body)

@@ -58,6 +58,7 @@ import re
 
 import orjson
 
+from ._http import contains
 from .client import BackendClient
 from .errors import BackendProtocolError, BadRequest, OlbError
 from .flow import BODY
@@ -146,10 +147,11 @@ def stop_model(path: bytes, body: bytes) -> str | None:
     request no messages, and keep_alive is 0 (server/routes.go
     GenerateHandler and ChatHandler: "expire the runner").
     """
-    # (find, not `in`: CPython's bytes.__contains__ tries the needle as an
-    # int first, and the TypeError it raises and clears costs more than the
-    # search, on every generate and chat request.)
-    if path not in (b"/api/generate", b"/api/chat") or len(body) > STOP_MAX_BODY or body.find(b"keep_alive") < 0:
+    # (_http.contains, not `in` or find: CPython's bytes.__contains__ tries
+    # the needle as an int first, and the TypeError it raises and clears,
+    # or find's argument parsing, costs more than the search, on every
+    # generate and chat request.)
+    if path not in (b"/api/generate", b"/api/chat") or len(body) > STOP_MAX_BODY or not contains(body, b"keep_alive"):
         return None
     try:
         doc = orjson.loads(body)

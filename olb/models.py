@@ -738,7 +738,9 @@ class ModelDirectory:
         self._set_runner(model, index, runner)
 
     def _set_runner(self, model: str, index: int, runner: tuple) -> None:
-        self.runners[(model, index)] = runner
+        key = (model, index)
+        if self.runners.get(key) != runner:  # (the usual answer: the same options as before)
+            self.runners[key] = runner
         if runner:
             self.keyed.add(model)
 
@@ -772,13 +774,15 @@ class ModelDirectory:
         answer. Backends whose /api/ps has never been read (not an Ollama,
         or not polled) are left to traffic alone.
         """
-        placed = (model, index) in self.placed
+        # (placed and evicting are empty but while a load is under way: the
+        # usual answer builds no (model, index) key for them.)
+        placed = bool(self.placed) and (model, index) in self.placed
         if placed:
             self.placed.discard((model, index))
         self.mark_loaded(model, index)
         if runner is not None:
             self._set_runner(model, index, runner)
-        entry = self.evicting.get((model, index))
+        entry = self.evicting.get((model, index)) if self.evicting else None
         if entry is not None:
             # Loaded: its victims stop leaving when the catalogue re-read
             # below shows which of them are gone (set_catalogue).
@@ -793,7 +797,7 @@ class ModelDirectory:
         if counts is None:
             counts = self.inflight[model] = [0] * self.n
         counts[index] += delta
-        if delta < 0 and counts[index] == 0:
+        if delta < 0 and counts[index] == 0 and self.evicting:
             entry = self.evicting.get((model, index))
             if entry is not None and not entry[1]:
                 # Every request behind the load ended before it answered

@@ -23,6 +23,8 @@ from olb.slowclient cimport RequestClock
 # are C calls (proxy.py's own imports of the same names serve it uncompiled).
 from olb._http cimport parse_response_head, upstream_head_parts
 from olb._relay cimport monotonic
+from olb._tokens cimport response_tokens
+from olb.admin cimport is_admin_path
 from olb.http cimport downstream_head
 from olb.manage cimport classify
 from olb.metrics cimport observe

@@ -54,6 +54,7 @@ import orjson
 from . import admin, local, resume, routing
 from ._core import NO_BACKEND
 from ._relay import Relay, monotonic
+from .admin import is_admin_path
 from .auth import refusal_response
 from .errors import (
     BackendConnectError,
@@ -324,7 +325,7 @@ class ClientSideProtocol:
             # anything else: /olb/ included.
             self._reply(FORBIDDEN if req.keep_alive else FORBIDDEN_CLOSE, 403, not req.keep_alive, req)
             return False
-        if listener is not None or admin.is_admin_path(req.path):
+        if listener is not None or is_admin_path(req.path):
             # The admin listener serves only admin endpoints; the data
             # port only behind OLB_ADMIN_TOKEN (admin.serve).
             try:

@@ -294,3 +294,19 @@ def test_blob_upload_cut_short_is_bad_request():
     reader.receive(b"")
     with pytest.raises(BadRequest):
         reader.next_body()
+
+
+def test_contains_answers_as_in_does():
+    """_http.contains (manage.stop_model's search) against `in`, on seeded random bytes."""
+    import random
+
+    from olb._http import contains
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        data = bytes(rng.choice(b"ab_ke") for _ in range(rng.randrange(0, 40)))
+        needle = bytes(rng.choice(b"ab_ke") for _ in range(rng.randrange(0, 5)))
+        for form in (data, bytearray(data), memoryview(data)):
+            assert contains(form, needle) == (needle in data), (data, needle)
+    assert contains(b'{"model":"m","keep_alive":0}', b"keep_alive")
+    assert not contains(b'{"model":"m","prompt":"hi"}', b"keep_alive")
