@@ -141,7 +141,10 @@ async def measure(loop, args, spec: targets.TargetSpec, backends, events, tmp: s
         row = {"target": spec.name, "requests": phase.completed, "chunks": phase.lines, "ops": ops,
                "errors": phase.errors}
         if before is not None and after is not None:
-            row["cpu_us_per_op"] = proc.cpu_delta(before, after)["cpu_s_schedstat"] / ops * 1e6
+            delta = proc.cpu_delta(before, after)
+            row["cpu_us_per_op"] = delta["cpu_s_schedstat"] / ops * 1e6
+            # The kernel's share (utime/stime ticks): syscalls and loopback TCP, what every proxy pays.
+            row["sys_share"] = delta["sys_s"] / delta["cpu_s"] if delta["cpu_s"] else 0.0
         if perf is not None and os.path.exists(stat_path):
             got = _perf_read(stat_path)
             row["syscalls"] = {k: sum(got.get(e, 0) for e in group) for k, group in TRACEPOINTS.items()
@@ -220,7 +223,7 @@ def _fmt(row: dict, case: str) -> str:
     unit = _unit(case)
     text = f"{row['target']:8} {row['ops']:9,} {unit}s"
     if "cpu_us_per_op" in row:
-        text += f"  CPU {row['cpu_us_per_op']:6.2f} µs/{unit}"
+        text += f"  CPU {row['cpu_us_per_op']:6.2f} µs/{unit} ({row['sys_share']:.0%} kernel)"
     for name, n in row.get("syscalls", {}).items():
         text += f"  {name} {n / row['ops']:.3f}"
     if case not in PER_REQUEST and row["requests"]:

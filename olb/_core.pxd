@@ -46,6 +46,11 @@ cdef class BackendTable:
     cdef inline bint _claim(self, Py_ssize_t index, int64_t* seen) noexcept
     cdef Py_ssize_t _acquire_affine(self, const unsigned char* allowed, uint64_t key, double bound) noexcept
     cdef Py_ssize_t _pick_affine(self, const unsigned char* allowed, uint64_t key, double bound, int64_t* seen) noexcept
+    # The hot path, C calls from routing.py and balancer.py compiled.
+    cpdef acquire(self, allowed=*)
+    cpdef acquire_affine(self, uint64_t key, allowed=*, double bound=*)
+    cpdef release(self, Py_ssize_t index)
+    cpdef is_healthy(self, Py_ssize_t index)
     cdef int _release(self, Py_ssize_t index) except -1
     cdef int _check_index(self, Py_ssize_t index) except -1
     cdef void _update_denom(self, Py_ssize_t index) noexcept

@@ -309,7 +309,7 @@ cdef class BackendTable:
 
     # -- the hot path --------------------------------------------------------
 
-    def acquire(self, allowed=None):
+    cpdef acquire(self, allowed=None):
         """Pick a backend and count one request on it.
 
         Args:
@@ -339,7 +339,7 @@ cdef class BackendTable:
             PyBuffer_Release(&view)
         return index
 
-    def acquire_affine(self, uint64_t key, allowed=None, double bound=1.25):
+    cpdef acquire_affine(self, uint64_t key, allowed=None, double bound=1.25):
         """Like acquire(), but prefer the backend a key hashes to.
 
         Consistent hashing with bounded loads (Mirrokni, Thorup and
@@ -381,7 +381,7 @@ cdef class BackendTable:
             PyBuffer_Release(&view)
         return index
 
-    def release(self, Py_ssize_t index):
+    cpdef release(self, Py_ssize_t index):
         """Count one request on backend `index` as finished.
 
         Args:
@@ -594,7 +594,7 @@ cdef class BackendTable:
         self._check_index(index)
         self._healthy[index] = healthy
 
-    def is_healthy(self, Py_ssize_t index):
+    cpdef is_healthy(self, Py_ssize_t index):
         """Returns: whether backend `index` is marked healthy.
 
         Raises:

@@ -37,7 +37,9 @@ cdef class BodyScanner:
 cdef class ResponseHead:
     cdef public int status
     cdef public object reason
-    cdef public object headers
+    cdef object _headers         # the `headers` property's list, made when first read
+    cdef bytes _raw              # the bytes the head was read from (p[:_end + 4] the head)
+    cdef Py_ssize_t _end
     cdef public int framing
     cdef public object length
     cdef public bint keep_alive

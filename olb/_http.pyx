@@ -1058,12 +1058,28 @@ cdef class ResponseHead:
         # and the fields set in C); this is for Python callers.
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self._headers = headers
         self.framing = framing
         self.length = length
         self.keep_alive = keep_alive
         self.hop_by_hop = hop_by_hop
         self.content_type = content_type
+
+    @property
+    def headers(self):
+        """[(lower-case name, value)], the values stripped of SP/HTAB.
+
+        Made when first asked for, from the head's bytes (parse_response_head
+        keeps them): the proxy forwards most heads as they came and never
+        asks, and a list of tuples of bytes is a dozen allocations a response.
+        """
+        if self._headers is None and self._raw is not None:
+            self._headers = _header_list(<const unsigned char*>PyBytes_AS_STRING(self._raw), self._end)
+        return self._headers
+
+    @headers.setter
+    def headers(self, value):
+        self._headers = value
 
 
 cdef inline Py_ssize_t _crlf(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end) noexcept:
@@ -1108,7 +1124,45 @@ cdef inline bytes _cut(const unsigned char* p, Py_ssize_t n, Py_ssize_t most):
     return PyBytes_FromStringAndSize(<const char*>p, n if n < most else most)
 
 
-cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_request):
+cdef inline void _value_span(const unsigned char* p, Py_ssize_t colon, Py_ssize_t end,
+                             Py_ssize_t* vs, Py_ssize_t* ve) noexcept:
+    # The value of the field line whose colon is at p[colon] and which ends
+    # at p[end]: [vs, ve), stripped of SP/HTAB.
+    cdef Py_ssize_t lo = colon + 1
+    cdef Py_ssize_t hi = end
+    while lo < hi and (p[lo] == SP or p[lo] == HTAB):
+        lo += 1
+    while hi > lo and (p[hi - 1] == SP or p[hi - 1] == HTAB):
+        hi -= 1
+    vs[0] = lo
+    ve[0] = hi
+
+
+cdef list _header_list(const unsigned char* p, Py_ssize_t end):
+    # The field lines of a head _parse_response accepted (p[:end], the
+    # status line first): each name lower-cased, each value stripped of
+    # SP/HTAB, as _parse_response read them.
+    cdef list headers = []
+    cdef Py_ssize_t pos = _crlf(p, 0, end)
+    cdef Py_ssize_t start, colon, vs, ve, k
+    cdef const unsigned char* q
+    cdef bytes name
+    cdef char* out
+    while pos < end:
+        start = pos + 2
+        pos = _crlf(p, start, end)
+        q = <const unsigned char*>memchr(p + start, COLON, pos - start)
+        colon = q - p
+        name = PyBytes_FromStringAndSize(NULL, colon - start)
+        out = PyBytes_AS_STRING(name)
+        for k in range(colon - start):
+            out[k] = <char>_lower(p[start + k])
+        _value_span(p, colon, pos, &vs, &ve)
+        headers.append((name, PyBytes_FromStringAndSize(<const char*>(p + vs), ve - vs)))
+    return headers
+
+
+cdef object _parse_response(object buf, const unsigned char* p, Py_ssize_t n, bint head_request):
     cdef Py_ssize_t limit = n if n < _MAX_HEAD else _MAX_HEAD
     cdef Py_ssize_t end = -1
     cdef Py_ssize_t i = 3
@@ -1120,7 +1174,6 @@ cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_requ
     cdef Py_ssize_t k
     cdef Py_ssize_t name_len
     cdef const unsigned char* q
-    cdef char* out
     cdef int status
     cdef int framing
     cdef int64_t v
@@ -1132,8 +1185,7 @@ cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_requ
     cdef unsigned char c
     cdef ResponseHead head
     cdef object length = None
-    cdef bytes name
-    cdef bytes value
+    cdef const unsigned char* name
     cdef bytes content_type = b""
 
     # The end of the head: the first CRLF CRLF.  One limit however the bytes
@@ -1165,7 +1217,6 @@ cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_requ
     close = not http11
     reason = PyBytes_FromStringAndSize(<const char*>(p + 13), pos - 13) if pos > 13 else b""
 
-    headers = []
     while pos < end:
         # A field line: name ":" value, the name non-empty and not ending in
         # SP/HTAB; the value is stripped of SP/HTAB and otherwise taken as
@@ -1177,41 +1228,33 @@ cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_requ
         if colon == start or p[colon - 1] == SP or p[colon - 1] == HTAB:
             raise errors.BackendProtocolError(
                 f"backend sent a malformed header line: {_cut(p + start, pos - start, 64)!r}")
+        # The fields are read in place; the list of them is made only if
+        # asked for (ResponseHead.headers, _header_list).
+        name = p + start
         name_len = colon - start
-        name = PyBytes_FromStringAndSize(NULL, name_len)
-        out = PyBytes_AS_STRING(name)
-        for k in range(name_len):
-            out[k] = <char>_lower(p[start + k])
-        vs = colon + 1
-        ve = pos
-        while vs < ve and (p[vs] == SP or p[vs] == HTAB):
-            vs += 1
-        while ve > vs and (p[ve - 1] == SP or p[ve - 1] == HTAB):
-            ve -= 1
-        value = PyBytes_FromStringAndSize(<const char*>(p + vs), ve - vs)
-        headers.append((name, value))
+        _value_span(p, colon, pos, &vs, &ve)
 
-        if _is(out, name_len, b"content-length", 14):
+        if _name_is(name, name_len, b"content-length", 14):
             # 1*DIGIT; a second one must say the same.  Up to 10**18 in C,
             # longer ones through int() as http.py read them all (which
             # raises ValueError past sys.get_int_max_str_digits()).
             if vs == ve:
-                raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {value[:32]!r}")
+                raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {_cut(p + vs, ve - vs, 32)!r}")
             v = 0
             over = False
             for k in range(vs, ve):
                 c = p[k]
                 if not 48 <= c <= 57:
-                    raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {value[:32]!r}")
+                    raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {_cut(p + vs, ve - vs, 32)!r}")
                 if v >= 100000000000000000:
                     over = True
                 else:
                     v = v * 10 + (c - 48)
-            number = int(value) if over else v
+            number = int(PyBytes_FromStringAndSize(<const char*>(p + vs), ve - vs)) if over else v
             if length is not None and number != length:
-                raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {value[:32]!r}")
+                raise errors.BackendProtocolError(f"backend sent a bad Content-Length: {_cut(p + vs, ve - vs, 32)!r}")
             length = number
-        elif _is(out, name_len, b"transfer-encoding", 17):
+        elif _name_is(name, name_len, b"transfer-encoding", 17):
             # Only chunked as the last coding frames a body we can find the end of.
             k = ve
             while k > vs and p[k - 1] != 44:  # ","
@@ -1224,17 +1267,17 @@ cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_requ
             chunked = _name_is(p + k, i - k, b"chunked", 7)
             if not chunked:
                 raise errors.BackendProtocolError(
-                    f"backend sent an unsupported Transfer-Encoding: {value[:32]!r}")
-        elif _is(out, name_len, b"content-type", 12):
-            content_type = value
-        elif _is(out, name_len, b"connection", 10):
+                    f"backend sent an unsupported Transfer-Encoding: {_cut(p + vs, ve - vs, 32)!r}")
+        elif _name_is(name, name_len, b"content-type", 12):
+            content_type = PyBytes_FromStringAndSize(<const char*>(p + vs), ve - vs)
+        elif _name_is(name, name_len, b"connection", 10):
             hop = True
             if _has_token(p + vs, ve - vs, b"close", 5):
                 close = True
             elif not http11 and _has_token(p + vs, ve - vs, b"keep-alive", 10):
                 close = False
-        elif (_is(out, name_len, b"keep-alive", 10) or _is(out, name_len, b"proxy-connection", 16)
-              or _is(out, name_len, b"trailer", 7) or _is(out, name_len, b"upgrade", 7)):
+        elif (_name_is(name, name_len, b"keep-alive", 10) or _name_is(name, name_len, b"proxy-connection", 16)
+              or _name_is(name, name_len, b"trailer", 7) or _name_is(name, name_len, b"upgrade", 7)):
             hop = True
 
     if status < 200 or status == 204 or status == 304 or head_request:
@@ -1249,7 +1292,11 @@ cdef object _parse_response(const unsigned char* p, Py_ssize_t n, bint head_requ
     head = ResponseHead.__new__(ResponseHead)
     head.status = status
     head.reason = reason
-    head.headers = headers
+    head._headers = None
+    # The head's bytes, for ResponseHead.headers: the buffer itself when it
+    # is bytes (a reference), else a copy of the head.
+    head._raw = buf if PyBytes_CheckExact(buf) else PyBytes_FromStringAndSize(<const char*>p, end + 4)
+    head._end = end
     head.framing = framing
     head.length = -1 if length is None else length
     head.keep_alive = not close
@@ -1276,11 +1323,11 @@ cpdef parse_response_head(buf, bint head_request):
     """
     cdef Py_buffer view
     if PyBytes_CheckExact(buf):
-        return _parse_response(<const unsigned char*>PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf),
+        return _parse_response(buf, <const unsigned char*>PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf),
                                head_request)
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
-        return _parse_response(<const unsigned char*>view.buf, view.len, head_request)
+        return _parse_response(buf, <const unsigned char*>view.buf, view.len, head_request)
     finally:
         PyBuffer_Release(&view)
 

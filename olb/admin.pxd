@@ -4,4 +4,4 @@
 # docs/performance.md) for one function: every request on the data port
 # asks is_admin_path, a C call from proxy.py.
 
-cpdef bint is_admin_path(path)
+cpdef bint is_admin_path(bytes path)

@@ -120,7 +120,7 @@ def _find_backend(balancer, req) -> int | str:
 
 #: Paths the admin gate guards; everything under /olb/ and the Prometheus page.
 def is_admin_path(path: bytes) -> bool:
-    return path[:5] == b"/olb/" or path == b"/olb" or path == b"/metrics"
+    return path.startswith(b"/olb/") or path == b"/olb" or path == b"/metrics"
 
 
 class Listener:

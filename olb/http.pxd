@@ -13,6 +13,7 @@ cdef class ProxyRequest:
     cdef public object method, target, path, http_version, headers, body
     cdef public bint keep_alive, has_body_framing, streamed
 
+    @cython.locals(pair=tuple)
     cpdef header(self, name)
 
 

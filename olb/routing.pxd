@@ -5,6 +5,7 @@
 
 cimport cython
 
+from olb._core cimport BackendTable
 from olb.models cimport ModelDirectory
 
 
@@ -18,7 +19,8 @@ cdef class Decision:
 
 cdef class Router:
     cdef public ModelDirectory models
-    cdef public object table, queued, spread_queue, session_bound
+    cdef public BackendTable table
+    cdef public object queued, spread_queue, session_bound
     cdef public Py_ssize_t decisions, cold_decisions, _next_pick
 
     cpdef acquire(self, allowed=*, affinity=*)
