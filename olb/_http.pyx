@@ -180,6 +180,7 @@ cdef object _parse_head(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_hea
     cdef unsigned char c
     cdef unsigned char minor
     cdef char* out
+    cdef const unsigned char* q
 
     if n == 0:
         return None
@@ -197,12 +198,16 @@ cdef object _parse_head(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_hea
     # bare-LF client will not send).
     i = search_from if search_from > 1 else 1
     while i < limit:
-        if p[i] == LF:
-            if p[i - 1] != CR:
-                return False
-            if i >= 3 and p[i - 3] == CR and p[i - 2] == LF:
-                head_len = i + 1
-                break
+        # From LF to LF (memchr): the bytes between need no look here.
+        q = <const unsigned char*>memchr(p + i, LF, limit - i)
+        if q == NULL:
+            break
+        i = q - p
+        if p[i - 1] != CR:
+            return False
+        if i >= 3 and p[i - 3] == CR and p[i - 2] == LF:
+            head_len = i + 1
+            break
         i += 1
     if head_len < 0:
         # Not complete.  Past the limit h11 decides (431 Request Header

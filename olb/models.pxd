@@ -14,18 +14,23 @@ cdef class ModelDirectory:
     cdef public list tags, ps, ps_names, room_models, room_vram, ps_vram, vram_free, gpu_count
     cdef public bytearray known
     cdef public object backends, interval, timeout, on_load, _layout, overhead, _recheck, _recheck_at
-    cdef public object _recent, demand
+    cdef public list _recent
+    cdef public Py_ssize_t _recent_at
+    cdef public dict demand
     cdef public Py_ssize_t n
 
     cpdef installed_mask(self, model)
     cpdef loaded_mask(self, model)
     cpdef warm_mask(self, model, runner=*)
+    @cython.locals(row=list)
     cpdef runner_matches(self, model, Py_ssize_t index, runner)
     cpdef held(self, model)
     cpdef mark_loaded(self, model, Py_ssize_t index)
     cpdef mark_placed(self, model, Py_ssize_t index, runner=*)
+    @cython.locals(row=list)
     cpdef _set_runner(self, model, Py_ssize_t index, runner)
     cpdef answered(self, model, Py_ssize_t index, runner=*)
+    @cython.locals(recent=list, demand=dict, at=Py_ssize_t)
     cpdef admitted(self, model, Py_ssize_t index, Py_ssize_t delta)
     cpdef waiting_for_load(self, model)
 

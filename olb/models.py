@@ -32,7 +32,6 @@ compared case-insensitively, like Ollama's Name.EqualFold.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import hashlib
 import logging
@@ -571,16 +570,20 @@ class ModelDirectory:
         #: round in progress or last done, and when it started.
         self._recheck: asyncio.Future | None = None
         self._recheck_at = 0.0
-        #: The models of the last DEMAND_WINDOW requests admitted, and how
-        #: many each has among them: recent demand (see spare).
-        self._recent: collections.deque[str] = collections.deque()
-        # (A dict, not a Counter: Counter defines __delitem__, which makes
-        # every `counter[key] = value` a Python-level slot call, ~5x a dict's.)
+        #: The models of the last DEMAND_WINDOW requests admitted (a ring:
+        #: _recent_at is where the next goes, over the oldest; None while
+        #: it fills), and how many each has among them: recent demand (see
+        #: spare). A list and an index, not a deque, and a dict, not a
+        #: Counter (whose __delitem__ makes every `counter[key] = value` a
+        #: Python-level slot call): compiled, both are C-API calls.
+        self._recent: list[str | None] = [None] * DEMAND_WINDOW
+        self._recent_at = 0
         self.demand: dict[str, int] = {}
-        #: Per (model, backend): the runner options (parse_request's key) of
-        #: the runner olb last sent there; absent: not known (taken for the
-        #: defaults, ()). See warm_mask.
-        self.runners: dict[tuple[str, int], tuple] = {}
+        #: Per model, per backend: the runner options (parse_request's key)
+        #: of the runner olb last sent there; None: not known (taken for the
+        #: defaults, ()). See warm_mask. (Rows by model, not (model, backend)
+        #: keys: a request reads and writes its entry without making a tuple.)
+        self.runners: dict[str, list[tuple | None]] = {}
         #: Per (model, backend): the context_length its /api/ps entry lists.
         self.ps_context: dict[tuple[str, int], int] = {}
         #: Models olb has sent to some backend with options other than the
@@ -634,7 +637,8 @@ class ModelDirectory:
         for a request with these options? Known from the last request olb
         sent there; else from /api/ps's context_length; else the runner is
         taken to have the defaults."""
-        known = self.runners.get((model, index))
+        row = self.runners.get(model)
+        known = row[index] if row is not None else None
         if known is not None:
             return known == runner
         if not runner:
@@ -738,9 +742,10 @@ class ModelDirectory:
         self._set_runner(model, index, runner)
 
     def _set_runner(self, model: str, index: int, runner: tuple) -> None:
-        key = (model, index)
-        if self.runners.get(key) != runner:  # (the usual answer: the same options as before)
-            self.runners[key] = runner
+        row = self.runners.get(model)
+        if row is None:
+            row = self.runners[model] = [None] * self.n
+        row[index] = runner
         if runner:
             self.keyed.add(model)
 
@@ -805,11 +810,13 @@ class ModelDirectory:
                 self._end_eviction(model, index)
         if delta > 0:
             recent = self._recent
-            recent.append(model)
+            at = self._recent_at
+            gone = recent[at]
+            recent[at] = model
+            self._recent_at = at + 1 if at + 1 < len(recent) else 0
             demand = self.demand
             demand[model] = demand.get(model, 0) + 1
-            if len(recent) > DEMAND_WINDOW:
-                gone = recent.popleft()
+            if gone is not None:
                 demand[gone] = demand.get(gone, 0) - 1
 
     def waiting_for_load(self, model: str) -> int:
@@ -1004,7 +1011,9 @@ class ModelDirectory:
         self.installed_mask(model)[index] = 0
         self.loaded_mask(model)[index] = 0
         self._layout = None
-        self.runners.pop((model, index), None)
+        row = self.runners.get(model)
+        if row is not None:
+            row[index] = None
         self._end_eviction(model, index)
 
     def set_catalogue(self, index: int, tags: list[dict], ps: list[dict] | None) -> None:
@@ -1045,8 +1054,9 @@ class ModelDirectory:
         # sent to load there and not heard from yet is on its way); a load
         # olb started that has answered is over, its victims either gone
         # from this /api/ps or staying (see mark_placed).
-        for key in [k for k in self.runners if k[1] == index and k[0] not in names and k not in self.placed]:
-            del self.runners[key]
+        for model, row in self.runners.items():
+            if row[index] is not None and model not in names and (model, index) not in self.placed:
+                row[index] = None
         for key in [k for k in self.ps_context if k[1] == index]:
             del self.ps_context[key]
         for e in ps:
@@ -1079,8 +1089,8 @@ class ModelDirectory:
         for mask in self.loaded.values():
             mask[index] = 0
         self._layout = None
-        for key in [k for k in self.runners if k[1] == index]:
-            del self.runners[key]
+        for row in self.runners.values():
+            row[index] = None
         for key in [k for k in self.evicting if k[1] == index]:
             self._end_eviction(*key)
 

@@ -64,31 +64,29 @@ def test_masks_are_live_objects():
 
 def test_spare_excludes_backends_where_another_resident_model_is_serving():
     d = directory(4)
-    d.demand = NoDemand()  # in-flight counts alone here; demand has its own test
+
+    def admitted(model, index, delta):
+        # In-flight counts alone here (demand has its own test): it is forgotten at once.
+        d.admitted(model, index, delta)
+        d.demand.clear()
+
     d.mark_loaded("a:latest", 0)
     d.mark_loaded("b:latest", 1)
     d.mark_loaded("b:latest", 2)
     d.mark_loaded("c:latest", 2)
     everywhere = bytearray(b"\x01" * 4)
     assert d.spare("a:latest", everywhere) == everywhere      # nothing in flight: all spare
-    d.admitted("b:latest", 2, 1)
+    admitted("b:latest", 2, 1)
     assert d.spare("a:latest", everywhere) == bytearray([1, 1, 0, 1])  # b serves on 2 only
-    d.admitted("a:latest", 0, 1)                              # the model's own requests do not count
+    admitted("a:latest", 0, 1)                              # the model's own requests do not count
     assert d.spare("a:latest", everywhere) == bytearray([1, 1, 0, 1])
     assert d.spare("b:latest", everywhere) == bytearray([0, 1, 1, 1])
-    d.admitted("b:latest", 2, -1)
+    admitted("b:latest", 2, -1)
     assert d.spare("a:latest", bytearray([0, 0, 1, 1])) == bytearray([0, 0, 1, 1])  # within the mask
     # Requests waiting for c (resident on 2) make it in use there too; waiting for a model
     # resident nowhere, or for `model` itself, changes nothing.
     waiting = collections.Counter({"c:latest": 1, "z:latest": 3, "a:latest": 9})
     assert d.spare("a:latest", everywhere, waiting) == bytearray([1, 1, 0, 1])
-
-
-class NoDemand(collections.Counter):
-    """A demand counter that forgets everything."""
-
-    def __setitem__(self, key, value):
-        pass
 
 
 def test_spare_keeps_idle_models_with_recent_demand():

@@ -354,10 +354,10 @@ def test_runner_options_outlive_a_poll_during_their_load_not_an_unload():
     d = w.models
     d.mark_placed(A, 0, K8)              # a reload with num_ctx 8192 on its way
     w.everywhere([A], {1: [A]})          # a poll while it loads: not listed yet
-    assert d.runners[(A, 0)] == K8
+    assert d.runners[A][0] == K8
     d.answered(A, 0, K8)
     w.everywhere([A], {1: [A]})          # listed no more after its answer: unloaded
-    assert (A, 0) not in d.runners
+    assert d.runners[A][0] is None
 
 
 def test_queue_identity():
