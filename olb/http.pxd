@@ -26,6 +26,7 @@ cdef class RequestReader:
 
     cpdef receive(self, data)
     cpdef bint buffered(self)
+    @cython.locals(method=bytes, target=bytes)
     cpdef next_request(self)
     cpdef finish_response(self, int status, bint closing)
 

@@ -246,7 +246,7 @@ class RequestReader:
         if parsed is False:
             return self._declined(buf)
         method, target, version, headers, head_len, length, keep_alive = parsed
-        if target[:1] != b"/" or method in _REFUSED_METHODS:
+        if not target.startswith(b"/") or method in _REFUSED_METHODS:
             target, headers = _origin_form(method, target, headers)
         if method == b"POST" and target.startswith(STREAMED_BODY_PREFIX):
             return self._to_h11()

@@ -10,7 +10,7 @@ cimport cython
 
 from olb._http cimport BodyScanner, ResponseHead
 from olb._relay cimport Relay
-from olb.balancer cimport Backend
+from olb.balancer cimport Backend, Balancer
 from olb.dashboard cimport Samples
 from olb.hostcheck cimport HostCheck
 from olb.http cimport ProxyRequest, RequestReader
@@ -28,7 +28,7 @@ from olb.admin cimport is_admin_path
 from olb.http cimport downstream_head
 from olb.manage cimport classify
 from olb.metrics cimport observe
-from olb.models cimport parse_request, takes_slot
+from olb.models cimport normalize, parse_request, takes_slot
 
 
 cdef class Exchange  # (declared below; ClientSideProtocol's methods name it)
@@ -37,7 +37,7 @@ cdef class Exchange  # (declared below; ClientSideProtocol's methods name it)
 @cython.final
 cdef class ProxyContext:
     cdef public object config, loop, clients, gpu, telemetry, worker, host_check, bodies
-    cdef object _balancer
+    cdef Balancer _balancer
     cdef public ModelDirectory models
     cdef public Router router
     cdef public list backends

@@ -989,7 +989,7 @@ class Exchange:
             if self.model is not None:
                 models = self.ctx.models
                 models.admitted(self.model, index, -1)
-            self.ctx.balancer.release(index)
+            self.ctx._balancer.release(index)  # (the property's field: typed, a C call)
 
     def _resume(self, index: int, error: OlbError, at_boundary: bool) -> bool:
         """Continue a broken chat stream on another backend that has the
