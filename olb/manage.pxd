@@ -9,3 +9,7 @@ from olb._http cimport contains
 
 cpdef classify(bytes method, bytes path, body=*)
 cpdef stop_model(bytes path, body)
+
+# Private module globals, typed: a request's lookups are C-API calls.
+cdef dict _OPS
+cdef frozenset _OP_PATHS

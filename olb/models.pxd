@@ -25,6 +25,7 @@ cdef class ModelDirectory:
     @cython.locals(row=list)
     cpdef runner_matches(self, model, Py_ssize_t index, runner)
     cpdef held(self, model)
+    @cython.locals(loaded=bytearray, installed=bytearray)
     cpdef mark_loaded(self, model, Py_ssize_t index)
     cpdef mark_placed(self, model, Py_ssize_t index, runner=*)
     @cython.locals(row=list)
@@ -42,3 +43,9 @@ cpdef _routed_doc(dict doc)
 cpdef _routed(model, messages, options)
 cpdef runner_key(options)
 cpdef normalize(name)
+@cython.locals(m=bytearray, i=Py_ssize_t)
+cpdef bint any_set(mask) except -1
+
+# Private module globals, typed: their lookups and .get() are C-API calls.
+cdef dict _NORMALIZED
+cdef frozenset _RELOAD_SET

@@ -37,7 +37,7 @@ import logging
 import re
 import time
 import urllib.parse
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import orjson
 
@@ -211,23 +211,23 @@ SCAN_BUDGET = 20_000
 #: num_gpu < 0 is ignored there ("Don't reload runner if num_gpu=-1").
 RELOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
 _RELOAD_SET = frozenset(RELOAD_OPTIONS)
+#: (A module global, not orjson.loads: compiled, no attribute lookup on the module a request.)
+_loads = orjson.loads
 
 
-class Routed(NamedTuple):
-    """What routing reads from a request body (parse_request)."""
+#: What routing reads from a request body (parse_request), a plain tuple
+#: (model, affinity, runner) -- a NamedTuple's construction and unpacking
+#: cost a request ~1,400 instructions more, compiled:
+#:   model     the `model` field (or `name`, its deprecated alias on
+#:             /api/show), as sent, or None
+#:   affinity  the bytes that identify its conversation, or None
+#:   runner    its runner options: sorted (name, value) pairs of
+#:             RELOAD_OPTIONS it sets; () for the server's defaults. Two
+#:             requests for one model with different keys need different
+#:             runners (Ollama's needsReload).
+Routed = tuple[str | None, bytes | None, tuple]
 
-    #: The `model` field (or `name`, its deprecated alias on /api/show), as sent.
-    model: str | None
-    #: The bytes that identify its conversation, or None.
-    affinity: bytes | None
-    #: Its runner options: sorted (name, value) pairs of RELOAD_OPTIONS it
-    #: sets; () for the server's defaults. Two requests for one model with
-    #: different keys need different runners (Ollama's needsReload).
-    runner: tuple = ()
-
-
-NOTHING = Routed(None, None, ())
-_new_tuple = tuple.__new__
+NOTHING: Routed = (None, None, ())
 
 
 def parse_request(body: bytes) -> Routed:
@@ -264,7 +264,7 @@ def parse_request(body: bytes) -> Routed:
 def parse_request_whole(body: bytes) -> Routed:
     """parse_request by decoding the whole body, whatever its size."""
     try:
-        doc = orjson.loads(body)
+        doc = _loads(body)
     except orjson.JSONDecodeError:
         return NOTHING
     if not isinstance(doc, dict):
@@ -298,8 +298,7 @@ def _routed(model, messages, options) -> Routed:
     # starts with the chat template's tokens, the same for every
     # conversation): generate traffic is kept together by the session
     # header alone.
-    # tuple.__new__: a NamedTuple's own __new__ is a Python function (a frame a request).
-    return _new_tuple(Routed, (model, affinity, runner_key(options)))
+    return (model, affinity, runner_key(options))
 
 
 def runner_key(options) -> tuple:
@@ -466,7 +465,7 @@ def _parse_big(body: bytes) -> Routed:
         return _routed(model, None, options)
     if span[1] - span[0] <= SMALL_BODY:
         return _routed(model, decode(b"messages"), options)
-    return Routed(model, _big_affinity(scan, span), runner_key(options))
+    return (model, _big_affinity(scan, span), runner_key(options))
 
 
 def _big_affinity(scan: _Scan, span) -> bytes | None:
@@ -505,6 +504,19 @@ def bits(mask) -> int:
     """A 0/1 byte mask as an integer (byte i is bit 8*i): whole-mask and,
     or and not in one C operation each, for the cold path (see to_mask)."""
     return int.from_bytes(mask, "little")
+
+
+def any_set(mask) -> bool:
+    """any(mask) for a 0/1 byte mask. Compiled, a bytearray's bytes are read
+    in a C loop: the builtin's call costs more than the loop (the router
+    asks it of every request's masks)."""
+    if type(mask) is not bytearray:
+        return any(mask)
+    m = mask
+    for i in range(len(m)):
+        if m[i]:
+            return True
+    return False
 
 
 def to_mask(value: int, n: int) -> bytearray:
@@ -729,7 +741,8 @@ class ModelDirectory:
         if not loaded[index]:
             loaded[index] = 1
             self._layout = None
-        self.installed_mask(model)[index] = 1
+        installed = self.installed_mask(model)
+        installed[index] = 1
 
     def mark_placed(self, model: str, index: int, runner: tuple = ()) -> None:
         """olb sent the model to a backend where it was not loaded (or loaded

@@ -596,7 +596,7 @@ class Exchange:
             # Answer as Ollama would, without touching a backend; in the
             # name as the client sent it.
             template = MODEL_ENDPOINTS[self.req.path]
-            self._fail(NotFound(template.format(name=parse_request(self.req.body).model)))
+            self._fail(NotFound(template.format(name=parse_request(self.req.body)[0])))
         else:
             self.queue_unusable()
 

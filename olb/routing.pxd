@@ -6,7 +6,7 @@
 cimport cython
 
 from olb._core cimport BackendTable
-from olb.models cimport ModelDirectory
+from olb.models cimport ModelDirectory, any_set
 
 
 @cython.final

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ._core import NO_BACKEND
 from .fairqueue import BATCH, INTERACTIVE
-from .models import bits, to_mask
+from .models import any_set, bits, to_mask
 
 #: Decision kinds.
 ADMIT, WAIT, FAIL = range(3)
@@ -190,7 +190,7 @@ class Router:
         self.decisions += 1
         models = self.models
         installed_all = models.installed_mask(model)
-        if excluded is None and not any(installed_all):
+        if excluded is None and not any_set(installed_all):
             # Every backend's catalogue is known and none has it: Ollama's 404.
             return MISSING_DECISION
         spread = self.spread_queue
@@ -200,7 +200,7 @@ class Router:
         # requests a backend holds behind a load olb started: on a cold
         # start every request piles onto the one backend loading it, where
         # least-in-flight would start a load on each idle GPU.
-        if any(warm) and queued + models.waiting_for_load(model) < spread:
+        if any_set(warm) and queued + models.waiting_for_load(model) < spread:
             index = self.acquire(warm, affinity)
             if index != NO_BACKEND:
                 return admit(index)
@@ -219,7 +219,7 @@ class Router:
         # elsewhere: under load that fallback made two models take turns on
         # a small GPU, a load every few requests.
         fit = models.fits(model, cold)
-        if any(fit) and self.usable(fit):  # (a backend that is down has no room)
+        if any_set(fit) and self.usable(fit):  # (a backend that is down has no room)
             index = self.acquire(fit, affinity)
             if index != NO_BACKEND:
                 return admit(index, placed=True)
@@ -228,9 +228,9 @@ class Router:
         # no such backend, a model warm somewhere waits for its warm
         # backends; a cold one must load somewhere all the same.
         spare = models.spare(model, cold, self.queued)
-        if any(spare):
+        if any_set(spare):
             cold = spare
-        elif any(warm) and self.usable(warm):
+        elif any_set(warm) and self.usable(warm):
             return self.route_any(warm, affinity)
         elif models.held(model):
             # Rule E: leaving a backend, with no other warm copy and no room

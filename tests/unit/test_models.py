@@ -321,7 +321,7 @@ def test_big_chat_body_has_the_small_bodys_conversation_bytes():
     # scanned, and the same bytes (the lead is small, decoded the same way).
     big_later = [system, user] + follow + [{"role": "user", "content": "and this", "images": [IMAGE]}]
     big = parse_request(orjson.dumps({"messages": big_later, "model": "llava"}))
-    assert big == small and small.affinity == orjson.dumps([system, user])
+    assert big == small and small[1] == orjson.dumps([system, user])
     # A first turn with an image: no follow-up, no conversation bytes.
     first = parse_request(orjson.dumps({"model": "llava", "messages": [system, dict(user, images=[IMAGE])]}))
     assert first == ("llava", None, ())
@@ -329,8 +329,8 @@ def test_big_chat_body_has_the_small_bodys_conversation_bytes():
     lead = [system, dict(user, images=[IMAGE])]
     turn2 = parse_request(orjson.dumps({"model": "llava", "messages": lead + follow}))
     turn3 = parse_request(orjson.dumps({"model": "llava", "messages": lead + follow + follow}))
-    assert turn2.affinity == turn3.affinity and turn2.affinity.startswith(orjson.dumps([system])[:-1])
-    assert len(turn2.affinity) == 2048
+    assert turn2[1] == turn3[1] and turn2[1].startswith(orjson.dumps([system])[:-1])
+    assert len(turn2[1]) == 2048
 
 
 @pytest.mark.parametrize("body", [
@@ -353,8 +353,8 @@ def test_big_body_of_many_small_values_is_parsed_whole():
     body = orjson.dumps(doc)
     assert len(body) > models.SMALL_BODY
     got = parse_request(body)
-    assert got.model == "m" and got.runner == (("num_batch", 64),)
-    assert got.affinity == orjson.dumps(doc["messages"][:1])
+    assert got[0] == "m" and got[2] == (("num_batch", 64),)
+    assert got[1] == orjson.dumps(doc["messages"][:1])
 
 
 @pytest.mark.parametrize("options, key", [
@@ -370,7 +370,7 @@ def test_big_body_of_many_small_values_is_parsed_whole():
 def test_runner_key(options, key):
     from olb.models import runner_key
     assert runner_key(options) == key
-    assert parse_request(orjson.dumps({"model": "m", "options": options})).runner == key
+    assert parse_request(orjson.dumps({"model": "m", "options": options}))[2] == key
 
 
 def test_a_20_mb_body_is_not_decoded_whole(monkeypatch):
