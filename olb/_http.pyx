@@ -123,6 +123,26 @@ cdef enum:
 cdef bytes _V10 = b"1.0"
 cdef bytes _V11 = b"1.1"
 
+# The field names clients send on nearly every request, lower-case: a
+# request's name is one of these objects when it matches (no new bytes
+# object, and none to free), else a new lower-cased copy (_field_name).
+cdef tuple _COMMON_NAMES = (b"host", b"accept", b"user-agent", b"content-type", b"content-length",
+                            b"connection", b"authorization", b"accept-encoding")
+
+
+cdef bytes _field_name(const unsigned char* p, Py_ssize_t n):
+    cdef bytes name
+    cdef char* out
+    cdef Py_ssize_t k
+    for name in _COMMON_NAMES:
+        if _name_is(p, n, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
+            return name
+    name = PyBytes_FromStringAndSize(NULL, n)
+    out = PyBytes_AS_STRING(name)
+    for k in range(n):
+        out[k] = <char>_lower(p[k])
+    return name
+
 
 cdef inline unsigned char _lower(unsigned char c) noexcept:
     if 65 <= c <= 90:
@@ -179,7 +199,6 @@ cdef object _parse_head(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_hea
     cdef bint close = False
     cdef unsigned char c
     cdef unsigned char minor
-    cdef char* out
     cdef const unsigned char* q
 
     if n == 0:
@@ -265,10 +284,7 @@ cdef object _parse_head(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_hea
             return False
         pos += 2
 
-        name = PyBytes_FromStringAndSize(NULL, name_end - start)
-        out = PyBytes_AS_STRING(name)
-        for k in range(name_end - start):
-            out[k] = <char>_lower(p[start + k])
+        name = _field_name(p + start, name_end - start)
         value = PyBytes_FromStringAndSize(<const char*>(p + i), value_end - i)
         headers.append((name, value))
 
