@@ -11,5 +11,7 @@ cimport cython
 cdef class HostCheck:
     cdef public object hostname
     cdef public dict _seen
+    cdef public object _last
+    cdef public bint _last_ok
 
     cpdef allows(self, host)

@@ -110,17 +110,23 @@ def listens_on_loopback(address: str) -> bool:
 
 class HostCheck:
     """allowed() with the answers remembered per Host value (the hot path
-    pays one dict lookup)."""
+    pays a comparison with the last Host asked about, else one dict lookup:
+    each request's Host is a new bytes object, whose hash is computed anew)."""
 
 
     def __init__(self, hostname: str | None = None):
         self.hostname = socket.gethostname() if hostname is None else hostname
         self._seen: dict[bytes | None, bool] = {}
+        self._last: bytes | None = None
+        self._last_ok = False
 
     def allows(self, host: bytes | None) -> bool:
+        if host is not None and host == self._last:
+            return self._last_ok
         ok = self._seen.get(host)
         if ok is None:
             ok = allowed(host.decode("latin-1") if host is not None else "", self.hostname)
             if len(self._seen) < _CACHE_MAX:
                 self._seen[host] = ok
+        self._last, self._last_ok = host, ok
         return ok

@@ -48,4 +48,5 @@ cpdef bint any_set(mask) except -1
 
 # Private module globals, typed: their lookups and .get() are C-API calls.
 cdef dict _NORMALIZED
+cdef object _last_name, _last_normalized
 cdef frozenset _RELOAD_SET

@@ -137,6 +137,8 @@ def streams(method: bytes, path: bytes, body: bytes) -> bool:
 #: new names cannot make it grow).
 _NORMALIZED: dict[str, str] = {}
 _NORMALIZED_MAX = 4096
+_last_name: str | None = None
+_last_normalized = ""
 
 
 def normalize(name: str) -> str:
@@ -151,12 +153,16 @@ def normalize(name: str) -> str:
     `registry.ollama.ai/library/x` -> `x:latest`; other hosts and namespaces
     are kept. Digest (`@sha256:...`) and build (`+Q4_0`) suffixes are dropped.
     """
+    global _last_name, _last_normalized
+    if name == _last_name:  # (consecutive requests mostly name one model: no hash of a new str)
+        return _last_normalized
     out = _NORMALIZED.get(name)
     if out is None:
         out = display_shortest(name).lower()
         if len(_NORMALIZED) >= _NORMALIZED_MAX:
             _NORMALIZED.clear()
         _NORMALIZED[name] = out
+    _last_name, _last_normalized = name, out
     return out
 
 
