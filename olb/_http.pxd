@@ -28,7 +28,6 @@ cdef class BodyScanner:
     cpdef expect_close(self)
     cpdef Py_ssize_t feed(self, data) except -3
     cdef void _reset(self, int mode) noexcept
-    cdef Py_ssize_t feed_c(self, object data) except -3
     cdef Py_ssize_t _scan(self, const unsigned char* p, Py_ssize_t n) noexcept
     cdef Py_ssize_t _scan_chunked(self, const unsigned char* p, Py_ssize_t n) noexcept
 

@@ -123,9 +123,10 @@ cdef enum:
 cdef bytes _V10 = b"1.0"
 cdef bytes _V11 = b"1.1"
 
-# The field names clients send on nearly every request, lower-case: a
-# request's name is one of these objects when it matches (no new bytes
-# object, and none to free), else a new lower-cased copy (_field_name).
+# The field names sent on nearly every request (and the response fields a
+# backend sends), lower-case: a name is one of these objects when it matches
+# (no new bytes object, and none to free), else a new lower-cased copy
+# (_field_name).
 cdef tuple _COMMON_NAMES = (b"host", b"accept", b"user-agent", b"content-type", b"content-length",
                             b"connection", b"authorization", b"accept-encoding")
 
@@ -503,11 +504,8 @@ cdef class BodyScanner:
                 what and where); the scanner stays failed until expect_*().
             RuntimeError: no expect_*() was called.
         """
-        return self.feed_c(data)
-
-    cdef Py_ssize_t feed_c(self, object data) except -3:
-        # feed() for Cython callers (olb/_relay.pyx calls it once per chunk
-        # without a Python call).
+        # (cpdef on a final class: olb/_relay.pyx calls it once per chunk as
+        # a C function, without a Python call.)
         cdef Py_buffer view
         cdef Py_ssize_t result
         if self._mode == MODE_IDLE:
@@ -1165,21 +1163,16 @@ cdef list _header_list(const unsigned char* p, Py_ssize_t end):
     # SP/HTAB, as _parse_response read them.
     cdef list headers = []
     cdef Py_ssize_t pos = _crlf(p, 0, end)
-    cdef Py_ssize_t start, colon, vs, ve, k
+    cdef Py_ssize_t start, colon, vs, ve
     cdef const unsigned char* q
-    cdef bytes name
-    cdef char* out
     while pos < end:
         start = pos + 2
         pos = _crlf(p, start, end)
         q = <const unsigned char*>memchr(p + start, COLON, pos - start)
         colon = q - p
-        name = PyBytes_FromStringAndSize(NULL, colon - start)
-        out = PyBytes_AS_STRING(name)
-        for k in range(colon - start):
-            out[k] = <char>_lower(p[start + k])
         _value_span(p, colon, pos, &vs, &ve)
-        headers.append((name, PyBytes_FromStringAndSize(<const char*>(p + vs), ve - vs)))
+        headers.append((_field_name(p + start, colon - start),
+                        PyBytes_FromStringAndSize(<const char*>(p + vs), ve - vs)))
     return headers
 
 

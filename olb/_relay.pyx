@@ -135,7 +135,7 @@ cdef class Relay:
             return
         self.last_io = _now()
         try:
-            end = self.scanner.feed_c(data)
+            end = self.scanner.feed(data)
         except ValueError as exc:
             self._protocol_error(f"backend sent a malformed chunked body: {exc}")
             return

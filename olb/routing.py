@@ -177,7 +177,7 @@ class Router:
         mask = allowed
         if model is not None:
             installed = self.models.installed_mask(model)
-            if excluded is None and not any(installed):
+            if excluded is None and not any_set(installed):
                 return MISSING_DECISION
             mask = installed if mask is None else to_mask(bits(mask) & bits(installed), len(installed))
         index = self.pick(mask)
