@@ -49,7 +49,7 @@ class build_ext(_build_ext):
 
 
 #: Cython proper: the compiled core.
-PYX = ["_core", "_http", "_relay", "_tokens"]
+PYX = ["_body", "_core", "_http", "_relay", "_tokens"]
 #: Python modules compiled in Cython's pure-Python mode, each with a .pxd
 #: beside it (docs/performance.md); each keeps Python's semantics with the
 #: directives in its first line, which override the .pyx ones above.

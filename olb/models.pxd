@@ -6,6 +6,8 @@
 
 cimport cython
 
+from olb._body cimport elements, members, routing_members
+
 
 cdef class ModelDirectory:
     # Containers typed by kind, so that their lookups are C-API calls.
@@ -38,9 +40,7 @@ cdef class ModelDirectory:
 
 cpdef bint takes_slot(bytes method, bytes path)
 cpdef parse_request(body)
-cpdef parse_request_whole(body)
-cpdef _routed_doc(dict doc)
-cpdef _routed(model, messages, options)
+cpdef bint well_formed(body) except -1
 cpdef runner_key(options)
 cpdef normalize(name)
 @cython.locals(m=bytearray, i=Py_ssize_t)
@@ -50,3 +50,4 @@ cpdef bint any_set(mask) except -1
 cdef dict _NORMALIZED
 cdef object _last_name, _last_normalized
 cdef frozenset _RELOAD_SET
+cdef tuple _RELOAD_KEYS

@@ -34,13 +34,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 import urllib.parse
 from typing import Callable
 
 import orjson
 
+from ._body import elements, members, routing_members
 from .errors import OlbError
 
 log = logging.getLogger("olb.models")
@@ -203,20 +203,21 @@ def openai_model_id(path: bytes) -> str | None:
 
 #: Bytes of a conversation's leading messages or prompt that identify it.
 AFFINITY_PREFIX = 2048
-#: A request body up to this size is parsed whole (orjson: tens of µs); a
-#: bigger one (base64 images: /api/generate `images`, chat messages'
-#: `images`, up to tens of MB) is scanned for the few fields routing reads,
-#: stepping over the big strings with bytes.find instead of decoding them.
+#: A `messages` array up to this size is decoded whole for its conversation
+#: bytes; a bigger one (images inline, up to tens of MB) is stepped through
+#: message by message (_big_affinity), the small ones decoded.
 SMALL_BODY = 64 * 1024
-#: Structure tokens (brackets, strings) a scan may step through before it
-#: gives up and parses the body whole: a body of a million small values costs
-#: one orjson parse, not a million Python steps.
+#: Messages _big_affinity steps through before it decodes the array whole:
+#: an array of a million small messages costs one orjson parse, not a
+#: million Python steps.
 SCAN_BUDGET = 20_000
 #: The runner options of Ollama's needsReload (server/sched.go): a request
 #: whose values differ from the loaded runner's unloads and reloads the model.
 #: num_gpu < 0 is ignored there ("Don't reload runner if num_gpu=-1").
 RELOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
 _RELOAD_SET = frozenset(RELOAD_OPTIONS)
+#: The same names as bytes, for the body reader (_body.routing_members).
+_RELOAD_KEYS = tuple(name.encode() for name in RELOAD_OPTIONS)
 #: (A module global, not orjson.loads: compiled, no attribute lookup on the module a request.)
 _loads = orjson.loads
 
@@ -250,61 +251,67 @@ def parse_request(body: bytes) -> Routed:
     NOTHING when there is nothing to route by; bad JSON is left for the
     backend to answer with Ollama's 400.
 
-    A body over SMALL_BODY is not decoded whole: its top-level object is
-    scanned (_Scan) for `model`, `name`, `options` and `messages`, in any
-    order and after any `images` array, and only those values are decoded.
+    The body is not decoded: olb/_body.pyx steps through its top-level
+    object in C, matching keys as Go does, and only the values that matter
+    are decoded (the model's name; `options` when it names a runner option;
+    `messages` when there are any).
     """
     if not body:
         return NOTHING
-    if len(body) <= SMALL_BODY:
-        return parse_request_whole(body)
+    if type(body) is not bytes:  # h11's chunked bodies are bytearrays
+        body = bytes(body)
     try:
-        return _parse_big(body)
-    except _OverBudget:
-        # Too much structure to step through in Python: orjson is faster.
-        return parse_request_whole(body)
-    except (ValueError, IndexError):  # malformed: Ollama answers 400
+        model, options, messages = routing_members(body, _RELOAD_KEYS)
+        if not isinstance(model, str):  # (a blank one is None)
+            return NOTHING
+        runner = () if options is None else runner_key(_loads(options))
+        if messages is None:
+            return (model, None, runner)
+        return (model, _affinity(body, messages), runner)
+    except ValueError:  # malformed (orjson's and UTF-8's errors are ValueErrors): Ollama answers 400
         return NOTHING
 
 
-def parse_request_whole(body: bytes) -> Routed:
-    """parse_request by decoding the whole body, whatever its size."""
+def well_formed(body: bytes) -> bool:
+    """Is the body one whole JSON document? parse_request checks only what it
+    steps through; Ollama binds the whole request (ShouldBindJSON) before it
+    looks its model up, so olb asks this before answering for a model itself."""
     try:
-        doc = _loads(body)
-    except orjson.JSONDecodeError:
-        return NOTHING
-    if not isinstance(doc, dict):
-        return NOTHING
-    return _routed_doc(doc)
+        _loads(body)
+    except ValueError:
+        return False
+    return True
 
 
-def _routed_doc(doc: dict) -> Routed:
-    # (A function of its own so that, compiled, `doc` is typed dict: models.pxd.)
-    return _routed(doc.get("model") or doc.get("name"), doc.get("messages"), doc.get("options"))
+def _affinity(body: bytes, span) -> bytes | None:
+    """parse_request's conversation bytes of the messages array at span."""
+    start, stop = span
+    if stop - start > SMALL_BODY:
+        try:
+            return _big_affinity(body, start, stop)
+        except _OverBudget:
+            pass
+    return _conversation(_loads(body[start:stop]))
 
 
-def _routed(model, messages, options) -> Routed:
-    if not isinstance(model, str) or not model.strip():
-        return NOTHING
-    affinity = None
-    if isinstance(messages, list) and messages:
-        for m in messages:  # (a loop, not any() over a generator: no closure when compiled)
-            if isinstance(m, dict) and m.get("role") in ("assistant", "tool"):
-                break
-        else:
-            m = None
-        if m is not None:
-            lead = []
-            for message in messages:
-                lead.append(message)
-                if isinstance(message, dict) and message.get("role") == "user":
-                    break
-            affinity = orjson.dumps(lead)[:AFFINITY_PREFIX]
+def _conversation(messages: list) -> bytes | None:
+    if not messages:
+        return None
+    for m in messages:  # (a loop, not any() over a generator: no closure when compiled)
+        if isinstance(m, dict) and m.get("role") in ("assistant", "tool"):
+            break
+    else:
+        return None
+    lead = []
+    for message in messages:
+        lead.append(message)
+        if isinstance(message, dict) and message.get("role") == "user":
+            break
     # A generate prompt carries no sign of being a follow-up (its `context`
     # starts with the chat template's tokens, the same for every
     # conversation): generate traffic is kept together by the session
     # header alone.
-    return (model, affinity, runner_key(options))
+    return orjson.dumps(lead)[:AFFINITY_PREFIX]
 
 
 def runner_key(options) -> tuple:
@@ -332,166 +339,29 @@ def runner_key(options) -> tuple:
 
 
 class _OverBudget(Exception):
-    """A scan met more than SCAN_BUDGET tokens."""
+    """A messages array of more than SCAN_BUDGET messages."""
 
 
-_WHITESPACE = frozenset(b" \t\r\n")
-_STRUCTURE = re.compile(rb'["\[\]{}]')
-_SCALAR_END = re.compile(rb'[,\]}\s]')
-
-
-class _Scan:
-    """Steps over JSON values without decoding them: a string's end is found
-    with bytes.find (a 20 MB base64 string is one call), a container's by
-    counting brackets between strings. Every step spends budget."""
-
-    __slots__ = ("buf", "budget")
-
-    def __init__(self, buf: bytes):
-        self.buf = buf
-        self.budget = SCAN_BUDGET
-
-    def ws(self, pos: int) -> int:
-        buf = self.buf
-        while buf[pos] in _WHITESPACE:
-            pos += 1
-        return pos
-
-    def string_end(self, pos: int) -> int:
-        """The index after the string that opens at `pos`."""
-        buf = self.buf
-        start = pos + 1
-        while True:
-            end = buf.index(b'"', start)
-            back = end - 1
-            while buf[back] == 0x5C:  # a backslash: an even run leaves the quote unescaped
-                back -= 1
-            if (end - 1 - back) % 2 == 0:
-                return end + 1
-            start = end + 1
-
-    def value_end(self, pos: int) -> int:
-        """The index after the value that starts at `pos`."""
-        self._spend()
-        buf = self.buf
-        c = buf[pos]
-        if c == 0x22:
-            return self.string_end(pos)
-        if c != 0x5B and c != 0x7B:
-            m = _SCALAR_END.search(buf, pos)
-            return m.start() if m else len(buf)
-        depth = 0
-        search = _STRUCTURE.search
-        while True:
-            m = search(buf, pos)
-            if m is None:
-                raise ValueError("unterminated JSON value")
-            self._spend()
-            pos = m.start()
-            c = buf[pos]
-            if c == 0x22:
-                pos = self.string_end(pos)
-                continue
-            depth += 1 if c in (0x5B, 0x7B) else -1
-            pos += 1
-            if depth == 0:
-                return pos
-
-    def members(self, pos: int, end: int):
-        """(key, value start, value end) of the object spanning [pos, end)."""
-        buf = self.buf
-        pos = self.ws(pos)
-        if buf[pos] != 0x7B:
-            raise ValueError("not a JSON object")
-        pos = self.ws(pos + 1)
-        if buf[pos] == 0x7D:
-            return
-        while True:
-            if buf[pos] != 0x22:
-                raise ValueError("expected a key")
-            key_end = self.string_end(pos)
-            key = buf[pos + 1:key_end - 1]
-            if 0x5C in key:
-                key = orjson.loads(buf[pos:key_end]).encode()
-            pos = self.ws(key_end)
-            if buf[pos] != 0x3A:
-                raise ValueError("expected ':'")
-            start = self.ws(pos + 1)
-            stop = self.value_end(start)
-            yield key, start, stop
-            pos = self.ws(stop)
-            if buf[pos] == 0x7D:
-                return
-            if buf[pos] != 0x2C or pos >= end:
-                raise ValueError("expected ','")
-            pos = self.ws(pos + 1)
-
-    def elements(self, pos: int, end: int):
-        """(start, end) of each element of the array spanning [pos, end)."""
-        buf = self.buf
-        pos = self.ws(pos + 1)
-        if buf[pos] == 0x5D:
-            return
-        while True:
-            stop = self.value_end(pos)
-            yield pos, stop
-            pos = self.ws(stop)
-            if buf[pos] == 0x5D:
-                return
-            if buf[pos] != 0x2C or pos >= end:
-                raise ValueError("expected ','")
-            pos = self.ws(pos + 1)
-
-    def _spend(self) -> None:
-        self.budget -= 1
-        if self.budget < 0:
-            raise _OverBudget
-
-
-_ROUTING_KEYS = (b"model", b"name", b"options", b"messages")
-
-
-def _parse_big(body: bytes) -> Routed:
-    scan = _Scan(body)
-    found = {}
-    for key, start, stop in scan.members(0, len(body)):
-        if key in _ROUTING_KEYS:
-            found[key] = (start, stop)  # the last of duplicate keys wins, as in orjson
-
-    def decode(key):
-        span = found.get(key)
-        return orjson.loads(body[span[0]:span[1]]) if span else None
-
-    model = decode(b"model") or decode(b"name")
-    if not isinstance(model, str) or not model.strip():
-        return NOTHING
-    options = decode(b"options")
-    span = found.get(b"messages")
-    if span is None or body[span[0]] != 0x5B:
-        return _routed(model, None, options)
-    if span[1] - span[0] <= SMALL_BODY:
-        return _routed(model, decode(b"messages"), options)
-    return (model, _big_affinity(scan, span), runner_key(options))
-
-
-def _big_affinity(scan: _Scan, span) -> bytes | None:
-    """_routed's conversation bytes for a messages array too big to decode:
-    each message of at most SMALL_BODY is decoded (so the bytes are the same
-    as a small body's), a bigger one (an image inline) is kept as sent."""
-    body = scan.buf
+def _big_affinity(body: bytes, start: int, stop: int) -> bytes | None:
+    """_conversation's bytes for a messages array too big to decode: each
+    message of at most SMALL_BODY is decoded (so the bytes are the same as a
+    small body's), a bigger one (an image inline) is kept as sent."""
     follow_up = False
     lead: list[bytes] | None = []
-    for start, stop in scan.elements(*span):
+    found = elements(body, start, stop)
+    if len(found) > SCAN_BUDGET:
+        raise _OverBudget
+    for m0, m1 in found:
         role = None
-        if body[start] == 0x7B:
-            for key, v0, v1 in scan.members(start, stop):
+        if body[m0] == 0x7B:
+            for key, v0, v1 in members(body, m0, m1):
                 if key == b"role":
-                    role = orjson.loads(body[v0:v1])
+                    role = _loads(body[v0:v1])
         if lead is not None:
-            if stop - start <= SMALL_BODY:
-                lead.append(orjson.dumps(orjson.loads(body[start:stop])))
+            if m1 - m0 <= SMALL_BODY:
+                lead.append(orjson.dumps(_loads(body[m0:m1])))
             else:  # only the prefix counts: no copy of the image
-                lead.append(body[start:start + AFFINITY_PREFIX])
+                lead.append(body[m0:m0 + AFFINITY_PREFIX])
             if role == "user":
                 lead_bytes = b"[" + b",".join(lead) + b"]"
                 lead = None

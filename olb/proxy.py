@@ -107,6 +107,7 @@ from .models import (
     parse_request,
     streams,
     takes_slot,
+    well_formed,
 )
 from .routing import ADMIT, MISSING, WAIT
 from .slowclient import BodyBudget, RequestClock
@@ -592,6 +593,13 @@ class Exchange:
                 self.rechecked = True
                 self.state = CONNECTING  # client_gone cancels the task below
                 self.connect_task = self.ctx.loop.create_task(self._recheck())
+                return
+            if not well_formed(self.req.body):
+                # Ollama binds the whole request before it looks the model
+                # up: a body malformed past what routing read is a backend's
+                # 400 to answer, not olb's 404 (models.well_formed).
+                self.model = None
+                self._route()
                 return
             # Answer as Ollama would, without touching a backend; in the
             # name as the client sent it.

@@ -90,6 +90,28 @@ def test_missing_model_is_ollamas_404_without_a_backend(loop, path, body, text):
     assert touched == 0
 
 
+@pytest.mark.parametrize("body", [
+    b'{"model":"nope","prompt":"x","options":{"num_predict":1,,}}',   # malformed past the model
+    b'{"model":"nope","prompt":"x","stream":tru}',
+])
+def test_missing_model_in_a_malformed_body_is_the_backends_400(loop, body):
+    """Routing steps over what it does not read (olb/_body.pyx); Ollama binds
+    the whole body before it looks the model up, so a body malformed
+    anywhere is answered 400 by a backend, not 404 by olb."""
+    async def main():
+        proxy, sims = await start([BASE.replace(models=("llama3.2:latest",))])
+        try:
+            r = await fetch(proxy.port, "POST", "/api/generate", body,
+                            headers={"Content-Type": "application/json"})
+            return r, inference(sims[0], "/api/generate")
+        finally:
+            await stop(proxy, sims)
+
+    r, touched = run(loop, main())
+    assert r.status == 400 and r.json()["error"].startswith("invalid character")
+    assert touched == 1
+
+
 def test_missing_model_openai_shape(loop):
     async def main():
         proxy, sims = await start([BASE.replace(models=("llama3.2:latest",))])

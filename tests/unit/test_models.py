@@ -1,11 +1,14 @@
 """olb.models without sockets: names, request bodies, masks."""
 
 import collections
+import json
+import random
 from types import SimpleNamespace
 
 import orjson
 import pytest
 
+from olb import models
 from olb.models import (ModelDirectory, display_shortest, namespace, normalize, openai_model_id, parse_request,
                         streams, takes_slot)
 
@@ -32,9 +35,112 @@ def test_normalize_like_ollama(name, expected):
     (b"[1,2]", None),
     (b"{not json", None),
     (b"", None),
+    (b'{"Model":"llama3.2"}', "llama3.2"),                 # Go matches a field's name ignoring case
+    (b'{"model":"a","MODEL":"b"}', "b"),                    # ... and the last of repeated keys wins
+    (b'{"model":"","name":"b"}', "b"),
+    (b'{"model":" \\t","name":"b"}', None),               # blank (strip()'s whitespace, escapes too)
+    (b'{"model":"\xc2\xa0\xe3\x80\x80"}', None),
+    (b'{"model":null,"name":"b"}', "b"),
+    (b'{"model":"m\\u00e9"}', "m\u00e9"),                 # an escape: decoded by orjson
+    (b'{"model":"m\xc3\xa9"}', "m\u00e9"),                 # UTF-8 decoded in place
+    (b'{"model":"m\xff"}', None),                           # not UTF-8
+    (b'{"model":"m\x01"}', None),                           # a control character in a string
+    (b'{"model":"m"} x', None),                             # bytes after the object
+    (b'{"model":"m",}', None),
+    (b'{"model":"m" "prompt":"x"}', None),
+    (b'{"prompt":,"model":"m"}', None),
+    (b'{"model":"m","prompt":"x\\"}', None),               # the string never ends
+    (b' \r\n{ "model" : "m" }\n', "m"),
 ])
 def test_request_model(body, expected):
     assert parse_request(body)[0] == expected
+    assert parse_request(bytearray(body))[0] == expected  # (h11's chunked bodies)
+
+
+def test_request_model_after_another():
+    """The reader keeps the last name it decoded (olb/_body.pyx): a name of the
+    same length, a prefix, an escaped spelling of it are each read anew."""
+    bodies = [b'{"model":"llama3"}', b'{"model":"llama4"}', b'{"model":"llama"}', b'{"model":"llama3"}',
+              b'{"model":"llama\\u0033"}', b'{"name":"llama3:8b"}', b'{"model":"llama3"}']
+    assert [parse_request(b)[0] for b in bodies] == ["llama3", "llama4", "llama", "llama3", "llama3", "llama3:8b",
+                                                     "llama3"]
+
+
+def _go_routed(pairs):
+    """What Ollama's decoder (Go's encoding/json) makes of the members, in
+    parse_request's terms: keys matched ignoring ASCII case, the last wins."""
+    doc = {}
+    for key, value in pairs:
+        doc[key.lower()] = value
+    model = doc.get("model") or doc.get("name")
+    if not isinstance(model, str) or not model.strip():
+        return (None, None, ())
+    messages = doc.get("messages")
+    conversation = models._conversation(messages) if isinstance(messages, list) else None
+    return (model, conversation, models.runner_key(doc.get("options")))
+
+
+def _random_value(rng, depth=0):
+    kind = rng.randrange(8 if depth < 3 else 5)
+    if kind == 0:
+        return rng.choice(["x", "", 'a "quoted" }] word', "back\\slash\\", "caf\u00e9 \u2603", "\n\t", "}{[]"])
+    if kind == 1:
+        return rng.choice([0, -1, 12.5, 1e300, 2 ** 40])
+    if kind in (2, 3):
+        return rng.choice([True, False, None])
+    if kind == 4:
+        return rng.choice(["llama3.2", "qwen2.5:7b", "m"])
+    if kind == 5:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == 6:
+        return {rng.choice(["role", "content", "num_ctx", "a"]): _random_value(rng, depth + 1)
+                for _ in range(rng.randrange(4))}
+    return [{"role": rng.choice(["user", "assistant", "system", "tool"]), "content": _random_value(rng, 3)}
+            for _ in range(rng.randrange(1, 4))]
+
+
+def _encode(rng, pairs):
+    """The members as a JSON object, with random whitespace and escapes."""
+    def ws():
+        return rng.choice(["", "", " ", "\n  ", "\t"])
+
+    def key(k):
+        if rng.random() < 0.2:  # a \u escape for one letter
+            i = rng.randrange(len(k))
+            return '"' + k[:i] + "\\u%04x" % ord(k[i]) + k[i + 1:] + '"'
+        return orjson.dumps(k).decode()
+
+    def value(v):
+        text = orjson.dumps(v).decode()
+        return text if rng.random() < 0.5 else json.dumps(v, indent=rng.choice([None, 1]))
+
+    inner = ("," + ws()).join(f"{ws()}{key(k)}{ws()}:{ws()}{value(v)}{ws()}" for k, v in pairs)
+    return (ws() + "{" + inner + "}" + ws()).encode()
+
+
+def test_routing_members_against_gos_decoding_of_random_bodies():
+    """parse_request steps through the body (olb/_body.pyx) without
+    decoding it: on seeded random objects (routing's keys in any case and
+    order, repeated, escaped; values with quotes, brackets and escapes
+    inside strings) it reads what a whole decoding reads."""
+    rng = random.Random(20261202)
+    names = ["model", "Model", "MODEL", "name", "options", "Options", "messages", "prompt", "images", "stream"]
+    for _ in range(3000):
+        pairs = []
+        for _ in range(rng.randrange(6)):
+            k = rng.choice(names)
+            if k.lower() == "options":
+                v = rng.choice([{"num_ctx": rng.choice([2048, 4096.0, -1])}, {"temperature": 0.5}, {},
+                                {"num_gpu": -1, "use_mmap": False}, "x", None])
+            elif k.lower() == "messages":
+                v = _random_value(rng) if rng.random() < 0.3 else [
+                    {"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": rng.choice(["a", 'a"}]'])}][:rng.randrange(1, 4)]
+            else:
+                v = _random_value(rng)
+            pairs.append((k, v))
+        body = _encode(rng, pairs)
+        assert parse_request(body) == _go_routed(pairs), body
 
 
 def directory(n=3):
@@ -345,8 +451,8 @@ def test_big_bad_bodies_route_by_nothing(body):
 
 
 def test_big_body_of_many_small_values_is_parsed_whole():
-    """Past SCAN_BUDGET tokens the scan stops and orjson decodes the body:
-    the same answer, in bounded Python steps."""
+    """Past SCAN_BUDGET messages the message-by-message walk stops and orjson
+    decodes the array: the same answer, in bounded Python steps."""
     from olb import models
     doc = {"messages": [{"role": "user", "content": "x"}] * 30_000 + [{"role": "assistant", "content": "y"}],
            "model": "m", "options": {"num_batch": 64}}
@@ -383,7 +489,7 @@ def test_a_20_mb_body_is_not_decoded_whole(monkeypatch):
         decoded.append(len(data))
         return loads(data)
 
-    monkeypatch.setattr(models.orjson, "loads", counting)
+    monkeypatch.setattr(models, "_loads", counting)
     body = orjson.dumps({"prompt": "what is in this picture?", "images": ["QUFB" * (5 * 1024 * 1024)],
                          "options": {"num_ctx": 16384}, "model": "llava:13b"})
     assert len(body) > 20 * 1024 * 1024

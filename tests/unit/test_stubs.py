@@ -1,6 +1,6 @@
 """The .pyi stubs of the compiled modules say what the compiled modules have.
 
-A type checker reads olb/_core.pyi, _http.pyi, _relay.pyi and _tokens.pyi instead of the
+A type checker reads olb/_body.pyi, _core.pyi, _http.pyi, _relay.pyi and _tokens.pyi instead of the
 .pyx, so a stub that drifts from its .pyx misleads it silently. Here each
 compiled module is read back (the modules are built with embedsignature=True,
 so every function carries its Cython signature, C types included) and
@@ -27,7 +27,7 @@ import pytest
 import olb
 
 PACKAGE = pathlib.Path(olb.__file__).parent
-COMPILED = ["_core", "_http", "_relay", "_tokens"]
+COMPILED = ["_body", "_core", "_http", "_relay", "_tokens"]
 
 #: What a C-typed parameter of the .pyx is in Python's terms.
 C_TYPES = {"Py_ssize_t": "int", "int64_t": "int", "uint64_t": "int", "int": "int", "long": "int",
