@@ -49,5 +49,6 @@ cdef class ResponseHead:
 cpdef parse_request_head(data, Py_ssize_t max_head, Py_ssize_t search_from=*)
 cpdef parse_response_head(buf, bint head_request)
 cpdef bytes upstream_head_parts(method, target, bint http10, headers, body, bint has_body_framing,
-                                hostport, client_ip)
+                                hostport, client_ip, bint with_body=*)
 cpdef bint contains(data, bytes needle) except -1
+cpdef path_of(target)

@@ -63,9 +63,13 @@ def upstream_head(req: _UpstreamRequest, hostport: bytes, client_ip: bytes) -> b
     """The request head olb sends to a backend: Host rewritten, hop-by-hop fields dropped,
     X-Forwarded-For/-Host and Content-Length added."""
 
+def path_of(target: bytes) -> bytes:
+    """A request target without its query (the target itself when it has none)."""
+
 def upstream_head_parts(method: bytes, target: bytes, http10: bool, headers: list[tuple[bytes, bytes]],
-                        body: bytes, has_body_framing: bool, hostport: bytes, client_ip: bytes) -> bytes:
-    """upstream_head from the request's parts (what proxy.py calls)."""
+                        body: bytes, has_body_framing: bool, hostport: bytes, client_ip: bytes,
+                        with_body: bool = False) -> bytes:
+    """upstream_head from the request's parts (what proxy.py calls); with_body: the body follows the head."""
 
 #: Largest request or response head (16 KiB).
 MAX_HEAD: Final[int]

@@ -126,18 +126,49 @@ cdef bytes _V11 = b"1.1"
 # The field names sent on nearly every request (and the response fields a
 # backend sends), lower-case: a name is one of these objects when it matches
 # (no new bytes object, and none to free), else a new lower-cased copy
-# (_field_name).
-cdef tuple _COMMON_NAMES = (b"host", b"accept", b"user-agent", b"content-type", b"content-length",
-                            b"connection", b"authorization", b"accept-encoding")
+# (_field_name).  Picked by length, then compared: a loop over a tuple of
+# them cost ~190 instructions a field.
+cdef bytes _HOST = b"host"
+cdef bytes _ACCEPT = b"accept"
+cdef bytes _USER_AGENT = b"user-agent"
+cdef bytes _CONNECTION = b"connection"
+cdef bytes _CONTENT_TYPE = b"content-type"
+cdef bytes _AUTHORIZATION = b"authorization"
+cdef bytes _CONTENT_LENGTH = b"content-length"
+cdef bytes _ACCEPT_ENCODING = b"accept-encoding"
+
+
+cdef inline object _common_name(const unsigned char* p, Py_ssize_t n):
+    # The shared object for a common field name, or None: the one name of
+    # its length (two of length 10, told apart by the first letter), then
+    # compared.
+    cdef bytes name
+    if n == 4:
+        name = _HOST
+    elif n == 6:
+        name = _ACCEPT
+    elif n == 10:
+        name = _USER_AGENT if _lower(p[0]) == 117 else _CONNECTION  # "u"
+    elif n == 12:
+        name = _CONTENT_TYPE
+    elif n == 13:
+        name = _AUTHORIZATION
+    elif n == 14:
+        name = _CONTENT_LENGTH
+    elif n == 15:
+        name = _ACCEPT_ENCODING
+    else:
+        return None
+    return name if _name_is(p, n, PyBytes_AS_STRING(name), n) else None
 
 
 cdef bytes _field_name(const unsigned char* p, Py_ssize_t n):
     cdef bytes name
     cdef char* out
     cdef Py_ssize_t k
-    for name in _COMMON_NAMES:
-        if _name_is(p, n, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
-            return name
+    common = _common_name(p, n)
+    if common is not None:
+        return <bytes>common
     name = PyBytes_FromStringAndSize(NULL, n)
     out = PyBytes_AS_STRING(name)
     for k in range(n):
@@ -835,11 +866,12 @@ cpdef set connection_tokens(headers):
 
 cdef object _upstream_head_bytes(bytes method, bytes target, bint http10, list headers,
                                  bytes hostport, bytes client_ip, bint with_length,
-                                 Py_ssize_t body_len):
+                                 Py_ssize_t body_len, bytes body):
     # The fast path of upstream_head: every input plain bytes.  Returns None
     # when a field is not a 2-tuple of bytes (upstream_head then takes the
     # general path).  Between the passes no Python code runs, so the list
-    # the second pass reads is the one the first measured.
+    # the second pass reads is the one the first measured.  `body`, when
+    # not None, is copied in after the head: one buffer for one write.
     cdef Py_ssize_t n = PyList_GET_SIZE(headers)
     cdef Py_ssize_t i
     cdef Py_ssize_t size
@@ -904,6 +936,8 @@ cdef object _upstream_head_bytes(bytes method, bytes target, bint http10, list h
                 break
         size += 16 + digits + 2
     size += 2
+    if body is not None:
+        size += PyBytes_GET_SIZE(body)
 
     # Pass 2: fill.
     out = PyBytes_FromStringAndSize(NULL, size)
@@ -939,6 +973,8 @@ cdef object _upstream_head_bytes(bytes method, bytes target, bint http10, list h
         w = _put_lit(w, number + 24 - digits, digits)
         w = _put_lit(w, b"\r\n", 2)
     w = _put_lit(w, b"\r\n", 2)
+    if body is not None:
+        w = _put(w, body)
     assert w == PyBytes_AS_STRING(out) + size
     return out
 
@@ -1017,18 +1053,22 @@ def upstream_head(req, hostport, client_ip):
 
 
 cpdef bytes upstream_head_parts(method, target, bint http10, headers, body, bint has_body_framing,
-                                hostport, client_ip):
+                                hostport, client_ip, bint with_body=False):
     """upstream_head from the request's parts: what proxy.py, compiled, calls
     (it holds the request typed; _http cannot cimport http.ProxyRequest, which
-    imports this module)."""
+    imports this module).  With with_body, the body follows the head in the
+    same bytes (a small body: one buffer, one write)."""
     cdef bint with_length = True if body else has_body_framing
     cdef Py_ssize_t body_len = len(body) if with_length else 0
     if (PyBytes_CheckExact(method) and PyBytes_CheckExact(target) and PyList_CheckExact(headers)
-            and PyBytes_CheckExact(hostport) and PyBytes_CheckExact(client_ip)):
-        out = _upstream_head_bytes(method, target, http10, headers, hostport, client_ip, with_length, body_len)
+            and PyBytes_CheckExact(hostport) and PyBytes_CheckExact(client_ip)
+            and (not with_body or PyBytes_CheckExact(body))):
+        out = _upstream_head_bytes(method, target, http10, headers, hostport, client_ip, with_length, body_len,
+                                   body if with_body else None)
         if out is not None:
             return out
-    return _upstream_head_any(method, target, http10, headers, hostport, client_ip, with_length, body_len)
+    head = _upstream_head_any(method, target, http10, headers, hostport, client_ip, with_length, body_len)
+    return head + bytes(body) if with_body else head
 
 
 # ---------------------------------------------------------------------------
@@ -1366,3 +1406,21 @@ cpdef bint contains(data, bytes needle) except -1:
         return memmem(view.buf, view.len, PyBytes_AS_STRING(needle), PyBytes_GET_SIZE(needle)) != NULL
     finally:
         PyBuffer_Release(&view)
+
+
+# ---------------------------------------------------------------------------
+# path_of
+
+cpdef path_of(target):
+    """A request target without its query: `target.partition(b"?")[0]`,
+    the target itself when it has none (no new object: the usual case).
+    Read once a request (http.ProxyRequest.path)."""
+    cdef const char* p
+    cdef const char* q
+    if not PyBytes_CheckExact(target):
+        return target.partition(b"?")[0]
+    p = PyBytes_AS_STRING(target)
+    q = <const char*>memchr(p, 63, PyBytes_GET_SIZE(target))  # "?"
+    if q == NULL:
+        return target
+    return PyBytes_FromStringAndSize(p, q - p)

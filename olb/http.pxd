@@ -5,7 +5,7 @@
 
 cimport cython
 
-from olb._http cimport parse_request_head
+from olb._http cimport parse_request_head, path_of
 
 
 @cython.final
@@ -26,7 +26,7 @@ cdef class RequestReader:
 
     cpdef receive(self, data)
     cpdef bint buffered(self)
-    @cython.locals(method=bytes, target=bytes)
+    @cython.locals(method=bytes, target=bytes, head_len=Py_ssize_t, length=Py_ssize_t, end=Py_ssize_t)
     cpdef next_request(self)
     cpdef finish_response(self, int status, bint closing)
 

@@ -67,7 +67,7 @@ from ._http import MAX_HEAD as MAX_HEAD
 from ._http import NO_BODY as NO_BODY
 from ._http import UNTIL_CLOSE as UNTIL_CLOSE
 from ._http import ResponseHead as ResponseHead
-from ._http import connection_tokens, parse_request_head
+from ._http import connection_tokens, parse_request_head, path_of
 from ._http import parse_response_head as parse_response_head
 from ._http import upstream_head as upstream_head
 from ._http import upstream_head_parts as upstream_head_parts
@@ -129,7 +129,7 @@ class ProxyRequest:
         self.method = method
         self.target = target
         #: The target without its query (read several times a request: kept, not a property).
-        self.path = target.partition(b"?")[0]
+        self.path = path_of(target)
         self.http_version = http_version
         self.headers = headers  # [(lower-case name, value)] as h11 gives them
         self.body = body
@@ -246,7 +246,7 @@ class RequestReader:
         if parsed is False:
             return self._declined(buf)
         method, target, version, headers, head_len, length, keep_alive = parsed
-        if not target.startswith(b"/") or method in _REFUSED_METHODS:
+        if target[0] != 0x2F or method == b"CONNECT" or method == b"PRI":  # (_REFUSED_METHODS, as C compares)
             target, headers = _origin_form(method, target, headers)
         if method == b"POST" and target.startswith(STREAMED_BODY_PREFIX):
             return self._to_h11()

@@ -739,15 +739,15 @@ class Exchange:
         self.state = WAITING
         conn.attach(self, reused)
         req = self.req
-        head = upstream_head_parts(req.method, req.target, req.http_version == b"1.0", req.headers, req.body,
-                                   req.has_body_framing, conn.pool.hostport, self.client.peer_ip)
         body = req.body
-        if not body:
+        # A small body goes in the head's buffer: one write (one send(), no
+        # writev and no list in uvloop); a copy of a few KiB costs less than
+        # the second buffer.
+        inline = len(body) <= SMALL_BODY
+        head = upstream_head_parts(req.method, req.target, req.http_version == b"1.0", req.headers, body,
+                                   req.has_body_framing, conn.pool.hostport, self.client.peer_ip, inline)
+        if inline:
             conn.transport.write(head)
-        elif len(body) <= SMALL_BODY:
-            # One write (one send(), no writev and no list in uvloop): a
-            # copy of a few KiB costs less than the second buffer.
-            conn.transport.write(head + body)
         else:
             conn.transport.writelines((head, body))
 

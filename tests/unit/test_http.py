@@ -310,3 +310,13 @@ def test_contains_answers_as_in_does():
             assert contains(form, needle) == (needle in data), (data, needle)
     assert contains(b'{"model":"m","keep_alive":0}', b"keep_alive")
     assert not contains(b'{"model":"m","prompt":"hi"}', b"keep_alive")
+
+
+@pytest.mark.parametrize("target", [b"/api/chat", b"/api/chat?x=1", b"/?", b"?", b"/a?b?c", b"/%3F", b"",
+                                    bytearray(b"/v1/models?x")])
+def test_path_of_is_the_target_before_its_query(target):
+    from olb._http import path_of
+    path = path_of(target)
+    assert path == target.partition(b"?")[0] and type(path) is type(target)
+    if type(target) is bytes and b"?" not in target:
+        assert path is target  # no copy in the usual case

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from olb import http
-from olb._http import MAX_HEAD, ResponseHead, parse_response_head, upstream_head
+from olb._http import MAX_HEAD, ResponseHead, parse_response_head, upstream_head, upstream_head_parts
 from olb.errors import BackendProtocolError
 from olb.http import ProxyRequest
 from tests import http_reference as ref
@@ -320,6 +320,21 @@ def test_upstream_heads_agree_with_the_reference(case):
     for hostport, client_ip in [(b"127.0.0.1:11435", b"10.1.2.3"), (b"b:1", b""), (bytearray(b"b:1"), b"c")]:
         expected = upstream_outcome(ref.upstream_head, request, hostport, client_ip)
         assert upstream_outcome(upstream_head, request, hostport, client_ip) == expected
+
+
+def with_body(request, hostport, client_ip):
+    """The head and a small body in one buffer, as proxy.Exchange._send asks for it."""
+    return upstream_head_parts(request.method, request.target, request.http_version == b"1.0", request.headers,
+                               request.body, request.has_body_framing, hostport, client_ip, True)
+
+
+@pytest.mark.parametrize("case", range(len(UPSTREAM_CASES)))
+def test_upstream_head_with_the_body_is_the_head_then_the_body(case):
+    request = UPSTREAM_CASES[case]
+    expected = upstream_outcome(ref.upstream_head, request)
+    if expected[0] is bytes:
+        expected = (bytes, expected[1] + bytes(request.body))
+    assert upstream_outcome(with_body, request) == expected
 
 
 def test_upstream_head_builds_what_the_python_built():
