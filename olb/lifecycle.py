@@ -43,6 +43,7 @@ import socket
 from typing import Callable
 
 from ._core import NO_BACKEND
+from ._relay import monotonic
 from .config import FIXED_ON_RELOAD, SETTINGS, Config, log_level_number
 from .errors import ConfigError
 from .proxy import ClientSideProtocol
@@ -258,7 +259,7 @@ class Lifecycle:
     def _close_idle(self) -> bool:
         """Close the connections with no request running that have had
         IDLE_GRACE to send one; True while any connection is left."""
-        now = self.loop.time()
+        now = monotonic()  # (ClientSideProtocol.last_active's clock)
         for client in list(self.server.ctx.clients):
             if client.exchange is None and now - client.last_active >= IDLE_GRACE:
                 client.transport.close()
