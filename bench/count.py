@@ -9,7 +9,8 @@ in front of the raw mock (bench/rawmock.py), on one fixed load:
                (`perf stat -e syscalls:...`; needs perf and the permission to
                trace: root, or kernel.perf_event_paranoid <= -1)
     CPU        schedstat nanoseconds, as the overhead benchmark reads them
-    callgrind  (--callgrind; olb and floor, Python processes) user-space
+    callgrind  (--callgrind; the Python targets among --targets: olb, olb-obs,
+               floor; olb and floor when there is none) user-space
                instructions, Python frames run (counted as calls of _PyFrame_Clear, which every
                frame goes through at its end)
                and allocations (PyObject_Malloc, PyObject_Calloc, malloc) in a
@@ -19,6 +20,7 @@ in front of the raw mock (bench/rawmock.py), on one fixed load:
     python -m bench count                          # burst: 64 streams x 32 tokens, 8 a write burst
     python -m bench count --case version --requests 20000
     python -m bench count --callgrind --targets olb,floor
+    python -m bench count --case generate --callgrind --targets olb,olb-obs   # what observation costs
 
 Cases: burst (the overhead benchmark's burst case: 64 connections, 32-token
 streams), stream (4 connections, 2,000-token streams), version (GET
@@ -44,6 +46,8 @@ from . import load, overhead, proc, targets
 
 CASES = {"burst": (64, 32), "stream": (4, 2000), "version": (32, 0), "generate": (32, 0)}
 PER_REQUEST = ("version", "generate")
+#: The targets --callgrind can count: the Python ones, run as a child process under valgrind.
+CALLGRIND_KINDS = ("olb", "olb-obs", "floor")
 TRACEPOINTS = {
     "read": ("syscalls:sys_enter_read", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_readv"),
     "write": ("syscalls:sys_enter_write", "syscalls:sys_enter_sendto", "syscalls:sys_enter_writev",
@@ -201,7 +205,9 @@ async def run(args) -> dict:
             if shutil.which("valgrind") is None:
                 print("SKIPPED: callgrind (valgrind is not installed: apt-get install -y valgrind)")
             else:
-                for kind in ("olb", "floor"):
+                # The Python targets asked for (olb, olb-obs, floor), else olb and the floor.
+                kinds = [k for k in args.targets if k in CALLGRIND_KINDS] or ["olb", "floor"]
+                for kind in kinds:
                     cg.append(await callgrind(loop, args, kind, backends, tmp))
                     c = cg[-1]
                     print(f"{kind:8} callgrind: {c.get('instructions_per_op', 0):9,.0f} instructions, "

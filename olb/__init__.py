@@ -27,6 +27,7 @@ compiled by Cython, the .pxd declaring their classes' layout
     olb/_http.pyx     compiled: request-head fast path, backend response head, upstream head, body-end scanner
     olb/_relay.pyx    compiled: the per-chunk path of a response (base of BackendSideProtocol)
     olb/_tokens.pyx   compiled: the token counts at a response's end (metrics.read_tokens)
+    olb/_body.pyx     compiled: the members routing reads in a request body, found without decoding it
     olb/gpu.py        NVML polling -> GPU loads pushed into the core
     olb/telemetry.py  DCGM-format /metrics scraping for remote GPUs
     olb/admin.py      /olb/status, /olb/health, /olb/drain, /metrics, the dashboard: the admin gate

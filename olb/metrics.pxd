@@ -20,9 +20,16 @@ cdef class Metrics:
     cdef public object n, base
     cdef public dict series, retries, rejections, ejections, returns, loads, load_wait
 
+    @cython.locals(s=_Series, st=dict)
     cpdef request_done(self, endpoint, model, backend, int status, queue_wait, ttft, double duration, tokens,
                        bint stream)
 
 
+@cython.locals(i=Py_ssize_t, bound=double)
+cpdef Py_ssize_t bucket(tuple bounds, double value) except -1
 cpdef endpoint_label(path)
+@cython.locals(metrics=Metrics)
 cpdef observe(ctx, client, ex, int status, req=*, sent=*)
+
+# Private module globals, typed: a request's lookups are C-API calls.
+cdef dict _ENDPOINTS

@@ -259,3 +259,16 @@ def test_grafana_dashboard_uses_only_names_olb_exports():
 ])
 def test_response_tokens(tail2, tail1, last, expected):
     assert metrics.response_tokens(tail2, tail1, last) == expected
+
+
+def test_bucket_is_bisect_left():
+    """metrics.bucket, the compiled loop that places an observation, answers as bisect.bisect_left did."""
+    import bisect
+    import math
+    import random
+    rng = random.Random(20261202)
+    for bounds in (metrics.TIME_BUCKETS, metrics.TPS_BUCKETS, (), (1.0,)):
+        values = list(bounds) + [-1.0, 0.0, math.inf, -math.inf, math.nan, 1e-12, 1e12]
+        values += [b * (1 + rng.uniform(-1e-9, 1e-9)) for b in bounds] + [rng.uniform(0, 400) for _ in range(500)]
+        for v in values:
+            assert metrics.bucket(bounds, v) == bisect.bisect_left(bounds, v), (bounds, v)
