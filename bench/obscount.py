@@ -13,7 +13,8 @@ instructions each part adds; the count does not move with the machine's load:
 Modes: none (the loop alone), tok (metrics.response_tokens), met (+ the
 counters), acc (+ the access line, no counters), obs (both). A part's cost
 per request: (its total - the one it adds to) / N. The exchange and the
-client are stand-ins with the attributes observe reads.
+client are stand-ins with the attributes observe reads (the exchange a
+metrics.Observed, the base of proxy.Exchange that observe reads as C fields).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import types
 
 from olb._relay import monotonic
 from olb.accesslog import AccessLog
-from olb.metrics import Metrics, observe, response_tokens
+from olb.http import ProxyRequest
+from olb.metrics import Metrics, Observed, observe, response_tokens
 
 #: Ollama's last line of a non-streamed /api/generate (api/types.go GenerateResponse).
 LAST = (b'{"model":"llama3.2:latest","created_at":"2024-01-01T00:00:00Z","response":"hello there",'
@@ -46,10 +48,11 @@ def main(argv: list[str]) -> int:
         ctx = types.SimpleNamespace(metrics=Metrics(1) if mode in ("met", "obs") else None, access_log=access)
         t = monotonic()
         client = types.SimpleNamespace(t0=t - 0.003, peer_ip=b"127.0.0.1")
-        req = types.SimpleNamespace(path=b"/api/generate", method=b"POST", target=b"/api/generate")
-        ex = types.SimpleNamespace(req=req, t_first=t - 0.001, served="http://127.0.0.1:11434",
-                                   name="llama3.2:latest", slot=1, t_admit=t - 0.0029,
-                                   head=types.SimpleNamespace(framing=None), tokens=None, attempts=0, sent=300)
+        # The exchange: an Observed (proxy.Exchange's base), as observe reads it.
+        ex = Observed()
+        ex.req = ProxyRequest(b"POST", b"/api/generate", b"1.1", [(b"host", b"127.0.0.1")], b"{}", True, True)
+        ex.t_first, ex.t_admit, ex.slot, ex.sent = t - 0.001, t - 0.0029, True, 300
+        ex.served, ex.name = "http://127.0.0.1:11434", "llama3.2:latest"
         reads, observing = mode != "none", mode in ("met", "acc", "obs")
         for _ in range(n):
             if reads:

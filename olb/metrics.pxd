@@ -6,6 +6,9 @@
 
 cimport cython
 
+from olb._http cimport ResponseHead
+from olb.http cimport ProxyRequest
+
 
 @cython.final
 cdef class _Series:
@@ -28,7 +31,17 @@ cdef class Metrics:
 @cython.locals(i=Py_ssize_t, bound=double)
 cpdef Py_ssize_t bucket(tuple bounds, double value) except -1
 cpdef endpoint_label(path)
-@cython.locals(metrics=Metrics)
+cdef class Observed:
+    # proxy.Exchange's base: the fields observe reads, C fields of both.
+    cdef public ProxyRequest req
+    cdef public ResponseHead head
+    cdef public object name, served, tokens
+    cdef public Py_ssize_t attempts, sent
+    cdef public bint slot
+    cdef public double t_admit, t_first
+
+
+@cython.locals(metrics=Metrics, done=Observed, t_first=double)
 cpdef observe(ctx, client, ex, int status, req=*, sent=*)
 
 # Private module globals, typed: a request's lookups are C-API calls.

@@ -488,6 +488,23 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # --- a request's end: the metrics and the access log ------------------------------------------------
 
 
+class Observed:
+    """What a proxied request reports when it ends: the fields observe reads
+    of a proxy.Exchange, which derives from this. Declared here (metrics.pxd)
+    so that observe, compiled, reads them as C fields: metrics cannot
+    cimport proxy, which cimports it."""
+
+    def __init__(self):
+        self.req = None
+        self.head = None
+        self.name: str | None = None
+        self.served = ""  # the backend's URL
+        self.tokens: tuple | None = None
+        self.attempts = self.sent = 0
+        self.slot = False
+        self.t_admit = self.t_first = 0.0
+
+
 def observe(ctx, client, ex, status: int, req=None, sent: int | None = None) -> None:
     """A request ended (answered, refused, or its client left: 499): count
     it and write its access line. Called by proxy.ClientSideProtocol when
@@ -501,23 +518,24 @@ def observe(ctx, client, ex, status: int, req=None, sent: int | None = None) -> 
     retries = 0
     if ex is not None:
         req = ex.req
-        t_first = getattr(ex, "t_first", None)
-        if t_first is not None:  # a proxy.Exchange (others are listings and model management)
-            backend = ex.served
-            name = ex.name or ""
+        if isinstance(ex, Observed):  # a proxy.Exchange (others are listings and model management)
+            done = ex
+            backend = done.served
+            name = done.name or ""
             if backend and status != 404:
                 model = name  # only a model some backend has: the label set stays bounded
-            if ex.slot and ex.t_admit:
-                queue_wait = ex.t_admit - client.t0
+            if done.slot and done.t_admit:
+                queue_wait = done.t_admit - client.t0
+            t_first = done.t_first
             if t_first:
                 ttft = t_first - client.t0
-            head = ex.head
+            head = done.head
             stream = head is not None and head.framing == CHUNKED
-            tokens = ex.tokens
+            tokens = done.tokens
             if tokens is not None and tokens[2] is None and t_first:
                 tokens = (tokens[0], tokens[1], now - t_first)
-            retries = ex.attempts
-            sent = ex.sent
+            retries = done.attempts
+            sent = done.sent
     metrics = ctx.metrics
     if metrics is not None:
         metrics.request_done(endpoint_label(req.path) if req is not None else "other", model, backend, status,

@@ -27,7 +27,7 @@ from olb._tokens cimport response_tokens
 from olb.admin cimport is_admin_path
 from olb.http cimport downstream_head
 from olb.manage cimport classify
-from olb.metrics cimport observe
+from olb.metrics cimport Observed, observe
 from olb.models cimport normalize, parse_request, takes_slot
 
 
@@ -72,17 +72,17 @@ cdef class ClientSideProtocol:
 
 
 @cython.final
-cdef class Exchange:
+cdef class Exchange(Observed):
+    # (req, head, name, served, tokens, attempts, sent, slot, t_admit and
+    # t_first are Observed's: metrics.pxd.)
     cdef public ClientSideProtocol client
     cdef public ProxyContext ctx
     cdef public BackendSideProtocol conn
-    cdef public ProxyRequest req
-    cdef public ResponseHead head
     cdef public object allowed, queue_timer, queue_key, connect_task, model, excluded
-    cdef public object affinity, runner, probing, kept, resumed, name, served, tokens
-    cdef public Py_ssize_t index, attempts, state, sent
-    cdef public bint closing, reused_retry, slot, rechecked
-    cdef public double started, t_admit, t_first, t_load
+    cdef public object affinity, runner, probing, kept, resumed
+    cdef public Py_ssize_t index, state
+    cdef public bint closing, reused_retry, rechecked
+    cdef public double started, t_load
     cdef object __weakref__
 
     cpdef start(self)

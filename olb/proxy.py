@@ -94,7 +94,7 @@ from .http import (
     upstream_head_parts,
 )
 from .manage import ManageExchange, classify
-from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, observe, response_tokens
+from .metrics import CLIENT_SHARE, QUEUE_TIMEOUT, Observed, observe, response_tokens
 from .metrics import NO_BACKEND as NO_BACKEND_REASON
 from .metrics import QUEUE_FULL as QUEUE_FULL_REASON
 from .models import (
@@ -500,7 +500,7 @@ class ClientSideProtocol:
         self._timer = self.ctx.loop.call_later(timeout, self._on_timer)
 
 
-class Exchange:
+class Exchange(Observed):
     """One client request on its way through olb (see the state diagram above)."""
 
 
