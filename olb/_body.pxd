@@ -5,4 +5,4 @@
 
 cpdef tuple routing_members(bytes body, tuple runner_options)
 cpdef list members(bytes body, Py_ssize_t start, Py_ssize_t stop)
-cpdef list elements(bytes body, Py_ssize_t start, Py_ssize_t stop)
+cpdef list elements(bytes body, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t limit=*)

@@ -11,5 +11,5 @@ def routing_members(
 def members(body: bytes, start: int, stop: int) -> list[tuple[bytes, int, int]]:
     """(key, value start, value stop) of each member of the object at [start, stop)."""
 
-def elements(body: bytes, start: int, stop: int) -> list[tuple[int, int]]:
-    """(start, stop) of each element of the array at [start, stop)."""
+def elements(body: bytes, start: int, stop: int, limit: int = -1) -> list[tuple[int, int]] | None:
+    """(start, stop) of each element of the array at [start, stop); None past `limit` of them."""

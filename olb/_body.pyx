@@ -43,6 +43,7 @@ Ollama binds the whole request before looking its model up.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcmp
 
@@ -347,14 +348,17 @@ cpdef list members(bytes body, Py_ssize_t start, Py_ssize_t stop):
     return out
 
 
-cpdef list elements(bytes body, Py_ssize_t start, Py_ssize_t stop):
-    """(start, stop) of each element of the array at [start, stop) of body."""
+cpdef list elements(bytes body, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t limit=-1):
+    """(start, stop) of each element of the array at [start, stop) of body;
+    None when it has more than `limit` elements (when limit >= 0)."""
     cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(body)
     cdef Py_ssize_t pos, end
     cdef list out = []
     _within(body, start, stop)
     pos = _open(b, start, stop, 0x5B)
     while pos != -1:
+        if PyList_GET_SIZE(out) == limit:
+            return None
         end = _value_end(b, pos, stop)
         out.append((pos, end))
         pos = _next(b, end, stop, 0x5D)

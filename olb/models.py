@@ -348,8 +348,8 @@ def _big_affinity(body: bytes, start: int, stop: int) -> bytes | None:
     small body's), a bigger one (an image inline) is kept as sent."""
     follow_up = False
     lead: list[bytes] | None = []
-    found = elements(body, start, stop)
-    if len(found) > SCAN_BUDGET:
+    found = elements(body, start, stop, SCAN_BUDGET)
+    if found is None:
         raise _OverBudget
     for m0, m1 in found:
         role = None
