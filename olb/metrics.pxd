@@ -22,6 +22,8 @@ cdef class _Series:
 cdef class Metrics:
     cdef public object n, base
     cdef public dict series, retries, rejections, ejections, returns, loads, load_wait
+    cdef _Series _last_series
+    cdef object _last_endpoint, _last_model, _last_backend
 
     @cython.locals(s=_Series, st=dict)
     cpdef request_done(self, endpoint, model, backend, int status, queue_wait, ttft, double duration, tokens,
@@ -41,8 +43,8 @@ cdef class Observed:
     cdef public double t_admit, t_first
 
 
-@cython.locals(metrics=Metrics, done=Observed, t_first=double)
-cpdef observe(ctx, client, ex, int status, req=*, sent=*)
+@cython.locals(metrics=Metrics, done=Observed, t_first=double, t0=double)
+cpdef observe(ctx, client, ex, int status, ProxyRequest req=*, sent=*)
 
 # Private module globals, typed: a request's lookups are C-API calls.
 cdef dict _ENDPOINTS

@@ -122,6 +122,11 @@ class Metrics:
         self.load_wait: dict[tuple, float] = {}   # (model, backend): seconds to the answer
         #: A predecessor's published state (a worker restarted after a crash), added to every view.
         self.base: dict | None = None
+        #: The series request_done last counted, and its labels (compared by identity).
+        self._last_series: _Series | None = None
+        self._last_endpoint: str | None = None
+        self._last_model: str | None = None
+        self._last_backend: str | None = None
 
     def request_done(self, endpoint: str, model: str, backend: str, status: int, queue_wait: float | None,
                      ttft: float | None, duration: float, tokens, stream: bool) -> None:
@@ -134,10 +139,17 @@ class Metrics:
                 response's last bytes, or None.
             stream: the response was a stream (tokens per second are observed for streams).
         """
-        key = (endpoint, model, backend)
-        s = self.series.get(key)
-        if s is None:
-            s = self.series[key] = _Series()
+        s = self._last_series
+        if (s is None or endpoint is not self._last_endpoint or model is not self._last_model
+                or backend is not self._last_backend):
+            # (Most requests are counted where the one before was, with the
+            # same label objects: then no key tuple, no hash, no lookup.)
+            key = (endpoint, model, backend)
+            s = self.series.get(key)
+            if s is None:
+                s = self.series[key] = _Series()
+            self._last_series = s
+            self._last_endpoint, self._last_model, self._last_backend = endpoint, model, backend
         st = s.status
         st[status] = st.get(status, 0) + 1
         s.duration[bucket(TIME_BUCKETS, duration)] += 1
@@ -511,24 +523,25 @@ def observe(ctx, client, ex, status: int, req=None, sent: int | None = None) -> 
     OLB_METRICS or OLB_ACCESS_LOG is on; `ex` is the exchange that served
     it, or None for a response olb made itself (then `req` and `sent`)."""
     now = monotonic()
-    duration = now - client.t0
+    t0 = client.t0
+    duration = now - t0
     backend = name = model = ""  # the backend's URL: counters stay right when a reload changes the list
     queue_wait = ttft = tokens = None
     stream = False
     retries = 0
     if ex is not None:
-        req = ex.req
         if isinstance(ex, Observed):  # a proxy.Exchange (others are listings and model management)
             done = ex
+            req = done.req
             backend = done.served
             name = done.name or ""
             if backend and status != 404:
                 model = name  # only a model some backend has: the label set stays bounded
             if done.slot and done.t_admit:
-                queue_wait = done.t_admit - client.t0
+                queue_wait = done.t_admit - t0
             t_first = done.t_first
             if t_first:
-                ttft = t_first - client.t0
+                ttft = t_first - t0
             head = done.head
             stream = head is not None and head.framing == CHUNKED
             tokens = done.tokens
@@ -536,6 +549,8 @@ def observe(ctx, client, ex, status: int, req=None, sent: int | None = None) -> 
                 tokens = (tokens[0], tokens[1], now - t_first)
             retries = done.attempts
             sent = done.sent
+        else:
+            req = ex.req
     metrics = ctx.metrics
     if metrics is not None:
         metrics.request_done(endpoint_label(req.path) if req is not None else "other", model, backend, status,

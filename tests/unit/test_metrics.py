@@ -272,3 +272,21 @@ def test_bucket_is_bisect_left():
         values += [b * (1 + rng.uniform(-1e-9, 1e-9)) for b in bounds] + [rng.uniform(0, 400) for _ in range(500)]
         for v in values:
             assert metrics.bucket(bounds, v) == bisect.bisect_left(bounds, v), (bounds, v)
+
+
+def test_request_done_counts_each_series_whatever_came_before():
+    """request_done remembers the series it counted last (its labels compared by identity):
+    an equal label of another object, and another label set, are each counted where they belong."""
+    m = metrics.Metrics(1)
+    a, b = "http://a:1", "http://b:1"
+    same_as_a = "".join(["http://a", ":1"])
+    assert same_as_a == a and same_as_a is not a
+    for endpoint, backend, status in [("/api/generate", a, 200), ("/api/generate", a, 200),
+                                      ("/api/generate", b, 500), ("/api/generate", same_as_a, 200),
+                                      ("/api/chat", a, 200), ("/api/generate", a, 404)]:
+        m.request_done(endpoint, "m:latest", backend, status, None, None, 0.01, None, False)
+    assert {k: dict(s.status) for k, s in m.series.items()} == {
+        ("/api/generate", "m:latest", a): {200: 3, 404: 1},
+        ("/api/generate", "m:latest", b): {500: 1},
+        ("/api/chat", "m:latest", a): {200: 1},
+    }
